@@ -1,1 +1,37 @@
-//! placeholder
+//! The Covet broker node.
+//!
+//! This crate owns the node: the Raft driver over many groups ([`driver`],
+//! [`group`]), the state machines and their applied state in sled
+//! ([`state`]), retention ([`retention`]), the client gRPC service
+//! ([`service`], [`subscribe`]) and the process around them ([`server`]).
+//! The `covet` binary adds the command line.
+//!
+//! Invariants:
+//! - every write goes through Raft, also on a single node (one voter per
+//!   group); there is no second write path;
+//! - a produce is answered only after its entry is committed (synced by a
+//!   quorum; on one node, by this node) and applied;
+//! - sled holds applied state only; the Raft log is replayed from the
+//!   applied index sled recorded.
+//!
+//! Known limits: one node only (no transport to peers yet); the offset index
+//! keeps one sled key per batch.
+
+pub mod catalog;
+pub mod driver;
+pub mod error;
+pub mod group;
+mod logging;
+pub mod retention;
+pub mod server;
+pub mod service;
+pub mod state;
+pub mod subscribe;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,114 @@
+//! What the request handlers can see of the node's state without asking the
+//! Raft driver: topics, and for each partition its storage (to read
+//! committed entries), offset index and progress.
+//!
+//! The driver is the only writer: it publishes a topic after creating its
+//! partitions' groups and withdraws it before destroying them. Handlers take
+//! the read lock just long enough to clone an `Arc`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use covet_protocol::api::{PartitionInfo, TopicConfig, TopicInfo};
+use covet_protocol::internal::TopicRecord;
+use covet_raft_store::GroupStorage;
+use tokio::sync::watch;
+
+use crate::error::{BrokerError, Result};
+use crate::state::partition::{OffsetIndex, Progress};
+
+/// One partition as readers see it.
+#[derive(Clone)]
+pub struct PartitionHandle {
+    pub partition: u32,
+    pub group: u64,
+    pub storage: GroupStorage,
+    pub index: OffsetIndex,
+    pub progress: watch::Receiver<Progress>,
+    /// Node id of the group's leader as this node last heard, 0 if none.
+    pub leader: Arc<AtomicU64>,
+    /// Voters of the group when it was opened.
+    pub replicas: Vec<u64>,
+}
+
+/// A topic and its partitions.
+pub struct TopicHandle {
+    pub record: TopicRecord,
+    pub partitions: Vec<PartitionHandle>,
+}
+
+impl TopicHandle {
+    pub fn config(&self) -> TopicConfig {
+        self.record.config.unwrap_or_default()
+    }
+
+    pub fn partition(&self, p: u32) -> Result<&PartitionHandle> {
+        self.partitions.get(p as usize).ok_or_else(|| BrokerError::UnknownPartition {
+            topic: self.record.name.clone(),
+            partition: p,
+        })
+    }
+
+    /// The API view: configuration and each partition's offsets and leader.
+    pub fn info(&self) -> TopicInfo {
+        let partitions = self
+            .partitions
+            .iter()
+            .map(|p| {
+                let progress = *p.progress.borrow();
+                let leader = p.leader.load(Ordering::Relaxed);
+                PartitionInfo {
+                    partition: p.partition,
+                    leader,
+                    replicas: p.replicas.clone(),
+                    start_offset: progress.start_offset,
+                    high_watermark: progress.high_watermark,
+                }
+            })
+            .collect();
+        TopicInfo { name: self.record.name.clone(), config: self.record.config, partitions }
+    }
+}
+
+/// The topics this node serves.
+pub struct Catalog {
+    topics: RwLock<BTreeMap<String, Arc<TopicHandle>>>,
+    /// Bumped on every change, so handlers can wait for a topic to appear
+    /// or go without polling.
+    generation: watch::Sender<u64>,
+}
+
+impl Default for Catalog {
+    fn default() -> Self {
+        Catalog { topics: RwLock::default(), generation: watch::channel(0).0 }
+    }
+}
+
+impl Catalog {
+    pub fn topic(&self, name: &str) -> Result<Arc<TopicHandle>> {
+        let topics = self.topics.read().expect("catalog lock poisoned");
+        topics.get(name).cloned().ok_or_else(|| BrokerError::UnknownTopic(name.to_string()))
+    }
+
+    pub fn topics(&self) -> Vec<Arc<TopicHandle>> {
+        self.topics.read().expect("catalog lock poisoned").values().cloned().collect()
+    }
+
+    /// A receiver that sees every change to the catalog.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    pub(crate) fn insert(&self, topic: TopicHandle) {
+        let mut topics = self.topics.write().expect("catalog lock poisoned");
+        topics.insert(topic.record.name.clone(), Arc::new(topic));
+        drop(topics);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    pub(crate) fn remove(&self, name: &str) {
+        self.topics.write().expect("catalog lock poisoned").remove(name);
+        self.generation.send_modify(|g| *g += 1);
+    }
+}

@@ -1,0 +1,148 @@
+//! `covet bench`: throughput and latency of a running broker. Figures are
+//! printed, never asserted: they belong in docs/benchmarks.md.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use covet_client::{ProducerConfig, Reason, Record, StartPosition, SubscriptionOptions, TopicSpec};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::Conn;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Produce records as fast as the producer allows.
+    Produce(ProduceArgs),
+    /// Consume records from the start of a topic.
+    Consume(ConsumeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ProduceArgs {
+    #[arg(long, default_value = "bench")]
+    topic: String,
+    /// Records to produce.
+    #[arg(long, default_value_t = 1_000_000)]
+    records: u64,
+    /// Bytes of each record's value.
+    #[arg(long, default_value_t = 100)]
+    record_size: usize,
+    /// Partitions of the topic, if it must be created.
+    #[arg(long, default_value_t = 4)]
+    partitions: u32,
+    #[arg(long, default_value_t = 1 << 20)]
+    max_batch_bytes: usize,
+    #[arg(long, default_value_t = 5)]
+    linger_ms: u64,
+    #[arg(long, default_value_t = 64)]
+    max_in_flight: usize,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Args, Debug)]
+pub struct ConsumeArgs {
+    #[arg(long, default_value = "bench")]
+    topic: String,
+    /// Records to consume before stopping.
+    #[arg(long, default_value_t = 1_000_000)]
+    records: u64,
+    /// Credit window per partition, in records.
+    #[arg(long, default_value_t = 20_000)]
+    window: u64,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Produce(a) => produce(a).await,
+        BenchCommand::Consume(a) => consume(a).await,
+    }
+}
+
+async fn produce(a: ProduceArgs) -> anyhow::Result<()> {
+    let client = a.conn.connect().await?;
+    match client.create_topic(TopicSpec::new(a.topic.clone()).partitions(a.partitions)).await {
+        Ok(_) => {}
+        Err(e) if e.reason() == Some(Reason::TopicExists) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let config = ProducerConfig {
+        linger: Duration::from_millis(a.linger_ms),
+        max_batch_bytes: a.max_batch_bytes,
+        max_in_flight: a.max_in_flight,
+        ..ProducerConfig::default()
+    };
+    let producer = client.producer(config);
+    let value = Bytes::from(vec![b'x'; a.record_size]);
+    let (tx, mut rx) = mpsc::channel::<(Instant, covet_client::Delivery)>(1 << 16);
+    let waiter = tokio::spawn(async move {
+        let mut latencies_us = Vec::new();
+        while let Some((sent, d)) = rx.recv().await {
+            d.await?;
+            latencies_us.push(sent.elapsed().as_micros() as u64);
+        }
+        Ok::<_, covet_client::Error>(latencies_us)
+    });
+    let start = Instant::now();
+    for _ in 0..a.records {
+        let record = Record { value: value.clone(), timestamp_ms: covet_broker::now_ms(), ..Record::default() };
+        let d = producer.send(&a.topic, record).await?;
+        if tx.send((Instant::now(), d)).await.is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    producer.flush().await?;
+    let mut lat = waiter.await??;
+    let secs = start.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    let pct = |q: f64| lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1000.0;
+    let n = lat.len() as f64;
+    println!(
+        "{}",
+        json!({
+            "bench": "produce",
+            "records": lat.len(),
+            "record_size": a.record_size,
+            "seconds": secs,
+            "records_per_sec": n / secs,
+            "mb_per_sec": n * a.record_size as f64 / secs / 1e6,
+            "latency_ms": { "p50": pct(0.50), "p99": pct(0.99), "p999": pct(0.999) },
+        })
+    );
+    Ok(())
+}
+
+async fn consume(a: ConsumeArgs) -> anyhow::Result<()> {
+    let client = a.conn.connect().await?;
+    let mut options = SubscriptionOptions::new(a.topic.clone(), StartPosition::Earliest);
+    options.window = a.window;
+    let mut sub = client.subscribe(options).await?;
+    let start = Instant::now();
+    let (mut count, mut bytes) = (0u64, 0u64);
+    while count < a.records {
+        match sub.next().await {
+            Some(r) => {
+                bytes += r?.value.len() as u64;
+                count += 1;
+            }
+            None => break,
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({
+            "bench": "consume",
+            "records": count,
+            "seconds": secs,
+            "records_per_sec": count as f64 / secs,
+            "mb_per_sec": bytes as f64 / secs / 1e6,
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,392 @@
+//! The Raft driver: one thread that owns every Raft group of the node.
+//!
+//! Handlers send [`Request`]s over a bounded channel; the driver proposes
+//! them, then runs one *round*: it collects the `Ready` of every group that
+//! has one, applies what is committed, appends new entries and hard state to
+//! each group's log, syncs all touched logs together (one `fdatasync` per
+//! group, issued concurrently), and only then advances the groups, sends
+//! persisted messages and applies what became committed. However many
+//! proposals arrived since the last round share its syncs: that is the group
+//! commit. A proposal is answered only after its entry is committed and
+//! applied.
+//!
+//! The driver runs on its own thread with a current-thread tokio runtime:
+//! its `fdatasync` calls block that thread, never a request handler.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use covet_protocol::internal::TopicRecord;
+use covet_raft_store::{GroupStorage, LogOptions};
+use raft::prelude::Message;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::catalog::{Catalog, PartitionHandle, TopicHandle};
+use crate::error::{BrokerError, Result};
+use crate::group::{Applied, Group, GroupConfig, Machine, Responder};
+use crate::logging::raft_logger;
+use crate::state::meta::{MetaEffect, MetaState};
+use crate::state::partition::PartitionState;
+
+/// Raft's logical clock.
+const TICK: Duration = Duration::from_millis(100);
+/// Requests taken from the channel before running a round, so one round's
+/// latency stays bounded under load.
+const MAX_REQUESTS_PER_ROUND: usize = 4096;
+/// Most threads used to sync the logs of one round.
+const SYNC_THREADS: usize = 4;
+/// Group 0 holds the cluster metadata.
+pub const META_GROUP: u64 = 0;
+
+/// A request to the driver.
+pub enum Request {
+    /// A validated record batch for partition group `group`.
+    Produce { group: u64, batch: Bytes, tx: Responder },
+    /// An encoded metadata command for group 0.
+    Meta { data: Vec<u8>, tx: Responder },
+}
+
+/// Driver settings.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    pub node_id: u64,
+    pub data_dir: PathBuf,
+    pub log_options: LogOptions,
+    pub retention_interval: Duration,
+}
+
+/// How the rest of the node talks to the driver.
+#[derive(Clone)]
+pub struct NodeHandle {
+    tx: mpsc::Sender<Request>,
+    pub catalog: Arc<Catalog>,
+    pub node_id: u64,
+}
+
+impl NodeHandle {
+    async fn call(&self, make: impl FnOnce(Responder) -> Request) -> Result<Applied> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| BrokerError::ShuttingDown)?;
+        rx.await.map_err(|_| BrokerError::ShuttingDown)?
+    }
+
+    /// Submits a batch without waiting for it: the returned receiver is
+    /// answered once it is applied. Submissions from one caller are
+    /// proposed in the order they are made.
+    pub async fn submit_batch(&self, group: u64, batch: Bytes) -> Result<oneshot::Receiver<Result<Applied>>> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Produce { group, batch, tx })
+            .await
+            .map_err(|_| BrokerError::ShuttingDown)?;
+        Ok(rx)
+    }
+
+    /// Proposes a metadata command and waits for its outcome.
+    pub async fn meta(&self, data: Vec<u8>) -> Result<MetaEffect> {
+        match self.call(|tx| Request::Meta { data, tx }).await? {
+            Applied::Meta(effect) => Ok(effect),
+            Applied::Batch { .. } => Err(BrokerError::Internal("metadata answered with a batch".into())),
+        }
+    }
+}
+
+/// A running driver: its handle, readiness, and the thread's outcome.
+pub struct Running {
+    pub handle: NodeHandle,
+    pub ready: watch::Receiver<bool>,
+    pub done: oneshot::Receiver<Result<()>>,
+}
+
+/// Opens the node's state and starts the driver thread.
+pub fn start(config: DriverConfig, shutdown: watch::Receiver<bool>) -> Result<Running> {
+    let (tx, rx) = mpsc::channel(MAX_REQUESTS_PER_ROUND);
+    let (ready_tx, ready) = watch::channel(false);
+    let catalog = Arc::new(Catalog::default());
+    let mut driver = Driver::open(config.clone(), catalog.clone(), rx, ready_tx)?;
+    let (done_tx, done) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("covet-raft".into())
+        .spawn(move || {
+            let result = driver.run(shutdown);
+            let _ = done_tx.send(result);
+        })
+        .map_err(|e| BrokerError::Internal(format!("spawn raft thread: {e}")))?;
+    Ok(Running { handle: NodeHandle { tx, catalog, node_id: config.node_id }, ready, done })
+}
+
+struct Driver {
+    config: DriverConfig,
+    db: sled::Db,
+    groups: HashMap<u64, Group>,
+    /// Retention settings of each partition group.
+    retention: HashMap<u64, (u64, u64)>,
+    catalog: Arc<Catalog>,
+    logger: slog::Logger,
+    rx: mpsc::Receiver<Request>,
+    ready: watch::Sender<bool>,
+}
+
+impl Driver {
+    fn open(
+        config: DriverConfig,
+        catalog: Arc<Catalog>,
+        rx: mpsc::Receiver<Request>,
+        ready: watch::Sender<bool>,
+    ) -> Result<Driver> {
+        let db = sled::Config::new()
+            .path(config.data_dir.join("state"))
+            .cache_capacity(8 << 20)
+            .flush_every_ms(Some(200))
+            .open()?;
+        let mut driver = Driver {
+            config,
+            db,
+            groups: HashMap::new(),
+            retention: HashMap::new(),
+            catalog,
+            logger: raft_logger(),
+            rx,
+            ready,
+        };
+        let meta = MetaState::open(driver.db.open_tree("meta")?)?;
+        let topics: Vec<TopicRecord> = meta.topics().cloned().collect();
+        let group = driver.open_group(META_GROUP, Machine::Meta(meta))?;
+        driver.groups.insert(META_GROUP, group);
+        for topic in topics {
+            driver.open_topic(topic)?;
+        }
+        Ok(driver)
+    }
+
+    fn group_dir(&self, id: u64) -> PathBuf {
+        self.config.data_dir.join("groups").join(id.to_string())
+    }
+
+    fn open_group(&self, id: u64, machine: Machine) -> Result<Group> {
+        let cfg = GroupConfig {
+            node_id: self.config.node_id,
+            log_options: self.config.log_options.clone(),
+            logger: &self.logger,
+            election_tick: 10,
+            heartbeat_tick: 2,
+        };
+        Group::open(id, &self.group_dir(id), machine, &cfg)
+    }
+
+    /// Opens the groups of a topic's partitions and publishes the topic.
+    fn open_topic(&mut self, record: TopicRecord) -> Result<()> {
+        let config = record.config.unwrap_or_default();
+        let mut partitions = Vec::with_capacity(record.groups.len());
+        for (p, &gid) in record.groups.iter().enumerate() {
+            let state = PartitionState::open(self.db.open_tree(format!("p{gid}"))?)?;
+            let handle_parts = (state.index(), state.subscribe());
+            let group = self.open_group(gid, Machine::Partition(state))?;
+            partitions.push(PartitionHandle {
+                partition: p as u32,
+                group: gid,
+                storage: group.storage.clone(),
+                index: handle_parts.0,
+                progress: handle_parts.1,
+                leader: group.leader.clone(),
+                replicas: group.voters(),
+            });
+            self.retention.insert(gid, (config.retention_ms, config.retention_bytes));
+            self.groups.insert(gid, group);
+        }
+        self.catalog.insert(TopicHandle { record, partitions });
+        Ok(())
+    }
+
+    /// Withdraws a topic and destroys its partitions' logs and state.
+    fn drop_topic(&mut self, record: &TopicRecord) -> Result<()> {
+        self.catalog.remove(&record.name);
+        for &gid in &record.groups {
+            if let Some(mut g) = self.groups.remove(&gid) {
+                g.fail_all(BrokerError::UnknownTopic(record.name.clone()));
+            }
+            self.retention.remove(&gid);
+            covet_raft_store::destroy(&self.group_dir(gid))?;
+            self.db.drop_tree(format!("p{gid}"))?;
+        }
+        Ok(())
+    }
+
+    fn run(&mut self, shutdown: watch::Receiver<bool>) -> Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| BrokerError::Internal(format!("raft runtime: {e}")))?;
+        let result = rt.block_on(self.run_loop(shutdown));
+        for g in self.groups.values_mut() {
+            g.fail_all(BrokerError::ShuttingDown);
+        }
+        self.db.flush()?;
+        result
+    }
+
+    async fn run_loop(&mut self, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retention = tokio::time::interval(self.config.retention_interval);
+        retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.round()?;
+            if self.groups.values().any(|g| g.node.has_ready()) {
+                continue;
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return Ok(()),
+                req = self.rx.recv() => match req {
+                    Some(req) => self.handle(req),
+                    None => return Ok(()),
+                },
+                _ = tick.tick() => self.tick_all(),
+                _ = retention.tick() => self.enforce_retention(),
+            }
+            for _ in 1..MAX_REQUESTS_PER_ROUND {
+                match self.rx.try_recv() {
+                    Ok(req) => self.handle(req),
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, req: Request) {
+        match req {
+            Request::Produce { group, batch, tx } => match self.groups.get_mut(&group) {
+                Some(g) => g.propose_batch(batch, tx),
+                None => {
+                    let _ = tx.send(Err(BrokerError::InvalidRequest(format!("no raft group {group}"))));
+                }
+            },
+            Request::Meta { data, tx } => match self.groups.get_mut(&META_GROUP) {
+                Some(g) => g.propose(Bytes::from(data), tx),
+                None => {
+                    let _ = tx.send(Err(BrokerError::Internal("metadata group missing".into())));
+                }
+            },
+        }
+    }
+
+    fn tick_all(&mut self) {
+        for g in self.groups.values_mut() {
+            g.node.tick();
+        }
+    }
+
+    fn enforce_retention(&mut self) {
+        let now = crate::now_ms();
+        for (gid, &(ms, bytes)) in &self.retention {
+            if let Some(g) = self.groups.get_mut(gid) {
+                if let Err(e) = g.enforce_retention(now, ms, bytes) {
+                    tracing::warn!(group = gid, error = %e, "retention failed; will retry");
+                }
+            }
+        }
+    }
+
+    /// One round over every group with a `Ready`; see the module docs.
+    fn round(&mut self) -> Result<()> {
+        let _span = tracing::trace_span!("raft_round").entered();
+        let mut effects = Vec::new();
+        let mut pending = Vec::new();
+        for (&id, g) in self.groups.iter_mut() {
+            if !g.node.has_ready() {
+                continue;
+            }
+            let mut rd = g.node.ready();
+            send_messages(id, rd.take_messages());
+            if !rd.snapshot().is_empty() {
+                g.storage.apply_snapshot(rd.snapshot().clone())?;
+            }
+            g.apply_entries(rd.take_committed_entries(), &mut effects)?;
+            if !rd.entries().is_empty() {
+                g.storage.append(rd.entries())?;
+            }
+            if let Some(hs) = rd.hs() {
+                g.storage.set_hard_state(hs)?;
+            }
+            pending.push((id, rd));
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let storages: Vec<&GroupStorage> = pending
+            .iter()
+            .filter_map(|(id, _)| self.groups.get(id).map(|g| &g.storage))
+            .collect();
+        sync_all(&storages)?;
+        for (id, mut rd) in pending {
+            let Some(g) = self.groups.get_mut(&id) else { continue };
+            send_messages(id, rd.take_persisted_messages());
+            let mut light = g.node.advance(rd);
+            if light.commit_index().is_some() {
+                // Not synced here: the commit index is re-derived on restart.
+                g.storage.set_hard_state(&g.node.raft.hard_state())?;
+            }
+            send_messages(id, light.take_messages());
+            g.apply_entries(light.take_committed_entries(), &mut effects)?;
+            g.node.advance_apply();
+            g.observe_role();
+        }
+        for (_, effect) in effects {
+            match effect {
+                MetaEffect::TopicCreated(t) => self.open_topic(t)?,
+                MetaEffect::TopicDeleted(t) => self.drop_topic(&t)?,
+            }
+        }
+        self.update_ready();
+        Ok(())
+    }
+
+    /// The node is ready once every group has a leader and has applied all
+    /// it found committed.
+    fn update_ready(&self) {
+        if *self.ready.borrow() {
+            return;
+        }
+        let all = self.groups.values().all(|g| {
+            let r = &g.node.raft;
+            r.leader_id != 0 && r.raft_log.applied >= r.raft_log.committed
+        });
+        if all {
+            let _ = self.ready.send(true);
+        }
+    }
+}
+
+/// Hands Raft messages to the transport. A node of one voter per group has
+/// no peers, so there is nothing to send yet.
+fn send_messages(group: u64, msgs: Vec<Message>) {
+    for m in msgs {
+        tracing::warn!(group, to = m.to, "dropping raft message: no transport to peers");
+    }
+}
+
+/// Syncs every log touched in a round, concurrently: the round's latency is
+/// that of the slowest sync, not their sum.
+fn sync_all(storages: &[&GroupStorage]) -> Result<()> {
+    if storages.len() <= 1 {
+        return storages.iter().try_for_each(|s| s.sync().map_err(Into::into));
+    }
+    let per_thread = storages.len().div_ceil(SYNC_THREADS);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = storages
+            .chunks(per_thread)
+            .map(|chunk| scope.spawn(move || chunk.iter().try_for_each(|s| s.sync())))
+            .collect();
+        for w in workers {
+            match w.join() {
+                Ok(r) => r?,
+                Err(_) => return Err(BrokerError::Internal("sync thread panicked".into())),
+            }
+        }
+        Ok(())
+    })
+}

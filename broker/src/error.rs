@@ -1,0 +1,103 @@
+//! The broker's error type and its one conversion to a gRPC status.
+
+use covet_protocol::reason::{self, Reason};
+
+/// What can go wrong serving a request. Each variant maps to one stable
+/// [`Reason`]; the conversion to `tonic::Status` lives only in
+/// [`BrokerError::to_status`].
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    #[error("this node is not the leader of the group (leader hint: {leader_hint})")]
+    NotLeader { leader_hint: u64 },
+    #[error("unknown topic '{0}'")]
+    UnknownTopic(String),
+    #[error("topic '{topic}' has no partition {partition}")]
+    UnknownPartition { topic: String, partition: u32 },
+    #[error("topic '{0}' already exists")]
+    TopicExists(String),
+    #[error("invalid topic name: {0}")]
+    InvalidTopicName(String),
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("batch of {size} bytes exceeds the topic's limit of {limit} bytes")]
+    BatchTooLarge { size: usize, limit: usize },
+    #[error("corrupt batch: {0}")]
+    CorruptBatch(String),
+    #[error("offset {requested} is out of range: the partition holds [{start}, {end})")]
+    OffsetOutOfRange { requested: u64, start: u64, end: u64 },
+    #[error("the broker is shutting down")]
+    ShuttingDown,
+    #[error("storage failure: {0}")]
+    Storage(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl BrokerError {
+    /// The stable reason clients match on.
+    pub fn reason(&self) -> Reason {
+        match self {
+            BrokerError::NotLeader { .. } => Reason::NotLeader,
+            BrokerError::UnknownTopic(_) => Reason::UnknownTopic,
+            BrokerError::UnknownPartition { .. } => Reason::UnknownPartition,
+            BrokerError::TopicExists(_) => Reason::TopicExists,
+            BrokerError::InvalidTopicName(_) => Reason::InvalidTopicName,
+            BrokerError::InvalidConfig(_) => Reason::InvalidConfig,
+            BrokerError::InvalidRequest(_) => Reason::InvalidRequest,
+            BrokerError::BatchTooLarge { .. } => Reason::BatchTooLarge,
+            BrokerError::CorruptBatch(_) => Reason::CorruptBatch,
+            BrokerError::OffsetOutOfRange { .. } => Reason::OffsetOutOfRange,
+            BrokerError::ShuttingDown => Reason::ShuttingDown,
+            BrokerError::Storage(_) => Reason::StorageError,
+            BrokerError::Internal(_) => Reason::Internal,
+        }
+    }
+
+    /// The gRPC status for a failed call.
+    pub fn to_status(&self) -> tonic::Status {
+        let mut status = reason::status(self.reason(), self.to_string());
+        if let BrokerError::NotLeader { leader_hint } = self {
+            if let Ok(v) = leader_hint.to_string().parse() {
+                status
+                    .metadata_mut()
+                    .insert(reason::LEADER_HINT_METADATA_KEY, v);
+            }
+        }
+        status
+    }
+
+    /// The in-stream error message for one failed request.
+    pub fn to_api(&self) -> covet_protocol::api::Error {
+        covet_protocol::api::Error {
+            reason: self.reason().as_str().to_string(),
+            message: self.to_string(),
+            leader_hint: match self {
+                BrokerError::NotLeader { leader_hint } => *leader_hint,
+                _ => 0,
+            },
+        }
+    }
+}
+
+impl From<BrokerError> for tonic::Status {
+    fn from(e: BrokerError) -> Self {
+        e.to_status()
+    }
+}
+
+impl From<covet_raft_store::StoreError> for BrokerError {
+    fn from(e: covet_raft_store::StoreError) -> Self {
+        BrokerError::Storage(e.to_string())
+    }
+}
+
+impl From<sled::Error> for BrokerError {
+    fn from(e: sled::Error) -> Self {
+        BrokerError::Storage(format!("sled: {e}"))
+    }
+}
+
+/// Result of broker operations.
+pub type Result<T, E = BrokerError> = std::result::Result<T, E>;

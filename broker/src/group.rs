@@ -1,0 +1,353 @@
+//! One Raft group on this node: its `RawNode`, its durable storage, its
+//! state machine, and the proposals waiting to be applied.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use covet_protocol::batch;
+use covet_raft_store::{GroupStorage, LogOptions};
+use raft::prelude::{ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType};
+use raft::{RawNode, StateRole, Storage};
+use tokio::sync::oneshot;
+
+use crate::error::{BrokerError, Result};
+use crate::state::meta::{MetaEffect, MetaState};
+use crate::state::partition::PartitionState;
+
+/// The replicated state a group drives.
+pub enum Machine {
+    Meta(MetaState),
+    Partition(PartitionState),
+}
+
+impl Machine {
+    fn applied(&self) -> u64 {
+        match self {
+            Machine::Meta(m) => m.applied(),
+            Machine::Partition(p) => p.applied(),
+        }
+    }
+}
+
+/// What a proposal's waiter receives once its entry is applied.
+#[derive(Debug, Clone)]
+pub enum Applied {
+    Batch { base_offset: u64, record_count: u32 },
+    Meta(MetaEffect),
+}
+
+pub type Responder = oneshot::Sender<Result<Applied>>;
+
+struct Waiter {
+    term: u64,
+    tx: Responder,
+}
+
+pub struct Group {
+    pub id: u64,
+    pub node: RawNode<GroupStorage>,
+    pub storage: GroupStorage,
+    pub machine: Machine,
+    /// Leader as last seen, shared with readers through the catalog.
+    pub leader: Arc<AtomicU64>,
+    waiters: BTreeMap<u64, Waiter>,
+    /// Offset the next proposed batch gets, valid while this node leads in
+    /// the current term; recomputed from the log tail when unknown.
+    proposed_next: Option<u64>,
+    role: StateRole,
+}
+
+/// Parameters shared by every group of the node.
+pub struct GroupConfig<'a> {
+    pub node_id: u64,
+    pub log_options: LogOptions,
+    pub logger: &'a slog::Logger,
+    pub election_tick: usize,
+    pub heartbeat_tick: usize,
+}
+
+impl Group {
+    /// Opens (or creates and bootstraps with this node as the only voter)
+    /// the group stored in `dir`, and brings its state machine up to the
+    /// snapshot the log starts from.
+    pub fn open(id: u64, dir: &Path, mut machine: Machine, cfg: &GroupConfig<'_>) -> Result<Group> {
+        let storage = GroupStorage::open(dir, cfg.log_options.clone())?;
+        let state = storage.initial_state().map_err(|e| BrokerError::Storage(e.to_string()))?;
+        let fresh = storage.last_index().map_err(|e| BrokerError::Storage(e.to_string()))? == 0;
+        if state.conf_state.voters.is_empty() && fresh {
+            let cs = ConfState { voters: vec![cfg.node_id], ..Default::default() };
+            storage.set_conf_state(&cs)?;
+            storage.sync()?;
+        }
+        let snap = storage.stored_snapshot();
+        if let Machine::Partition(p) = &mut machine {
+            if snap.get_metadata().index > 0 {
+                p.restore(&snap.data)?;
+            }
+        }
+        let applied = Self::reconcile_commit(&storage, machine.applied())?;
+        let config = raft::Config {
+            id: cfg.node_id,
+            election_tick: cfg.election_tick,
+            heartbeat_tick: cfg.heartbeat_tick,
+            applied,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            ..Default::default()
+        };
+        let mut node = RawNode::new(&config, storage.clone(), cfg.logger)
+            .map_err(|e| BrokerError::Internal(format!("raft group {id}: {e}")))?;
+        let voters = node.raft.prs().conf().voters().ids().iter().collect::<Vec<_>>();
+        if voters == [cfg.node_id] {
+            // A lone voter need not wait out an election timeout.
+            let _ = node.campaign();
+        }
+        let mut group = Group {
+            id,
+            node,
+            storage,
+            machine,
+            leader: Arc::new(AtomicU64::new(0)),
+            waiters: BTreeMap::new(),
+            proposed_next: None,
+            role: StateRole::Follower,
+        };
+        group.observe_role();
+        Ok(group)
+    }
+
+    /// raft-rs requires `applied <= commit`. The hard state's commit can lag
+    /// what was applied (an entry is applied before the next round persists
+    /// the commit index that covers it), and everything applied was
+    /// committed, so raise the stored commit to match.
+    fn reconcile_commit(storage: &GroupStorage, applied: u64) -> Result<u64> {
+        let state = storage.initial_state().map_err(|e| BrokerError::Storage(e.to_string()))?;
+        let first = storage.first_index().map_err(|e| BrokerError::Storage(e.to_string()))?;
+        let last = storage.last_index().map_err(|e| BrokerError::Storage(e.to_string()))?;
+        let applied = applied.max(first.saturating_sub(1));
+        if applied > last {
+            return Err(BrokerError::Storage(format!(
+                "applied index {applied} is beyond the log's last index {last}"
+            )));
+        }
+        if state.hard_state.commit < applied {
+            let mut hs = state.hard_state.clone();
+            hs.commit = applied;
+            storage.set_hard_state(&hs)?;
+            storage.sync()?;
+        }
+        Ok(applied)
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.node.raft.state == StateRole::Leader
+    }
+
+    pub fn voters(&self) -> Vec<u64> {
+        self.node.raft.prs().conf().voters().ids().iter().collect()
+    }
+
+    fn not_leader(&self) -> BrokerError {
+        BrokerError::NotLeader { leader_hint: self.node.raft.leader_id }
+    }
+
+    /// Proposes an entry; `tx` is answered when it is applied.
+    pub fn propose(&mut self, data: Bytes, tx: Responder) {
+        if !self.is_leader() {
+            let _ = tx.send(Err(self.not_leader()));
+            return;
+        }
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgPropose);
+        m.from = self.node.raft.id;
+        let mut e = Entry::default();
+        e.data = data;
+        m.set_entries(vec![e].into());
+        if self.node.step(m).is_err() {
+            let _ = tx.send(Err(self.not_leader()));
+            return;
+        }
+        let index = self.node.raft.raft_log.last_index();
+        self.waiters.insert(index, Waiter { term: self.node.raft.term, tx });
+    }
+
+    /// Stamps the next offset into a validated batch and proposes it.
+    pub fn propose_batch(&mut self, batch_bytes: Bytes, tx: Responder) {
+        if !self.is_leader() {
+            let _ = tx.send(Err(self.not_leader()));
+            return;
+        }
+        let next = match self.proposed_next {
+            Some(n) => n,
+            None => match self.tail_next_offset() {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            },
+        };
+        // The request's buffer is shared with the rest of the gRPC frame, so
+        // stamping needs one private copy; the bytes are not re-encoded.
+        let mut buf = BytesMut::from(&batch_bytes[..]);
+        batch::stamp_base_offset(&mut buf, next);
+        let count = match batch::read_header(&buf) {
+            Ok(h) => u64::from(h.record_count),
+            Err(e) => {
+                let _ = tx.send(Err(BrokerError::CorruptBatch(e.to_string())));
+                return;
+            }
+        };
+        let before = self.waiters.len();
+        self.propose(buf.freeze(), tx);
+        if self.waiters.len() > before {
+            self.proposed_next = Some(next + count);
+        }
+    }
+
+    /// The offset after the last batch in the log, replaying the
+    /// acceptance rule of [`PartitionState::apply_batch`] over the entries
+    /// not yet applied.
+    fn tail_next_offset(&self) -> Result<u64> {
+        let Machine::Partition(p) = &self.machine else {
+            return Err(BrokerError::Internal("not a partition group".into()));
+        };
+        let mut next = p.next_offset();
+        let last = self.node.raft.raft_log.last_index();
+        let mut lo = self.node.raft.raft_log.applied + 1;
+        while lo <= last {
+            let entries = self
+                .node
+                .raft
+                .raft_log
+                .entries(lo, 8 << 20, raft::GetEntriesContext::empty(false))
+                .map_err(|e| BrokerError::Storage(e.to_string()))?;
+            for e in &entries {
+                if let Ok(h) = batch::read_header(&e.data) {
+                    if e.get_entry_type() == EntryType::EntryNormal && h.base_offset == next {
+                        next = h.next_offset();
+                    }
+                }
+            }
+            lo += entries.len().max(1) as u64;
+        }
+        Ok(next)
+    }
+
+    /// Notes role changes; a new role means the offsets this node assumed
+    /// for its proposals may no longer hold.
+    pub fn observe_role(&mut self) {
+        let role = self.node.raft.state;
+        self.leader.store(self.node.raft.leader_id, Ordering::Relaxed);
+        if role != self.role {
+            self.role = role;
+            self.proposed_next = None;
+        }
+    }
+
+    /// Applies committed entries in order, answering their waiters.
+    pub fn apply_entries(&mut self, entries: Vec<Entry>, effects: &mut Vec<(u64, MetaEffect)>) -> Result<()> {
+        for e in entries {
+            let index = e.index;
+            let outcome = match e.get_entry_type() {
+                EntryType::EntryNormal if e.data.is_empty() => {
+                    self.mark_applied(index)?;
+                    None
+                }
+                EntryType::EntryNormal => Some(self.apply_normal(index, &e.data, effects)?),
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    self.apply_conf_change(&e)?;
+                    None
+                }
+            };
+            self.answer(index, e.term, outcome);
+        }
+        if let Machine::Partition(p) = &mut self.machine {
+            p.flush_round()?;
+        }
+        Ok(())
+    }
+
+    fn mark_applied(&mut self, index: u64) -> Result<()> {
+        match &mut self.machine {
+            Machine::Meta(m) => m.mark_applied(index),
+            Machine::Partition(p) => {
+                p.mark_applied(index);
+                Ok(())
+            }
+        }
+    }
+
+    /// Applies one command. The outer `Result` is a failure of this node
+    /// (storage); the inner one the command's own outcome.
+    fn apply_normal(
+        &mut self,
+        index: u64,
+        data: &Bytes,
+        effects: &mut Vec<(u64, MetaEffect)>,
+    ) -> Result<Result<Applied>> {
+        match &mut self.machine {
+            Machine::Partition(p) => Ok(p
+                .apply_batch(index, data)
+                .map(|(base_offset, record_count)| Applied::Batch { base_offset, record_count })),
+            Machine::Meta(m) => match m.apply(index, data) {
+                Ok(effect) => {
+                    effects.push((index, effect.clone()));
+                    Ok(Ok(Applied::Meta(effect)))
+                }
+                Err(e @ BrokerError::Storage(_)) => Err(e),
+                Err(e) => Ok(Err(e)),
+            },
+        }
+    }
+
+    fn apply_conf_change(&mut self, e: &Entry) -> Result<()> {
+        let cc: ConfChangeV2 = if e.get_entry_type() == EntryType::EntryConfChangeV2 {
+            protobuf::Message::parse_from_bytes(&e.data)
+                .map_err(|err| BrokerError::Storage(format!("bad conf change: {err}")))?
+        } else {
+            let v1: raft::prelude::ConfChange = protobuf::Message::parse_from_bytes(&e.data)
+                .map_err(|err| BrokerError::Storage(format!("bad conf change: {err}")))?;
+            raft_proto::ConfChangeI::into_v2(v1)
+        };
+        let cs = self
+            .node
+            .apply_conf_change(&cc)
+            .map_err(|err| BrokerError::Internal(format!("conf change: {err}")))?;
+        self.storage.set_conf_state(&cs)?;
+        self.mark_applied(e.index)
+    }
+
+    /// Answers the waiter of `index` (if its proposal is the entry that was
+    /// applied) and fails waiters of earlier indexes, whose entries were
+    /// replaced by another leader's.
+    fn answer(&mut self, index: u64, term: u64, outcome: Option<Result<Applied>>) {
+        while let Some(entry) = self.waiters.first_entry() {
+            if *entry.key() > index {
+                break;
+            }
+            let (i, w) = entry.remove_entry();
+            let result = match (&outcome, i == index && w.term == term) {
+                (Some(result), true) => result.clone(),
+                _ => Err(BrokerError::NotLeader { leader_hint: self.node.raft.leader_id }),
+            };
+            let _ = w.tx.send(result);
+            if i == index {
+                break;
+            }
+        }
+    }
+
+    /// Fails every waiter (shutdown, group removal).
+    pub fn fail_all(&mut self, err: BrokerError) {
+        for (_, w) in std::mem::take(&mut self.waiters) {
+            let _ = w.tx.send(Err(err.clone()));
+        }
+    }
+}
+

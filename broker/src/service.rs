@@ -1,0 +1,225 @@
+//! The `covet.v1.Covet` gRPC service: a thin adapter that validates
+//! requests, hands them to the Raft driver or the catalog, and converts
+//! results. Errors become statuses only through `BrokerError::to_status`.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+use covet_protocol::api::covet_server::Covet;
+use covet_protocol::api::*;
+use covet_protocol::batch;
+use covet_protocol::topic::validate_topic_name;
+use futures::Stream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::driver::NodeHandle;
+use crate::error::{BrokerError, Result};
+use crate::group::Applied;
+use crate::state::meta::{create_topic_command, delete_topic_command};
+
+/// Default largest batch a topic accepts.
+pub const DEFAULT_MAX_BATCH_BYTES: u32 = 8 << 20;
+/// Largest `max_batch_bytes` a topic may set; the gRPC message limit is
+/// derived from it.
+pub const MAX_MAX_BATCH_BYTES: u32 = 64 << 20;
+/// Most partitions a topic may have.
+pub const MAX_PARTITIONS: u32 = 4096;
+/// Produce requests of one stream proposed but not yet answered. Beyond it
+/// the broker stops reading the stream and HTTP/2 flow control pushes back.
+const MAX_IN_FLIGHT_PER_STREAM: usize = 1024;
+/// How long a request may wait for its entry to be applied.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send>>;
+
+/// The service; cheap to clone.
+#[derive(Clone)]
+pub struct CovetService {
+    node: NodeHandle,
+    address: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl CovetService {
+    pub fn new(node: NodeHandle, address: SocketAddr, shutdown: watch::Receiver<bool>) -> Self {
+        CovetService { node, address, shutdown }
+    }
+
+    /// Checks a produce request and returns the partition's Raft group.
+    fn validate_produce(&self, req: &ProduceRequest) -> Result<u64> {
+        let topic = self.node.catalog.topic(&req.topic)?;
+        let partition = topic.partition(req.partition)?;
+        let limit = topic.config().max_batch_bytes as usize;
+        if req.batch.len() > limit {
+            return Err(BrokerError::BatchTooLarge { size: req.batch.len(), limit });
+        }
+        batch::validate(&req.batch).map_err(|e| BrokerError::CorruptBatch(e.to_string()))?;
+        Ok(partition.group)
+    }
+
+    /// Validates and submits one produce request; the receiver (if any)
+    /// yields its outcome once applied.
+    async fn submit(&self, req: &ProduceRequest) -> Result<oneshot::Receiver<Result<Applied>>> {
+        let group = self.validate_produce(req)?;
+        self.node.submit_batch(group, req.batch.clone()).await
+    }
+
+    fn topic_config(req: &CreateTopicRequest) -> Result<TopicConfig> {
+        validate_topic_name(&req.name).map_err(|e| BrokerError::InvalidTopicName(e.to_string()))?;
+        let partitions = if req.partitions == 0 { 1 } else { req.partitions };
+        if partitions > MAX_PARTITIONS {
+            return Err(BrokerError::InvalidConfig(format!(
+                "{partitions} partitions requested, the limit is {MAX_PARTITIONS}"
+            )));
+        }
+        if req.replication_factor > 1 {
+            return Err(BrokerError::InvalidConfig(format!(
+                "replication factor {} exceeds the cluster's 1 node",
+                req.replication_factor
+            )));
+        }
+        let max_batch_bytes = req.max_batch_bytes.unwrap_or(DEFAULT_MAX_BATCH_BYTES);
+        if !(batch::HEADER_LEN as u32..=MAX_MAX_BATCH_BYTES).contains(&max_batch_bytes) {
+            return Err(BrokerError::InvalidConfig(format!(
+                "max batch bytes must be between {} and {MAX_MAX_BATCH_BYTES}",
+                batch::HEADER_LEN
+            )));
+        }
+        Ok(TopicConfig {
+            partitions,
+            replication_factor: 1,
+            retention_ms: req.retention_ms.unwrap_or(0),
+            retention_bytes: req.retention_bytes.unwrap_or(0),
+            max_batch_bytes,
+        })
+    }
+
+    /// Waits until the catalog shows the topic `name` present (or absent).
+    async fn await_catalog(&self, name: &str, present: bool) -> Result<()> {
+        let mut changes = self.node.catalog.changes();
+        let wait = async {
+            while self.node.catalog.topic(name).is_ok() != present {
+                if changes.changed().await.is_err() {
+                    return Err(BrokerError::ShuttingDown);
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(APPLY_TIMEOUT, wait)
+            .await
+            .map_err(|_| BrokerError::Internal("timed out waiting for the topic to open".into()))?
+    }
+}
+
+fn produce_response(id: u64, partition: u32, outcome: Result<Applied>) -> ProduceResponse {
+    match outcome {
+        Ok(Applied::Batch { base_offset, record_count }) => ProduceResponse {
+            request_id: id,
+            partition,
+            base_offset,
+            record_count,
+            error: None,
+        },
+        Ok(Applied::Meta(_)) => produce_response(id, partition, Err(BrokerError::Internal("wrong outcome".into()))),
+        Err(e) => ProduceResponse { request_id: id, partition, base_offset: 0, record_count: 0, error: Some(e.to_api()) },
+    }
+}
+
+type Pending = (u64, u32, Result<oneshot::Receiver<Result<Applied>>>);
+
+#[tonic::async_trait]
+impl Covet for CovetService {
+    async fn metadata(&self, request: Request<MetadataRequest>) -> std::result::Result<Response<MetadataResponse>, Status> {
+        let wanted = request.into_inner().topics;
+        let topics = if wanted.is_empty() {
+            self.node.catalog.topics().iter().map(|t| t.info()).collect()
+        } else {
+            wanted.iter().map(|n| self.node.catalog.topic(n).map(|t| t.info())).collect::<Result<_>>()?
+        };
+        let nodes = vec![NodeInfo { id: self.node.node_id, address: self.address.to_string() }];
+        Ok(Response::new(MetadataResponse { nodes, topics }))
+    }
+
+    type ProduceStream = BoxStream<ProduceResponse>;
+
+    async fn produce(&self, request: Request<Streaming<ProduceRequest>>) -> std::result::Result<Response<Self::ProduceStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (pending_tx, mut pending_rx) = mpsc::channel::<Pending>(MAX_IN_FLIGHT_PER_STREAM);
+        let (out_tx, out_rx) = mpsc::channel(64);
+        let svc = self.clone();
+        // Reader: submits requests in stream order, so batches of one
+        // partition are proposed in the order the client sent them.
+        tokio::spawn(async move {
+            while let Ok(Some(req)) = inbound.message().await {
+                let submitted = svc.submit(&req).await;
+                if pending_tx.send((req.request_id, req.partition, submitted)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        // Writer: answers in the same order, as each entry is applied.
+        tokio::spawn(async move {
+            while let Some((id, partition, submitted)) = pending_rx.recv().await {
+                let outcome = match submitted {
+                    Ok(rx) => match tokio::time::timeout(APPLY_TIMEOUT, rx).await {
+                        Ok(Ok(r)) => r,
+                        Ok(Err(_)) => Err(BrokerError::ShuttingDown),
+                        Err(_) => Err(BrokerError::Internal("timed out waiting for commit".into())),
+                    },
+                    Err(e) => Err(e),
+                };
+                if out_tx.send(Ok(produce_response(id, partition, outcome))).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+
+    type SubscribeStream = BoxStream<SubscribeResponse>;
+
+    async fn subscribe(&self, request: Request<Streaming<SubscribeRequest>>) -> std::result::Result<Response<Self::SubscribeStream>, Status> {
+        let mut inbound = request.into_inner();
+        let open = match inbound.message().await? {
+            Some(SubscribeRequest { kind: Some(subscribe_request::Kind::Open(open)) }) => open,
+            _ => return Err(BrokerError::InvalidRequest("the first subscribe message must be `open`".into()).into()),
+        };
+        let topic = self.node.catalog.topic(&open.topic)?;
+        let partition = topic.partition(open.partition)?.clone();
+        let session = crate::subscribe::Session::open(partition, &open, inbound, self.shutdown.clone())?;
+        Ok(Response::new(Box::pin(session.spawn())))
+    }
+
+    async fn create_topic(&self, request: Request<CreateTopicRequest>) -> std::result::Result<Response<TopicInfo>, Status> {
+        let req = request.into_inner();
+        let config = Self::topic_config(&req)?;
+        if self.node.catalog.topic(&req.name).is_ok() {
+            return Err(BrokerError::TopicExists(req.name).into());
+        }
+        self.node.meta(create_topic_command(req.name.clone(), config, crate::now_ms())).await?;
+        self.await_catalog(&req.name, true).await?;
+        Ok(Response::new(self.node.catalog.topic(&req.name)?.info()))
+    }
+
+    async fn delete_topic(&self, request: Request<DeleteTopicRequest>) -> std::result::Result<Response<DeleteTopicResponse>, Status> {
+        let name = request.into_inner().name;
+        self.node.catalog.topic(&name)?;
+        self.node.meta(delete_topic_command(name.clone())).await?;
+        self.await_catalog(&name, false).await?;
+        Ok(Response::new(DeleteTopicResponse {}))
+    }
+
+    async fn list_topics(&self, _: Request<ListTopicsRequest>) -> std::result::Result<Response<ListTopicsResponse>, Status> {
+        let topics = self.node.catalog.topics().iter().map(|t| t.info()).collect();
+        Ok(Response::new(ListTopicsResponse { topics }))
+    }
+
+    async fn describe_topic(&self, request: Request<DescribeTopicRequest>) -> std::result::Result<Response<TopicInfo>, Status> {
+        let name = request.into_inner().name;
+        Ok(Response::new(self.node.catalog.topic(&name)?.info()))
+    }
+}
+

@@ -1,0 +1,140 @@
+//! The metadata state machine (Raft group 0): topics and the Raft groups of
+//! their partitions.
+//!
+//! sled layout (tree `meta`): `s` → applied index ‖ next group id (u64 LE
+//! each); `t/<name>` → `TopicRecord` (protobuf). Group ids are handed out
+//! from a counter that never goes back, so a topic deleted and created again
+//! never reuses a partition's directory or sled tree.
+
+use std::collections::BTreeMap;
+
+use covet_protocol::api::TopicConfig;
+use covet_protocol::internal::{meta_command, CreateTopic, DeleteTopic, MetaCommand, TopicRecord};
+use prost::Message as _;
+
+use crate::error::{BrokerError, Result};
+
+const STATE_KEY: &[u8] = b"s";
+const TOPIC_PREFIX: &[u8] = b"t/";
+
+/// What applying a metadata command changed, for the driver to act on.
+#[derive(Debug, Clone)]
+pub enum MetaEffect {
+    TopicCreated(TopicRecord),
+    TopicDeleted(TopicRecord),
+}
+
+/// Topics as of the applied index.
+pub struct MetaState {
+    tree: sled::Tree,
+    applied: u64,
+    next_group: u64,
+    topics: BTreeMap<String, TopicRecord>,
+}
+
+impl MetaState {
+    pub fn open(tree: sled::Tree) -> Result<Self> {
+        let (applied, next_group) = match tree.get(STATE_KEY)? {
+            Some(v) if v.len() == 16 => (
+                u64::from_le_bytes(v[0..8].try_into().unwrap_or_default()),
+                u64::from_le_bytes(v[8..16].try_into().unwrap_or_default()),
+            ),
+            Some(_) => return Err(BrokerError::Storage("corrupt metadata state in sled".into())),
+            None => (0, 1),
+        };
+        let mut topics = BTreeMap::new();
+        for item in tree.scan_prefix(TOPIC_PREFIX) {
+            let (_, v) = item?;
+            let t = TopicRecord::decode(&v[..])
+                .map_err(|e| BrokerError::Storage(format!("corrupt topic record in sled: {e}")))?;
+            topics.insert(t.name.clone(), t);
+        }
+        Ok(MetaState { tree, applied, next_group, topics })
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    pub fn topics(&self) -> impl Iterator<Item = &TopicRecord> {
+        self.topics.values()
+    }
+
+    pub fn topic(&self, name: &str) -> Option<&TopicRecord> {
+        self.topics.get(name)
+    }
+
+    /// Records that `index` was applied without a command (empty entries).
+    pub fn mark_applied(&mut self, index: u64) -> Result<()> {
+        self.applied = index;
+        self.tree.insert(STATE_KEY, &self.state_bytes()[..])?;
+        Ok(())
+    }
+
+    fn state_bytes(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[0..8].copy_from_slice(&self.applied.to_le_bytes());
+        b[8..16].copy_from_slice(&self.next_group.to_le_bytes());
+        b
+    }
+
+    /// Applies the committed command at `index`. An error is the command's
+    /// outcome (e.g. the topic already exists), identical on every replica;
+    /// the index is applied either way.
+    pub fn apply(&mut self, index: u64, data: &[u8]) -> Result<MetaEffect> {
+        self.applied = index;
+        let outcome = match MetaCommand::decode(data).ok().and_then(|c| c.kind) {
+            Some(meta_command::Kind::CreateTopic(c)) => self.create_topic(c),
+            Some(meta_command::Kind::DeleteTopic(d)) => self.delete_topic(d),
+            None => Err(BrokerError::Internal(format!("undecodable metadata entry at {index}"))),
+        };
+        let mut batch = sled::Batch::default();
+        match &outcome {
+            Ok(MetaEffect::TopicCreated(t)) => batch.insert(topic_key(&t.name), t.encode_to_vec()),
+            Ok(MetaEffect::TopicDeleted(t)) => batch.remove(topic_key(&t.name)),
+            Err(_) => {}
+        }
+        batch.insert(STATE_KEY, &self.state_bytes()[..]);
+        self.tree.apply_batch(batch)?;
+        outcome
+    }
+
+    fn create_topic(&mut self, c: CreateTopic) -> Result<MetaEffect> {
+        if self.topics.contains_key(&c.name) {
+            return Err(BrokerError::TopicExists(c.name));
+        }
+        let config: TopicConfig = c.config.unwrap_or_default();
+        let n = u64::from(config.partitions);
+        let groups = (self.next_group..self.next_group + n).collect();
+        self.next_group += n;
+        let record = TopicRecord { name: c.name.clone(), config: Some(config), groups, created_ms: c.created_ms };
+        self.topics.insert(c.name, record.clone());
+        Ok(MetaEffect::TopicCreated(record))
+    }
+
+    fn delete_topic(&mut self, d: DeleteTopic) -> Result<MetaEffect> {
+        match self.topics.remove(&d.name) {
+            Some(t) => Ok(MetaEffect::TopicDeleted(t)),
+            None => Err(BrokerError::UnknownTopic(d.name)),
+        }
+    }
+}
+
+fn topic_key(name: &str) -> Vec<u8> {
+    let mut k = TOPIC_PREFIX.to_vec();
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// Encodes a create-topic command for proposal.
+pub fn create_topic_command(name: String, config: TopicConfig, created_ms: i64) -> Vec<u8> {
+    MetaCommand {
+        kind: Some(meta_command::Kind::CreateTopic(CreateTopic { name, config: Some(config), created_ms })),
+    }
+    .encode_to_vec()
+}
+
+/// Encodes a delete-topic command for proposal.
+pub fn delete_topic_command(name: String) -> Vec<u8> {
+    MetaCommand { kind: Some(meta_command::Kind::DeleteTopic(DeleteTopic { name })) }.encode_to_vec()
+}

@@ -1,0 +1,175 @@
+//! A subscribe session: pushes one partition's committed batches to a
+//! client while it holds credit, and tails new commits without polling.
+//!
+//! Credit is counted in records. The broker sends a whole batch while the
+//! credit is positive and subtracts the records it carries past the
+//! client's position, so a client is never sent more than its credit plus
+//! one batch. A slow consumer stops granting credit, the session stops
+//! reading the log, and the backlog stays on disk.
+
+use covet_protocol::api::{position, subscribe_request, subscribe_response, Batch, Opened};
+use covet_protocol::api::{SubscribeOpen, SubscribeRequest, SubscribeResponse};
+use covet_protocol::batch;
+use futures::Stream;
+use raft::prelude::Entry;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+use crate::catalog::PartitionHandle;
+use crate::error::{BrokerError, Result};
+use crate::state::partition::BatchLocation;
+
+/// Batches looked up in the offset index per read.
+const BATCHES_PER_READ: usize = 32;
+/// Bytes of log read per read.
+const BYTES_PER_READ: u64 = 4 << 20;
+
+pub struct Session {
+    partition: PartitionHandle,
+    inbound: Streaming<SubscribeRequest>,
+    shutdown: watch::Receiver<bool>,
+    /// Next offset to deliver.
+    next: u64,
+    credit: i64,
+    opened: Opened,
+}
+
+impl Session {
+    /// Resolves the starting position; errors (e.g. past the end) fail the
+    /// call before any stream is set up.
+    pub fn open(
+        partition: PartitionHandle,
+        open: &SubscribeOpen,
+        inbound: Streaming<SubscribeRequest>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Session> {
+        let progress = *partition.progress.borrow();
+        let (start, end) = (progress.start_offset, progress.high_watermark);
+        let next = match open.from.as_ref().and_then(|p| p.kind.as_ref()) {
+            Some(position::Kind::Earliest(_)) => start,
+            Some(position::Kind::Latest(_)) | None => end,
+            Some(position::Kind::Offset(o)) if *o > end => {
+                return Err(BrokerError::OffsetOutOfRange { requested: *o, start, end });
+            }
+            Some(position::Kind::Offset(o)) => (*o).max(start),
+            Some(position::Kind::TimestampMs(ts)) => {
+                partition.index.offset_for_time(*ts)?.unwrap_or(end).clamp(start, end)
+            }
+        };
+        let opened = Opened {
+            partition: partition.partition,
+            offset: next,
+            start_offset: start,
+            high_watermark: end,
+        };
+        let credit = i64::try_from(open.credit).unwrap_or(i64::MAX);
+        Ok(Session { partition, inbound, shutdown, next, credit, opened })
+    }
+
+    /// Runs the session on its own task; the returned stream is the
+    /// response side of the call.
+    pub fn spawn(self) -> impl Stream<Item = std::result::Result<SubscribeResponse, Status>> {
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(async move {
+            if let Err(status) = self.run(&tx).await {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+
+    async fn run(mut self, tx: &mpsc::Sender<std::result::Result<SubscribeResponse, Status>>) -> std::result::Result<(), Status> {
+        let opened = SubscribeResponse { kind: Some(subscribe_response::Kind::Opened(self.opened)) };
+        if tx.send(Ok(opened)).await.is_err() {
+            return Ok(());
+        }
+        let mut progress = self.partition.progress.clone();
+        loop {
+            let p = *progress.borrow_and_update();
+            self.next = self.next.max(p.start_offset);
+            if self.credit > 0 && self.next < p.high_watermark {
+                if !self.send_some(tx, p.high_watermark).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+            let want_data = self.credit > 0;
+            tokio::select! {
+                msg = self.inbound.message() => match msg {
+                    Ok(Some(SubscribeRequest { kind: Some(subscribe_request::Kind::Credit(n)) })) => {
+                        self.credit = self.credit.saturating_add(i64::try_from(n).unwrap_or(i64::MAX));
+                    }
+                    Ok(Some(_)) => {
+                        return Err(BrokerError::InvalidRequest("only credit may follow open".into()).to_status());
+                    }
+                    Ok(None) | Err(_) => return Ok(()),
+                },
+                changed = progress.changed(), if want_data => {
+                    if changed.is_err() {
+                        return Err(BrokerError::UnknownTopic("the topic was deleted".into()).to_status());
+                    }
+                }
+                _ = self.shutdown.changed() => return Err(BrokerError::ShuttingDown.to_status()),
+                _ = tx.closed() => return Ok(()),
+            }
+        }
+    }
+
+    /// Reads and sends batches from `self.next` while credit lasts. Returns
+    /// false when the client went away.
+    async fn send_some(
+        &mut self,
+        tx: &mpsc::Sender<std::result::Result<SubscribeResponse, Status>>,
+        high_watermark: u64,
+    ) -> std::result::Result<bool, Status> {
+        let locations = self.partition.index.batches_from(self.next, BATCHES_PER_READ)?;
+        let Some(first) = locations.first() else {
+            return Err(BrokerError::Internal(format!("offset {} is committed but not indexed", self.next)).into());
+        };
+        let last = locations[locations.len() - 1];
+        let entries = match self.partition.storage.read(first.raft_index, last.raft_index + 1, BYTES_PER_READ) {
+            Ok(e) => e,
+            // Retention removed the entries while we looked them up; the
+            // next pass starts from the new start offset.
+            Err(covet_raft_store::StoreError::Compacted { .. }) => {
+                tokio::task::yield_now().await;
+                return Ok(true);
+            }
+            Err(e) => return Err(BrokerError::from(e).into()),
+        };
+        for (entry, loc) in matching(&entries, &locations) {
+            let end = loc.base_offset + u64::from(loc.record_count);
+            if end <= self.next {
+                continue;
+            }
+            debug_assert!(batch::read_header(&entry.data).map(|h| h.base_offset) == Ok(loc.base_offset));
+            let msg = Batch { batch: entry.data.clone(), high_watermark };
+            let resp = SubscribeResponse { kind: Some(subscribe_response::Kind::Batch(msg)) };
+            if tx.send(Ok(resp)).await.is_err() {
+                return Ok(false);
+            }
+            self.credit -= i64::try_from(end - self.next).unwrap_or(i64::MAX);
+            self.next = end;
+            if self.credit <= 0 {
+                break;
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Pairs the entries read with the index locations that name them; entries
+/// the state machine rejected (no location) are skipped.
+fn matching<'a>(entries: &'a [Entry], locations: &'a [BatchLocation]) -> impl Iterator<Item = (&'a Entry, &'a BatchLocation)> {
+    let mut locs = locations.iter().peekable();
+    entries.iter().filter_map(move |e| {
+        while locs.peek().is_some_and(|l| l.raft_index < e.index) {
+            locs.next();
+        }
+        match locs.peek() {
+            Some(l) if l.raft_index == e.index => locs.next().map(|l| (e, l)),
+            _ => None,
+        }
+    })
+}

@@ -1,0 +1,153 @@
+//! The `covet` command line against a real broker: the contract scripts
+//! rely on (names, JSON lines, exit codes, one-line errors).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{covet_bin, Broker};
+
+fn covet(broker: &Broker, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(covet_bin())
+        .args(args)
+        .env("COVET_BROKER", &broker.addr)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        input.write_all(s.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn json_lines(s: &str) -> Vec<serde_json::Value> {
+    s.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn tour_create_publish_replay_describe_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), &[]);
+    ok(&covet(&broker, &["topic", "create", "orders", "--partitions", "3"], None));
+    let list = json_lines(&ok(&covet(&broker, &["topic", "list", "--format", "json"], None)));
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["name"], "orders");
+    assert_eq!(list[0]["partitions"].as_array().unwrap().len(), 3);
+
+    ok(&covet(&broker, &["publish", "orders", "--key", "k1", "--header", "source=test", "hello"], None));
+    let lines: String = (0..50).map(|i| format!("line {i}\n")).collect();
+    ok(&covet(&broker, &["publish", "orders", "--partition", "2"], Some(&lines)));
+
+    let out = ok(&covet(&broker, &["replay", "orders", "--partition", "2", "--format", "value"], None));
+    assert_eq!(out, lines);
+    let all = json_lines(&ok(&covet(&broker, &["replay", "orders"], None)));
+    assert_eq!(all.len(), 51);
+    let hello = all.iter().find(|r| r["value"] == "hello").unwrap();
+    assert_eq!(hello["key"], "k1");
+    assert_eq!(hello["value_encoding"], "utf8");
+    assert_eq!(hello["headers"][0]["key"], "source");
+    assert_eq!(hello["headers"][0]["value"], "test");
+    assert!(hello["timestamp"].as_i64().unwrap() > 1_600_000_000_000);
+
+    let ranged = ok(&covet(&broker, &["replay", "orders", "--partition", "2", "--from", "10", "--to", "13", "--format", "value"], None));
+    assert_eq!(ranged, "line 10\nline 11\nline 12\n");
+
+    let desc = json_lines(&ok(&covet(&broker, &["topic", "describe", "orders", "--format", "json"], None)));
+    let hw: u64 = desc[0]["partitions"].as_array().unwrap().iter().map(|p| p["high_watermark"].as_u64().unwrap()).sum();
+    assert_eq!(hw, 51);
+    let table = ok(&covet(&broker, &["topic", "describe", "orders", "--format", "table"], None));
+    assert!(table.contains("HIGH_WATERMARK"), "{table}");
+
+    ok(&covet(&broker, &["topic", "delete", "orders"], None));
+    let list = ok(&covet(&broker, &["topic", "list", "--format", "json"], None));
+    assert!(list.trim().is_empty());
+}
+
+#[test]
+fn binary_values_replay_as_base64() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), &[]);
+    ok(&covet(&broker, &["topic", "create", "bin"], None));
+    // A line holding invalid UTF-8 cannot come through the CLI's text
+    // input, so produce it with the client.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = covet_client::Client::connect(&broker.addr).await.unwrap();
+        let p = client.producer(Default::default());
+        let r = covet_client::Record { value: bytes::Bytes::from_static(&[0xff, 0x00, 0xfe]), ..Default::default() };
+        p.send("bin", r).await.unwrap().await.unwrap();
+    });
+    let rec = json_lines(&ok(&covet(&broker, &["replay", "bin"], None)));
+    assert_eq!(rec[0]["value"], "/wD+");
+    assert_eq!(rec[0]["value_encoding"], "base64");
+}
+
+#[test]
+fn errors_are_one_line_with_reason_and_nonzero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), &[]);
+    let cases: &[(&[&str], &str)] = &[
+        (&["topic", "create", "bad name"], "INVALID_TOPIC_NAME"),
+        (&["topic", "describe", "missing"], "UNKNOWN_TOPIC"),
+        (&["publish", "missing", "x"], "UNKNOWN_TOPIC"),
+        (&["replay", "missing"], "UNKNOWN_TOPIC"),
+    ];
+    for (args, reason) in cases {
+        let out = covet(&broker, args, None);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains(reason), "{args:?}: {err}");
+    }
+    ok(&covet(&broker, &["topic", "create", "t"], None));
+    let out = covet(&broker, &["replay", "t", "--from", "5"], None);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("OFFSET_OUT_OF_RANGE"));
+    let out = covet(&broker, &["replay", "t", "--from", "yesterday"], None);
+    assert!(!out.status.success());
+    let out = Command::new(covet_bin()).args(["topic", "list", "--broker", "127.0.0.1:1"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
+}
+
+#[test]
+fn subscribe_follows_new_records_and_sigterm_stops_the_broker_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start(dir.path(), &[]);
+    ok(&covet(&broker, &["topic", "create", "live"], None));
+    ok(&covet(&broker, &["publish", "live", "before"], None));
+    let mut sub = Command::new(covet_bin())
+        .args(["subscribe", "live", "--from", "earliest", "--format", "value", "--broker", &broker.addr])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = sub.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    assert_eq!(rx.recv_timeout(deadline - Instant::now()).unwrap(), "before");
+    ok(&covet(&broker, &["publish", "live", "after"], None));
+    assert_eq!(rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap(), "after");
+    let _ = sub.kill();
+    let _ = sub.wait();
+
+    let status = broker.terminate();
+    assert!(status.success(), "broker exit status {status}");
+    broker.restart();
+    let out = ok(&covet(&broker, &["replay", "live", "--format", "value"], None));
+    assert_eq!(out, "before\nafter\n");
+}

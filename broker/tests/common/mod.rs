@@ -1,0 +1,141 @@
+//! Test support: real `covet broker` processes in temp dirs.
+//!
+//! A broker is started on an ephemeral loopback port; readiness is the
+//! `ready` line it prints, awaited with a deadline (never a sleep). Children
+//! are killed when their handle drops.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The `covet` binary under test.
+pub fn covet_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_covet")
+}
+
+pub struct Broker {
+    child: Option<Child>,
+    pub addr: String,
+    pub dir: PathBuf,
+    extra: Vec<String>,
+    lines: Option<mpsc::Receiver<String>>,
+}
+
+impl Broker {
+    /// Starts a broker on `dir` with extra flags.
+    pub fn start(dir: &Path, extra: &[&str]) -> Broker {
+        let mut b = Broker {
+            child: None,
+            addr: String::new(),
+            dir: dir.to_path_buf(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            lines: None,
+        };
+        b.spawn();
+        b
+    }
+
+    fn spawn(&mut self) {
+        let mut child = Command::new(covet_bin())
+            .arg("broker")
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(["--listen", "127.0.0.1:0", "--log-level", "warn"])
+            .args(&self.extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn covet broker");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx.recv_timeout(left).expect("broker did not print a ready line in time");
+            if line.contains("ready") {
+                let addr = line
+                    .split("listening on ")
+                    .nth(1)
+                    .and_then(|s| s.split(',').next())
+                    .expect("ready line names the address");
+                self.addr = addr.to_string();
+                break;
+            }
+        }
+        self.child = Some(child);
+        self.lines = Some(rx);
+    }
+
+    /// SIGKILL, then wait for the process to be gone.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("broker running");
+        let status = Command::new("kill").args(["-TERM", &c.id().to_string()]).status().expect("kill");
+        assert!(status.success());
+        c.wait().expect("wait broker")
+    }
+
+    /// Lines the broker printed after `ready`, waiting up to `timeout` for
+    /// one containing `needle`.
+    pub fn wait_line(&self, needle: &str, timeout: Duration) -> bool {
+        let Some(rx) = &self.lines else { return false };
+        let deadline = Instant::now() + timeout;
+        while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            if line.contains(needle) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Starts the broker again on the same data dir (new port).
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Polls `cond` until it holds or `timeout` passes; the polling interval is
+/// short and the deadline bounds the wait.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,279 @@
+//! The read path, shared by `GroupStorage::read` and `Storage::entries`.
+//!
+//! A read holds the state's read lock only to plan: which segment files
+//! (`Arc<File>`) and byte ranges hold the wanted entries. It then reads each
+//! range with one `pread` into one buffer, verifies every frame's checksum,
+//! and slices entries' data and context out of that buffer as `Bytes`
+//! without copying. If a truncation rewrote bytes while it read (the
+//! state's `rewrites` counter moved), it retries; after a few such races it
+//! holds the read lock for the whole read.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use protobuf::Message as _;
+use raft::prelude::Entry;
+
+use crate::error::StoreError;
+use crate::frame::parse_frame;
+use crate::record::{self, Record};
+use crate::state::LogState;
+use crate::storage::{GroupStorage, Inner};
+
+/// Optimistic attempts before a read holds the lock throughout.
+const OPTIMISTIC_ATTEMPTS: usize = 4;
+
+/// What a size limit counts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Measure {
+    /// Bytes of entry data (`GroupStorage::read`).
+    Data,
+    /// Protobuf-encoded size, as `raft::util::limit_size` counts.
+    Encoded,
+}
+
+impl Measure {
+    fn of(self, entry: &Entry) -> u64 {
+        match self {
+            Measure::Data => entry.data.len() as u64,
+            Measure::Encoded => u64::from(entry.compute_size()),
+        }
+    }
+}
+
+/// A contiguous byte range of one segment holding `count` entries from `first`.
+struct Chunk {
+    path: PathBuf,
+    file: Arc<File>,
+    salt: u32,
+    start: u64,
+    end: u64,
+    first: u64,
+    count: u64,
+}
+
+/// The entries gathered so far, and the size limit.
+struct Gathered {
+    entries: Vec<Entry>,
+    used: u64,
+    limit: Option<u64>,
+    measure: Measure,
+    full: bool,
+}
+
+impl Gathered {
+    /// Takes `entry` unless the limit is reached; the first entry always fits.
+    fn offer(&mut self, entry: Entry) -> bool {
+        let size = self.measure.of(&entry);
+        let fits = self
+            .limit
+            .is_none_or(|limit| self.used.saturating_add(size) <= limit);
+        if !self.entries.is_empty() && !fits {
+            self.full = true;
+            return false;
+        }
+        self.used = self.used.saturating_add(size);
+        self.entries.push(entry);
+        true
+    }
+
+    /// The budget left for planning: at least one more entry is planned.
+    fn remaining(&self) -> Option<u64> {
+        self.limit.map(|limit| limit.saturating_sub(self.used))
+    }
+}
+
+enum Failure {
+    Raced,
+    Failed(StoreError),
+}
+
+impl From<StoreError> for Failure {
+    fn from(err: StoreError) -> Self {
+        Failure::Failed(err)
+    }
+}
+
+impl GroupStorage {
+    /// Entries `[low, high)`, at most `max_bytes` of entry data but always
+    /// at least one entry if the range is not empty. Errors with
+    /// `Compacted` if `low < first_index`, `Unavailable` if
+    /// `high > last_index + 1`, `Corrupt` if a frame read fails its checksum.
+    /// Safe to call from any thread while another appends.
+    pub fn read(&self, low: u64, high: u64, max_bytes: u64) -> Result<Vec<Entry>, StoreError> {
+        self.inner
+            .read_entries(low, high, Some(max_bytes), Measure::Data)
+    }
+}
+
+impl Inner {
+    pub(crate) fn read_entries(
+        &self,
+        low: u64,
+        high: u64,
+        limit: Option<u64>,
+        measure: Measure,
+    ) -> Result<Vec<Entry>, StoreError> {
+        for _ in 0..OPTIMISTIC_ATTEMPTS {
+            match self.try_read(low, high, limit, measure, None) {
+                Ok(entries) => return Ok(entries),
+                Err(Failure::Raced) => continue,
+                Err(Failure::Failed(err)) => return Err(err),
+            }
+        }
+        let st = self.read_state();
+        match self.try_read(low, high, limit, measure, Some(&st)) {
+            Ok(entries) => Ok(entries),
+            Err(Failure::Failed(err)) => Err(err),
+            Err(Failure::Raced) => {
+                unreachable!("no rewrite can happen while the read lock is held")
+            }
+        }
+    }
+
+    /// One read attempt. With `held`, the caller holds the read lock
+    /// throughout and no race is possible.
+    fn try_read(
+        &self,
+        low: u64,
+        high: u64,
+        limit: Option<u64>,
+        measure: Measure,
+        held: Option<&LogState>,
+    ) -> Result<Vec<Entry>, Failure> {
+        let mut gathered = Gathered {
+            entries: Vec::new(),
+            used: 0,
+            limit,
+            measure,
+            full: false,
+        };
+        let mut rewrites = None;
+        let mut next = low;
+        loop {
+            let chunks = self.with_state(held, |st| {
+                match rewrites {
+                    None => st.check_range(low, high)?,
+                    // Entries already gathered may have been rewritten, or
+                    // the rest compacted: start over.
+                    Some(seen) if seen != st.rewrites || next < st.first_index() => {
+                        return Err(Failure::Raced)
+                    }
+                    Some(_) => {}
+                }
+                rewrites = Some(st.rewrites);
+                Ok(plan(st, next, high, gathered.remaining()))
+            })?;
+            if chunks.is_empty() {
+                return Ok(gathered.entries);
+            }
+            for chunk in &chunks {
+                let result = read_chunk(chunk, &mut gathered);
+                if let Err(err) = result {
+                    let raced = held.is_none() && rewrites != Some(self.read_state().rewrites);
+                    return Err(if raced { Failure::Raced } else { err.into() });
+                }
+                if gathered.full {
+                    break;
+                }
+            }
+            next = low + gathered.entries.len() as u64;
+            if gathered.full || next >= high {
+                let raced = held.is_none() && rewrites != Some(self.read_state().rewrites);
+                return if raced {
+                    Err(Failure::Raced)
+                } else {
+                    Ok(gathered.entries)
+                };
+            }
+        }
+    }
+
+    fn with_state<T>(&self, held: Option<&LogState>, f: impl FnOnce(&LogState) -> T) -> T {
+        match held {
+            Some(st) => f(st),
+            None => f(&self.read_state()),
+        }
+    }
+}
+
+/// Plans chunks for `[next, high)`: entries while their frames' bytes stay
+/// within `budget` (an estimate; the exact limit applies after decoding),
+/// and at least one.
+fn plan(st: &LogState, next: u64, high: u64, budget: Option<u64>) -> Vec<Chunk> {
+    let mut chunks = Vec::new();
+    let mut index = next;
+    let mut planned = 0u64;
+    while index < high {
+        let Some(slot) = st.segment_for(index) else {
+            break;
+        };
+        let segment = &st.segments[slot];
+        let segment_high = high.min(segment.last_index() + 1);
+        let first = index;
+        let mut over_budget = false;
+        while index < segment_high {
+            let span = segment.position(index + 1) - segment.position(index);
+            if planned > 0 && budget.is_some_and(|b| planned + span > b) {
+                over_budget = true;
+                break;
+            }
+            planned += span;
+            index += 1;
+        }
+        if index > first {
+            chunks.push(Chunk {
+                path: segment.path.clone(),
+                file: Arc::clone(&segment.file),
+                salt: segment.salt,
+                start: segment.position(first),
+                end: segment.position(index),
+                first,
+                count: index - first,
+            });
+        }
+        if over_budget {
+            break;
+        }
+    }
+    chunks
+}
+
+/// Reads one chunk with one `pread` and offers its entries to `gathered`.
+fn read_chunk(chunk: &Chunk, gathered: &mut Gathered) -> Result<(), StoreError> {
+    let mut buf = vec![0; (chunk.end - chunk.start) as usize];
+    chunk
+        .file
+        .read_exact_at(&mut buf, chunk.start)
+        .map_err(|e| StoreError::io("read segment", &chunk.path, e))?;
+    let buf = Bytes::from(buf);
+    let mut offset = 0;
+    let mut index = chunk.first;
+    while index < chunk.first + chunk.count {
+        let corrupt =
+            |reason: String| StoreError::corrupt(&chunk.path, chunk.start + offset as u64, reason);
+        let payload =
+            parse_frame(&buf[offset..], chunk.salt).map_err(|e| corrupt(e.to_string()))?;
+        let payload = buf.slice(offset + payload.start..offset + payload.end);
+        match record::decode(&payload).map_err(corrupt)? {
+            Record::Entry(meta) if meta.index == index => {
+                if !gathered.offer(meta.to_entry(&payload)) {
+                    return Ok(());
+                }
+                index += 1;
+            }
+            Record::Entry(meta) => {
+                return Err(corrupt(format!(
+                    "entry index {} where {index} was expected",
+                    meta.index
+                )));
+            }
+            Record::HardState(..) | Record::ConfState(..) => {}
+        }
+        offset += crate::frame::FRAME_HEADER_LEN + payload.len();
+    }
+    Ok(())
+}

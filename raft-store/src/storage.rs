@@ -1,0 +1,219 @@
+//! `GroupStorage`: the handle the broker holds for one Raft group, its
+//! locks, and `open` / `sync`.
+//!
+//! Locks, always taken in this order:
+//!
+//! 1. `sync_lock` — serialises `sync` (and compaction), and is held across
+//!    `fdatasync`, so that a `sync` returns only after every write made
+//!    before it was called is durable, even a write whose `fdatasync` a
+//!    concurrent `sync` had already started. Appends never take it.
+//! 2. `writer` — serialises everything that writes (append, hard/conf
+//!    state, compaction, snapshots). Writes to the file happen under it
+//!    alone, beyond the end readers know about.
+//! 3. `state` (`RwLock`) — the index. Writers take it for writing only
+//!    briefly, to publish what they wrote; readers hold it for reading only
+//!    long enough to locate files and positions, then `pread` outside it.
+
+use std::fmt;
+use std::fs::File;
+use std::mem;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use raft::prelude::{ConfState, HardState, Snapshot};
+
+use crate::error::StoreError;
+use crate::recover::{recover, Recovered};
+use crate::snapfile::sync_dir;
+use crate::state::LogState;
+use crate::{LogOptions, SegmentInfo};
+
+/// Durable storage for one Raft group, in one directory.
+///
+/// Cheap to clone (an `Arc` inside); `Send + Sync`. Implements
+/// [`raft::Storage`]. Writes (`append`, `set_hard_state`, `set_conf_state`)
+/// are not durable until [`GroupStorage::sync`] returns.
+#[derive(Clone)]
+pub struct GroupStorage {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub dir: PathBuf,
+    pub segment_bytes: u64,
+    sync_lock: Mutex<()>,
+    writer: Mutex<Writer>,
+    state: RwLock<LogState>,
+}
+
+/// State only writers touch.
+pub(crate) struct Writer {
+    /// Reused encode buffer: one append's frames, written with one `pwrite`.
+    pub buf: Vec<u8>,
+    /// Reused: the file position of each entry in `buf`.
+    pub positions: Vec<u64>,
+    next_seq: u64,
+    /// Segment files written since the last sync.
+    unsynced: Vec<(PathBuf, Arc<File>)>,
+    /// Whether a segment file was created or removed since the last sync.
+    pub dir_dirty: bool,
+    poisoned: bool,
+}
+
+impl Writer {
+    /// The next hard-state / conf-state record sequence number.
+    pub(crate) fn take_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+
+    pub(crate) fn note_unsynced(&mut self, path: &Path, file: &Arc<File>) {
+        if !self.unsynced.iter().any(|(_, f)| Arc::ptr_eq(f, file)) {
+            self.unsynced.push((path.to_path_buf(), Arc::clone(file)));
+        }
+    }
+
+    pub(crate) fn forget_unsynced(&mut self) {
+        self.unsynced.clear();
+        self.dir_dirty = false;
+    }
+
+    /// Passes `result` through, poisoning the storage on an I/O error: after
+    /// a failed write or fsync the page cache cannot be trusted.
+    pub(crate) fn guard<T>(&mut self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if matches!(result, Err(StoreError::Io { .. })) {
+            self.poisoned = true;
+        }
+        result
+    }
+}
+
+impl GroupStorage {
+    /// Opens (creating it if missing) the group directory `dir`: recovers
+    /// the log, cutting a torn tail off the last segment and failing with
+    /// [`StoreError::Corrupt`] on any other damage.
+    pub fn open(dir: &Path, options: LogOptions) -> Result<GroupStorage, StoreError> {
+        let Recovered { state, next_seq } = recover(dir)?;
+        let writer = Writer {
+            buf: Vec::new(),
+            positions: Vec::new(),
+            next_seq,
+            unsynced: Vec::new(),
+            dir_dirty: false,
+            poisoned: false,
+        };
+        let inner = Inner {
+            dir: dir.to_path_buf(),
+            segment_bytes: options.effective_segment_bytes(),
+            sync_lock: Mutex::new(()),
+            writer: Mutex::new(writer),
+            state: RwLock::new(state),
+        };
+        Ok(GroupStorage {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The group's directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Makes every write made before this call durable: `fdatasync` of each
+    /// segment written since the last sync, and an fsync of the directory
+    /// if a segment was created or removed. Call it before acknowledging
+    /// anything or sending Raft's persisted messages. Syncs of different
+    /// groups never wait for each other; appends may continue meanwhile.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let _syncing = self.inner.lock_sync();
+        let (files, dir_dirty) = {
+            let mut w = self.inner.lock_writer()?;
+            (mem::take(&mut w.unsynced), mem::take(&mut w.dir_dirty))
+        };
+        let result = self.inner.sync_files(&files, dir_dirty);
+        if result.is_err() {
+            self.inner
+                .writer
+                .lock()
+                .expect("raft-store writer lock poisoned")
+                .poisoned = true;
+        }
+        result
+    }
+
+    /// The current hard state (possibly not yet synced).
+    pub fn hard_state(&self) -> HardState {
+        self.inner.read_state().hard_state.clone()
+    }
+
+    /// The current conf state (possibly not yet synced).
+    pub fn conf_state(&self) -> ConfState {
+        self.inner.read_state().conf_state.clone()
+    }
+
+    /// The stored snapshot (default, index 0, if there is none).
+    pub fn stored_snapshot(&self) -> Snapshot {
+        self.inner.read_state().snapshot.clone()
+    }
+
+    /// The segments, oldest first, for choosing a compaction point.
+    pub fn segments(&self) -> Vec<SegmentInfo> {
+        self.inner.read_state().segment_infos()
+    }
+}
+
+impl fmt::Debug for GroupStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GroupStorage")
+            .field("dir", &self.inner.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    pub(crate) fn lock_sync(&self) -> MutexGuard<'_, ()> {
+        self.sync_lock
+            .lock()
+            .expect("raft-store sync lock poisoned")
+    }
+
+    /// The writer lock, or `Poisoned` after an earlier I/O failure.
+    pub(crate) fn lock_writer(&self) -> Result<MutexGuard<'_, Writer>, StoreError> {
+        let w = self.writer.lock().expect("raft-store writer lock poisoned");
+        if w.poisoned {
+            return Err(StoreError::Poisoned);
+        }
+        Ok(w)
+    }
+
+    pub(crate) fn read_state(&self) -> RwLockReadGuard<'_, LogState> {
+        self.state.read().expect("raft-store state lock poisoned")
+    }
+
+    pub(crate) fn write_state(&self) -> RwLockWriteGuard<'_, LogState> {
+        self.state.write().expect("raft-store state lock poisoned")
+    }
+
+    /// `sync` for callers already holding `sync_lock` and the writer.
+    pub(crate) fn sync_locked(&self, w: &mut Writer) -> Result<(), StoreError> {
+        let files = mem::take(&mut w.unsynced);
+        let dir_dirty = mem::take(&mut w.dir_dirty);
+        self.sync_files(&files, dir_dirty)
+    }
+
+    fn sync_files(
+        &self,
+        files: &[(PathBuf, Arc<File>)],
+        dir_dirty: bool,
+    ) -> Result<(), StoreError> {
+        for (path, file) in files {
+            file.sync_data()
+                .map_err(|e| StoreError::io("fdatasync segment", path, e))?;
+        }
+        if dir_dirty {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,281 @@
+//! The write path: append (with conflicting-suffix truncation and segment
+//! rolling) and hard-state / conf-state records.
+//!
+//! Each call encodes its frames into one buffer and writes it with one
+//! `pwrite` at the end of the active segment, then publishes the new index
+//! entries. There is no user-space buffer across calls, so every published
+//! entry is in the page cache and `read` never needs a flush; nothing is
+//! durable until `sync`.
+
+use std::fs::{self, File};
+use std::io::ErrorKind;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use raft::prelude::{ConfState, Entry, HardState};
+
+use crate::error::StoreError;
+use crate::frame::put_frame;
+use crate::record::{put_conf_state, put_entry, put_hard_state};
+use crate::segment::Segment;
+use crate::snapfile::{self, sync_dir};
+use crate::state::{plain_conf_state, plain_hard_state, same_hard_state};
+use crate::storage::{GroupStorage, Inner, Writer};
+
+/// The active segment as a writer sees it.
+struct Target {
+    path: PathBuf,
+    file: Arc<File>,
+    end: u64,
+    salt: u32,
+}
+
+impl GroupStorage {
+    /// Appends contiguous entries. If the first index is at or below the
+    /// last index, the conflicting suffix is truncated first (durably, see
+    /// the crate docs). The first index must lie in
+    /// `[max(first_index, snapshot index + 1), last_index + 1]`.
+    /// Not synced.
+    pub fn append(&self, entries: &[Entry]) -> Result<(), StoreError> {
+        check_contiguous(entries)?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut w = self.inner.lock_writer()?;
+        let result = self.inner.append_locked(&mut w, entries);
+        w.guard(result)
+    }
+
+    /// Records a new hard state (skipped if unchanged). Not synced.
+    pub fn set_hard_state(&self, hs: &HardState) -> Result<(), StoreError> {
+        let mut w = self.inner.lock_writer()?;
+        if same_hard_state(&self.inner.read_state().hard_state, hs) {
+            return Ok(());
+        }
+        let result = self
+            .inner
+            .write_state_records(&mut w, Some(plain_hard_state(hs)), None);
+        w.guard(result)
+    }
+
+    /// Records a new conf state (skipped if unchanged). Not synced.
+    pub fn set_conf_state(&self, cs: &ConfState) -> Result<(), StoreError> {
+        let mut w = self.inner.lock_writer()?;
+        let cs = plain_conf_state(cs);
+        if self.inner.read_state().conf_state == cs {
+            return Ok(());
+        }
+        let result = self.inner.write_state_records(&mut w, None, Some(cs));
+        w.guard(result)
+    }
+}
+
+fn check_contiguous(entries: &[Entry]) -> Result<(), StoreError> {
+    for pair in entries.windows(2) {
+        if pair[1].index != pair[0].index + 1 {
+            return Err(StoreError::NonContiguous {
+                expected: pair[0].index + 1,
+                found: pair[1].index,
+            });
+        }
+    }
+    Ok(())
+}
+
+impl Inner {
+    fn append_locked(&self, w: &mut Writer, entries: &[Entry]) -> Result<(), StoreError> {
+        let index = entries[0].index;
+        let (min, last) = {
+            let st = self.read_state();
+            (
+                st.first_index().max(st.snapshot_index() + 1),
+                st.last_index(),
+            )
+        };
+        if index < min || index > last + 1 {
+            return Err(StoreError::InvalidAppend {
+                index,
+                min,
+                max: last + 1,
+            });
+        }
+        if index <= last {
+            self.truncate_suffix(w, index)?;
+        }
+        let mut rest = entries;
+        while !rest.is_empty() {
+            let written = self.write_entries(w, rest)?;
+            rest = &rest[written..];
+        }
+        Ok(())
+    }
+
+    /// Writes a prefix of `entries` (at least one) to the active segment,
+    /// rolling first if it is full. Returns how many were written.
+    fn write_entries(&self, w: &mut Writer, entries: &[Entry]) -> Result<usize, StoreError> {
+        self.maybe_roll(w, entries[0].index)?;
+        let target = self.target();
+        w.buf.clear();
+        w.positions.clear();
+        for entry in entries {
+            let position = target.end + w.buf.len() as u64;
+            if !w.positions.is_empty() && position >= self.segment_bytes {
+                break;
+            }
+            if position > u64::from(u32::MAX) {
+                return Err(StoreError::TooLarge {
+                    what: "segment",
+                    size: position,
+                    limit: u64::from(u32::MAX),
+                });
+            }
+            w.positions.push(position);
+            put_frame(&mut w.buf, target.salt, |b| put_entry(b, entry))?;
+        }
+        let end = self.write_buffer(w, &target)?;
+        let mut st = self.write_state();
+        let active = st.active_mut();
+        for (entry, &position) in entries.iter().zip(&w.positions) {
+            active.push(entry.index, entry.term, position)?;
+        }
+        active.end = end;
+        Ok(w.positions.len())
+    }
+
+    /// Starts a new segment at `next_index` once the active one holds at
+    /// least one entry and `segment_bytes`.
+    fn maybe_roll(&self, w: &mut Writer, next_index: u64) -> Result<(), StoreError> {
+        let (old, generation, hs, cs) = {
+            let st = self.read_state();
+            let active = st.active();
+            if active.entry_count() == 0 || active.end < self.segment_bytes {
+                return Ok(());
+            }
+            let old = (active.path.clone(), Arc::clone(&active.file));
+            (
+                old,
+                st.generation,
+                st.hard_state.clone(),
+                st.conf_state.clone(),
+            )
+        };
+        // Older segments are always fully synced, so only the last segment
+        // can ever have a torn tail; see recovery.
+        old.1
+            .sync_data()
+            .map_err(|e| StoreError::io("fdatasync segment", &old.0, e))?;
+        let (hs_seq, cs_seq) = (w.take_seq(), w.take_seq());
+        let segment = Segment::create(
+            &self.dir,
+            next_index,
+            generation,
+            (hs_seq, &hs),
+            (cs_seq, &cs),
+        )?;
+        w.note_unsynced(&segment.path, &segment.file);
+        w.dir_dirty = true;
+        self.write_state().segments.push(segment);
+        Ok(())
+    }
+
+    /// Appends hard-state and/or conf-state records and publishes them.
+    pub(crate) fn write_state_records(
+        &self,
+        w: &mut Writer,
+        hs: Option<HardState>,
+        cs: Option<ConfState>,
+    ) -> Result<(), StoreError> {
+        let target = self.target();
+        w.buf.clear();
+        if let Some(hs) = &hs {
+            let seq = w.take_seq();
+            put_frame(&mut w.buf, target.salt, |b| {
+                put_hard_state(b, seq, hs);
+                Ok(())
+            })?;
+        }
+        if let Some(cs) = &cs {
+            let seq = w.take_seq();
+            put_frame(&mut w.buf, target.salt, |b| {
+                put_conf_state(b, seq, cs);
+                Ok(())
+            })?;
+        }
+        let end = self.write_buffer(w, &target)?;
+        let mut st = self.write_state();
+        st.active_mut().end = end;
+        if let Some(hs) = hs {
+            st.hard_state = hs;
+        }
+        if let Some(cs) = cs {
+            st.conf_state = cs;
+        }
+        Ok(())
+    }
+
+    fn target(&self) -> Target {
+        let st = self.read_state();
+        let active = st.active();
+        Target {
+            path: active.path.clone(),
+            file: Arc::clone(&active.file),
+            end: active.end,
+            salt: active.salt,
+        }
+    }
+
+    /// Writes `w.buf` at the end of the target; returns the new end.
+    fn write_buffer(&self, w: &mut Writer, target: &Target) -> Result<u64, StoreError> {
+        target
+            .file
+            .write_all_at(&w.buf, target.end)
+            .map_err(|e| StoreError::io("write segment", &target.path, e))?;
+        w.note_unsynced(&target.path, &target.file);
+        Ok(target.end + w.buf.len() as u64)
+    }
+
+    /// Removes entries from `index` (≤ last index) on, durably, before the
+    /// caller writes the replacements.
+    fn truncate_suffix(&self, w: &mut Writer, index: u64) -> Result<(), StoreError> {
+        // The part cut away may hold the only copy of the latest synced hard
+        // or conf state: first make the current ones durable in the
+        // snapshot file, with higher sequence numbers than any record.
+        let file = self.current_snapshot_file(w);
+        snapfile::store(&self.dir, &file)?;
+        let (path, file, position, removed) = {
+            let mut st = self.write_state();
+            st.rewrites += 1;
+            let last_index = st.last_index();
+            let slot = st
+                .segment_for(index)
+                .ok_or(StoreError::Unavailable { index, last_index })?;
+            let removed = st.segments.split_off(slot + 1);
+            let segment = &mut st.segments[slot];
+            let position = segment.truncate_from(index);
+            (
+                segment.path.clone(),
+                Arc::clone(&segment.file),
+                position,
+                removed,
+            )
+        };
+        // Newest first, each made durable, so a crash leaves a contiguous log.
+        for segment in removed.iter().rev() {
+            remove_segment_file(&segment.path)?;
+            sync_dir(&self.dir)?;
+        }
+        // The cut is durable before new frames land there, so a crash can
+        // never leave old and new frames mixed in one file.
+        file.set_len(position)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| StoreError::io("truncate segment", &path, e))
+    }
+}
+
+pub(crate) fn remove_segment_file(path: &std::path::Path) -> Result<(), StoreError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != ErrorKind::NotFound => Err(StoreError::io("remove segment", path, e)),
+        _ => Ok(()),
+    }
+}

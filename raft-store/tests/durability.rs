@@ -1,0 +1,278 @@
+//! Reopen, segment rolling, torn tails and corruption.
+
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+
+use common::*;
+use covet_raft_store::{GroupStorage, LogOptions, SegmentInfo, StoreError};
+use raft::prelude::Entry;
+use raft::{GetEntriesContext, Storage, StorageError};
+use tempfile::TempDir;
+
+#[test]
+fn reopen_returns_the_same_entries_and_state() {
+    let dir = TempDir::new().expect("tempdir");
+    let store = open(dir.path(), 1 << 20);
+    let mut written: Vec<Entry> = entries(1..=20, 1);
+    written[7].context = b"ctx".to_vec().into();
+    written[8].set_entry_type(raft::prelude::EntryType::EntryConfChangeV2);
+    store.append(&written).expect("append");
+    store.set_hard_state(&hard_state(1, 1, 15)).expect("hs");
+    store.set_conf_state(&voters(&[1, 2, 3])).expect("cs");
+    store.set_hard_state(&hard_state(1, 1, 18)).expect("hs");
+    store.sync().expect("sync");
+    drop(store);
+
+    let store = open(dir.path(), 1 << 20);
+    assert_eq!(first_last(&store), (1, 20));
+    assert_eq!(all_entries(&store), written);
+    let state = store.initial_state().expect("initial state");
+    assert_eq!(state.hard_state, hard_state(1, 1, 18));
+    assert_eq!(state.conf_state, voters(&[1, 2, 3]));
+}
+
+#[test]
+fn segments_roll_and_reads_span_them() {
+    let dir = TempDir::new().expect("tempdir");
+    let store = open(dir.path(), 300);
+    let written = entries(1..=60, 2);
+    for chunk in written.chunks(7) {
+        store.append(chunk).expect("append");
+    }
+    store.sync().expect("sync");
+    let segments = store.segments();
+    assert!(segments.len() > 5, "expected many segments: {segments:?}");
+    check_contiguous(&segments, 1, 60);
+    let files = segment_files(dir.path());
+    assert_eq!(files.len(), segments.len());
+    for (file, info) in files.iter().zip(&segments) {
+        let name = file.file_name().and_then(|n| n.to_str()).expect("name");
+        assert_eq!(name, format!("{:020}.log", info.first_index));
+        assert_eq!(fs::metadata(file).expect("stat").len(), info.bytes);
+    }
+    assert_eq!(store.read(3, 58, u64::MAX).expect("read"), written[2..57].to_vec());
+    let limited = store.read(3, 58, 100).expect("read limited");
+    assert_eq!(limited, written[2..2 + limited.len()].to_vec());
+    assert!(!limited.is_empty() && limited.len() < 10);
+    drop(store);
+
+    let store = open(dir.path(), 300);
+    assert_eq!(store.segments(), segments);
+    assert_eq!(all_entries(&store), written);
+    let more = entries(61..=70, 2);
+    store.append(&more).expect("append after reopen");
+    assert_eq!(store.read(55, 71, u64::MAX).expect("read").len(), 16);
+}
+
+fn check_contiguous(segments: &[SegmentInfo], first: u64, last: u64) {
+    assert_eq!(segments[0].first_index, first);
+    for pair in segments.windows(2) {
+        assert_eq!(pair[1].first_index, pair[0].last_index + 1, "{segments:?}");
+    }
+    assert_eq!(segments[segments.len() - 1].last_index, last);
+}
+
+/// Writes 10 entries to one segment, syncs, and closes.
+fn ten_entries(dir: &TempDir) -> std::path::PathBuf {
+    let store = open(dir.path(), 1 << 20);
+    store.append(&entries(1..=10, 1)).expect("append");
+    store.set_hard_state(&hard_state(1, 1, 10)).expect("hs");
+    store.append(&entries(11..=12, 1)).expect("append");
+    store.sync().expect("sync");
+    segment_files(dir.path()).remove(0)
+}
+
+#[test]
+fn torn_last_entry_is_truncated() {
+    let dir = TempDir::new().expect("tempdir");
+    let path = ten_entries(&dir);
+    let len = fs::metadata(&path).expect("stat").len();
+    for cut in [1, 5, 9, 20] {
+        let file = OpenOptions::new().write(true).open(&path).expect("open");
+        file.set_len(len - cut).expect("cut");
+        let store = open(dir.path(), 1 << 20);
+        assert_eq!(first_last(&store), (1, 11), "cut {cut}");
+        assert_eq!(all_entries(&store), entries(1..=11, 1));
+        assert_eq!(store.hard_state(), hard_state(1, 1, 10));
+        // Restore the entry, then cut deeper next time.
+        store.append(&[entry(12, 1)]).expect("append");
+        store.sync().expect("sync");
+        assert_eq!(fs::metadata(&path).expect("stat").len(), len);
+    }
+}
+
+#[test]
+fn garbage_after_the_last_entry_is_truncated() {
+    let dir = TempDir::new().expect("tempdir");
+    let path = ten_entries(&dir);
+    let len = fs::metadata(&path).expect("stat").len();
+    let garbage: [&[u8]; 4] = [
+        &[0xab; 13],
+        &[0; 4096],
+        // A plausible small length and a wrong checksum, then more bytes.
+        &[5, 0, 0, 0, 1, 2, 3, 4, 9, 9, 9, 9, 9, 7, 7],
+        // A length pointing far past the end.
+        &[0xff, 0xff, 0, 0, 0, 0, 0, 0, 1],
+    ];
+    for bytes in garbage {
+        let mut file = OpenOptions::new().append(true).open(&path).expect("open");
+        file.write_all(bytes).expect("append garbage");
+        let store = open(dir.path(), 1 << 20);
+        assert_eq!(all_entries(&store), entries(1..=12, 1));
+        assert_eq!(fs::metadata(&path).expect("stat").len(), len);
+        store.append(&[entry(13, 1)]).expect("append");
+        store.sync().expect("sync");
+        drop(store);
+        let store = open(dir.path(), 1 << 20);
+        assert_eq!(all_entries(&store), entries(1..=13, 1));
+        drop(store);
+        // Back to 12 entries for the next kind of garbage.
+        let file = OpenOptions::new().write(true).open(&path).expect("open");
+        file.set_len(len).expect("drop entry 13");
+    }
+}
+
+#[test]
+fn flipped_bit_in_the_middle_fails_open() {
+    let dir = TempDir::new().expect("tempdir");
+    ten_entries(&dir);
+    let path = flip_bit_in(dir.path(), b"entry-000004");
+    let err = GroupStorage::open(dir.path(), LogOptions::default()).expect_err("corrupt");
+    match err {
+        StoreError::Corrupt { path: p, reason, .. } => {
+            assert_eq!(p, path);
+            assert!(reason.contains("checksum"), "{reason}");
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[test]
+fn flipped_length_bit_in_the_middle_fails_open() {
+    let dir = TempDir::new().expect("tempdir");
+    let path = ten_entries(&dir);
+    // The frame header starts 8 bytes before the record (kind, type, term,
+    // index, context length: 22 bytes) that precedes the data.
+    let frame = find(&path, b"entry-000005") - 22 - 8;
+    let file = OpenOptions::new().read(true).write(true).open(&path).expect("open");
+    let mut len = [0u8; 1];
+    file.read_exact_at(&mut len, frame + 1).expect("read");
+    file.write_all_at(&[len[0] ^ 0x40], frame + 1).expect("flip");
+    let err = GroupStorage::open(dir.path(), LogOptions::default()).expect_err("corrupt");
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+}
+
+#[test]
+fn flipped_bit_in_an_older_segment_fails_open() {
+    let dir = TempDir::new().expect("tempdir");
+    let store = open(dir.path(), 200);
+    store.append(&entries(1..=30, 1)).expect("append");
+    store.sync().expect("sync");
+    let segments = store.segments();
+    drop(store);
+    // The last entry of the first segment: a torn tail if it were the last.
+    let last_of_first = segments[0].last_index;
+    flip_bit_in(dir.path(), format!("entry-{last_of_first:06}").as_bytes());
+    let err = GroupStorage::open(dir.path(), LogOptions { segment_bytes: 200 }).expect_err("corrupt");
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+}
+
+#[test]
+fn bit_rot_after_open_is_detected_by_reads() {
+    let dir = TempDir::new().expect("tempdir");
+    let store = open(dir.path(), 1 << 20);
+    store.append(&entries(1..=10, 1)).expect("append");
+    store.sync().expect("sync");
+    flip_bit_in(dir.path(), b"entry-000006");
+    assert_eq!(store.read(1, 6, u64::MAX).expect("clean prefix").len(), 5);
+    assert!(matches!(store.read(6, 7, u64::MAX), Err(StoreError::Corrupt { .. })));
+    assert!(matches!(store.read(2, 9, u64::MAX), Err(StoreError::Corrupt { .. })));
+    let raft_err = store
+        .entries(1, 11, None, GetEntriesContext::empty(false))
+        .expect_err("corrupt");
+    assert!(matches!(raft_err, raft::Error::Store(StorageError::Other(_))));
+}
+
+#[test]
+fn torn_header_of_a_new_segment_is_dropped() {
+    let dir = TempDir::new().expect("tempdir");
+    let store = open(dir.path(), 200);
+    store.append(&entries(1..=30, 1)).expect("append");
+    store.set_hard_state(&hard_state(1, 1, 30)).expect("hs");
+    store.sync().expect("sync");
+    let last = store.segments().last().copied().expect("segment");
+    drop(store);
+    // A crash right after creating the next segment: a short or zeroed header.
+    for contents in [&[][..], &[0; 10][..], &[0; 200][..]] {
+        let name = dir.path().join(format!("{:020}.log", last.last_index + 1));
+        fs::write(&name, contents).expect("write torn segment");
+        let store = open(dir.path(), 200);
+        assert_eq!(first_last(&store), (1, 30));
+        assert_eq!(store.hard_state(), hard_state(1, 1, 30));
+        assert!(!name.exists());
+    }
+}
+
+#[test]
+fn missing_middle_segment_fails_open() {
+    let dir = TempDir::new().expect("tempdir");
+    let store = open(dir.path(), 200);
+    store.append(&entries(1..=30, 1)).expect("append");
+    store.sync().expect("sync");
+    drop(store);
+    let files = segment_files(dir.path());
+    assert!(files.len() >= 3);
+    fs::remove_file(&files[1]).expect("remove");
+    let err = GroupStorage::open(dir.path(), LogOptions { segment_bytes: 200 }).expect_err("gap");
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+}
+
+#[test]
+fn truncation_keeps_a_hard_state_recorded_in_the_cut_part() {
+    let dir = TempDir::new().expect("tempdir");
+    let store = open(dir.path(), 200);
+    store.append(&entries(1..=30, 1)).expect("append");
+    // This record lands after entry 30, in the part the conflict cuts away.
+    store.set_hard_state(&hard_state(2, 3, 9)).expect("hs");
+    store.sync().expect("sync");
+    store.append(&[entry(12, 2), entry(13, 2)]).expect("conflicting append");
+    store.sync().expect("sync");
+    let segments = store.segments();
+    check_contiguous(&segments, 1, 13);
+    drop(store);
+
+    let store = open(dir.path(), 200);
+    assert_eq!(store.segments(), segments);
+    assert_eq!(store.hard_state(), hard_state(2, 3, 9));
+    let mut want = entries(1..=11, 1);
+    want.extend([entry(12, 2), entry(13, 2)]);
+    assert_eq!(all_entries(&store), want);
+    assert_eq!(segment_files(dir.path()).len(), segments.len());
+}
+
+#[test]
+fn set_state_skips_unchanged_values() {
+    let dir = TempDir::new().expect("tempdir");
+    let store = open(dir.path(), 1 << 20);
+    store.set_hard_state(&hard_state(1, 1, 0)).expect("hs");
+    let bytes = store.segments()[0].bytes;
+    store.set_hard_state(&hard_state(1, 1, 0)).expect("same hs");
+    store.set_conf_state(&voters(&[])).expect("same (default) cs");
+    assert_eq!(store.segments()[0].bytes, bytes);
+}
+
+#[test]
+fn destroy_removes_the_group() {
+    let dir = TempDir::new().expect("tempdir");
+    let group = dir.path().join("group-7");
+    let store = open(&group, 1 << 20);
+    store.append(&entries(1..=3, 1)).expect("append");
+    store.sync().expect("sync");
+    drop(store);
+    covet_raft_store::destroy(&group).expect("destroy");
+    assert!(!group.exists());
+    covet_raft_store::destroy(&group).expect("destroying twice is fine");
+}
