@@ -24,7 +24,8 @@ impl GroupStorage {
     /// segment, which may be ≤ the snapshot index: those entries stay
     /// readable. The snapshot's index must lie between the stored
     /// snapshot's index and the last index, and its term must match the
-    /// log's. Also syncs everything written so far.
+    /// log's. Also syncs everything written so far; appends to this group
+    /// wait while it runs (a few fsyncs).
     pub fn compact(&self, snapshot: Snapshot) -> Result<(), StoreError> {
         let _syncing = self.inner.lock_sync();
         let mut w = self.inner.lock_writer()?;

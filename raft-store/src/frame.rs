@@ -99,14 +99,51 @@ pub(crate) fn parse_frame(buf: &[u8], salt: u32) -> Result<Range<usize>, FrameEr
     Ok(FRAME_HEADER_LEN..end)
 }
 
-/// Whether any intact frame starts in `buf` after its first byte. Recovery
-/// uses this to tell a torn tail (nothing intact follows) from corruption in
-/// the middle of the log. Cost: one length check per byte plus a checksum
-/// for each position whose length field fits, so it is run only on the
-/// rest of the last segment after a bad frame, and only at open.
-pub(crate) fn intact_frame_follows(buf: &[u8], salt: u32) -> bool {
-    (1..buf.len()).any(|start| parse_frame(&buf[start..], salt).is_ok())
+/// What follows a bad frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Follows {
+    /// An intact frame starts after it: the bad frame is corruption.
+    Intact,
+    /// No intact frame follows: the bad frame is a torn tail.
+    Nothing,
+    /// Checking would cost more than the budget; it cannot be ruled out.
+    Unknown,
 }
+
+/// Looks for an intact frame starting anywhere in `buf` after its first
+/// byte (`buf` starts at a bad frame). Recovery uses this to tell a torn
+/// tail (nothing intact follows) from damage in the middle of the log,
+/// whatever the damage did to length fields.
+///
+/// Cost: a length check per byte, and a checksum for each position whose
+/// length fits and whose payload starts with a byte `plausible` accepts.
+/// Entry data could be crafted to make that quadratic, so the checksummed
+/// bytes are capped; past the cap the answer is `Unknown`.
+pub(crate) fn look_for_intact_frame(buf: &[u8], salt: u32, plausible: fn(u8) -> bool) -> Follows {
+    let mut budget = SCAN_BUDGET_BASE.saturating_add(buf.len().saturating_mul(SCAN_BUDGET_FACTOR));
+    for start in 1..buf.len() {
+        let rest = &buf[start..];
+        let Some(header) = rest.first_chunk::<FRAME_HEADER_LEN>() else {
+            break;
+        };
+        let end = FRAME_HEADER_LEN.saturating_add(split_header(*header).0 as usize);
+        // No empty payloads are ever written.
+        if end == FRAME_HEADER_LEN || end > rest.len() || !plausible(rest[FRAME_HEADER_LEN]) {
+            continue;
+        }
+        let Some(left) = budget.checked_sub(end) else {
+            return Follows::Unknown;
+        };
+        budget = left;
+        if parse_frame(rest, salt).is_ok() {
+            return Follows::Intact;
+        }
+    }
+    Follows::Nothing
+}
+
+const SCAN_BUDGET_BASE: usize = 64 << 20;
+const SCAN_BUDGET_FACTOR: usize = 8;
 
 #[cfg(test)]
 mod tests {
@@ -151,10 +188,24 @@ mod tests {
 
     #[test]
     fn finds_intact_frame_after_garbage() {
+        let any = |_| true;
         let mut buf = vec![0xff, 0x01, 0x02];
-        assert!(!intact_frame_follows(&buf, 7));
+        assert_eq!(look_for_intact_frame(&buf, 7, any), Follows::Nothing);
         buf.extend(frame(7, b"x"));
-        assert!(intact_frame_follows(&buf, 7));
-        assert!(!intact_frame_follows(&buf, 9));
+        assert_eq!(look_for_intact_frame(&buf, 7, any), Follows::Intact);
+        assert_eq!(look_for_intact_frame(&buf, 9, any), Follows::Nothing);
+        assert_eq!(
+            look_for_intact_frame(&buf, 7, |b| b != b'x'),
+            Follows::Nothing
+        );
+        assert_eq!(look_for_intact_frame(&[0; 4096], 7, any), Follows::Nothing);
+    }
+
+    #[test]
+    fn crafted_lengths_exhaust_the_budget() {
+        // Every fourth position claims a payload of 256 KiB.
+        let pattern = [0x00, 0x00, 0x04, 0x00];
+        let buf: Vec<u8> = pattern.iter().copied().cycle().take(4 << 20).collect();
+        assert_eq!(look_for_intact_frame(&buf, 7, |_| true), Follows::Unknown);
     }
 }

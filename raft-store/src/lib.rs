@@ -71,9 +71,12 @@
 //! [`GroupStorage`] is `Clone + Send + Sync`. Writes are serialised per
 //! group; [`GroupStorage::read`] may run on any thread concurrently with
 //! appends: it holds a read lock only to locate files and positions, then
-//! reads with `pread` outside it. Each write call issues one `pwrite` with
-//! no user-space buffer across calls, so whatever `append` published is
-//! readable at once. Syncs of different groups are independent.
+//! reads with `pread` outside it (if a suffix truncation rewrote what it was
+//! reading, it retries, and after a few retries reads under the lock).
+//! Each write call issues one `pwrite`, with no user-space buffer across
+//! calls, so whatever `append` returned from is readable at once. Syncs of
+//! different groups are independent; within a group, appends go on while
+//! a `sync` waits for `fdatasync`.
 //!
 //! # Known limits
 //!
@@ -84,8 +87,12 @@
 //! - Every segment keeps an open file descriptor (for `pread`); a broker
 //!   with many partitions needs a matching descriptor limit.
 //! - A bit flip in the very last frame of the log is indistinguishable from
-//!   a torn write and is cut off rather than reported. Unsynced data only
-//!   can be lost that way unless the flip hits synced data at the tail.
+//!   a torn write and is cut off rather than reported (losing that one
+//!   entry even if it was synced).
+//! - Telling a torn tail from mid-log damage scans the rest of the last
+//!   segment for intact frames; the checksum work is capped (entry data
+//!   could be crafted to make it quadratic), and past the cap open reports
+//!   `Corrupt` rather than guess.
 //! - Nothing stops two processes from opening the same directory.
 //! - Segments hold at most ~4 GiB of frame starts; `segment_bytes` is
 //!   clamped to [`MAX_SEGMENT_BYTES`].

@@ -102,7 +102,9 @@ impl GroupStorage {
     /// at least one entry if the range is not empty. Errors with
     /// `Compacted` if `low < first_index`, `Unavailable` if
     /// `high > last_index + 1`, `Corrupt` if a frame read fails its checksum.
-    /// Safe to call from any thread while another appends.
+    /// Safe to call from any thread while another appends: everything
+    /// `append` has returned from is readable, synced or not (the broker
+    /// reads only committed, hence synced, entries).
     pub fn read(&self, low: u64, high: u64, max_bytes: u64) -> Result<Vec<Entry>, StoreError> {
         self.inner
             .read_entries(low, high, Some(max_bytes), Measure::Data)
@@ -152,8 +154,8 @@ impl Inner {
             full: false,
         };
         let mut rewrites = None;
-        let mut next = low;
         loop {
+            let next = low + gathered.entries.len() as u64;
             let chunks = self.with_state(held, |st| {
                 match rewrites {
                     None => st.check_range(low, high)?,
@@ -167,23 +169,20 @@ impl Inner {
                 rewrites = Some(st.rewrites);
                 Ok(plan(st, next, high, gathered.remaining()))
             })?;
-            if chunks.is_empty() {
-                return Ok(gathered.entries);
-            }
-            for chunk in &chunks {
-                let result = read_chunk(chunk, &mut gathered);
-                if let Err(err) = result {
-                    let raced = held.is_none() && rewrites != Some(self.read_state().rewrites);
-                    return Err(if raced { Failure::Raced } else { err.into() });
-                }
+            // Chunks after the limit was reached are not read.
+            let result = chunks.iter().try_for_each(|chunk| {
                 if gathered.full {
-                    break;
+                    return Ok(());
                 }
+                read_chunk(chunk, &mut gathered)
+            });
+            let raced = || held.is_none() && rewrites != Some(self.read_state().rewrites);
+            if let Err(err) = result {
+                return Err(if raced() { Failure::Raced } else { err.into() });
             }
-            next = low + gathered.entries.len() as u64;
-            if gathered.full || next >= high {
-                let raced = held.is_none() && rewrites != Some(self.read_state().rewrites);
-                return if raced {
+            let next = low + gathered.entries.len() as u64;
+            if chunks.is_empty() || gathered.full || next >= high {
+                return if raced() {
                     Err(Failure::Raced)
                 } else {
                     Ok(gathered.entries)

@@ -60,6 +60,20 @@ impl EntryMeta {
     }
 }
 
+/// Whether `kind` is a record kind this version writes.
+pub(crate) fn is_known_kind(kind: u8) -> bool {
+    matches!(kind, KIND_ENTRY | KIND_HARD_STATE | KIND_CONF_STATE)
+}
+
+/// Bytes of an entry record before its context: kind, entry type, term,
+/// index, context length.
+const ENTRY_FIXED_LEN: u64 = 1 + 1 + 8 + 8 + 4;
+
+/// Bytes of an entry record: fixed fields, context and data.
+pub(crate) fn entry_record_len(entry: &Entry) -> u64 {
+    ENTRY_FIXED_LEN + entry.context.len() as u64 + entry.data.len() as u64
+}
+
 /// Appends an entry record to `buf`.
 pub(crate) fn put_entry(buf: &mut Vec<u8>, entry: &Entry) -> Result<(), StoreError> {
     let context_len = u32::try_from(entry.context.len()).map_err(|_| StoreError::TooLarge {
@@ -251,7 +265,13 @@ mod tests {
 
     use super::*;
 
-    fn entry(entry_type: EntryType, term: u64, index: u64, context: Vec<u8>, data: Vec<u8>) -> Entry {
+    fn entry(
+        entry_type: EntryType,
+        term: u64,
+        index: u64,
+        context: Vec<u8>,
+        data: Vec<u8>,
+    ) -> Entry {
         let mut e = Entry::default();
         e.set_entry_type(entry_type);
         e.term = term;
@@ -264,7 +284,13 @@ mod tests {
     #[test]
     fn entry_exact_bytes() {
         let mut buf = Vec::new();
-        let e = entry(EntryType::EntryConfChange, 2, 3, b"c".to_vec(), b"dd".to_vec());
+        let e = entry(
+            EntryType::EntryConfChange,
+            2,
+            3,
+            b"c".to_vec(),
+            b"dd".to_vec(),
+        );
         put_entry(&mut buf, &e).expect("encodes");
         let mut want = vec![1, 1];
         want.extend(2u64.to_le_bytes());

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use raft::prelude::{ConfState, HardState};
 
 use crate::error::StoreError;
-use crate::frame::{checksum, intact_frame_follows, split_header, FrameError, FRAME_HEADER_LEN};
+use crate::frame::{
+    checksum, look_for_intact_frame, split_header, Follows, FrameError, FRAME_HEADER_LEN,
+};
 use crate::record::{self, Record};
 use crate::segment::{parse_segment_file_name, Segment, SegmentHeader, SEGMENT_HEADER_LEN};
 use crate::snapfile::{self, sync_dir, SnapshotFile};
@@ -353,9 +355,18 @@ fn cut_torn_tail(
         .file
         .read_exact_at(&mut rest, position)
         .map_err(|e| StoreError::io("read segment", path, e))?;
-    if intact_frame_follows(&rest, segment.salt) {
-        let reason = format!("{problem}, and intact frames follow it");
-        return Err(StoreError::corrupt(path, position, reason));
+    match look_for_intact_frame(&rest, segment.salt, record::is_known_kind) {
+        Follows::Nothing => {}
+        Follows::Intact => {
+            let reason = format!("{problem}, and intact frames follow it");
+            return Err(StoreError::corrupt(path, position, reason));
+        }
+        Follows::Unknown => {
+            let reason = format!(
+                "{problem}, and the rest of the segment is too costly to check for intact frames"
+            );
+            return Err(StoreError::corrupt(path, position, reason));
+        }
     }
     tracing::warn!(
         path = %path.display(),

@@ -59,7 +59,7 @@ impl LogState {
     /// Raft's `term`: valid for `[first_index - 1, last_index]`.
     pub(crate) fn term(&self, index: u64) -> Result<u64, StoreError> {
         let first_index = self.first_index();
-        if index + 1 == first_index {
+        if index == first_index - 1 {
             return Ok(self.prev_term);
         }
         if index < first_index {

@@ -17,7 +17,7 @@ use raft::prelude::{ConfState, Entry, HardState};
 
 use crate::error::StoreError;
 use crate::frame::put_frame;
-use crate::record::{put_conf_state, put_entry, put_hard_state};
+use crate::record::{entry_record_len, put_conf_state, put_entry, put_hard_state};
 use crate::segment::Segment;
 use crate::snapfile::{self, sync_dir};
 use crate::state::{plain_conf_state, plain_hard_state, same_hard_state};
@@ -38,7 +38,7 @@ impl GroupStorage {
     /// `[max(first_index, snapshot index + 1), last_index + 1]`.
     /// Not synced.
     pub fn append(&self, entries: &[Entry]) -> Result<(), StoreError> {
-        check_contiguous(entries)?;
+        check_batch(entries)?;
         if entries.is_empty() {
             return Ok(());
         }
@@ -71,7 +71,19 @@ impl GroupStorage {
     }
 }
 
-fn check_contiguous(entries: &[Entry]) -> Result<(), StoreError> {
+/// Checks the batch before anything is written, so a bad entry never
+/// leaves half a batch behind.
+fn check_batch(entries: &[Entry]) -> Result<(), StoreError> {
+    for entry in entries {
+        let size = entry_record_len(entry);
+        if size > u64::from(u32::MAX) {
+            return Err(StoreError::TooLarge {
+                what: "entry",
+                size,
+                limit: u64::from(u32::MAX),
+            });
+        }
+    }
     for pair in entries.windows(2) {
         if pair[1].index != pair[0].index + 1 {
             return Err(StoreError::NonContiguous {

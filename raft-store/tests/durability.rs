@@ -53,7 +53,10 @@ fn segments_roll_and_reads_span_them() {
         assert_eq!(name, format!("{:020}.log", info.first_index));
         assert_eq!(fs::metadata(file).expect("stat").len(), info.bytes);
     }
-    assert_eq!(store.read(3, 58, u64::MAX).expect("read"), written[2..57].to_vec());
+    assert_eq!(
+        store.read(3, 58, u64::MAX).expect("read"),
+        written[2..57].to_vec()
+    );
     let limited = store.read(3, 58, 100).expect("read limited");
     assert_eq!(limited, written[2..2 + limited.len()].to_vec());
     assert!(!limited.is_empty() && limited.len() < 10);
@@ -142,7 +145,9 @@ fn flipped_bit_in_the_middle_fails_open() {
     let path = flip_bit_in(dir.path(), b"entry-000004");
     let err = GroupStorage::open(dir.path(), LogOptions::default()).expect_err("corrupt");
     match err {
-        StoreError::Corrupt { path: p, reason, .. } => {
+        StoreError::Corrupt {
+            path: p, reason, ..
+        } => {
             assert_eq!(p, path);
             assert!(reason.contains("checksum"), "{reason}");
         }
@@ -157,10 +162,15 @@ fn flipped_length_bit_in_the_middle_fails_open() {
     // The frame header starts 8 bytes before the record (kind, type, term,
     // index, context length: 22 bytes) that precedes the data.
     let frame = find(&path, b"entry-000005") - 22 - 8;
-    let file = OpenOptions::new().read(true).write(true).open(&path).expect("open");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open");
     let mut len = [0u8; 1];
     file.read_exact_at(&mut len, frame + 1).expect("read");
-    file.write_all_at(&[len[0] ^ 0x40], frame + 1).expect("flip");
+    file.write_all_at(&[len[0] ^ 0x40], frame + 1)
+        .expect("flip");
     let err = GroupStorage::open(dir.path(), LogOptions::default()).expect_err("corrupt");
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
 }
@@ -176,7 +186,8 @@ fn flipped_bit_in_an_older_segment_fails_open() {
     // The last entry of the first segment: a torn tail if it were the last.
     let last_of_first = segments[0].last_index;
     flip_bit_in(dir.path(), format!("entry-{last_of_first:06}").as_bytes());
-    let err = GroupStorage::open(dir.path(), LogOptions { segment_bytes: 200 }).expect_err("corrupt");
+    let err =
+        GroupStorage::open(dir.path(), LogOptions { segment_bytes: 200 }).expect_err("corrupt");
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
 }
 
@@ -188,12 +199,21 @@ fn bit_rot_after_open_is_detected_by_reads() {
     store.sync().expect("sync");
     flip_bit_in(dir.path(), b"entry-000006");
     assert_eq!(store.read(1, 6, u64::MAX).expect("clean prefix").len(), 5);
-    assert!(matches!(store.read(6, 7, u64::MAX), Err(StoreError::Corrupt { .. })));
-    assert!(matches!(store.read(2, 9, u64::MAX), Err(StoreError::Corrupt { .. })));
+    assert!(matches!(
+        store.read(6, 7, u64::MAX),
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert!(matches!(
+        store.read(2, 9, u64::MAX),
+        Err(StoreError::Corrupt { .. })
+    ));
     let raft_err = store
         .entries(1, 11, None, GetEntriesContext::empty(false))
         .expect_err("corrupt");
-    assert!(matches!(raft_err, raft::Error::Store(StorageError::Other(_))));
+    assert!(matches!(
+        raft_err,
+        raft::Error::Store(StorageError::Other(_))
+    ));
 }
 
 #[test]
@@ -238,7 +258,9 @@ fn truncation_keeps_a_hard_state_recorded_in_the_cut_part() {
     // This record lands after entry 30, in the part the conflict cuts away.
     store.set_hard_state(&hard_state(2, 3, 9)).expect("hs");
     store.sync().expect("sync");
-    store.append(&[entry(12, 2), entry(13, 2)]).expect("conflicting append");
+    store
+        .append(&[entry(12, 2), entry(13, 2)])
+        .expect("conflicting append");
     store.sync().expect("sync");
     let segments = store.segments();
     check_contiguous(&segments, 1, 13);
@@ -260,7 +282,9 @@ fn set_state_skips_unchanged_values() {
     store.set_hard_state(&hard_state(1, 1, 0)).expect("hs");
     let bytes = store.segments()[0].bytes;
     store.set_hard_state(&hard_state(1, 1, 0)).expect("same hs");
-    store.set_conf_state(&voters(&[])).expect("same (default) cs");
+    store
+        .set_conf_state(&voters(&[]))
+        .expect("same (default) cs");
     assert_eq!(store.segments()[0].bytes, bytes);
 }
 

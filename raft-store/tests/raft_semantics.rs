@@ -47,7 +47,10 @@ fn fresh_storage_is_empty() {
     assert_eq!(store.term(1), Err(unavailable()));
     let state = store.initial_state().expect("initial state");
     assert!(!state.initialized());
-    assert_eq!(store.entries(1, 1, None, ctx()).expect("empty range"), vec![]);
+    assert_eq!(
+        store.entries(1, 1, None, ctx()).expect("empty range"),
+        vec![]
+    );
 }
 
 #[test]
@@ -68,7 +71,7 @@ fn entries_honour_ranges_and_max_size() {
     let store = store_3_to_6(&dir);
     let (e4, e5, e6) = (entry(4, 4), entry(5, 5), entry(6, 6));
     let max = u64::MAX;
-    let cases: Vec<(u64, u64, u64, Result<Vec<Entry>, raft::Error>)> = vec![
+    let cases: Vec<(u64, u64, u64, raft::Result<Vec<Entry>>)> = vec![
         (2, 6, max, Err(compacted())),
         (3, 4, max, Err(compacted())),
         (4, 5, max, Ok(vec![e4.clone()])),
@@ -76,7 +79,12 @@ fn entries_honour_ranges_and_max_size() {
         (4, 7, max, Ok(vec![e4.clone(), e5.clone(), e6.clone()])),
         // Always at least one entry.
         (4, 7, 0, Ok(vec![e4.clone()])),
-        (4, 7, size_of(&e4) + size_of(&e5), Ok(vec![e4.clone(), e5.clone()])),
+        (
+            4,
+            7,
+            size_of(&e4) + size_of(&e5),
+            Ok(vec![e4.clone(), e5.clone()]),
+        ),
         (
             4,
             7,
@@ -102,7 +110,13 @@ fn entries_honour_ranges_and_max_size() {
         assert_eq!(got, want, "entries({low}, {high}, {max_size})");
     }
     // NO_LIMIT and None mean unlimited.
-    assert_eq!(store.entries(4, 7, raft::NO_LIMIT, ctx()).expect("all").len(), 3);
+    assert_eq!(
+        store
+            .entries(4, 7, raft::NO_LIMIT, ctx())
+            .expect("all")
+            .len(),
+        3
+    );
     assert_eq!(store.entries(4, 7, None, ctx()).expect("all").len(), 3);
 }
 
@@ -119,9 +133,15 @@ fn read_limits_by_data_bytes_and_reports_ranges() {
     assert_eq!(store.read(1, 6, u64::MAX).expect("read"), batch);
     assert!(matches!(
         store.read(1, 7, 10),
-        Err(StoreError::Unavailable { index: 7, last_index: 5 })
+        Err(StoreError::Unavailable {
+            index: 7,
+            last_index: 5
+        })
     ));
-    assert_eq!(store.read(6, 6, 10).expect("empty range at the end"), vec![]);
+    assert_eq!(
+        store.read(6, 6, 10).expect("empty range at the end"),
+        vec![]
+    );
 }
 
 #[test]
@@ -129,7 +149,9 @@ fn append_truncates_conflicting_suffix() {
     // Snapshot at 2, then entries 3, 4, 5 with term = index.
     let base = |dir: &TempDir| {
         let store = open(dir.path(), 1 << 20);
-        store.apply_snapshot(snapshot(2, 2, &[1], b"")).expect("apply");
+        store
+            .apply_snapshot(snapshot(2, 2, &[1], b""))
+            .expect("apply");
         store
             .append(&[entry(3, 3), entry(4, 4), entry(5, 5)])
             .expect("append");
@@ -177,7 +199,11 @@ fn append_rejects_gaps_snapshotted_indexes_and_non_contiguous_batches() {
     let store = store_3_to_6(&dir);
     assert!(matches!(
         store.append(&[entry(8, 6)]),
-        Err(StoreError::InvalidAppend { index: 8, min: 4, max: 7 })
+        Err(StoreError::InvalidAppend {
+            index: 8,
+            min: 4,
+            max: 7
+        })
     ));
     assert!(matches!(
         store.append(&[entry(3, 6)]),
@@ -185,7 +211,10 @@ fn append_rejects_gaps_snapshotted_indexes_and_non_contiguous_batches() {
     ));
     assert!(matches!(
         store.append(&[entry(7, 6), entry(9, 6)]),
-        Err(StoreError::NonContiguous { expected: 8, found: 9 })
+        Err(StoreError::NonContiguous {
+            expected: 8,
+            found: 9
+        })
     ));
     store.append(&[]).expect("empty append is a no-op");
     assert_eq!(first_last(&store), (4, 6));
@@ -197,10 +226,19 @@ fn snapshot_is_returned_only_when_it_covers_the_request() {
     let store = store_3_to_6(&dir);
     let snap = store.snapshot(3, 2).expect("snapshot at 3");
     assert_eq!(snap.get_metadata().index, 3);
-    assert_eq!(store.snapshot(0, 2).expect("older request").get_metadata().index, 3);
+    assert_eq!(
+        store
+            .snapshot(0, 2)
+            .expect("older request")
+            .get_metadata()
+            .index,
+        3
+    );
     assert_eq!(
         store.snapshot(4, 2),
-        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+        Err(raft::Error::Store(
+            StorageError::SnapshotTemporarilyUnavailable
+        ))
     );
 }
 
@@ -236,5 +274,8 @@ fn store_errors_map_to_raft_errors() {
         reason: "bad".into(),
     }
     .into();
-    assert!(matches!(corrupt, raft::Error::Store(StorageError::Other(_))));
+    assert!(matches!(
+        corrupt,
+        raft::Error::Store(StorageError::Other(_))
+    ));
 }

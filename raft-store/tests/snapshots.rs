@@ -46,9 +46,18 @@ fn compaction_unlinks_whole_segments_and_survives_reopen() {
         assert_eq!(first_last(store), (first, 40));
         let prev_term = if first - 1 <= 20 { 1 } else { 2 };
         assert_eq!(store.term(first - 1).expect("term before first"), prev_term);
-        assert_eq!(store.term(first - 2), Err(raft::Error::Store(StorageError::Compacted)));
-        assert_eq!(store.read(first, 41, u64::MAX).expect("read").len() as u64, 41 - first);
-        assert!(matches!(store.read(first - 1, 41, 10), Err(StoreError::Compacted { .. })));
+        assert_eq!(
+            store.term(first - 2),
+            Err(raft::Error::Store(StorageError::Compacted))
+        );
+        assert_eq!(
+            store.read(first, 41, u64::MAX).expect("read").len() as u64,
+            41 - first
+        );
+        assert!(matches!(
+            store.read(first - 1, 41, 10),
+            Err(StoreError::Compacted { .. })
+        ));
         let snap = store.snapshot(23, 2).expect("snapshot");
         assert_eq!(snap.get_metadata().index, 23);
         assert_eq!(&snap.data[..], b"state at 23");
@@ -59,7 +68,9 @@ fn compaction_unlinks_whole_segments_and_survives_reopen() {
     drop(store);
     let store = open(dir.path(), SEGMENT_BYTES);
     check(&store);
-    store.append(&entries(41..=45, 2)).expect("append after reopen");
+    store
+        .append(&entries(41..=45, 2))
+        .expect("append after reopen");
     assert_eq!(first_last(&store), (first, 45));
 }
 
@@ -73,7 +84,10 @@ fn compaction_never_unlinks_the_active_segment() {
     assert_eq!(segments[0].last_index, 40);
     assert!(segments[0].first_index <= 40);
     // Nothing may be appended at or below the snapshot index.
-    assert!(matches!(store.append(&[entry(40, 3)]), Err(StoreError::InvalidAppend { .. })));
+    assert!(matches!(
+        store.append(&[entry(40, 3)]),
+        Err(StoreError::InvalidAppend { .. })
+    ));
     store.append(&[entry(41, 3)]).expect("append");
     drop(store);
     let store = open(dir.path(), SEGMENT_BYTES);
@@ -84,13 +98,25 @@ fn compaction_never_unlinks_the_active_segment() {
 fn compaction_rejects_bad_snapshots() {
     let dir = TempDir::new().expect("tempdir");
     let store = forty_entries(&dir);
-    let err = store.compact(snapshot(41, 2, &[1], b"")).expect_err("beyond last");
+    let err = store
+        .compact(snapshot(41, 2, &[1], b""))
+        .expect_err("beyond last");
     assert!(matches!(err, StoreError::InvalidSnapshot { index: 41, .. }));
-    let err = store.compact(snapshot(30, 1, &[1], b"")).expect_err("wrong term");
+    let err = store
+        .compact(snapshot(30, 1, &[1], b""))
+        .expect_err("wrong term");
     assert!(matches!(err, StoreError::InvalidSnapshot { index: 30, .. }));
     store.compact(snapshot(30, 2, &[1], b"")).expect("compact");
-    let err = store.compact(snapshot(25, 2, &[1], b"")).expect_err("older");
-    assert!(matches!(err, StoreError::SnapshotOutOfDate { index: 25, current: 30 }));
+    let err = store
+        .compact(snapshot(25, 2, &[1], b""))
+        .expect_err("older");
+    assert!(matches!(
+        err,
+        StoreError::SnapshotOutOfDate {
+            index: 25,
+            current: 30
+        }
+    ));
 }
 
 /// Copies of the current segment files, to put back later and play a
@@ -142,11 +168,17 @@ fn apply_snapshot_discards_the_log() {
     let check = |store: &GroupStorage| {
         assert_eq!(first_last(store), (61, 60));
         assert_eq!(store.term(60).expect("snapshot term"), 5);
-        assert_eq!(store.term(59), Err(raft::Error::Store(StorageError::Compacted)));
+        assert_eq!(
+            store.term(59),
+            Err(raft::Error::Store(StorageError::Compacted))
+        );
         let state = store.initial_state().expect("state");
         assert_eq!(state.conf_state, voters(&[1, 2, 3]));
         assert_eq!(state.hard_state, hard_state(5, 1, 60));
-        assert_eq!(&store.snapshot(60, 1).expect("snapshot").data[..], b"leader state");
+        assert_eq!(
+            &store.snapshot(60, 1).expect("snapshot").data[..],
+            b"leader state"
+        );
         assert_eq!(segment_files(dir.path()).len(), 1);
     };
     check(&store);
@@ -164,7 +196,9 @@ fn apply_snapshot_below_the_last_index_discards_everything() {
     let dir = TempDir::new().expect("tempdir");
     let store = forty_entries(&dir);
     let saved = save_segments(&dir);
-    store.apply_snapshot(snapshot(25, 3, &[1, 2], b"")).expect("apply");
+    store
+        .apply_snapshot(snapshot(25, 3, &[1, 2], b""))
+        .expect("apply");
     assert_eq!(first_last(&store), (26, 25));
     assert_eq!(store.hard_state(), hard_state(3, 1, 40));
     drop(store);
@@ -176,14 +210,19 @@ fn apply_snapshot_below_the_last_index_discards_everything() {
     assert_eq!(first_last(&store), (26, 25));
     assert_eq!(segment_files(dir.path()).len(), 1);
     store.append(&entries(26..=30, 3)).expect("append");
-    assert_eq!(store.read(26, 31, u64::MAX).expect("read"), entries(26..=30, 3));
+    assert_eq!(
+        store.read(26, 31, u64::MAX).expect("read"),
+        entries(26..=30, 3)
+    );
 }
 
 #[test]
 fn crash_before_the_new_segment_exists_recovers_from_the_snapshot_file() {
     let dir = TempDir::new().expect("tempdir");
     let store = forty_entries(&dir);
-    store.apply_snapshot(snapshot(60, 5, &[1, 2, 3], b"")).expect("apply");
+    store
+        .apply_snapshot(snapshot(60, 5, &[1, 2, 3], b""))
+        .expect("apply");
     drop(store);
     for path in segment_files(dir.path()) {
         fs::remove_file(path).expect("remove");
@@ -199,11 +238,18 @@ fn crash_before_the_new_segment_exists_recovers_from_the_snapshot_file() {
 fn out_of_date_snapshot_is_refused() {
     let dir = TempDir::new().expect("tempdir");
     let store = forty_entries(&dir);
-    store.apply_snapshot(snapshot(60, 5, &[1], b"")).expect("apply");
-    let err = store.apply_snapshot(snapshot(50, 5, &[1], b"")).expect_err("older");
+    store
+        .apply_snapshot(snapshot(60, 5, &[1], b""))
+        .expect("apply");
+    let err = store
+        .apply_snapshot(snapshot(50, 5, &[1], b""))
+        .expect_err("older");
     assert!(matches!(err, StoreError::SnapshotOutOfDate { .. }));
     let raft_err: raft::Error = err.into();
-    assert_eq!(raft_err, raft::Error::Store(StorageError::SnapshotOutOfDate));
+    assert_eq!(
+        raft_err,
+        raft::Error::Store(StorageError::SnapshotOutOfDate)
+    );
 }
 
 #[test]

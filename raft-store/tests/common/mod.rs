@@ -12,15 +12,20 @@ use raft::Storage;
 /// An entry whose data names its index and term, so a flipped bit can be
 /// aimed at it by searching the segment files for that text.
 pub fn entry(index: u64, term: u64) -> Entry {
-    entry_with(index, term, format!("entry-{index:06}-term-{term:03}").as_bytes())
+    entry_with(
+        index,
+        term,
+        format!("entry-{index:06}-term-{term:03}").as_bytes(),
+    )
 }
 
 pub fn entry_with(index: u64, term: u64, data: &[u8]) -> Entry {
-    let mut e = Entry::default();
-    e.index = index;
-    e.term = term;
-    e.data = data.to_vec().into();
-    e
+    Entry {
+        index,
+        term,
+        data: data.to_vec().into(),
+        ..Default::default()
+    }
 }
 
 pub fn entries(indexes: std::ops::RangeInclusive<u64>, term: u64) -> Vec<Entry> {
@@ -61,8 +66,10 @@ pub fn voters(ids: &[u64]) -> ConfState {
 }
 
 pub fn snapshot(index: u64, term: u64, voter_ids: &[u64], data: &[u8]) -> Snapshot {
-    let mut s = Snapshot::default();
-    s.data = data.to_vec().into();
+    let mut s = Snapshot {
+        data: data.to_vec().into(),
+        ..Default::default()
+    };
     let meta = s.mut_metadata();
     meta.index = index;
     meta.term = term;
@@ -87,8 +94,12 @@ pub fn flip_bit_in(dir: &Path, pattern: &[u8]) -> PathBuf {
     for path in segment_files(dir) {
         let bytes = fs::read(&path).expect("read segment");
         if let Some(at) = bytes.windows(pattern.len()).position(|w| w == pattern) {
-            let file = OpenOptions::new().write(true).open(&path).expect("open segment");
-            file.write_all_at(&[bytes[at] ^ 1], at as u64).expect("flip bit");
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .expect("open segment");
+            file.write_all_at(&[bytes[at] ^ 1], at as u64)
+                .expect("flip bit");
             return path;
         }
     }
@@ -105,5 +116,8 @@ pub fn find(path: &Path, pattern: &[u8]) -> u64 {
 }
 
 pub fn data_of(entries: &[Entry]) -> Vec<(u64, u64, Vec<u8>)> {
-    entries.iter().map(|e| (e.index, e.term, e.data.to_vec())).collect()
+    entries
+        .iter()
+        .map(|e| (e.index, e.term, e.data.to_vec()))
+        .collect()
 }
