@@ -2,7 +2,10 @@
 //! needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/covet/v1/covet.proto", "proto/covet/v1/internal.proto"];
+    let files = [
+        "proto/covet/v1/covet.proto",
+        "proto/covet/v1/internal.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

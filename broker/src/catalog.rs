@@ -44,10 +44,12 @@ impl TopicHandle {
     }
 
     pub fn partition(&self, p: u32) -> Result<&PartitionHandle> {
-        self.partitions.get(p as usize).ok_or_else(|| BrokerError::UnknownPartition {
-            topic: self.record.name.clone(),
-            partition: p,
-        })
+        self.partitions
+            .get(p as usize)
+            .ok_or_else(|| BrokerError::UnknownPartition {
+                topic: self.record.name.clone(),
+                partition: p,
+            })
     }
 
     /// The API view: configuration and each partition's offsets and leader.
@@ -67,7 +69,11 @@ impl TopicHandle {
                 }
             })
             .collect();
-        TopicInfo { name: self.record.name.clone(), config: self.record.config, partitions }
+        TopicInfo {
+            name: self.record.name.clone(),
+            config: self.record.config,
+            partitions,
+        }
     }
 }
 
@@ -81,18 +87,29 @@ pub struct Catalog {
 
 impl Default for Catalog {
     fn default() -> Self {
-        Catalog { topics: RwLock::default(), generation: watch::channel(0).0 }
+        Catalog {
+            topics: RwLock::default(),
+            generation: watch::channel(0).0,
+        }
     }
 }
 
 impl Catalog {
     pub fn topic(&self, name: &str) -> Result<Arc<TopicHandle>> {
         let topics = self.topics.read().expect("catalog lock poisoned");
-        topics.get(name).cloned().ok_or_else(|| BrokerError::UnknownTopic(name.to_string()))
+        topics
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BrokerError::UnknownTopic(name.to_string()))
     }
 
     pub fn topics(&self) -> Vec<Arc<TopicHandle>> {
-        self.topics.read().expect("catalog lock poisoned").values().cloned().collect()
+        self.topics
+            .read()
+            .expect("catalog lock poisoned")
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// A receiver that sees every change to the catalog.
@@ -108,7 +125,10 @@ impl Catalog {
     }
 
     pub(crate) fn remove(&self, name: &str) {
-        self.topics.write().expect("catalog lock poisoned").remove(name);
+        self.topics
+            .write()
+            .expect("catalog lock poisoned")
+            .remove(name);
         self.generation.send_modify(|g| *g += 1);
     }
 }

@@ -44,7 +44,11 @@ pub const META_GROUP: u64 = 0;
 /// A request to the driver.
 pub enum Request {
     /// A validated record batch for partition group `group`.
-    Produce { group: u64, batch: Bytes, tx: Responder },
+    Produce {
+        group: u64,
+        batch: Bytes,
+        tx: Responder,
+    },
     /// An encoded metadata command for group 0.
     Meta { data: Vec<u8>, tx: Responder },
 }
@@ -69,14 +73,21 @@ pub struct NodeHandle {
 impl NodeHandle {
     async fn call(&self, make: impl FnOnce(Responder) -> Request) -> Result<Applied> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(make(tx)).await.map_err(|_| BrokerError::ShuttingDown)?;
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| BrokerError::ShuttingDown)?;
         rx.await.map_err(|_| BrokerError::ShuttingDown)?
     }
 
     /// Submits a batch without waiting for it: the returned receiver is
     /// answered once it is applied. Submissions from one caller are
     /// proposed in the order they are made.
-    pub async fn submit_batch(&self, group: u64, batch: Bytes) -> Result<oneshot::Receiver<Result<Applied>>> {
+    pub async fn submit_batch(
+        &self,
+        group: u64,
+        batch: Bytes,
+    ) -> Result<oneshot::Receiver<Result<Applied>>> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Request::Produce { group, batch, tx })
@@ -89,7 +100,9 @@ impl NodeHandle {
     pub async fn meta(&self, data: Vec<u8>) -> Result<MetaEffect> {
         match self.call(|tx| Request::Meta { data, tx }).await? {
             Applied::Meta(effect) => Ok(effect),
-            Applied::Batch { .. } => Err(BrokerError::Internal("metadata answered with a batch".into())),
+            Applied::Batch { .. } => Err(BrokerError::Internal(
+                "metadata answered with a batch".into(),
+            )),
         }
     }
 }
@@ -115,7 +128,15 @@ pub fn start(config: DriverConfig, shutdown: watch::Receiver<bool>) -> Result<Ru
             let _ = done_tx.send(result);
         })
         .map_err(|e| BrokerError::Internal(format!("spawn raft thread: {e}")))?;
-    Ok(Running { handle: NodeHandle { tx, catalog, node_id: config.node_id }, ready, done })
+    Ok(Running {
+        handle: NodeHandle {
+            tx,
+            catalog,
+            node_id: config.node_id,
+        },
+        ready,
+        done,
+    })
 }
 
 struct Driver {
@@ -169,7 +190,7 @@ impl Driver {
     fn open_group(&self, id: u64, machine: Machine) -> Result<Group> {
         let cfg = GroupConfig {
             node_id: self.config.node_id,
-            log_options: self.config.log_options.clone(),
+            log_options: self.config.log_options,
             logger: &self.logger,
             election_tick: 10,
             heartbeat_tick: 2,
@@ -194,7 +215,8 @@ impl Driver {
                 leader: group.leader.clone(),
                 replicas: group.voters(),
             });
-            self.retention.insert(gid, (config.retention_ms, config.retention_bytes));
+            self.retention
+                .insert(gid, (config.retention_ms, config.retention_bytes));
             self.groups.insert(gid, group);
         }
         self.catalog.insert(TopicHandle { record, partitions });
@@ -262,7 +284,9 @@ impl Driver {
             Request::Produce { group, batch, tx } => match self.groups.get_mut(&group) {
                 Some(g) => g.propose_batch(batch, tx),
                 None => {
-                    let _ = tx.send(Err(BrokerError::InvalidRequest(format!("no raft group {group}"))));
+                    let _ = tx.send(Err(BrokerError::InvalidRequest(format!(
+                        "no raft group {group}"
+                    ))));
                 }
             },
             Request::Meta { data, tx } => match self.groups.get_mut(&META_GROUP) {
@@ -323,7 +347,9 @@ impl Driver {
             .collect();
         sync_all(&storages)?;
         for (id, mut rd) in pending {
-            let Some(g) = self.groups.get_mut(&id) else { continue };
+            let Some(g) = self.groups.get_mut(&id) else {
+                continue;
+            };
             send_messages(id, rd.take_persisted_messages());
             let mut light = g.node.advance(rd);
             if light.commit_index().is_some() {
@@ -365,7 +391,11 @@ impl Driver {
 /// no peers, so there is nothing to send yet.
 fn send_messages(group: u64, msgs: Vec<Message>) {
     for m in msgs {
-        tracing::warn!(group, to = m.to, "dropping raft message: no transport to peers");
+        tracing::warn!(
+            group,
+            to = m.to,
+            "dropping raft message: no transport to peers"
+        );
     }
 }
 
@@ -373,7 +403,9 @@ fn send_messages(group: u64, msgs: Vec<Message>) {
 /// that of the slowest sync, not their sum.
 fn sync_all(storages: &[&GroupStorage]) -> Result<()> {
     if storages.len() <= 1 {
-        return storages.iter().try_for_each(|s| s.sync().map_err(Into::into));
+        return storages
+            .iter()
+            .try_for_each(|s| s.sync().map_err(Into::into));
     }
     let per_thread = storages.len().div_ceil(SYNC_THREADS);
     std::thread::scope(|scope| {

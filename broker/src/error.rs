@@ -26,7 +26,11 @@ pub enum BrokerError {
     #[error("corrupt batch: {0}")]
     CorruptBatch(String),
     #[error("offset {requested} is out of range: the partition holds [{start}, {end})")]
-    OffsetOutOfRange { requested: u64, start: u64, end: u64 },
+    OffsetOutOfRange {
+        requested: u64,
+        start: u64,
+        end: u64,
+    },
     #[error("the broker is shutting down")]
     ShuttingDown,
     #[error("storage failure: {0}")]

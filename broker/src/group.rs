@@ -74,11 +74,19 @@ impl Group {
     /// the group stored in `dir`, and brings its state machine up to the
     /// snapshot the log starts from.
     pub fn open(id: u64, dir: &Path, mut machine: Machine, cfg: &GroupConfig<'_>) -> Result<Group> {
-        let storage = GroupStorage::open(dir, cfg.log_options.clone())?;
-        let state = storage.initial_state().map_err(|e| BrokerError::Storage(e.to_string()))?;
-        let fresh = storage.last_index().map_err(|e| BrokerError::Storage(e.to_string()))? == 0;
+        let storage = GroupStorage::open(dir, cfg.log_options)?;
+        let state = storage
+            .initial_state()
+            .map_err(|e| BrokerError::Storage(e.to_string()))?;
+        let fresh = storage
+            .last_index()
+            .map_err(|e| BrokerError::Storage(e.to_string()))?
+            == 0;
         if state.conf_state.voters.is_empty() && fresh {
-            let cs = ConfState { voters: vec![cfg.node_id], ..Default::default() };
+            let cs = ConfState {
+                voters: vec![cfg.node_id],
+                ..Default::default()
+            };
             storage.set_conf_state(&cs)?;
             storage.sync()?;
         }
@@ -102,7 +110,14 @@ impl Group {
         };
         let mut node = RawNode::new(&config, storage.clone(), cfg.logger)
             .map_err(|e| BrokerError::Internal(format!("raft group {id}: {e}")))?;
-        let voters = node.raft.prs().conf().voters().ids().iter().collect::<Vec<_>>();
+        let voters = node
+            .raft
+            .prs()
+            .conf()
+            .voters()
+            .ids()
+            .iter()
+            .collect::<Vec<_>>();
         if voters == [cfg.node_id] {
             // A lone voter need not wait out an election timeout.
             let _ = node.campaign();
@@ -126,9 +141,15 @@ impl Group {
     /// the commit index that covers it), and everything applied was
     /// committed, so raise the stored commit to match.
     fn reconcile_commit(storage: &GroupStorage, applied: u64) -> Result<u64> {
-        let state = storage.initial_state().map_err(|e| BrokerError::Storage(e.to_string()))?;
-        let first = storage.first_index().map_err(|e| BrokerError::Storage(e.to_string()))?;
-        let last = storage.last_index().map_err(|e| BrokerError::Storage(e.to_string()))?;
+        let state = storage
+            .initial_state()
+            .map_err(|e| BrokerError::Storage(e.to_string()))?;
+        let first = storage
+            .first_index()
+            .map_err(|e| BrokerError::Storage(e.to_string()))?;
+        let last = storage
+            .last_index()
+            .map_err(|e| BrokerError::Storage(e.to_string()))?;
         let applied = applied.max(first.saturating_sub(1));
         if applied > last {
             return Err(BrokerError::Storage(format!(
@@ -153,7 +174,9 @@ impl Group {
     }
 
     fn not_leader(&self) -> BrokerError {
-        BrokerError::NotLeader { leader_hint: self.node.raft.leader_id }
+        BrokerError::NotLeader {
+            leader_hint: self.node.raft.leader_id,
+        }
     }
 
     /// Proposes an entry; `tx` is answered when it is applied.
@@ -165,15 +188,23 @@ impl Group {
         let mut m = Message::default();
         m.set_msg_type(MessageType::MsgPropose);
         m.from = self.node.raft.id;
-        let mut e = Entry::default();
-        e.data = data;
+        let e = Entry {
+            data,
+            ..Default::default()
+        };
         m.set_entries(vec![e].into());
         if self.node.step(m).is_err() {
             let _ = tx.send(Err(self.not_leader()));
             return;
         }
         let index = self.node.raft.raft_log.last_index();
-        self.waiters.insert(index, Waiter { term: self.node.raft.term, tx });
+        self.waiters.insert(
+            index,
+            Waiter {
+                term: self.node.raft.term,
+                tx,
+            },
+        );
     }
 
     /// Stamps the next offset into a validated batch and proposes it.
@@ -243,7 +274,8 @@ impl Group {
     /// for its proposals may no longer hold.
     pub fn observe_role(&mut self) {
         let role = self.node.raft.state;
-        self.leader.store(self.node.raft.leader_id, Ordering::Relaxed);
+        self.leader
+            .store(self.node.raft.leader_id, Ordering::Relaxed);
         if role != self.role {
             self.role = role;
             self.proposed_next = None;
@@ -251,7 +283,11 @@ impl Group {
     }
 
     /// Applies committed entries in order, answering their waiters.
-    pub fn apply_entries(&mut self, entries: Vec<Entry>, effects: &mut Vec<(u64, MetaEffect)>) -> Result<()> {
+    pub fn apply_entries(
+        &mut self,
+        entries: Vec<Entry>,
+        effects: &mut Vec<(u64, MetaEffect)>,
+    ) -> Result<()> {
         for e in entries {
             let index = e.index;
             let outcome = match e.get_entry_type() {
@@ -292,9 +328,13 @@ impl Group {
         effects: &mut Vec<(u64, MetaEffect)>,
     ) -> Result<Result<Applied>> {
         match &mut self.machine {
-            Machine::Partition(p) => Ok(p
-                .apply_batch(index, data)
-                .map(|(base_offset, record_count)| Applied::Batch { base_offset, record_count })),
+            Machine::Partition(p) => {
+                Ok(p.apply_batch(index, data)
+                    .map(|(base_offset, record_count)| Applied::Batch {
+                        base_offset,
+                        record_count,
+                    }))
+            }
             Machine::Meta(m) => match m.apply(index, data) {
                 Ok(effect) => {
                     effects.push((index, effect.clone()));
@@ -334,7 +374,9 @@ impl Group {
             let (i, w) = entry.remove_entry();
             let result = match (&outcome, i == index && w.term == term) {
                 (Some(result), true) => result.clone(),
-                _ => Err(BrokerError::NotLeader { leader_hint: self.node.raft.leader_id }),
+                _ => Err(BrokerError::NotLeader {
+                    leader_hint: self.node.raft.leader_id,
+                }),
             };
             let _ = w.tx.send(result);
             if i == index {
@@ -350,4 +392,3 @@ impl Group {
         }
     }
 }
-

@@ -22,11 +22,18 @@ impl Group {
     /// running max timestamp is older than `now_ms - retention_ms` go) and
     /// `retention_bytes` (the log stays under it, give or take the active
     /// segment). 0 disables either rule.
-    pub fn enforce_retention(&mut self, now_ms: i64, retention_ms: u64, retention_bytes: u64) -> Result<()> {
+    pub fn enforce_retention(
+        &mut self,
+        now_ms: i64,
+        retention_ms: u64,
+        retention_bytes: u64,
+    ) -> Result<()> {
         if retention_ms == 0 && retention_bytes == 0 {
             return Ok(());
         }
-        let Machine::Partition(p) = &self.machine else { return Ok(()) };
+        let Machine::Partition(p) = &self.machine else {
+            return Ok(());
+        };
         let applied = p.applied();
         let segments = self.storage.segments();
         if segments.len() < 2 {
@@ -58,7 +65,10 @@ impl Group {
             .take_while(|s| s.last_index < keep_from)
             .last()
             .map(|s| s.last_index);
-        let first = self.storage.first_index().map_err(|e| BrokerError::Storage(e.to_string()))?;
+        let first = self
+            .storage
+            .first_index()
+            .map_err(|e| BrokerError::Storage(e.to_string()))?;
         match cut {
             Some(s) if s >= first => self.compact_to(s),
             _ => Ok(()),
@@ -68,19 +78,31 @@ impl Group {
     /// Snapshots the partition as of raft index `index` and drops every
     /// segment it covers.
     fn compact_to(&mut self, index: u64) -> Result<()> {
-        let Machine::Partition(p) = &mut self.machine else { return Ok(()) };
+        let Machine::Partition(p) = &mut self.machine else {
+            return Ok(());
+        };
         let snap: PartitionSnapshot = p.snapshot_at(index)?;
-        let term = self.storage.term(index).map_err(|e| BrokerError::Storage(e.to_string()))?;
-        let mut meta = SnapshotMetadata::default();
-        meta.index = index;
-        meta.term = term;
+        let term = self
+            .storage
+            .term(index)
+            .map_err(|e| BrokerError::Storage(e.to_string()))?;
+        let mut meta = SnapshotMetadata {
+            index,
+            term,
+            ..Default::default()
+        };
         meta.set_conf_state(self.node.raft.prs().conf().to_conf_state());
         let mut snapshot = Snapshot::default();
         snapshot.set_metadata(meta);
         snapshot.data = snap.encode_to_vec().into();
         self.storage.compact(snapshot)?;
         p.trim_to(snap.start_offset)?;
-        tracing::info!(group = self.id, index, start_offset = snap.start_offset, "retention trimmed log");
+        tracing::info!(
+            group = self.id,
+            index,
+            start_offset = snap.start_offset,
+            "retention trimmed log"
+        );
         Ok(())
     }
 }

@@ -28,14 +28,19 @@ pub struct BrokerConfig {
 }
 
 /// Runs a broker until `stop` resolves (a signal, in the binary).
-pub async fn run(config: BrokerConfig, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    config: BrokerConfig,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let driver_config = DriverConfig {
         node_id: config.node_id,
         data_dir: config.data_dir.clone(),
-        log_options: LogOptions { segment_bytes: config.segment_bytes },
+        log_options: LogOptions {
+            segment_bytes: config.segment_bytes,
+        },
         retention_interval: config.retention_interval,
     };
     let mut running = driver::start(driver_config, shutdown_rx.clone())
@@ -65,7 +70,11 @@ pub async fn run(config: BrokerConfig, stop: impl std::future::Future<Output = (
         r = &mut running.done => return Err(anyhow::anyhow!("raft driver failed at start: {:?}", r)),
         _ = &mut stop => { let _ = shutdown_tx.send(true); return Ok(()); }
     }
-    println!("covet broker ready: node {} listening on {address}, data dir {}", config.node_id, config.data_dir.display());
+    println!(
+        "covet broker ready: node {} listening on {address}, data dir {}",
+        config.node_id,
+        config.data_dir.display()
+    );
     tracing::info!(%address, "ready");
     let outcome = tokio::select! {
         _ = &mut stop => Ok(()),

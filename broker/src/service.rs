@@ -45,7 +45,11 @@ pub struct CovetService {
 
 impl CovetService {
     pub fn new(node: NodeHandle, address: SocketAddr, shutdown: watch::Receiver<bool>) -> Self {
-        CovetService { node, address, shutdown }
+        CovetService {
+            node,
+            address,
+            shutdown,
+        }
     }
 
     /// Checks a produce request and returns the partition's Raft group.
@@ -54,7 +58,10 @@ impl CovetService {
         let partition = topic.partition(req.partition)?;
         let limit = topic.config().max_batch_bytes as usize;
         if req.batch.len() > limit {
-            return Err(BrokerError::BatchTooLarge { size: req.batch.len(), limit });
+            return Err(BrokerError::BatchTooLarge {
+                size: req.batch.len(),
+                limit,
+            });
         }
         batch::validate(&req.batch).map_err(|e| BrokerError::CorruptBatch(e.to_string()))?;
         Ok(partition.group)
@@ -69,7 +76,11 @@ impl CovetService {
 
     fn topic_config(req: &CreateTopicRequest) -> Result<TopicConfig> {
         validate_topic_name(&req.name).map_err(|e| BrokerError::InvalidTopicName(e.to_string()))?;
-        let partitions = if req.partitions == 0 { 1 } else { req.partitions };
+        let partitions = if req.partitions == 0 {
+            1
+        } else {
+            req.partitions
+        };
         if partitions > MAX_PARTITIONS {
             return Err(BrokerError::InvalidConfig(format!(
                 "{partitions} partitions requested, the limit is {MAX_PARTITIONS}"
@@ -116,15 +127,28 @@ impl CovetService {
 
 fn produce_response(id: u64, partition: u32, outcome: Result<Applied>) -> ProduceResponse {
     match outcome {
-        Ok(Applied::Batch { base_offset, record_count }) => ProduceResponse {
+        Ok(Applied::Batch {
+            base_offset,
+            record_count,
+        }) => ProduceResponse {
             request_id: id,
             partition,
             base_offset,
             record_count,
             error: None,
         },
-        Ok(Applied::Meta(_)) => produce_response(id, partition, Err(BrokerError::Internal("wrong outcome".into()))),
-        Err(e) => ProduceResponse { request_id: id, partition, base_offset: 0, record_count: 0, error: Some(e.to_api()) },
+        Ok(Applied::Meta(_)) => produce_response(
+            id,
+            partition,
+            Err(BrokerError::Internal("wrong outcome".into())),
+        ),
+        Err(e) => ProduceResponse {
+            request_id: id,
+            partition,
+            base_offset: 0,
+            record_count: 0,
+            error: Some(e.to_api()),
+        },
     }
 }
 
@@ -132,20 +156,37 @@ type Pending = (u64, u32, Result<oneshot::Receiver<Result<Applied>>>);
 
 #[tonic::async_trait]
 impl Covet for CovetService {
-    async fn metadata(&self, request: Request<MetadataRequest>) -> std::result::Result<Response<MetadataResponse>, Status> {
+    async fn metadata(
+        &self,
+        request: Request<MetadataRequest>,
+    ) -> std::result::Result<Response<MetadataResponse>, Status> {
         let wanted = request.into_inner().topics;
         let topics = if wanted.is_empty() {
-            self.node.catalog.topics().iter().map(|t| t.info()).collect()
+            self.node
+                .catalog
+                .topics()
+                .iter()
+                .map(|t| t.info())
+                .collect()
         } else {
-            wanted.iter().map(|n| self.node.catalog.topic(n).map(|t| t.info())).collect::<Result<_>>()?
+            wanted
+                .iter()
+                .map(|n| self.node.catalog.topic(n).map(|t| t.info()))
+                .collect::<Result<_>>()?
         };
-        let nodes = vec![NodeInfo { id: self.node.node_id, address: self.address.to_string() }];
+        let nodes = vec![NodeInfo {
+            id: self.node.node_id,
+            address: self.address.to_string(),
+        }];
         Ok(Response::new(MetadataResponse { nodes, topics }))
     }
 
     type ProduceStream = BoxStream<ProduceResponse>;
 
-    async fn produce(&self, request: Request<Streaming<ProduceRequest>>) -> std::result::Result<Response<Self::ProduceStream>, Status> {
+    async fn produce(
+        &self,
+        request: Request<Streaming<ProduceRequest>>,
+    ) -> std::result::Result<Response<Self::ProduceStream>, Status> {
         let mut inbound = request.into_inner();
         let (pending_tx, mut pending_rx) = mpsc::channel::<Pending>(MAX_IN_FLIGHT_PER_STREAM);
         let (out_tx, out_rx) = mpsc::channel(64);
@@ -155,7 +196,11 @@ impl Covet for CovetService {
         tokio::spawn(async move {
             while let Ok(Some(req)) = inbound.message().await {
                 let submitted = svc.submit(&req).await;
-                if pending_tx.send((req.request_id, req.partition, submitted)).await.is_err() {
+                if pending_tx
+                    .send((req.request_id, req.partition, submitted))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -171,7 +216,11 @@ impl Covet for CovetService {
                     },
                     Err(e) => Err(e),
                 };
-                if out_tx.send(Ok(produce_response(id, partition, outcome))).await.is_err() {
+                if out_tx
+                    .send(Ok(produce_response(id, partition, outcome)))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -181,30 +230,53 @@ impl Covet for CovetService {
 
     type SubscribeStream = BoxStream<SubscribeResponse>;
 
-    async fn subscribe(&self, request: Request<Streaming<SubscribeRequest>>) -> std::result::Result<Response<Self::SubscribeStream>, Status> {
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<SubscribeRequest>>,
+    ) -> std::result::Result<Response<Self::SubscribeStream>, Status> {
         let mut inbound = request.into_inner();
         let open = match inbound.message().await? {
-            Some(SubscribeRequest { kind: Some(subscribe_request::Kind::Open(open)) }) => open,
-            _ => return Err(BrokerError::InvalidRequest("the first subscribe message must be `open`".into()).into()),
+            Some(SubscribeRequest {
+                kind: Some(subscribe_request::Kind::Open(open)),
+            }) => open,
+            _ => {
+                return Err(BrokerError::InvalidRequest(
+                    "the first subscribe message must be `open`".into(),
+                )
+                .into())
+            }
         };
         let topic = self.node.catalog.topic(&open.topic)?;
         let partition = topic.partition(open.partition)?.clone();
-        let session = crate::subscribe::Session::open(partition, &open, inbound, self.shutdown.clone())?;
+        let session =
+            crate::subscribe::Session::open(partition, &open, inbound, self.shutdown.clone())?;
         Ok(Response::new(Box::pin(session.spawn())))
     }
 
-    async fn create_topic(&self, request: Request<CreateTopicRequest>) -> std::result::Result<Response<TopicInfo>, Status> {
+    async fn create_topic(
+        &self,
+        request: Request<CreateTopicRequest>,
+    ) -> std::result::Result<Response<TopicInfo>, Status> {
         let req = request.into_inner();
         let config = Self::topic_config(&req)?;
         if self.node.catalog.topic(&req.name).is_ok() {
             return Err(BrokerError::TopicExists(req.name).into());
         }
-        self.node.meta(create_topic_command(req.name.clone(), config, crate::now_ms())).await?;
+        self.node
+            .meta(create_topic_command(
+                req.name.clone(),
+                config,
+                crate::now_ms(),
+            ))
+            .await?;
         self.await_catalog(&req.name, true).await?;
         Ok(Response::new(self.node.catalog.topic(&req.name)?.info()))
     }
 
-    async fn delete_topic(&self, request: Request<DeleteTopicRequest>) -> std::result::Result<Response<DeleteTopicResponse>, Status> {
+    async fn delete_topic(
+        &self,
+        request: Request<DeleteTopicRequest>,
+    ) -> std::result::Result<Response<DeleteTopicResponse>, Status> {
         let name = request.into_inner().name;
         self.node.catalog.topic(&name)?;
         self.node.meta(delete_topic_command(name.clone())).await?;
@@ -212,14 +284,25 @@ impl Covet for CovetService {
         Ok(Response::new(DeleteTopicResponse {}))
     }
 
-    async fn list_topics(&self, _: Request<ListTopicsRequest>) -> std::result::Result<Response<ListTopicsResponse>, Status> {
-        let topics = self.node.catalog.topics().iter().map(|t| t.info()).collect();
+    async fn list_topics(
+        &self,
+        _: Request<ListTopicsRequest>,
+    ) -> std::result::Result<Response<ListTopicsResponse>, Status> {
+        let topics = self
+            .node
+            .catalog
+            .topics()
+            .iter()
+            .map(|t| t.info())
+            .collect();
         Ok(Response::new(ListTopicsResponse { topics }))
     }
 
-    async fn describe_topic(&self, request: Request<DescribeTopicRequest>) -> std::result::Result<Response<TopicInfo>, Status> {
+    async fn describe_topic(
+        &self,
+        request: Request<DescribeTopicRequest>,
+    ) -> std::result::Result<Response<TopicInfo>, Status> {
         let name = request.into_inner().name;
         Ok(Response::new(self.node.catalog.topic(&name)?.info()))
     }
 }
-

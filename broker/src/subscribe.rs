@@ -50,12 +50,18 @@ impl Session {
             Some(position::Kind::Earliest(_)) => start,
             Some(position::Kind::Latest(_)) | None => end,
             Some(position::Kind::Offset(o)) if *o > end => {
-                return Err(BrokerError::OffsetOutOfRange { requested: *o, start, end });
+                return Err(BrokerError::OffsetOutOfRange {
+                    requested: *o,
+                    start,
+                    end,
+                });
             }
             Some(position::Kind::Offset(o)) => (*o).max(start),
-            Some(position::Kind::TimestampMs(ts)) => {
-                partition.index.offset_for_time(*ts)?.unwrap_or(end).clamp(start, end)
-            }
+            Some(position::Kind::TimestampMs(ts)) => partition
+                .index
+                .offset_for_time(*ts)?
+                .unwrap_or(end)
+                .clamp(start, end),
         };
         let opened = Opened {
             partition: partition.partition,
@@ -64,7 +70,14 @@ impl Session {
             high_watermark: end,
         };
         let credit = i64::try_from(open.credit).unwrap_or(i64::MAX);
-        Ok(Session { partition, inbound, shutdown, next, credit, opened })
+        Ok(Session {
+            partition,
+            inbound,
+            shutdown,
+            next,
+            credit,
+            opened,
+        })
     }
 
     /// Runs the session on its own task; the returned stream is the
@@ -79,8 +92,13 @@ impl Session {
         ReceiverStream::new(rx)
     }
 
-    async fn run(mut self, tx: &mpsc::Sender<std::result::Result<SubscribeResponse, Status>>) -> std::result::Result<(), Status> {
-        let opened = SubscribeResponse { kind: Some(subscribe_response::Kind::Opened(self.opened)) };
+    async fn run(
+        mut self,
+        tx: &mpsc::Sender<std::result::Result<SubscribeResponse, Status>>,
+    ) -> std::result::Result<(), Status> {
+        let opened = SubscribeResponse {
+            kind: Some(subscribe_response::Kind::Opened(self.opened)),
+        };
         if tx.send(Ok(opened)).await.is_err() {
             return Ok(());
         }
@@ -123,29 +141,48 @@ impl Session {
         tx: &mpsc::Sender<std::result::Result<SubscribeResponse, Status>>,
         high_watermark: u64,
     ) -> std::result::Result<bool, Status> {
-        let locations = self.partition.index.batches_from(self.next, BATCHES_PER_READ)?;
+        let locations = self
+            .partition
+            .index
+            .batches_from(self.next, BATCHES_PER_READ)?;
         let Some(first) = locations.first() else {
-            return Err(BrokerError::Internal(format!("offset {} is committed but not indexed", self.next)).into());
+            return Err(BrokerError::Internal(format!(
+                "offset {} is committed but not indexed",
+                self.next
+            ))
+            .into());
         };
         let last = locations[locations.len() - 1];
-        let entries = match self.partition.storage.read(first.raft_index, last.raft_index + 1, BYTES_PER_READ) {
-            Ok(e) => e,
-            // Retention removed the entries while we looked them up; the
-            // next pass starts from the new start offset.
-            Err(covet_raft_store::StoreError::Compacted { .. }) => {
-                tokio::task::yield_now().await;
-                return Ok(true);
-            }
-            Err(e) => return Err(BrokerError::from(e).into()),
-        };
+        let entries =
+            match self
+                .partition
+                .storage
+                .read(first.raft_index, last.raft_index + 1, BYTES_PER_READ)
+            {
+                Ok(e) => e,
+                // Retention removed the entries while we looked them up; the
+                // next pass starts from the new start offset.
+                Err(covet_raft_store::StoreError::Compacted { .. }) => {
+                    tokio::task::yield_now().await;
+                    return Ok(true);
+                }
+                Err(e) => return Err(BrokerError::from(e).into()),
+            };
         for (entry, loc) in matching(&entries, &locations) {
             let end = loc.base_offset + u64::from(loc.record_count);
             if end <= self.next {
                 continue;
             }
-            debug_assert!(batch::read_header(&entry.data).map(|h| h.base_offset) == Ok(loc.base_offset));
-            let msg = Batch { batch: entry.data.clone(), high_watermark };
-            let resp = SubscribeResponse { kind: Some(subscribe_response::Kind::Batch(msg)) };
+            debug_assert!(
+                batch::read_header(&entry.data).map(|h| h.base_offset) == Ok(loc.base_offset)
+            );
+            let msg = Batch {
+                batch: entry.data.clone(),
+                high_watermark,
+            };
+            let resp = SubscribeResponse {
+                kind: Some(subscribe_response::Kind::Batch(msg)),
+            };
             if tx.send(Ok(resp)).await.is_err() {
                 return Ok(false);
             }
@@ -161,7 +198,10 @@ impl Session {
 
 /// Pairs the entries read with the index locations that name them; entries
 /// the state machine rejected (no location) are skipped.
-fn matching<'a>(entries: &'a [Entry], locations: &'a [BatchLocation]) -> impl Iterator<Item = (&'a Entry, &'a BatchLocation)> {
+fn matching<'a>(
+    entries: &'a [Entry],
+    locations: &'a [BatchLocation],
+) -> impl Iterator<Item = (&'a Entry, &'a BatchLocation)> {
     let mut locs = locations.iter().peekable();
     entries.iter().filter_map(move |e| {
         while locs.peek().is_some_and(|l| l.raft_index < e.index) {

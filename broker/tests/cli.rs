@@ -27,30 +27,64 @@ fn covet(broker: &Broker, args: &[&str], stdin: Option<&str>) -> Output {
 }
 
 fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout.clone()).unwrap()
 }
 
 fn json_lines(s: &str) -> Vec<serde_json::Value> {
-    s.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    s.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[test]
 fn tour_create_publish_replay_describe_delete() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(dir.path(), &[]);
-    ok(&covet(&broker, &["topic", "create", "orders", "--partitions", "3"], None));
-    let list = json_lines(&ok(&covet(&broker, &["topic", "list", "--format", "json"], None)));
+    ok(&covet(
+        &broker,
+        &["topic", "create", "orders", "--partitions", "3"],
+        None,
+    ));
+    let list = json_lines(&ok(&covet(
+        &broker,
+        &["topic", "list", "--format", "json"],
+        None,
+    )));
     assert_eq!(list.len(), 1);
     assert_eq!(list[0]["name"], "orders");
     assert_eq!(list[0]["partitions"].as_array().unwrap().len(), 3);
 
     // "k1" hashes to partition 2; the lines go to partition 1.
-    ok(&covet(&broker, &["publish", "orders", "--key", "k1", "--header", "source=test", "hello"], None));
+    ok(&covet(
+        &broker,
+        &[
+            "publish",
+            "orders",
+            "--key",
+            "k1",
+            "--header",
+            "source=test",
+            "hello",
+        ],
+        None,
+    ));
     let lines: String = (0..50).map(|i| format!("line {i}\n")).collect();
-    ok(&covet(&broker, &["publish", "orders", "--partition", "1"], Some(&lines)));
+    ok(&covet(
+        &broker,
+        &["publish", "orders", "--partition", "1"],
+        Some(&lines),
+    ));
 
-    let out = ok(&covet(&broker, &["replay", "orders", "--partition", "1", "--format", "value"], None));
+    let out = ok(&covet(
+        &broker,
+        &["replay", "orders", "--partition", "1", "--format", "value"],
+        None,
+    ));
     assert_eq!(out, lines);
     let all = json_lines(&ok(&covet(&broker, &["replay", "orders"], None)));
     assert_eq!(all.len(), 51);
@@ -61,17 +95,49 @@ fn tour_create_publish_replay_describe_delete() {
     assert_eq!(hello["headers"][0]["value"], "test");
     assert!(hello["timestamp"].as_i64().unwrap() > 1_600_000_000_000);
 
-    let ranged = ok(&covet(&broker, &["replay", "orders", "--partition", "1", "--from", "10", "--to", "13", "--format", "value"], None));
+    let ranged = ok(&covet(
+        &broker,
+        &[
+            "replay",
+            "orders",
+            "--partition",
+            "1",
+            "--from",
+            "10",
+            "--to",
+            "13",
+            "--format",
+            "value",
+        ],
+        None,
+    ));
     assert_eq!(ranged, "line 10\nline 11\nline 12\n");
 
-    let desc = json_lines(&ok(&covet(&broker, &["topic", "describe", "orders", "--format", "json"], None)));
-    let hw: u64 = desc[0]["partitions"].as_array().unwrap().iter().map(|p| p["high_watermark"].as_u64().unwrap()).sum();
+    let desc = json_lines(&ok(&covet(
+        &broker,
+        &["topic", "describe", "orders", "--format", "json"],
+        None,
+    )));
+    let hw: u64 = desc[0]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["high_watermark"].as_u64().unwrap())
+        .sum();
     assert_eq!(hw, 51);
-    let table = ok(&covet(&broker, &["topic", "describe", "orders", "--format", "table"], None));
+    let table = ok(&covet(
+        &broker,
+        &["topic", "describe", "orders", "--format", "table"],
+        None,
+    ));
     assert!(table.contains("HIGH_WATERMARK"), "{table}");
 
     ok(&covet(&broker, &["topic", "delete", "orders"], None));
-    let list = ok(&covet(&broker, &["topic", "list", "--format", "json"], None));
+    let list = ok(&covet(
+        &broker,
+        &["topic", "list", "--format", "json"],
+        None,
+    ));
     assert!(list.trim().is_empty());
 }
 
@@ -86,7 +152,10 @@ fn binary_values_replay_as_base64() {
     rt.block_on(async {
         let client = covet_client::Client::connect(&broker.addr).await.unwrap();
         let p = client.producer(Default::default());
-        let r = covet_client::Record { value: bytes::Bytes::from_static(&[0xff, 0x00, 0xfe]), ..Default::default() };
+        let r = covet_client::Record {
+            value: bytes::Bytes::from_static(&[0xff, 0x00, 0xfe]),
+            ..Default::default()
+        };
         p.send("bin", r).await.unwrap().await.unwrap();
     });
     let rec = json_lines(&ok(&covet(&broker, &["replay", "bin"], None)));
@@ -116,7 +185,10 @@ fn errors_are_one_line_with_reason_and_nonzero_exit() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("OFFSET_OUT_OF_RANGE"));
     let out = covet(&broker, &["replay", "t", "--from", "yesterday"], None);
     assert!(!out.status.success());
-    let out = Command::new(covet_bin()).args(["topic", "list", "--broker", "127.0.0.1:1"]).output().unwrap();
+    let out = Command::new(covet_bin())
+        .args(["topic", "list", "--broker", "127.0.0.1:1"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
 }
@@ -128,7 +200,16 @@ fn subscribe_follows_new_records_and_sigterm_stops_the_broker_cleanly() {
     ok(&covet(&broker, &["topic", "create", "live"], None));
     ok(&covet(&broker, &["publish", "live", "before"], None));
     let mut sub = Command::new(covet_bin())
-        .args(["subscribe", "live", "--from", "earliest", "--format", "value", "--broker", &broker.addr])
+        .args([
+            "subscribe",
+            "live",
+            "--from",
+            "earliest",
+            "--format",
+            "value",
+            "--broker",
+            &broker.addr,
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -140,15 +221,26 @@ fn subscribe_follows_new_records_and_sigterm_stops_the_broker_cleanly() {
         }
     });
     let deadline = Instant::now() + Duration::from_secs(20);
-    assert_eq!(rx.recv_timeout(deadline - Instant::now()).unwrap(), "before");
+    assert_eq!(
+        rx.recv_timeout(deadline - Instant::now()).unwrap(),
+        "before"
+    );
     ok(&covet(&broker, &["publish", "live", "after"], None));
-    assert_eq!(rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap(), "after");
+    assert_eq!(
+        rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap(),
+        "after"
+    );
     let _ = sub.kill();
     let _ = sub.wait();
 
     let status = broker.terminate();
     assert!(status.success(), "broker exit status {status}");
     broker.restart();
-    let out = ok(&covet(&broker, &["replay", "live", "--format", "value"], None));
+    let out = ok(&covet(
+        &broker,
+        &["replay", "live", "--format", "value"],
+        None,
+    ));
     assert_eq!(out, "before\nafter\n");
 }

@@ -10,16 +10,33 @@ use common::{wait_until, Broker};
 use covet_client::{Client, ProducerConfig, Reason, Record, StartPosition, TopicSpec};
 
 fn record(key: Option<String>, value: String, ts: i64) -> Record {
-    Record { key: key.map(Bytes::from), value: Bytes::from(value), headers: vec![], timestamp_ms: ts }
+    Record {
+        key: key.map(Bytes::from),
+        value: Bytes::from(value),
+        headers: vec![],
+        timestamp_ms: ts,
+    }
 }
 
 /// Reads partition `p` from `from` up to its high watermark at open.
-async fn read_partition(client: &Client, topic: &str, p: u32, from: StartPosition) -> Vec<covet_client::ConsumedRecord> {
-    let mut stream = client.open_partition(topic, p, from, 5000).await.expect("open partition");
+async fn read_partition(
+    client: &Client,
+    topic: &str,
+    p: u32,
+    from: StartPosition,
+) -> Vec<covet_client::ConsumedRecord> {
+    let mut stream = client
+        .open_partition(topic, p, from, 5000)
+        .await
+        .expect("open partition");
     let stop = stream.high_watermark();
     let mut out = Vec::new();
     while stream.position() < stop {
-        let batch = stream.next_batch().await.expect("read").expect("stream open");
+        let batch = stream
+            .next_batch()
+            .await
+            .expect("read")
+            .expect("stream open");
         stream.grant(batch.len() as u64).await.expect("grant");
         out.extend(batch);
     }
@@ -31,12 +48,25 @@ async fn produces_100k_records_over_partitions_and_reads_them_back_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(dir.path(), &[]);
     let client = Client::connect(&broker.addr).await.unwrap();
-    client.create_topic(TopicSpec::new("orders").partitions(4)).await.unwrap();
+    client
+        .create_topic(TopicSpec::new("orders").partitions(4))
+        .await
+        .unwrap();
     let producer = client.producer(ProducerConfig::default());
     let mut deliveries = Vec::new();
     for i in 0..100_000u32 {
         let key = format!("customer-{}", i % 97);
-        let d = producer.send("orders", record(Some(key.clone()), format!("{key}:{i}"), 1_700_000_000_000 + i as i64)).await.unwrap();
+        let d = producer
+            .send(
+                "orders",
+                record(
+                    Some(key.clone()),
+                    format!("{key}:{i}"),
+                    1_700_000_000_000 + i as i64,
+                ),
+            )
+            .await
+            .unwrap();
         deliveries.push((key, i, d));
     }
     producer.flush().await.unwrap();
@@ -44,8 +74,14 @@ async fn produces_100k_records_over_partitions_and_reads_them_back_in_order() {
     let mut acked: HashMap<u32, Vec<(u64, String)>> = HashMap::new();
     for (key, i, d) in deliveries {
         let meta = d.await.unwrap();
-        assert_eq!(meta.partition, covet_client::partitioner::partition_for_key(key.as_bytes(), 4));
-        acked.entry(meta.partition).or_default().push((meta.offset, format!("{key}:{i}")));
+        assert_eq!(
+            meta.partition,
+            covet_client::partitioner::partition_for_key(key.as_bytes(), 4)
+        );
+        acked
+            .entry(meta.partition)
+            .or_default()
+            .push((meta.offset, format!("{key}:{i}")));
     }
     let mut total = 0;
     for p in 0..4 {
@@ -55,7 +91,10 @@ async fn produces_100k_records_over_partitions_and_reads_them_back_in_order() {
             assert_eq!(*off, n as u64, "partition {p}");
         }
         let got = read_partition(&client, "orders", p, StartPosition::Earliest).await;
-        let got: Vec<(u64, String)> = got.into_iter().map(|r| (r.offset, String::from_utf8(r.value.to_vec()).unwrap())).collect();
+        let got: Vec<(u64, String)> = got
+            .into_iter()
+            .map(|r| (r.offset, String::from_utf8(r.value.to_vec()).unwrap()))
+            .collect();
         assert_eq!(got, expect, "partition {p}");
         total += got.len();
     }
@@ -70,16 +109,27 @@ async fn sigkill_mid_stream_keeps_every_acknowledged_record_exactly_once_in_orde
     let dir = tempfile::tempdir().unwrap();
     let mut broker = Broker::start(dir.path(), &["--segment-bytes", "262144"]);
     let client = Client::connect(&broker.addr).await.unwrap();
-    client.create_topic(TopicSpec::new("events").partitions(3)).await.unwrap();
+    client
+        .create_topic(TopicSpec::new("events").partitions(3))
+        .await
+        .unwrap();
 
     // Produce unique values until well past 30,000 acks, recording each ack.
-    let producer = client.producer(ProducerConfig { linger: Duration::from_millis(1), ..Default::default() });
+    let producer = client.producer(ProducerConfig {
+        linger: Duration::from_millis(1),
+        ..Default::default()
+    });
     let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel();
     let prod = tokio::spawn(async move {
         let mut n = 0u64;
         loop {
             let value = format!("event-{n:09}");
-            let Ok(d) = producer.send_to("events", (n % 3) as u32, record(None, value.clone(), 1)).await else { break };
+            let Ok(d) = producer
+                .send_to("events", (n % 3) as u32, record(None, value.clone(), 1))
+                .await
+            else {
+                break;
+            };
             let tx = ack_tx.clone();
             tokio::spawn(async move {
                 if let Ok(meta) = d.await {
@@ -121,7 +171,11 @@ async fn sigkill_mid_stream_keeps_every_acknowledged_record_exactly_once_in_orde
         }
     }
     for (p, off, v) in &acked {
-        assert_eq!(stored.get(&(*p, *off)), Some(v), "acknowledged record lost: partition {p} offset {off}");
+        assert_eq!(
+            stored.get(&(*p, *off)),
+            Some(v),
+            "acknowledged record lost: partition {p} offset {off}"
+        );
     }
     assert!(acked.len() >= 30_000);
 }
@@ -129,7 +183,10 @@ async fn sigkill_mid_stream_keeps_every_acknowledged_record_exactly_once_in_orde
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_by_bytes_and_by_age_trims_whole_segments() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path(), &["--segment-bytes", "65536", "--retention-check-ms", "50"]);
+    let broker = Broker::start(
+        dir.path(),
+        &["--segment-bytes", "65536", "--retention-check-ms", "50"],
+    );
     let client = Client::connect(&broker.addr).await.unwrap();
     let value = "v".repeat(1000);
 
@@ -137,9 +194,19 @@ async fn retention_by_bytes_and_by_age_trims_whole_segments() {
     let mut spec = TopicSpec::new("by-bytes");
     spec.retention_bytes = Some(256 * 1024);
     client.create_topic(spec).await.unwrap();
-    let producer = client.producer(ProducerConfig { linger: Duration::from_millis(1), max_batch_bytes: 16 * 1024, ..Default::default() });
+    let producer = client.producer(ProducerConfig {
+        linger: Duration::from_millis(1),
+        max_batch_bytes: 16 * 1024,
+        ..Default::default()
+    });
     for i in 0..2000 {
-        producer.send("by-bytes", record(None, format!("{i}:{value}"), covet_broker::now_ms())).await.unwrap();
+        producer
+            .send(
+                "by-bytes",
+                record(None, format!("{i}:{value}"), covet_broker::now_ms()),
+            )
+            .await
+            .unwrap();
     }
     producer.flush().await.unwrap();
     let trimmed = wait_until(Duration::from_secs(20), || async {
@@ -162,11 +229,20 @@ async fn retention_by_bytes_and_by_age_trims_whole_segments() {
     client.create_topic(spec).await.unwrap();
     let old = covet_broker::now_ms() - 7_200_000;
     for i in 0..1000 {
-        producer.send("by-age", record(None, format!("old-{i}:{value}"), old)).await.unwrap();
+        producer
+            .send("by-age", record(None, format!("old-{i}:{value}"), old))
+            .await
+            .unwrap();
     }
     producer.flush().await.unwrap();
     for i in 0..200 {
-        producer.send("by-age", record(None, format!("new-{i}:{value}"), covet_broker::now_ms())).await.unwrap();
+        producer
+            .send(
+                "by-age",
+                record(None, format!("new-{i}:{value}"), covet_broker::now_ms()),
+            )
+            .await
+            .unwrap();
     }
     producer.flush().await.unwrap();
     let trimmed = wait_until(Duration::from_secs(20), || async {
@@ -175,9 +251,14 @@ async fn retention_by_bytes_and_by_age_trims_whole_segments() {
     .await;
     assert!(trimmed, "retention by age did not trim");
     let records = read_partition(&client, "by-age", 0, StartPosition::Earliest).await;
-    let fresh = records.iter().filter(|r| r.value.starts_with(b"new-")).count();
+    let fresh = records
+        .iter()
+        .filter(|r| r.value.starts_with(b"new-"))
+        .count();
     assert_eq!(fresh, 200, "fresh records must survive");
-    assert!(records.iter().all(|r| r.offset >= 800 || r.value.starts_with(b"old-")));
+    assert!(records
+        .iter()
+        .all(|r| r.offset >= 800 || r.value.starts_with(b"old-")));
 
     // A restart sees the trimmed log, not the old one.
     drop(client);
@@ -197,10 +278,16 @@ async fn positions_latest_offset_and_timestamp() {
     let broker = Broker::start(dir.path(), &[]);
     let client = Client::connect(&broker.addr).await.unwrap();
     client.create_topic(TopicSpec::new("pos")).await.unwrap();
-    let producer = client.producer(ProducerConfig { linger: Duration::from_millis(0), ..Default::default() });
+    let producer = client.producer(ProducerConfig {
+        linger: Duration::from_millis(0),
+        ..Default::default()
+    });
     for i in 0..100i64 {
         // Ten batches of ten, timestamps 1000, 2000, ...
-        let d = producer.send("pos", record(None, format!("r{i}"), 1000 * (i / 10 + 1))).await.unwrap();
+        let d = producer
+            .send("pos", record(None, format!("r{i}"), 1000 * (i / 10 + 1)))
+            .await
+            .unwrap();
         if i % 10 == 9 {
             producer.flush().await.unwrap();
             d.await.unwrap();
@@ -211,14 +298,31 @@ async fn positions_latest_offset_and_timestamp() {
     assert_eq!(from_offset.len(), 58);
     let from_time = read_partition(&client, "pos", 0, StartPosition::Timestamp(5000)).await;
     assert_eq!(from_time.first().map(|r| r.offset), Some(40));
-    let past_end = client.open_partition("pos", 0, StartPosition::Offset(101), 10).await;
-    assert_eq!(past_end.err().and_then(|e| e.reason()), Some(Reason::OffsetOutOfRange));
+    let past_end = client
+        .open_partition("pos", 0, StartPosition::Offset(101), 10)
+        .await;
+    assert_eq!(
+        past_end.err().and_then(|e| e.reason()),
+        Some(Reason::OffsetOutOfRange)
+    );
 
     // Latest sees only what is committed after it opened, pushed without polling.
-    let mut sub = client.open_partition("pos", 0, StartPosition::Latest, 10).await.unwrap();
+    let mut sub = client
+        .open_partition("pos", 0, StartPosition::Latest, 10)
+        .await
+        .unwrap();
     assert_eq!(sub.position(), 100);
-    producer.send("pos", record(None, "tail".into(), 1)).await.unwrap().await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(10), sub.next_batch()).await.unwrap().unwrap().unwrap();
+    producer
+        .send("pos", record(None, "tail".into(), 1))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), sub.next_batch())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(got.len(), 1);
     assert_eq!((got[0].offset, &got[0].value[..]), (100, &b"tail"[..]));
 }
@@ -229,13 +333,22 @@ async fn credit_bounds_what_the_broker_sends() {
     let broker = Broker::start(dir.path(), &[]);
     let client = Client::connect(&broker.addr).await.unwrap();
     client.create_topic(TopicSpec::new("credit")).await.unwrap();
-    let producer = client.producer(ProducerConfig { linger: Duration::from_millis(0), ..Default::default() });
+    let producer = client.producer(ProducerConfig {
+        linger: Duration::from_millis(0),
+        ..Default::default()
+    });
     for i in 0..50 {
         // One record per batch: flush each.
-        producer.send("credit", record(None, format!("{i}"), 1)).await.unwrap();
+        producer
+            .send("credit", record(None, format!("{i}"), 1))
+            .await
+            .unwrap();
         producer.flush().await.unwrap();
     }
-    let mut stream = client.open_partition("credit", 0, StartPosition::Earliest, 5).await.unwrap();
+    let mut stream = client
+        .open_partition("credit", 0, StartPosition::Earliest, 5)
+        .await
+        .unwrap();
     let mut got = 0;
     while got < 5 {
         got += stream.next_batch().await.unwrap().unwrap().len();

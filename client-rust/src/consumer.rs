@@ -69,15 +69,38 @@ pub struct PartitionStream {
 }
 
 impl PartitionStream {
-    pub(crate) async fn open(client: &Client, topic: &str, partition: u32, from: StartPosition, credit: u64) -> Result<Self> {
+    pub(crate) async fn open(
+        client: &Client,
+        topic: &str,
+        partition: u32,
+        from: StartPosition,
+        credit: u64,
+    ) -> Result<Self> {
         let (requests, rx) = mpsc::channel(16);
-        let open = SubscribeOpen { topic: topic.to_string(), partition, from: Some(from.to_api()), credit };
-        let first = SubscribeRequest { kind: Some(subscribe_request::Kind::Open(open)) };
+        let open = SubscribeOpen {
+            topic: topic.to_string(),
+            partition,
+            from: Some(from.to_api()),
+            credit,
+        };
+        let first = SubscribeRequest {
+            kind: Some(subscribe_request::Kind::Open(open)),
+        };
         requests.send(first).await.map_err(|_| Error::Closed)?;
-        let mut responses = client.rpc().subscribe(ReceiverStream::new(rx)).await?.into_inner();
+        let mut responses = client
+            .rpc()
+            .subscribe(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
         let opened = match responses.message().await? {
-            Some(SubscribeResponse { kind: Some(subscribe_response::Kind::Opened(o)) }) => o,
-            _ => return Err(Error::Protocol("subscribe stream did not start with `opened`".into())),
+            Some(SubscribeResponse {
+                kind: Some(subscribe_response::Kind::Opened(o)),
+            }) => o,
+            _ => {
+                return Err(Error::Protocol(
+                    "subscribe stream did not start with `opened`".into(),
+                ))
+            }
         };
         Ok(PartitionStream {
             topic: topic.into(),
@@ -111,7 +134,9 @@ impl PartitionStream {
 
     /// Grants the broker `records` more credit.
     pub async fn grant(&self, records: u64) -> Result<()> {
-        let req = SubscribeRequest { kind: Some(subscribe_request::Kind::Credit(records)) };
+        let req = SubscribeRequest {
+            kind: Some(subscribe_request::Kind::Credit(records)),
+        };
         self.requests.send(req).await.map_err(|_| Error::Closed)
     }
 
@@ -120,8 +145,14 @@ impl PartitionStream {
     pub async fn next_batch(&mut self) -> Result<Option<Vec<ConsumedRecord>>> {
         loop {
             let batch = match self.responses.message().await? {
-                Some(SubscribeResponse { kind: Some(subscribe_response::Kind::Batch(b)) }) => b,
-                Some(_) => return Err(Error::Protocol("unexpected message on subscribe stream".into())),
+                Some(SubscribeResponse {
+                    kind: Some(subscribe_response::Kind::Batch(b)),
+                }) => b,
+                Some(_) => {
+                    return Err(Error::Protocol(
+                        "unexpected message on subscribe stream".into(),
+                    ))
+                }
                 None => return Ok(None),
             };
             self.high_watermark = self.high_watermark.max(batch.high_watermark);
@@ -161,7 +192,12 @@ pub struct SubscriptionOptions {
 
 impl SubscriptionOptions {
     pub fn new(topic: impl Into<String>, from: StartPosition) -> Self {
-        SubscriptionOptions { topic: topic.into(), partitions: None, from, window: 1000 }
+        SubscriptionOptions {
+            topic: topic.into(),
+            partitions: None,
+            from,
+            window: 1000,
+        }
     }
 }
 
@@ -181,10 +217,18 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    pub(crate) async fn open(client: &Client, options: SubscriptionOptions) -> Result<Subscription> {
+    pub(crate) async fn open(
+        client: &Client,
+        options: SubscriptionOptions,
+    ) -> Result<Subscription> {
         let partitions = match options.partitions {
             Some(p) => p,
-            None => (0..client.describe_topic(&options.topic).await?.partitions.len() as u32).collect(),
+            None => (0..client
+                .describe_topic(&options.topic)
+                .await?
+                .partitions
+                .len() as u32)
+                .collect(),
         };
         let window = options.window.max(1);
         // The channel is unbounded in type only: credit bounds it to
@@ -193,12 +237,18 @@ impl Subscription {
         let mut returned = Vec::new();
         let mut tasks = Vec::new();
         for (i, p) in partitions.into_iter().enumerate() {
-            let stream = client.open_partition(&options.topic, p, options.from, window).await?;
+            let stream = client
+                .open_partition(&options.topic, p, options.from, window)
+                .await?;
             let back = Arc::new(Returned::default());
             returned.push(back.clone());
             tasks.push(tokio::spawn(pump(i, stream, window, back, tx.clone())));
         }
-        Ok(Subscription { rx, returned, tasks })
+        Ok(Subscription {
+            rx,
+            returned,
+            tasks,
+        })
     }
 
     /// The next record; `None` once every partition's stream has ended.

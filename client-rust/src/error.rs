@@ -7,7 +7,11 @@ use covet_protocol::reason::{reason_of, Reason};
 pub enum Error {
     /// The broker refused the request with a stable reason.
     #[error("{reason}: {message}")]
-    Broker { reason: Reason, message: String, leader_hint: u64 },
+    Broker {
+        reason: Reason,
+        message: String,
+        leader_hint: u64,
+    },
     /// No seed broker could be reached.
     #[error("cannot reach any broker ({seeds}): {message}")]
     Connect { seeds: String, message: String },
@@ -45,7 +49,11 @@ impl Error {
 
     pub(crate) fn from_api(e: &covet_protocol::api::Error) -> Error {
         match Reason::parse(&e.reason) {
-            Some(reason) => Error::Broker { reason, message: e.message.clone(), leader_hint: e.leader_hint },
+            Some(reason) => Error::Broker {
+                reason,
+                message: e.message.clone(),
+                leader_hint: e.leader_hint,
+            },
             None => Error::Protocol(format!("unknown reason {}: {}", e.reason, e.message)),
         }
     }
@@ -61,7 +69,11 @@ impl From<tonic::Status> for Error {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0);
-                Error::Broker { reason, message: status.message().to_string(), leader_hint }
+                Error::Broker {
+                    reason,
+                    message: status.message().to_string(),
+                    leader_hint,
+                }
             }
             None => Error::Transport(format!("{}: {}", status.code(), status.message())),
         }

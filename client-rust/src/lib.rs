@@ -21,7 +21,9 @@ use covet_protocol::api::covet_client::CovetClient;
 use covet_protocol::api::*;
 use tonic::transport::{Channel, Endpoint};
 
-pub use consumer::{ConsumedRecord, PartitionStream, StartPosition, Subscription, SubscriptionOptions};
+pub use consumer::{
+    ConsumedRecord, PartitionStream, StartPosition, Subscription, SubscriptionOptions,
+};
 pub use covet_protocol::api::{PartitionInfo, TopicConfig, TopicInfo};
 pub use covet_protocol::batch::{Header, Record};
 pub use covet_protocol::Reason;
@@ -48,7 +50,10 @@ pub struct TopicSpec {
 
 impl TopicSpec {
     pub fn new(name: impl Into<String>) -> Self {
-        TopicSpec { name: name.into(), ..Default::default() }
+        TopicSpec {
+            name: name.into(),
+            ..Default::default()
+        }
     }
 
     pub fn partitions(mut self, n: u32) -> Self {
@@ -67,13 +72,21 @@ impl Client {
     /// Connects to the first reachable broker of a comma-separated seed list
     /// (`HOST:PORT[,HOST:PORT...]`).
     pub async fn connect(seeds: &str) -> Result<Client> {
-        let list: Vec<&str> = seeds.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+        let list: Vec<&str> = seeds
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
         if list.is_empty() {
             return Err(Error::InvalidArgument("no broker address given".into()));
         }
         let mut last = String::new();
         for seed in &list {
-            let uri = if seed.contains("://") { seed.to_string() } else { format!("http://{seed}") };
+            let uri = if seed.contains("://") {
+                seed.to_string()
+            } else {
+                format!("http://{seed}")
+            };
             let endpoint = Endpoint::from_shared(uri)
                 .map_err(|e| Error::InvalidArgument(format!("bad broker address {seed}: {e}")))?
                 .connect_timeout(Duration::from_secs(5))
@@ -89,7 +102,10 @@ impl Client {
                 Err(e) => last = format!("{seed}: {}", source_chain(&e)),
             }
         }
-        Err(Error::Connect { seeds: list.join(","), message: last })
+        Err(Error::Connect {
+            seeds: list.join(","),
+            message: last,
+        })
     }
 
     pub(crate) fn rpc(&self) -> CovetClient<Channel> {
@@ -98,7 +114,11 @@ impl Client {
 
     /// Nodes and topics.
     pub async fn metadata(&self) -> Result<MetadataResponse> {
-        Ok(self.rpc().metadata(MetadataRequest { topics: vec![] }).await?.into_inner())
+        Ok(self
+            .rpc()
+            .metadata(MetadataRequest { topics: vec![] })
+            .await?
+            .into_inner())
     }
 
     pub async fn create_topic(&self, spec: TopicSpec) -> Result<TopicInfo> {
@@ -114,16 +134,31 @@ impl Client {
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
-        self.rpc().delete_topic(DeleteTopicRequest { name: name.to_string() }).await?;
+        self.rpc()
+            .delete_topic(DeleteTopicRequest {
+                name: name.to_string(),
+            })
+            .await?;
         Ok(())
     }
 
     pub async fn list_topics(&self) -> Result<Vec<TopicInfo>> {
-        Ok(self.rpc().list_topics(ListTopicsRequest {}).await?.into_inner().topics)
+        Ok(self
+            .rpc()
+            .list_topics(ListTopicsRequest {})
+            .await?
+            .into_inner()
+            .topics)
     }
 
     pub async fn describe_topic(&self, name: &str) -> Result<TopicInfo> {
-        Ok(self.rpc().describe_topic(DescribeTopicRequest { name: name.to_string() }).await?.into_inner())
+        Ok(self
+            .rpc()
+            .describe_topic(DescribeTopicRequest {
+                name: name.to_string(),
+            })
+            .await?
+            .into_inner())
     }
 
     /// A batching producer; see [`ProducerConfig`].

@@ -40,7 +40,12 @@ pub struct ProducerConfig {
 
 impl Default for ProducerConfig {
     fn default() -> Self {
-        ProducerConfig { linger: Duration::from_millis(5), max_batch_bytes: 1 << 20, max_in_flight: 64, queue: 8192 }
+        ProducerConfig {
+            linger: Duration::from_millis(5),
+            max_batch_bytes: 1 << 20,
+            max_in_flight: 64,
+            queue: 8192,
+        }
     }
 }
 
@@ -61,12 +66,19 @@ impl Future for Delivery {
     type Output = Result<RecordMetadata>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0).poll(cx).map(|r| r.unwrap_or(Err(Error::Closed)))
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(Error::Closed)))
     }
 }
 
 enum Cmd {
-    Send { topic: Arc<str>, partition: Option<u32>, record: Record, ack: Ack },
+    Send {
+        topic: Arc<str>,
+        partition: Option<u32>,
+        record: Record,
+        ack: Ack,
+    },
     Flush(oneshot::Sender<()>),
 }
 
@@ -94,9 +106,19 @@ impl Producer {
         self.enqueue(topic, Some(partition), record).await
     }
 
-    async fn enqueue(&self, topic: &str, partition: Option<u32>, record: Record) -> Result<Delivery> {
+    async fn enqueue(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        record: Record,
+    ) -> Result<Delivery> {
         let (ack, rx) = oneshot::channel();
-        let cmd = Cmd::Send { topic: topic.into(), partition, record, ack };
+        let cmd = Cmd::Send {
+            topic: topic.into(),
+            partition,
+            record,
+            ack,
+        };
         self.tx.send(cmd).await.map_err(|_| Error::Closed)?;
         Ok(Delivery(rx))
     }
@@ -105,7 +127,10 @@ impl Producer {
     /// call are acknowledged or failed.
     pub async fn flush(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Cmd::Flush(tx)).await.map_err(|_| Error::Closed)?;
+        self.tx
+            .send(Cmd::Flush(tx))
+            .await
+            .map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)
     }
 }
@@ -168,7 +193,12 @@ impl Accumulator {
                 None => rx.recv().await,
             };
             match cmd {
-                Some(Cmd::Send { topic, partition, record, ack }) => self.add(topic, partition, record, ack).await,
+                Some(Cmd::Send {
+                    topic,
+                    partition,
+                    record,
+                    ack,
+                }) => self.add(topic, partition, record, ack).await,
                 Some(Cmd::Flush(done)) => {
                     self.flush().await;
                     let _ = done.send(());
@@ -203,7 +233,9 @@ impl Accumulator {
             deadline: Instant::now() + linger,
         });
         if let Err(e) = open.builder.try_push(&record) {
-            let _ = ack.send(Err(Error::InvalidArgument(format!("record cannot be batched: {e}"))));
+            let _ = ack.send(Err(Error::InvalidArgument(format!(
+                "record cannot be batched: {e}"
+            ))));
             return;
         }
         open.acks.push(ack);
@@ -212,15 +244,23 @@ impl Accumulator {
         }
     }
 
-    async fn choose_partition(&mut self, topic: &Arc<str>, explicit: Option<u32>, record: &Record) -> Result<u32> {
+    async fn choose_partition(
+        &mut self,
+        topic: &Arc<str>,
+        explicit: Option<u32>,
+        record: &Record,
+    ) -> Result<u32> {
         if !self.topics.contains_key(topic) {
             let info = self.client.describe_topic(topic).await?;
-            self.topics.insert(topic.clone(), (info.partitions.len().max(1) as u32, 0));
+            self.topics
+                .insert(topic.clone(), (info.partitions.len().max(1) as u32, 0));
         }
         let (count, sticky) = self.topics[topic];
         match (explicit, &record.key) {
             (Some(p), _) if p < count => Ok(p),
-            (Some(p), _) => Err(Error::InvalidArgument(format!("topic {topic} has no partition {p}"))),
+            (Some(p), _) => Err(Error::InvalidArgument(format!(
+                "topic {topic} has no partition {p}"
+            ))),
             (None, Some(key)) => Ok(partition_for_key(key, count)),
             (None, None) => Ok(sticky),
         }
@@ -228,7 +268,12 @@ impl Accumulator {
 
     async fn send_expired(&mut self) {
         let now = Instant::now();
-        let due: Vec<_> = self.open.iter().filter(|(_, b)| b.deadline <= now).map(|(k, _)| k.clone()).collect();
+        let due: Vec<_> = self
+            .open
+            .iter()
+            .filter(|(_, b)| b.deadline <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
         for key in due {
             self.send_batch(&key).await;
         }
@@ -247,18 +292,34 @@ impl Accumulator {
 
     /// Sends the open batch of `key`, waiting for an in-flight slot.
     async fn send_batch(&mut self, key: &(Arc<str>, u32)) {
-        let Some(open) = self.open.remove(key) else { return };
+        let Some(open) = self.open.remove(key) else {
+            return;
+        };
         if let Some(t) = self.topics.get_mut(&key.0) {
             if t.1 == key.1 {
                 t.1 = (t.1 + 1) % t.0; // unkeyed records move on
             }
         }
-        let Some(batch) = open.builder.build() else { return };
-        let Ok(permit) = self.permits.clone().acquire_owned().await else { return };
+        let Some(batch) = open.builder.build() else {
+            return;
+        };
+        let Ok(permit) = self.permits.clone().acquire_owned().await else {
+            return;
+        };
         let id = self.next_id;
         self.next_id += 1;
-        let req = ProduceRequest { request_id: id, topic: key.0.to_string(), partition: key.1, batch };
-        let flight = InFlight { topic: key.0.clone(), partition: key.1, acks: open.acks, _permit: permit };
+        let req = ProduceRequest {
+            request_id: id,
+            topic: key.0.to_string(),
+            partition: key.1,
+            batch,
+        };
+        let flight = InFlight {
+            topic: key.0.clone(),
+            partition: key.1,
+            acks: open.acks,
+            _permit: permit,
+        };
         let (tx, in_flight) = match self.stream().await {
             Ok(s) => s,
             Err(e) => return fail(flight.acks, &e),
@@ -281,10 +342,18 @@ impl Accumulator {
             }
         }
         let (tx, rx) = mpsc::channel(self.config.max_in_flight.max(1));
-        let responses = self.client.rpc().produce(ReceiverStream::new(rx)).await?.into_inner();
+        let responses = self
+            .client
+            .rpc()
+            .produce(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
         let in_flight = InFlightMap::default();
         tokio::spawn(read_responses(responses, in_flight.clone()));
-        self.stream = Some(Stream { tx: tx.clone(), in_flight: in_flight.clone() });
+        self.stream = Some(Stream {
+            tx: tx.clone(),
+            in_flight: in_flight.clone(),
+        });
         Ok((tx, in_flight))
     }
 }
@@ -295,7 +364,10 @@ async fn read_responses(mut responses: tonic::Streaming<ProduceResponse>, in_fli
     let end = loop {
         match responses.message().await {
             Ok(Some(resp)) => {
-                let flight = in_flight.lock().expect("in-flight lock").remove(&resp.request_id);
+                let flight = in_flight
+                    .lock()
+                    .expect("in-flight lock")
+                    .remove(&resp.request_id);
                 if let Some(f) = flight {
                     resolve(f, &resp);
                 }
@@ -304,7 +376,12 @@ async fn read_responses(mut responses: tonic::Streaming<ProduceResponse>, in_fli
             Err(status) => break Error::from(status),
         }
     };
-    let rest: Vec<InFlight> = in_flight.lock().expect("in-flight lock").drain().map(|(_, f)| f).collect();
+    let rest: Vec<InFlight> = in_flight
+        .lock()
+        .expect("in-flight lock")
+        .drain()
+        .map(|(_, f)| f)
+        .collect();
     for f in rest {
         fail(f.acks, &end);
     }
@@ -315,7 +392,11 @@ fn resolve(f: InFlight, resp: &ProduceResponse) {
         return fail(f.acks, &Error::from_api(e));
     }
     for (i, ack) in f.acks.into_iter().enumerate() {
-        let meta = RecordMetadata { topic: f.topic.clone(), partition: f.partition, offset: resp.base_offset + i as u64 };
+        let meta = RecordMetadata {
+            topic: f.topic.clone(),
+            partition: f.partition,
+            offset: resp.base_offset + i as u64,
+        };
         let _ = ack.send(Ok(meta));
     }
 }

@@ -46,7 +46,14 @@ mod tests {
 
     #[test]
     fn accepts_valid_names() {
-        for n in ["a", "orders", "orders.v2", "a_b-c.D9", &"x".repeat(249), "..."] {
+        for n in [
+            "a",
+            "orders",
+            "orders.v2",
+            "a_b-c.D9",
+            &"x".repeat(249),
+            "...",
+        ] {
             assert_eq!(validate_topic_name(n), Ok(()), "{n}");
         }
     }
@@ -60,8 +67,14 @@ mod tests {
             validate_topic_name(&"x".repeat(250)),
             Err(TopicNameError::TooLong(250))
         );
-        assert_eq!(validate_topic_name("a b"), Err(TopicNameError::BadChar(' ')));
-        assert_eq!(validate_topic_name("a/b"), Err(TopicNameError::BadChar('/')));
+        assert_eq!(
+            validate_topic_name("a b"),
+            Err(TopicNameError::BadChar(' '))
+        );
+        assert_eq!(
+            validate_topic_name("a/b"),
+            Err(TopicNameError::BadChar('/'))
+        );
         assert_eq!(validate_topic_name("é"), Err(TopicNameError::BadChar('é')));
     }
 }

@@ -65,7 +65,10 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
 
 async fn produce(a: ProduceArgs) -> anyhow::Result<()> {
     let client = a.conn.connect().await?;
-    match client.create_topic(TopicSpec::new(a.topic.clone()).partitions(a.partitions)).await {
+    match client
+        .create_topic(TopicSpec::new(a.topic.clone()).partitions(a.partitions))
+        .await
+    {
         Ok(_) => {}
         Err(e) if e.reason() == Some(Reason::TopicExists) => {}
         Err(e) => return Err(e.into()),
@@ -89,7 +92,11 @@ async fn produce(a: ProduceArgs) -> anyhow::Result<()> {
     });
     let start = Instant::now();
     for _ in 0..a.records {
-        let record = Record { value: value.clone(), timestamp_ms: covet_broker::now_ms(), ..Record::default() };
+        let record = Record {
+            value: value.clone(),
+            timestamp_ms: covet_broker::now_ms(),
+            ..Record::default()
+        };
         let d = producer.send(&a.topic, record).await?;
         if tx.send((Instant::now(), d)).await.is_err() {
             break;
@@ -100,7 +107,12 @@ async fn produce(a: ProduceArgs) -> anyhow::Result<()> {
     let mut lat = waiter.await??;
     let secs = start.elapsed().as_secs_f64();
     lat.sort_unstable();
-    let pct = |q: f64| lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1000.0;
+    let pct = |q: f64| {
+        lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
     let n = lat.len() as f64;
     println!(
         "{}",

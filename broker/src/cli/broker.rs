@@ -33,7 +33,10 @@ pub struct BrokerArgs {
 pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(&args.log_level)
         .map_err(|e| anyhow::anyhow!("bad --log-level '{}': {e}", args.log_level))?;
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     if args.node_id == 0 {
         anyhow::bail!("--node-id must be at least 1");
     }

@@ -61,7 +61,11 @@ impl TableFormat {
     /// Table on a terminal, JSON for scripts, unless chosen.
     fn resolve(choice: Option<TableFormat>) -> TableFormat {
         use std::io::IsTerminal;
-        choice.unwrap_or(if std::io::stdout().is_terminal() { TableFormat::Table } else { TableFormat::Json })
+        choice.unwrap_or(if std::io::stdout().is_terminal() {
+            TableFormat::Table
+        } else {
+            TableFormat::Json
+        })
     }
 }
 
@@ -103,7 +107,9 @@ fn parse_position(s: &str, allow_latest: bool) -> anyhow::Result<StartPosition> 
 
 fn parse_time_ms(s: &str) -> anyhow::Result<i64> {
     let t = humantime::parse_rfc3339_weak(s).map_err(|_| {
-        anyhow::anyhow!("'{s}' is not a position: use earliest, latest, an offset, or an RFC 3339 time")
+        anyhow::anyhow!(
+            "'{s}' is not a position: use earliest, latest, an offset, or an RFC 3339 time"
+        )
     })?;
     let ms = t
         .duration_since(std::time::UNIX_EPOCH)

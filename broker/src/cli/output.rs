@@ -9,7 +9,10 @@ use serde_json::{json, Value};
 fn bytes_json(b: &[u8]) -> (Value, &'static str) {
     match std::str::from_utf8(b) {
         Ok(s) => (Value::String(s.to_string()), "utf8"),
-        Err(_) => (Value::String(base64::engine::general_purpose::STANDARD.encode(b)), "base64"),
+        Err(_) => (
+            Value::String(base64::engine::general_purpose::STANDARD.encode(b)),
+            "base64",
+        ),
     }
 }
 
@@ -79,7 +82,11 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
         }
     }
     let line = |cells: Vec<&str>| {
-        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", parts.join("  ").trim_end());
     };
     line(header.to_vec());

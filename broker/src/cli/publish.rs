@@ -37,8 +37,14 @@ fn parse_header(s: &str) -> Result<(String, String), String> {
 pub async fn run(a: PublishArgs) -> anyhow::Result<()> {
     let client = a.conn.connect().await?;
     let producer = client.producer(ProducerConfig::default());
-    let headers: Vec<Header> =
-        a.headers.iter().map(|(k, v)| Header { key: k.clone(), value: Bytes::from(v.clone()) }).collect();
+    let headers: Vec<Header> = a
+        .headers
+        .iter()
+        .map(|(k, v)| Header {
+            key: k.clone(),
+            value: Bytes::from(v.clone()),
+        })
+        .collect();
     let make = |value: String| Record {
         key: a.key.clone().map(Bytes::from),
         value: Bytes::from(value),

@@ -124,19 +124,26 @@ async fn replay_partition(
     format: RecordFormat,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    let mut stream = client.open_partition(topic, partition, from, WINDOW).await?;
+    let mut stream = client
+        .open_partition(topic, partition, from, WINDOW)
+        .await?;
     let stop = match *end {
         End::Latest => stream.high_watermark(),
         End::Offset(o) => o.min(stream.high_watermark()),
         End::Time(t) => {
             // The end is where a subscription at that time would start.
-            let probe = client.open_partition(topic, partition, StartPosition::Timestamp(t), 0).await?;
+            let probe = client
+                .open_partition(topic, partition, StartPosition::Timestamp(t), 0)
+                .await?;
             probe.position()
         }
     };
     while stream.position() < stop {
         let Some(records) = stream.next_batch().await? else {
-            anyhow::bail!("the broker closed partition {partition}'s stream at offset {}", stream.position());
+            anyhow::bail!(
+                "the broker closed partition {partition}'s stream at offset {}",
+                stream.position()
+            );
         };
         let mut taken = 0;
         for r in records.iter().take_while(|r| r.offset < stop) {

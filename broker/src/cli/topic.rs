@@ -80,7 +80,11 @@ pub async fn run(cmd: TopicCommand) -> anyhow::Result<()> {
             let info = client.create_topic(spec).await?;
             match TableFormat::resolve(a.format) {
                 TableFormat::Json => println!("{}", topic_json(&info)),
-                TableFormat::Table => println!("created topic {} with {} partitions", info.name, info.partitions.len()),
+                TableFormat::Table => println!(
+                    "created topic {} with {} partitions",
+                    info.name,
+                    info.partitions.len()
+                ),
             }
         }
         TopicCommand::List(a) => {
@@ -92,7 +96,11 @@ pub async fn run(cmd: TopicCommand) -> anyhow::Result<()> {
                         .iter()
                         .map(|t| {
                             let c = t.config.unwrap_or_default();
-                            let records: u64 = t.partitions.iter().map(|p| p.high_watermark - p.start_offset).sum();
+                            let records: u64 = t
+                                .partitions
+                                .iter()
+                                .map(|p| p.high_watermark - p.start_offset)
+                                .sum();
                             vec![
                                 t.name.clone(),
                                 t.partitions.len().to_string(),
@@ -103,7 +111,17 @@ pub async fn run(cmd: TopicCommand) -> anyhow::Result<()> {
                             ]
                         })
                         .collect();
-                    print_table(&["TOPIC", "PARTITIONS", "REPLICAS", "RECORDS", "RETENTION_MS", "RETENTION_BYTES"], &rows);
+                    print_table(
+                        &[
+                            "TOPIC",
+                            "PARTITIONS",
+                            "REPLICAS",
+                            "RECORDS",
+                            "RETENTION_MS",
+                            "RETENTION_BYTES",
+                        ],
+                        &rows,
+                    );
                 }
             }
         }
@@ -125,7 +143,8 @@ pub async fn run(cmd: TopicCommand) -> anyhow::Result<()> {
                         .partitions
                         .iter()
                         .map(|p| {
-                            let replicas: Vec<String> = p.replicas.iter().map(u64::to_string).collect();
+                            let replicas: Vec<String> =
+                                p.replicas.iter().map(u64::to_string).collect();
                             vec![
                                 p.partition.to_string(),
                                 p.leader.to_string(),
@@ -135,7 +154,16 @@ pub async fn run(cmd: TopicCommand) -> anyhow::Result<()> {
                             ]
                         })
                         .collect();
-                    print_table(&["PARTITION", "LEADER", "REPLICAS", "START_OFFSET", "HIGH_WATERMARK"], &rows);
+                    print_table(
+                        &[
+                            "PARTITION",
+                            "LEADER",
+                            "REPLICAS",
+                            "START_OFFSET",
+                            "HIGH_WATERMARK",
+                        ],
+                        &rows,
+                    );
                 }
             }
         }

@@ -39,7 +39,11 @@ impl MetaState {
                 u64::from_le_bytes(v[0..8].try_into().unwrap_or_default()),
                 u64::from_le_bytes(v[8..16].try_into().unwrap_or_default()),
             ),
-            Some(_) => return Err(BrokerError::Storage("corrupt metadata state in sled".into())),
+            Some(_) => {
+                return Err(BrokerError::Storage(
+                    "corrupt metadata state in sled".into(),
+                ))
+            }
             None => (0, 1),
         };
         let mut topics = BTreeMap::new();
@@ -49,7 +53,12 @@ impl MetaState {
                 .map_err(|e| BrokerError::Storage(format!("corrupt topic record in sled: {e}")))?;
             topics.insert(t.name.clone(), t);
         }
-        Ok(MetaState { tree, applied, next_group, topics })
+        Ok(MetaState {
+            tree,
+            applied,
+            next_group,
+            topics,
+        })
     }
 
     pub fn applied(&self) -> u64 {
@@ -86,7 +95,9 @@ impl MetaState {
         let outcome = match MetaCommand::decode(data).ok().and_then(|c| c.kind) {
             Some(meta_command::Kind::CreateTopic(c)) => self.create_topic(c),
             Some(meta_command::Kind::DeleteTopic(d)) => self.delete_topic(d),
-            None => Err(BrokerError::Internal(format!("undecodable metadata entry at {index}"))),
+            None => Err(BrokerError::Internal(format!(
+                "undecodable metadata entry at {index}"
+            ))),
         };
         let mut batch = sled::Batch::default();
         match &outcome {
@@ -107,7 +118,12 @@ impl MetaState {
         let n = u64::from(config.partitions);
         let groups = (self.next_group..self.next_group + n).collect();
         self.next_group += n;
-        let record = TopicRecord { name: c.name.clone(), config: Some(config), groups, created_ms: c.created_ms };
+        let record = TopicRecord {
+            name: c.name.clone(),
+            config: Some(config),
+            groups,
+            created_ms: c.created_ms,
+        };
         self.topics.insert(c.name, record.clone());
         Ok(MetaEffect::TopicCreated(record))
     }
@@ -129,12 +145,19 @@ fn topic_key(name: &str) -> Vec<u8> {
 /// Encodes a create-topic command for proposal.
 pub fn create_topic_command(name: String, config: TopicConfig, created_ms: i64) -> Vec<u8> {
     MetaCommand {
-        kind: Some(meta_command::Kind::CreateTopic(CreateTopic { name, config: Some(config), created_ms })),
+        kind: Some(meta_command::Kind::CreateTopic(CreateTopic {
+            name,
+            config: Some(config),
+            created_ms,
+        })),
     }
     .encode_to_vec()
 }
 
 /// Encodes a delete-topic command for proposal.
 pub fn delete_topic_command(name: String) -> Vec<u8> {
-    MetaCommand { kind: Some(meta_command::Kind::DeleteTopic(DeleteTopic { name })) }.encode_to_vec()
+    MetaCommand {
+        kind: Some(meta_command::Kind::DeleteTopic(DeleteTopic { name })),
+    }
+    .encode_to_vec()
 }

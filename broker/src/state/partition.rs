@@ -13,7 +13,7 @@
 //! - `t` + running max timestamp (order-preserving u64 BE) → base offset:
 //!   written when a batch raises the partition's max timestamp, so a
 //!   timestamp seek is one range lookup;
-//! - `s` → [`Durable`]: applied index, next offset, start offset, max
+//! - `s` → applied index, next offset, start offset, max
 //!   timestamp.
 
 use bytes::Bytes;
@@ -55,7 +55,12 @@ struct Durable {
 impl Default for Durable {
     fn default() -> Self {
         // No batch yet: any timestamp raises the max.
-        Durable { applied: 0, next_offset: 0, start_offset: 0, max_timestamp: i64::MIN }
+        Durable {
+            applied: 0,
+            next_offset: 0,
+            start_offset: 0,
+            max_timestamp: i64::MIN,
+        }
     }
 }
 
@@ -114,11 +119,13 @@ impl OffsetIndex {
 
     /// The batch holding `offset`, if it is indexed.
     pub fn locate(&self, offset: u64) -> Result<Option<BatchLocation>> {
-        let found = self.tree.range(offset_key(0)..=offset_key(offset)).next_back();
+        let found = self
+            .tree
+            .range(offset_key(0)..=offset_key(offset))
+            .next_back();
         Ok(match found.transpose()? {
-            Some((k, v)) => decode_location(&k, &v).filter(|l| {
-                offset < l.base_offset.saturating_add(u64::from(l.record_count))
-            }),
+            Some((k, v)) => decode_location(&k, &v)
+                .filter(|l| offset < l.base_offset.saturating_add(u64::from(l.record_count))),
             None => None,
         })
     }
@@ -148,7 +155,10 @@ impl OffsetIndex {
     pub fn offset_for_time(&self, ts: i64) -> Result<Option<u64>> {
         let found = self.tree.range(time_key(ts)..=time_key(i64::MAX)).next();
         Ok(match found.transpose()? {
-            Some((_, v)) => v.get(0..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes),
+            Some((_, v)) => v
+                .get(0..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes),
             None => None,
         })
     }
@@ -176,7 +186,13 @@ impl PartitionState {
             start_offset: durable.start_offset,
             high_watermark: durable.next_offset,
         });
-        Ok(PartitionState { tree, durable, pending: sled::Batch::default(), dirty: false, progress })
+        Ok(PartitionState {
+            tree,
+            durable,
+            pending: sled::Batch::default(),
+            dirty: false,
+            progress,
+        })
     }
 
     pub fn applied(&self) -> u64 {
@@ -201,7 +217,8 @@ impl PartitionState {
     /// it is never served. Deterministic: every replica decides the same.
     pub fn apply_batch(&mut self, index: u64, data: &Bytes) -> Result<(u64, u32)> {
         self.mark_applied(index);
-        let header = batch::read_header(data).map_err(|e| BrokerError::CorruptBatch(e.to_string()))?;
+        let header =
+            batch::read_header(data).map_err(|e| BrokerError::CorruptBatch(e.to_string()))?;
         if header.base_offset != self.durable.next_offset {
             // The leader that stamped this batch assumed a log tail that did
             // not survive (a leader change dropped earlier proposals).
@@ -211,7 +228,8 @@ impl PartitionState {
         value[0..8].copy_from_slice(&index.to_le_bytes());
         value[8..12].copy_from_slice(&header.record_count.to_le_bytes());
         value[12..20].copy_from_slice(&header.max_timestamp.to_le_bytes());
-        self.pending.insert(&offset_key(header.base_offset)[..], &value[..]);
+        self.pending
+            .insert(&offset_key(header.base_offset)[..], &value[..]);
         if header.max_timestamp > self.durable.max_timestamp {
             self.durable.max_timestamp = header.max_timestamp;
             self.pending.insert(
@@ -260,7 +278,10 @@ impl PartitionState {
     /// first offset held in an entry after `raft_index`.
     pub fn snapshot_at(&self, raft_index: u64) -> Result<PartitionSnapshot> {
         let mut next = self.durable.next_offset;
-        for item in self.tree.range(offset_key(self.durable.start_offset)..=offset_key(u64::MAX)) {
+        for item in self
+            .tree
+            .range(offset_key(self.durable.start_offset)..=offset_key(u64::MAX))
+        {
             let (k, v) = item?;
             if let Some(l) = decode_location(&k, &v) {
                 if l.raft_index > raft_index {
@@ -294,7 +315,10 @@ impl PartitionState {
         let mut last_removed = None;
         for item in self.tree.range(time_key(i64::MIN)..=time_key(i64::MAX)) {
             let (k, v) = item?;
-            let base = v.get(0..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+            let base = v
+                .get(0..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes);
             if base.is_some_and(|b| b < start_offset) {
                 batch.remove(k.clone());
                 last_removed = Some(k);

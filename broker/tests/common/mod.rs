@@ -64,7 +64,9 @@ impl Broker {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx.recv_timeout(left).expect("broker did not print a ready line in time");
+            let line = rx
+                .recv_timeout(left)
+                .expect("broker did not print a ready line in time");
             if line.contains("ready") {
                 let addr = line
                     .split("listening on ")
@@ -90,7 +92,10 @@ impl Broker {
     /// SIGTERM, and the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("broker running");
-        let status = Command::new("kill").args(["-TERM", &c.id().to_string()]).status().expect("kill");
+        let status = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .expect("kill");
         assert!(status.success());
         c.wait().expect("wait broker")
     }
