@@ -317,7 +317,7 @@ impl Driver {
 
     /// One round over every group with a `Ready`; see the module docs.
     fn round(&mut self) -> Result<()> {
-        let _span = tracing::trace_span!("raft_round").entered();
+        let _span = tracing::debug_span!("raft_round").entered();
         let mut effects = Vec::new();
         let mut pending = Vec::new();
         for (&id, g) in self.groups.iter_mut() {
@@ -401,6 +401,7 @@ fn send_messages(group: u64, msgs: Vec<Message>) {
 
 /// Syncs every log touched in a round, concurrently: the round's latency is
 /// that of the slowest sync, not their sum.
+#[tracing::instrument(level = "debug", skip_all, fields(groups = storages.len()))]
 fn sync_all(storages: &[&GroupStorage]) -> Result<()> {
     if storages.len() <= 1 {
         return storages

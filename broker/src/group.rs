@@ -208,6 +208,7 @@ impl Group {
     }
 
     /// Stamps the next offset into a validated batch and proposes it.
+    #[tracing::instrument(level = "debug", skip_all, fields(group = self.id, bytes = batch_bytes.len()))]
     pub fn propose_batch(&mut self, batch_bytes: Bytes, tx: Responder) {
         if !self.is_leader() {
             let _ = tx.send(Err(self.not_leader()));

@@ -25,6 +25,8 @@ pub struct BrokerConfig {
     pub node_id: u64,
     pub segment_bytes: u64,
     pub retention_interval: Duration,
+    /// When the process started, for the start-to-ready figure.
+    pub started: std::time::Instant,
 }
 
 /// Runs a broker until `stop` resolves (a signal, in the binary).

@@ -53,6 +53,7 @@ impl CovetService {
     }
 
     /// Checks a produce request and returns the partition's Raft group.
+    #[tracing::instrument(level = "debug", skip_all, fields(topic = %req.topic, partition = req.partition, bytes = req.batch.len()))]
     fn validate_produce(&self, req: &ProduceRequest) -> Result<u64> {
         let topic = self.node.catalog.topic(&req.topic)?;
         let partition = topic.partition(req.partition)?;

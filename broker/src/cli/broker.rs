@@ -30,7 +30,7 @@ pub struct BrokerArgs {
     retention_check_ms: u64,
 }
 
-pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
+pub async fn run(args: BrokerArgs, started: std::time::Instant) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(&args.log_level)
         .map_err(|e| anyhow::anyhow!("bad --log-level '{}': {e}", args.log_level))?;
     tracing_subscriber::fmt()
@@ -46,6 +46,7 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
         node_id: args.node_id,
         segment_bytes: args.segment_bytes.max(4096),
         retention_interval: Duration::from_millis(args.retention_check_ms.max(10)),
+        started,
     };
     server::run(config, shutdown_signal()).await
 }

@@ -69,9 +69,9 @@ impl TableFormat {
     }
 }
 
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+pub async fn run(cli: Cli, started: std::time::Instant) -> anyhow::Result<()> {
     match cli.command {
-        Command::Broker(args) => broker::run(args).await,
+        Command::Broker(args) => broker::run(args, started).await,
         Command::Topic(cmd) => topic::run(cmd).await,
         Command::Publish(args) => publish::run(args).await,
         Command::Subscribe(args) => read::subscribe(args).await,

@@ -215,6 +215,7 @@ impl PartitionState {
     /// Returns the batch's (base offset, record count), or the reason it was
     /// rejected; a rejected entry stays in the log but is never indexed, so
     /// it is never served. Deterministic: every replica decides the same.
+    #[tracing::instrument(level = "debug", skip_all, fields(index = index))]
     pub fn apply_batch(&mut self, index: u64, data: &Bytes) -> Result<(u64, u32)> {
         self.mark_applied(index);
         let header =
