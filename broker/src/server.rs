@@ -73,9 +73,10 @@ pub async fn run(
         _ = &mut stop => { let _ = shutdown_tx.send(true); return Ok(()); }
     }
     println!(
-        "covet broker ready: node {} listening on {address}, data dir {}",
+        "covet broker ready: node {} listening on {address}, data dir {}, started in {} ms",
         config.node_id,
-        config.data_dir.display()
+        config.data_dir.display(),
+        config.started.elapsed().as_millis()
     );
     tracing::info!(%address, "ready");
     let outcome = tokio::select! {
