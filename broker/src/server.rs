@@ -14,6 +14,10 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::driver::{self, DriverConfig};
 use crate::service::{CovetService, MAX_MAX_BATCH_BYTES};
 
+/// HTTP/2 flow-control windows: how much a peer may send on one stream,
+/// and on one connection, before this side has read it.
+pub const STREAM_WINDOW: u32 = 8 << 20;
+pub const CONNECTION_WINDOW: u32 = 32 << 20;
 /// How long in-flight calls get to finish after a shutdown signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -57,6 +61,10 @@ pub async fn run(
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            // Batches are up to MAX_MAX_BATCH_BYTES; HTTP/2's small default
+            // windows would stall a stream on every large batch.
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
             .add_service(
                 CovetServer::new(service)
                     .max_decoding_message_size(max_message)

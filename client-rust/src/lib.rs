@@ -91,6 +91,10 @@ impl Client {
                 .map_err(|e| Error::InvalidArgument(format!("bad broker address {seed}: {e}")))?
                 .connect_timeout(Duration::from_secs(5))
                 .tcp_nodelay(true)
+                // Large batches on one stream would stall on HTTP/2's small
+                // default windows.
+                .initial_stream_window_size(8 << 20)
+                .initial_connection_window_size(32 << 20)
                 .http2_keep_alive_interval(Duration::from_secs(20));
             match endpoint.connect().await {
                 Ok(channel) => {

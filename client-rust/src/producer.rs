@@ -1,29 +1,39 @@
 //! The batching producer.
 //!
-//! `send` hands a record to a background task that keeps one open batch per
-//! partition. A batch is sent when it reaches `max_batch_bytes`, when it has
-//! waited `linger`, or on `flush`. Batches go out on one long-lived produce
-//! stream, up to `max_in_flight` at a time; the broker proposes a stream's
-//! batches in order, so each partition's records are acknowledged in the
-//! order they were sent. Each record's [`Delivery`] resolves with its offset
-//! once the broker has committed and applied its batch, or with the error
-//! that failed the batch.
+//! `send` appends the record to the open batch of its partition, under a
+//! short lock and without switching tasks. A batch is closed when it reaches
+//! `max_batch_bytes`, when it has waited `linger`, or on `flush`; closed
+//! batches join one FIFO queue that a sender task drains onto a single
+//! long-lived produce stream, up to `max_in_flight` batches unanswered. The
+//! broker proposes a stream's batches in order, so each partition's records
+//! are acknowledged in the order they were sent.
+//!
+//! Memory is bounded by `buffer_bytes`: a record takes its encoded size from
+//! the buffer when it is sent and gives it back when its batch is answered;
+//! `send` waits while the buffer is full. That is the producer's
+//! backpressure.
+//!
+//! Each record's [`Delivery`] resolves with its offset once the broker has
+//! committed and applied its batch, or with the error that failed the batch.
+//! Records of one batch share one completion, so acknowledging a batch of
+//! ten thousand records is one store and one wake-up, not ten thousand.
+
+mod sender;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use covet_protocol::api::{ProduceRequest, ProduceResponse};
 use covet_protocol::batch::{BatchBuilder, Record};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::partitioner::partition_for_key;
 use crate::{Client, Error, Result};
+use sender::{Queued, Sender};
 
 /// Producer settings.
 #[derive(Debug, Clone)]
@@ -34,8 +44,9 @@ pub struct ProducerConfig {
     pub max_batch_bytes: usize,
     /// Batches sent and not yet acknowledged.
     pub max_in_flight: usize,
-    /// Records queued for the background task before `send` waits.
-    pub queue: usize,
+    /// Bytes of records accepted and not yet acknowledged; `send` waits
+    /// beyond it.
+    pub buffer_bytes: usize,
 }
 
 impl Default for ProducerConfig {
@@ -44,7 +55,7 @@ impl Default for ProducerConfig {
             linger: Duration::from_millis(5),
             max_batch_bytes: 1 << 20,
             max_in_flight: 64,
-            queue: 8192,
+            buffer_bytes: 64 << 20,
         }
     }
 }
@@ -57,46 +68,134 @@ pub struct RecordMetadata {
     pub offset: u64,
 }
 
-type Ack = oneshot::Sender<Result<RecordMetadata>>;
+/// The outcome of one batch, shared by the deliveries of its records.
+#[derive(Default)]
+pub(crate) struct BatchAck {
+    /// The batch's base offset, or why it failed.
+    outcome: OnceLock<Result<u64>>,
+    notify: Notify,
+}
+
+impl BatchAck {
+    pub(crate) fn complete(&self, outcome: Result<u64>) {
+        let _ = self.outcome.set(outcome);
+        self.notify.notify_waiters();
+    }
+}
 
 /// Resolves when the record is acknowledged (or failed).
-pub struct Delivery(oneshot::Receiver<Result<RecordMetadata>>);
+pub struct Delivery {
+    wait: Pin<Box<dyn Future<Output = Result<RecordMetadata>> + Send>>,
+}
+
+impl Delivery {
+    fn new(ack: Arc<BatchAck>, topic: Arc<str>, partition: u32, index: u32) -> Delivery {
+        let wait = async move {
+            loop {
+                let notified = ack.notify.notified();
+                tokio::pin!(notified);
+                // Register before checking, so a completion in between is
+                // not missed.
+                notified.as_mut().enable();
+                if let Some(outcome) = ack.outcome.get() {
+                    return match outcome {
+                        Ok(base) => Ok(RecordMetadata {
+                            topic,
+                            partition,
+                            offset: base + u64::from(index),
+                        }),
+                        Err(e) => Err(e.clone()),
+                    };
+                }
+                notified.await;
+            }
+        };
+        Delivery {
+            wait: Box::pin(wait),
+        }
+    }
+}
 
 impl Future for Delivery {
     type Output = Result<RecordMetadata>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0)
-            .poll(cx)
-            .map(|r| r.unwrap_or(Err(Error::Closed)))
+        self.wait.as_mut().poll(cx)
     }
 }
 
-enum Cmd {
-    Send {
-        topic: Arc<str>,
-        partition: Option<u32>,
-        record: Record,
-        ack: Ack,
-    },
-    Flush(oneshot::Sender<()>),
+/// A batch being filled.
+struct OpenBatch {
+    builder: BatchBuilder,
+    ack: Arc<BatchAck>,
+    /// Buffer bytes the records hold, returned when the batch is answered.
+    reserved: usize,
+    deadline: Instant,
 }
 
-/// A handle to the producer; clones share one background task.
+/// A closed batch, on its way to the broker.
+pub(crate) struct ClosedBatch {
+    pub topic: Arc<str>,
+    pub partition: u32,
+    pub batch: bytes::Bytes,
+    pub ack: Arc<BatchAck>,
+    pub reserved: usize,
+}
+
+struct TopicState {
+    name: Arc<str>,
+    /// Partition unkeyed records go to until its batch closes.
+    sticky: u32,
+    open: Vec<Option<OpenBatch>>,
+}
+
+/// Batches under construction. Every change happens under one lock, and a
+/// closed batch is queued before the lock is released, so batches of one
+/// partition enter the queue in the order their records were sent.
+#[derive(Default)]
+struct State {
+    topics: HashMap<String, TopicState>,
+    open_batches: usize,
+}
+
+struct Shared {
+    config: ProducerConfig,
+    client: Client,
+    state: Mutex<State>,
+    queue: mpsc::UnboundedSender<Queued>,
+    /// Free bytes of the record buffer.
+    buffer: Arc<Semaphore>,
+    /// Wakes the linger task when the first batch opens.
+    opened: Arc<Notify>,
+}
+
+/// A handle to the producer; clones share its batches and its stream.
 #[derive(Clone)]
 pub struct Producer {
-    tx: mpsc::Sender<Cmd>,
+    shared: Arc<Shared>,
 }
 
 impl Producer {
     pub(crate) fn start(client: Client, config: ProducerConfig) -> Producer {
-        let (tx, rx) = mpsc::channel(config.queue.max(1));
-        tokio::spawn(Accumulator::new(client, config).run(rx));
-        Producer { tx }
+        let (queue, rx) = mpsc::unbounded_channel();
+        let buffer = Arc::new(Semaphore::new(
+            config.buffer_bytes.clamp(1, Semaphore::MAX_PERMITS),
+        ));
+        let shared = Arc::new(Shared {
+            config: config.clone(),
+            client: client.clone(),
+            state: Mutex::new(State::default()),
+            queue,
+            buffer: buffer.clone(),
+            opened: Arc::new(Notify::new()),
+        });
+        tokio::spawn(Sender::new(client, config.max_in_flight, buffer).run(rx));
+        tokio::spawn(linger(Arc::downgrade(&shared), shared.opened.clone()));
+        Producer { shared }
     }
 
     /// Queues a record for `topic`, partitioned by key (or sticky when
-    /// unkeyed). Waits only if the queue is full.
+    /// unkeyed). Waits only while the buffer is full.
     pub async fn send(&self, topic: &str, record: Record) -> Result<Delivery> {
         self.enqueue(topic, None, record).await
     }
@@ -112,297 +211,193 @@ impl Producer {
         partition: Option<u32>,
         record: Record,
     ) -> Result<Delivery> {
-        let (ack, rx) = oneshot::channel();
-        let cmd = Cmd::Send {
-            topic: topic.into(),
-            partition,
-            record,
-            ack,
+        let shared = &self.shared;
+        let size = BatchBuilder::new().encoded_len_with(&record);
+        let reserve = size.min(shared.config.buffer_bytes).max(1);
+        match shared.buffer.try_acquire_many(reserve as u32) {
+            Ok(p) => p.forget(),
+            Err(_) => shared
+                .buffer
+                .acquire_many(reserve as u32)
+                .await
+                .map_err(|_| Error::Closed)?
+                .forget(),
+        }
+        let appended = match self.known_partitions(topic).await {
+            Ok(()) => self.append(topic, partition, &record, reserve),
+            Err(e) => Err(e),
         };
-        self.tx.send(cmd).await.map_err(|_| Error::Closed)?;
-        Ok(Delivery(rx))
+        if appended.is_err() {
+            shared.buffer.add_permits(reserve);
+        }
+        appended
     }
 
-    /// Sends every open batch and waits until all records queued before the
+    /// Makes sure the topic's partition count is known, asking the broker
+    /// the first time (without holding the lock).
+    async fn known_partitions(&self, topic: &str) -> Result<()> {
+        if self.lock().topics.contains_key(topic) {
+            return Ok(());
+        }
+        let info = self.shared.client.describe_topic(topic).await?;
+        let count = info.partitions.len().max(1);
+        let mut state = self.lock();
+        state
+            .topics
+            .entry(topic.to_string())
+            .or_insert_with(|| TopicState {
+                name: topic.into(),
+                sticky: 0,
+                open: (0..count).map(|_| None).collect(),
+            });
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.shared.state.lock().expect("producer state lock")
+    }
+
+    /// Appends under the lock; closes and queues the batch when full.
+    fn append(
+        &self,
+        topic: &str,
+        explicit: Option<u32>,
+        record: &Record,
+        reserve: usize,
+    ) -> Result<Delivery> {
+        let shared = &self.shared;
+        let max = shared.config.max_batch_bytes;
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let Some(t) = state.topics.get_mut(topic) else {
+            return Err(Error::Closed);
+        };
+        let count = t.open.len() as u32;
+        let p = match (explicit, &record.key) {
+            (Some(p), _) if p < count => p,
+            (Some(p), _) => {
+                return Err(Error::InvalidArgument(format!(
+                    "topic {topic} has no partition {p}"
+                )))
+            }
+            (None, Some(key)) => partition_for_key(key, count),
+            (None, None) => t.sticky,
+        };
+        let slot = &mut t.open[p as usize];
+        if slot
+            .as_ref()
+            .is_some_and(|b| b.builder.encoded_len_with(record) > max)
+        {
+            let full = slot.take();
+            state.open_batches -= 1;
+            close(shared, t, p, full);
+        }
+        let slot = &mut t.open[p as usize];
+        if slot.is_none() {
+            *slot = Some(OpenBatch {
+                builder: BatchBuilder::new(),
+                ack: Arc::default(),
+                reserved: 0,
+                deadline: Instant::now() + shared.config.linger,
+            });
+            state.open_batches += 1;
+            if state.open_batches == 1 {
+                shared.opened.notify_one();
+            }
+        }
+        let open = slot.as_mut().ok_or(Error::Closed)?;
+        open.builder
+            .try_push(record)
+            .map_err(|e| Error::InvalidArgument(format!("record cannot be batched: {e}")))?;
+        open.reserved += reserve;
+        let index = open.builder.record_count() - 1;
+        let delivery = Delivery::new(open.ack.clone(), t.name.clone(), p, index);
+        if open.builder.encoded_len() >= max {
+            let full = slot.take();
+            state.open_batches -= 1;
+            close(shared, t, p, full);
+        }
+        Ok(delivery)
+    }
+
+    /// Closes every open batch and waits until all records sent before the
     /// call are acknowledged or failed.
     pub async fn flush(&self) -> Result<()> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Cmd::Flush(tx))
-            .await
-            .map_err(|_| Error::Closed)?;
+        let (done, rx) = oneshot::channel();
+        {
+            let mut state = self.lock();
+            close_where(&self.shared, &mut state, |_| true);
+            self.shared
+                .queue
+                .send(Queued::Barrier(done))
+                .map_err(|_| Error::Closed)?;
+        }
         rx.await.map_err(|_| Error::Closed)
     }
 }
 
-struct OpenBatch {
-    builder: BatchBuilder,
-    acks: Vec<Ack>,
-    deadline: Instant,
-}
-
-struct InFlight {
-    topic: Arc<str>,
-    partition: u32,
-    acks: Vec<Ack>,
-    _permit: OwnedSemaphorePermit,
-}
-
-type InFlightMap = Arc<Mutex<HashMap<u64, InFlight>>>;
-
-/// The produce stream currently open to the broker, and the batches sent
-/// on it that await an answer.
-struct Stream {
-    tx: mpsc::Sender<ProduceRequest>,
-    in_flight: InFlightMap,
-}
-
-struct Accumulator {
-    client: Client,
-    config: ProducerConfig,
-    /// Partition count and sticky partition of each topic seen.
-    topics: HashMap<Arc<str>, (u32, u32)>,
-    open: HashMap<(Arc<str>, u32), OpenBatch>,
-    permits: Arc<Semaphore>,
-    stream: Option<Stream>,
-    next_id: u64,
-}
-
-impl Accumulator {
-    fn new(client: Client, config: ProducerConfig) -> Self {
-        let permits = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
-        Accumulator {
-            client,
-            config,
-            topics: HashMap::new(),
-            open: HashMap::new(),
-            permits,
-            stream: None,
-            next_id: 0,
-        }
+/// Queues a closed batch; unkeyed records move on to the next partition.
+fn close(shared: &Shared, t: &mut TopicState, partition: u32, open: Option<OpenBatch>) {
+    if t.sticky == partition {
+        t.sticky = (partition + 1) % t.open.len() as u32;
     }
-
-    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
-        loop {
-            let deadline = self.open.values().map(|b| b.deadline).min();
-            let cmd = match deadline {
-                Some(d) => tokio::select! {
-                    cmd = rx.recv() => cmd,
-                    _ = tokio::time::sleep_until(d) => { self.send_expired().await; continue; }
-                },
-                None => rx.recv().await,
+    let Some(open) = open else { return };
+    match open.builder.build() {
+        Some(batch) => {
+            let closed = ClosedBatch {
+                topic: t.name.clone(),
+                partition,
+                batch,
+                ack: open.ack,
+                reserved: open.reserved,
             };
-            match cmd {
-                Some(Cmd::Send {
-                    topic,
-                    partition,
-                    record,
-                    ack,
-                }) => self.add(topic, partition, record, ack).await,
-                Some(Cmd::Flush(done)) => {
-                    self.flush().await;
-                    let _ = done.send(());
-                }
-                None => {
-                    self.flush().await;
-                    return;
-                }
+            if let Err(mpsc::error::SendError(Queued::Batch(b))) =
+                shared.queue.send(Queued::Batch(closed))
+            {
+                b.ack.complete(Err(Error::Closed));
             }
         }
-    }
-
-    async fn add(&mut self, topic: Arc<str>, partition: Option<u32>, record: Record, ack: Ack) {
-        let partition = match self.choose_partition(&topic, partition, &record).await {
-            Ok(p) => p,
-            Err(e) => {
-                let _ = ack.send(Err(e));
-                return;
-            }
-        };
-        let key = (topic, partition);
-        let max = self.config.max_batch_bytes;
-        if let Some(open) = self.open.get(&key) {
-            if open.builder.encoded_len_with(&record) > max {
-                self.send_batch(&key).await;
-            }
-        }
-        let linger = self.config.linger;
-        let open = self.open.entry(key.clone()).or_insert_with(|| OpenBatch {
-            builder: BatchBuilder::new(),
-            acks: Vec::new(),
-            deadline: Instant::now() + linger,
-        });
-        if let Err(e) = open.builder.try_push(&record) {
-            let _ = ack.send(Err(Error::InvalidArgument(format!(
-                "record cannot be batched: {e}"
-            ))));
-            return;
-        }
-        open.acks.push(ack);
-        if open.builder.encoded_len() >= max {
-            self.send_batch(&key).await;
-        }
-    }
-
-    async fn choose_partition(
-        &mut self,
-        topic: &Arc<str>,
-        explicit: Option<u32>,
-        record: &Record,
-    ) -> Result<u32> {
-        if !self.topics.contains_key(topic) {
-            let info = self.client.describe_topic(topic).await?;
-            self.topics
-                .insert(topic.clone(), (info.partitions.len().max(1) as u32, 0));
-        }
-        let (count, sticky) = self.topics[topic];
-        match (explicit, &record.key) {
-            (Some(p), _) if p < count => Ok(p),
-            (Some(p), _) => Err(Error::InvalidArgument(format!(
-                "topic {topic} has no partition {p}"
-            ))),
-            (None, Some(key)) => Ok(partition_for_key(key, count)),
-            (None, None) => Ok(sticky),
-        }
-    }
-
-    async fn send_expired(&mut self) {
-        let now = Instant::now();
-        let due: Vec<_> = self
-            .open
-            .iter()
-            .filter(|(_, b)| b.deadline <= now)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in due {
-            self.send_batch(&key).await;
-        }
-    }
-
-    async fn flush(&mut self) {
-        let keys: Vec<_> = self.open.keys().cloned().collect();
-        for key in keys {
-            self.send_batch(&key).await;
-        }
-        // Every batch holds a permit until it is answered: holding all of
-        // them means nothing is in flight.
-        let all = self.config.max_in_flight.max(1) as u32;
-        drop(self.permits.acquire_many(all).await);
-    }
-
-    /// Sends the open batch of `key`, waiting for an in-flight slot.
-    async fn send_batch(&mut self, key: &(Arc<str>, u32)) {
-        let Some(open) = self.open.remove(key) else {
-            return;
-        };
-        if let Some(t) = self.topics.get_mut(&key.0) {
-            if t.1 == key.1 {
-                t.1 = (t.1 + 1) % t.0; // unkeyed records move on
-            }
-        }
-        let Some(batch) = open.builder.build() else {
-            return;
-        };
-        let Ok(permit) = self.permits.clone().acquire_owned().await else {
-            return;
-        };
-        let id = self.next_id;
-        self.next_id += 1;
-        let req = ProduceRequest {
-            request_id: id,
-            topic: key.0.to_string(),
-            partition: key.1,
-            batch,
-        };
-        let flight = InFlight {
-            topic: key.0.clone(),
-            partition: key.1,
-            acks: open.acks,
-            _permit: permit,
-        };
-        let (tx, in_flight) = match self.stream().await {
-            Ok(s) => s,
-            Err(e) => return fail(flight.acks, &e),
-        };
-        in_flight.lock().expect("in-flight lock").insert(id, flight);
-        if tx.send(req).await.is_err() {
-            self.stream = None;
-            if let Some(f) = in_flight.lock().expect("in-flight lock").remove(&id) {
-                fail(f.acks, &Error::Transport("produce stream closed".into()));
-            }
-        }
-    }
-
-    /// The open produce stream, opening one if there is none (or the last
-    /// one broke).
-    async fn stream(&mut self) -> Result<(mpsc::Sender<ProduceRequest>, InFlightMap)> {
-        if let Some(s) = &self.stream {
-            if !s.tx.is_closed() {
-                return Ok((s.tx.clone(), s.in_flight.clone()));
-            }
-        }
-        let (tx, rx) = mpsc::channel(self.config.max_in_flight.max(1));
-        let responses = self
-            .client
-            .rpc()
-            .produce(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        let in_flight = InFlightMap::default();
-        tokio::spawn(read_responses(responses, in_flight.clone()));
-        self.stream = Some(Stream {
-            tx: tx.clone(),
-            in_flight: in_flight.clone(),
-        });
-        Ok((tx, in_flight))
+        None => shared.buffer.add_permits(open.reserved),
     }
 }
 
-/// Resolves acks as responses arrive; when the stream ends, fails whatever
-/// is still in flight on it.
-async fn read_responses(mut responses: tonic::Streaming<ProduceResponse>, in_flight: InFlightMap) {
-    let end = loop {
-        match responses.message().await {
-            Ok(Some(resp)) => {
-                let flight = in_flight
-                    .lock()
-                    .expect("in-flight lock")
-                    .remove(&resp.request_id);
-                if let Some(f) = flight {
-                    resolve(f, &resp);
-                }
+/// Closes the open batches that `due` selects.
+fn close_where(shared: &Shared, state: &mut State, due: impl Fn(&OpenBatch) -> bool) {
+    for t in state.topics.values_mut() {
+        for p in 0..t.open.len() {
+            if t.open[p].as_ref().is_some_and(&due) {
+                let open = t.open[p].take();
+                state.open_batches -= 1;
+                close(shared, t, p as u32, open);
             }
-            Ok(None) => break Error::Transport("produce stream ended".into()),
-            Err(status) => break Error::from(status),
         }
-    };
-    let rest: Vec<InFlight> = in_flight
-        .lock()
-        .expect("in-flight lock")
-        .drain()
-        .map(|(_, f)| f)
-        .collect();
-    for f in rest {
-        fail(f.acks, &end);
     }
 }
 
-fn resolve(f: InFlight, resp: &ProduceResponse) {
-    if let Some(e) = &resp.error {
-        return fail(f.acks, &Error::from_api(e));
-    }
-    for (i, ack) in f.acks.into_iter().enumerate() {
-        let meta = RecordMetadata {
-            topic: f.topic.clone(),
-            partition: f.partition,
-            offset: resp.base_offset + i as u64,
+/// Closes batches whose linger has passed. Sleeps until the oldest open
+/// batch is due, or until a batch opens when none was.
+async fn linger(shared: std::sync::Weak<Shared>, opened: Arc<Notify>) {
+    loop {
+        let Some(s) = shared.upgrade() else { return };
+        let next = {
+            let mut state = s.state.lock().expect("producer state lock");
+            let now = Instant::now();
+            close_where(&s, &mut state, |b| b.deadline <= now);
+            state
+                .topics
+                .values()
+                .flat_map(|t| t.open.iter().flatten())
+                .map(|b| b.deadline)
+                .min()
         };
-        let _ = ack.send(Ok(meta));
-    }
-}
-
-fn fail(acks: Vec<Ack>, e: &Error) {
-    for ack in acks {
-        let _ = ack.send(Err(e.clone()));
+        drop(s);
+        match next {
+            Some(deadline) => tokio::time::sleep_until(deadline).await,
+            None => {
+                // The producer may be dropped while we wait; the timeout
+                // lets this task notice and end.
+                let _ = tokio::time::timeout(Duration::from_secs(1), opened.notified()).await;
+            }
+        }
     }
 }

@@ -11,6 +11,9 @@ use tokio::sync::mpsc;
 
 use super::Conn;
 
+/// One produced record in this many has its latency measured.
+const LATENCY_SAMPLE: u64 = 64;
+
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
     /// Produce records as fast as the producer allows.
@@ -80,8 +83,11 @@ async fn produce(a: ProduceArgs) -> anyhow::Result<()> {
         ..ProducerConfig::default()
     };
     let producer = client.producer(config);
+    let before = total_high_watermark(&client, &a.topic).await?;
     let value = Bytes::from(vec![b'x'; a.record_size]);
-    let (tx, mut rx) = mpsc::channel::<(Instant, covet_client::Delivery)>(1 << 16);
+    // Latency is sampled (one record in LATENCY_SAMPLE) so that measuring
+    // does not cost more than producing.
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, covet_client::Delivery)>();
     let waiter = tokio::spawn(async move {
         let mut latencies_us = Vec::new();
         while let Some((sent, d)) = rx.recv().await {
@@ -91,42 +97,54 @@ async fn produce(a: ProduceArgs) -> anyhow::Result<()> {
         Ok::<_, covet_client::Error>(latencies_us)
     });
     let start = Instant::now();
-    for _ in 0..a.records {
+    for i in 0..a.records {
         let record = Record {
             value: value.clone(),
             timestamp_ms: covet_broker::now_ms(),
             ..Record::default()
         };
-        let d = producer.send(&a.topic, record).await?;
-        if tx.send((Instant::now(), d)).await.is_err() {
-            break;
+        if i % LATENCY_SAMPLE == 0 {
+            let sent = Instant::now();
+            let d = producer.send(&a.topic, record).await?;
+            let _ = tx.send((sent, d));
+        } else {
+            producer.send(&a.topic, record).await?;
         }
     }
     drop(tx);
     producer.flush().await?;
-    let mut lat = waiter.await??;
     let secs = start.elapsed().as_secs_f64();
+    let mut lat = waiter.await??;
+    let acked = total_high_watermark(&client, &a.topic).await? - before;
+    if acked < a.records {
+        anyhow::bail!("only {acked} of {} records were acknowledged", a.records);
+    }
     lat.sort_unstable();
     let pct = |q: f64| {
-        lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0) as f64
-            / 1000.0
+        let i = ((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1));
+        lat.get(i).copied().unwrap_or(0) as f64 / 1000.0
     };
-    let n = lat.len() as f64;
+    let n = a.records as f64;
     println!(
         "{}",
         json!({
             "bench": "produce",
-            "records": lat.len(),
+            "records": a.records,
             "record_size": a.record_size,
             "seconds": secs,
             "records_per_sec": n / secs,
             "mb_per_sec": n * a.record_size as f64 / secs / 1e6,
             "latency_ms": { "p50": pct(0.50), "p99": pct(0.99), "p999": pct(0.999) },
+            "latency_samples": lat.len(),
         })
     );
     Ok(())
+}
+
+/// Records held by the topic: the sum of its partitions' high watermarks.
+async fn total_high_watermark(client: &covet_client::Client, topic: &str) -> anyhow::Result<u64> {
+    let info = client.describe_topic(topic).await?;
+    Ok(info.partitions.iter().map(|p| p.high_watermark).sum())
 }
 
 async fn consume(a: ConsumeArgs) -> anyhow::Result<()> {
