@@ -38,6 +38,8 @@ const TICK: Duration = Duration::from_millis(100);
 const MAX_REQUESTS_PER_ROUND: usize = 4096;
 /// Most threads used to sync the logs of one round.
 const SYNC_THREADS: usize = 4;
+/// How long a request may wait for its entry to be applied.
+pub const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Group 0 holds the cluster metadata.
 pub const META_GROUP: u64 = 0;
 
@@ -45,6 +47,7 @@ pub const META_GROUP: u64 = 0;
 pub enum Request {
     /// A validated record batch for partition group `group`.
     Produce {
+        topic: String,
         group: u64,
         batch: Bytes,
         tx: Responder,
@@ -77,7 +80,12 @@ impl NodeHandle {
             .send(make(tx))
             .await
             .map_err(|_| BrokerError::ShuttingDown)?;
-        rx.await.map_err(|_| BrokerError::ShuttingDown)?
+        match tokio::time::timeout(APPLY_TIMEOUT, rx).await {
+            Ok(outcome) => outcome.map_err(|_| BrokerError::ShuttingDown)?,
+            Err(_) => Err(BrokerError::Timeout(
+                "waiting for the command to commit".into(),
+            )),
+        }
     }
 
     /// Submits a batch without waiting for it: the returned receiver is
@@ -85,12 +93,19 @@ impl NodeHandle {
     /// proposed in the order they are made.
     pub async fn submit_batch(
         &self,
+        topic: &str,
         group: u64,
         batch: Bytes,
     ) -> Result<oneshot::Receiver<Result<Applied>>> {
         let (tx, rx) = oneshot::channel();
+        let topic = topic.to_string();
         self.tx
-            .send(Request::Produce { group, batch, tx })
+            .send(Request::Produce {
+                topic,
+                group,
+                batch,
+                tx,
+            })
             .await
             .map_err(|_| BrokerError::ShuttingDown)?;
         Ok(rx)
@@ -173,6 +188,7 @@ impl Driver {
             rx,
             ready,
         };
+        covet_raft_store::remove_leftovers(&driver.config.data_dir.join("groups"))?;
         let meta = MetaState::open(driver.db.open_tree("meta")?)?;
         let topics: Vec<TopicRecord> = meta.topics().cloned().collect();
         let group = driver.open_group(META_GROUP, Machine::Meta(meta))?;
@@ -226,6 +242,9 @@ impl Driver {
     /// Withdraws a topic and destroys its partitions' logs and state.
     fn drop_topic(&mut self, record: &TopicRecord) -> Result<()> {
         self.catalog.remove(&record.name);
+        // The deletion must be in sled before the logs go: a restart that
+        // found the topic in sled but its logs gone could not rebuild it.
+        self.db.flush()?;
         for &gid in &record.groups {
             if let Some(mut g) = self.groups.remove(&gid) {
                 g.fail_all(BrokerError::UnknownTopic(record.name.clone()));
@@ -260,15 +279,18 @@ impl Driver {
             if self.groups.values().any(|g| g.node.has_ready()) {
                 continue;
             }
+            // Timers come before requests: under sustained load the request
+            // channel is never empty, and a timer polled after it would
+            // never fire.
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return Ok(()),
+                _ = tick.tick() => self.tick_all(),
+                _ = retention.tick() => self.enforce_retention(),
                 req = self.rx.recv() => match req {
                     Some(req) => self.handle(req),
                     None => return Ok(()),
                 },
-                _ = tick.tick() => self.tick_all(),
-                _ = retention.tick() => self.enforce_retention(),
             }
             for _ in 1..MAX_REQUESTS_PER_ROUND {
                 match self.rx.try_recv() {
@@ -281,16 +303,22 @@ impl Driver {
 
     fn handle(&mut self, req: Request) {
         match req {
-            Request::Produce { group, batch, tx } => match self.groups.get_mut(&group) {
+            Request::Produce {
+                topic,
+                group,
+                batch,
+                tx,
+            } => match self.groups.get_mut(&group) {
                 Some(g) => g.propose_batch(batch, tx),
+                // Deleted between validation and proposal.
                 None => {
-                    let _ = tx.send(Err(BrokerError::InvalidRequest(format!(
-                        "no raft group {group}"
-                    ))));
+                    let _ = tx.send(Err(BrokerError::UnknownTopic(topic)));
                 }
             },
             Request::Meta { data, tx } => match self.groups.get_mut(&META_GROUP) {
-                Some(g) => g.propose(Bytes::from(data), tx),
+                Some(g) => {
+                    g.propose(Bytes::from(data), tx);
+                }
                 None => {
                     let _ = tx.send(Err(BrokerError::Internal("metadata group missing".into())));
                 }
@@ -327,7 +355,7 @@ impl Driver {
             let mut rd = g.node.ready();
             send_messages(id, rd.take_messages());
             if !rd.snapshot().is_empty() {
-                g.storage.apply_snapshot(rd.snapshot().clone())?;
+                g.install_snapshot(rd.snapshot().clone())?;
             }
             g.apply_entries(rd.take_committed_entries(), &mut effects)?;
             if !rd.entries().is_empty() {

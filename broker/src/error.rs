@@ -31,6 +31,8 @@ pub enum BrokerError {
         start: u64,
         end: u64,
     },
+    #[error("timed out {0}")]
+    Timeout(String),
     #[error("the broker is shutting down")]
     ShuttingDown,
     #[error("storage failure: {0}")]
@@ -53,6 +55,7 @@ impl BrokerError {
             BrokerError::BatchTooLarge { .. } => Reason::BatchTooLarge,
             BrokerError::CorruptBatch(_) => Reason::CorruptBatch,
             BrokerError::OffsetOutOfRange { .. } => Reason::OffsetOutOfRange,
+            BrokerError::Timeout(_) => Reason::Timeout,
             BrokerError::ShuttingDown => Reason::ShuttingDown,
             BrokerError::Storage(_) => Reason::StorageError,
             BrokerError::Internal(_) => Reason::Internal,

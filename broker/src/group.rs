@@ -54,6 +54,9 @@ pub struct Group {
     /// Leader as last seen, shared with readers through the catalog.
     pub leader: Arc<AtomicU64>,
     waiters: BTreeMap<u64, Waiter>,
+    /// Answers decided in the current apply pass, sent once its state is
+    /// published.
+    answers: Vec<(Responder, Result<Applied>)>,
     /// Offset the next proposed batch gets, valid while this node leads in
     /// the current term; recomputed from the log tail when unknown.
     proposed_next: Option<u64>,
@@ -90,12 +93,7 @@ impl Group {
             storage.set_conf_state(&cs)?;
             storage.sync()?;
         }
-        let snap = storage.stored_snapshot();
-        if let Machine::Partition(p) = &mut machine {
-            if snap.get_metadata().index > 0 {
-                p.restore(&snap.data)?;
-            }
-        }
+        Self::recover_machine(id, dir, &storage, &mut machine, fresh)?;
         let applied = Self::reconcile_commit(&storage, machine.applied())?;
         let config = raft::Config {
             id: cfg.node_id,
@@ -129,11 +127,51 @@ impl Group {
             machine,
             leader: Arc::new(AtomicU64::new(0)),
             waiters: BTreeMap::new(),
+            answers: Vec::new(),
             proposed_next: None,
             role: StateRole::Follower,
         };
         group.observe_role();
         Ok(group)
+    }
+
+    /// Brings the state machine in line with the log it will replay: from
+    /// the snapshot the log starts after, when sled is behind it; reset,
+    /// when the log is gone (a topic deletion whose sled write was lost).
+    fn recover_machine(
+        id: u64,
+        dir: &Path,
+        storage: &GroupStorage,
+        machine: &mut Machine,
+        fresh: bool,
+    ) -> Result<()> {
+        let snap = storage.stored_snapshot();
+        match machine {
+            Machine::Partition(p) if fresh && snap.get_metadata().index == 0 && p.applied() > 0 => {
+                tracing::warn!(group = id, "partition log missing; resetting its state");
+                p.reset()
+            }
+            Machine::Partition(p) if snap.get_metadata().index > 0 => p.restore(&snap.data),
+            Machine::Meta(m) if fresh && m.applied() > 0 => Err(BrokerError::Storage(format!(
+                "metadata log in {} is empty but sled says index {} was applied",
+                dir.display(),
+                m.applied()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Installs a snapshot sent by the leader: the log is replaced and the
+    /// state machine restored from it.
+    pub fn install_snapshot(&mut self, snapshot: raft::prelude::Snapshot) -> Result<()> {
+        let data = snapshot.data.clone();
+        self.storage.apply_snapshot(snapshot)?;
+        match &mut self.machine {
+            Machine::Partition(p) => p.restore(&data),
+            Machine::Meta(_) => Err(BrokerError::Internal(
+                "metadata snapshots are not supported yet".into(),
+            )),
+        }
     }
 
     /// raft-rs requires `applied <= commit`. The hard state's commit can lag
@@ -180,10 +218,10 @@ impl Group {
     }
 
     /// Proposes an entry; `tx` is answered when it is applied.
-    pub fn propose(&mut self, data: Bytes, tx: Responder) {
+    pub fn propose(&mut self, data: Bytes, tx: Responder) -> bool {
         if !self.is_leader() {
             let _ = tx.send(Err(self.not_leader()));
-            return;
+            return false;
         }
         let mut m = Message::default();
         m.set_msg_type(MessageType::MsgPropose);
@@ -195,16 +233,19 @@ impl Group {
         m.set_entries(vec![e].into());
         if self.node.step(m).is_err() {
             let _ = tx.send(Err(self.not_leader()));
-            return;
+            return false;
         }
         let index = self.node.raft.raft_log.last_index();
-        self.waiters.insert(
-            index,
-            Waiter {
-                term: self.node.raft.term,
-                tx,
-            },
-        );
+        let waiter = Waiter {
+            term: self.node.raft.term,
+            tx,
+        };
+        // A waiter already at this index belongs to an entry this log no
+        // longer holds (it was cut back and refilled).
+        if let Some(stale) = self.waiters.insert(index, waiter) {
+            let _ = stale.tx.send(Err(self.not_leader()));
+        }
+        true
     }
 
     /// Stamps the next offset into a validated batch and proposes it.
@@ -235,9 +276,7 @@ impl Group {
                 return;
             }
         };
-        let before = self.waiters.len();
-        self.propose(buf.freeze(), tx);
-        if self.waiters.len() > before {
+        if self.propose(buf.freeze(), tx) {
             self.proposed_next = Some(next + count);
         }
     }
@@ -302,10 +341,20 @@ impl Group {
                     None
                 }
             };
+            if matches!(outcome, Some(Err(BrokerError::NotLeader { .. }))) {
+                // A batch stamped with an offset the log did not reach:
+                // whatever this node assumed about the tail is stale.
+                self.proposed_next = None;
+            }
             self.answer(index, e.term, outcome);
         }
         if let Machine::Partition(p) = &mut self.machine {
             p.flush_round()?;
+        }
+        // Answered only now, so a client that hears of its offset finds it
+        // indexed and below the published high watermark.
+        for (tx, result) in self.answers.drain(..) {
+            let _ = tx.send(result);
         }
         Ok(())
     }
@@ -379,7 +428,7 @@ impl Group {
                     leader_hint: self.node.raft.leader_id,
                 }),
             };
-            let _ = w.tx.send(result);
+            self.answers.push((w.tx, result));
             if i == index {
                 break;
             }

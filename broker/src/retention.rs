@@ -31,9 +31,16 @@ impl Group {
         if retention_ms == 0 && retention_bytes == 0 {
             return Ok(());
         }
-        let Machine::Partition(p) = &self.machine else {
+        let Machine::Partition(p) = &mut self.machine else {
             return Ok(());
         };
+        // A compaction whose trim failed last time is finished first.
+        let snap = self.storage.stored_snapshot();
+        if snap.get_metadata().index > 0 {
+            let s = PartitionSnapshot::decode(&snap.data[..])
+                .map_err(|e| BrokerError::Storage(format!("corrupt partition snapshot: {e}")))?;
+            p.trim_to(s.start_offset)?;
+        }
         let applied = p.applied();
         let segments = self.storage.segments();
         if segments.len() < 2 {

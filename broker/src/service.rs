@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::time::Duration;
 
 use covet_protocol::api::covet_server::Covet;
 use covet_protocol::api::*;
@@ -15,7 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::driver::NodeHandle;
+use crate::driver::{NodeHandle, APPLY_TIMEOUT};
 use crate::error::{BrokerError, Result};
 use crate::group::Applied;
 use crate::state::meta::{create_topic_command, delete_topic_command};
@@ -30,8 +29,6 @@ pub const MAX_PARTITIONS: u32 = 4096;
 /// Produce requests of one stream proposed but not yet answered. Beyond it
 /// the broker stops reading the stream and HTTP/2 flow control pushes back.
 const MAX_IN_FLIGHT_PER_STREAM: usize = 1024;
-/// How long a request may wait for its entry to be applied.
-const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send>>;
 
@@ -72,7 +69,9 @@ impl CovetService {
     /// yields its outcome once applied.
     async fn submit(&self, req: &ProduceRequest) -> Result<oneshot::Receiver<Result<Applied>>> {
         let group = self.validate_produce(req)?;
-        self.node.submit_batch(group, req.batch.clone()).await
+        self.node
+            .submit_batch(&req.topic, group, req.batch.clone())
+            .await
     }
 
     fn topic_config(req: &CreateTopicRequest) -> Result<TopicConfig> {
@@ -122,7 +121,7 @@ impl CovetService {
         };
         tokio::time::timeout(APPLY_TIMEOUT, wait)
             .await
-            .map_err(|_| BrokerError::Internal("timed out waiting for the topic to open".into()))?
+            .map_err(|_| BrokerError::Timeout("waiting for the topic to open".into()))?
     }
 }
 
@@ -213,7 +212,7 @@ impl Covet for CovetService {
                     Ok(rx) => match tokio::time::timeout(APPLY_TIMEOUT, rx).await {
                         Ok(Ok(r)) => r,
                         Ok(Err(_)) => Err(BrokerError::ShuttingDown),
-                        Err(_) => Err(BrokerError::Internal("timed out waiting for commit".into())),
+                        Err(_) => Err(BrokerError::Timeout("waiting for commit".into())),
                     },
                     Err(e) => Err(e),
                 };

@@ -26,6 +26,7 @@ const BATCHES_PER_READ: usize = 32;
 const BYTES_PER_READ: u64 = 4 << 20;
 
 pub struct Session {
+    topic: String,
     partition: PartitionHandle,
     inbound: Streaming<SubscribeRequest>,
     shutdown: watch::Receiver<bool>,
@@ -71,6 +72,7 @@ impl Session {
         };
         let credit = i64::try_from(open.credit).unwrap_or(i64::MAX);
         Ok(Session {
+            topic: open.topic.clone(),
             partition,
             inbound,
             shutdown,
@@ -103,16 +105,19 @@ impl Session {
             return Ok(());
         }
         let mut progress = self.partition.progress.clone();
+        // Set when the entries we looked up were trimmed away: wait for the
+        // trim to publish the new start offset instead of spinning.
+        let mut stale = false;
         loop {
             let p = *progress.borrow_and_update();
             self.next = self.next.max(p.start_offset);
-            if self.credit > 0 && self.next < p.high_watermark {
-                if !self.send_some(tx, p.high_watermark).await? {
-                    return Ok(());
+            if self.credit > 0 && self.next < p.high_watermark && !stale {
+                match self.send_some(tx).await? {
+                    Flow::Sent => continue,
+                    Flow::Stale => stale = true,
+                    Flow::Gone => return Ok(()),
                 }
-                continue;
             }
-            let want_data = self.credit > 0;
             tokio::select! {
                 msg = self.inbound.message() => match msg {
                     Ok(Some(SubscribeRequest { kind: Some(subscribe_request::Kind::Credit(n)) })) => {
@@ -123,10 +128,13 @@ impl Session {
                     }
                     Ok(None) | Err(_) => return Ok(()),
                 },
-                changed = progress.changed(), if want_data => {
+                // Watched even without credit, so a deleted topic ends the
+                // stream at once.
+                changed = progress.changed() => {
                     if changed.is_err() {
-                        return Err(BrokerError::UnknownTopic("the topic was deleted".into()).to_status());
+                        return Err(BrokerError::UnknownTopic(self.topic.clone()).to_status());
                     }
+                    stale = false;
                 }
                 _ = self.shutdown.changed() => return Err(BrokerError::ShuttingDown.to_status()),
                 _ = tx.closed() => return Ok(()),
@@ -134,13 +142,11 @@ impl Session {
         }
     }
 
-    /// Reads and sends batches from `self.next` while credit lasts. Returns
-    /// false when the client went away.
+    /// Reads and sends batches from `self.next` while credit lasts.
     async fn send_some(
         &mut self,
         tx: &mpsc::Sender<std::result::Result<SubscribeResponse, Status>>,
-        high_watermark: u64,
-    ) -> std::result::Result<bool, Status> {
+    ) -> std::result::Result<Flow, Status> {
         let locations = self
             .partition
             .index
@@ -162,10 +168,7 @@ impl Session {
                 Ok(e) => e,
                 // Retention removed the entries while we looked them up; the
                 // next pass starts from the new start offset.
-                Err(covet_raft_store::StoreError::Compacted { .. }) => {
-                    tokio::task::yield_now().await;
-                    return Ok(true);
-                }
+                Err(covet_raft_store::StoreError::Compacted { .. }) => return Ok(Flow::Stale),
                 Err(e) => return Err(BrokerError::from(e).into()),
             };
         for (entry, loc) in matching(&entries, &locations) {
@@ -176,15 +179,16 @@ impl Session {
             debug_assert!(
                 batch::read_header(&entry.data).map(|h| h.base_offset) == Ok(loc.base_offset)
             );
+            let high_watermark = self.partition.progress.borrow().high_watermark;
             let msg = Batch {
                 batch: entry.data.clone(),
-                high_watermark,
+                high_watermark: high_watermark.max(end),
             };
             let resp = SubscribeResponse {
                 kind: Some(subscribe_response::Kind::Batch(msg)),
             };
             if tx.send(Ok(resp)).await.is_err() {
-                return Ok(false);
+                return Ok(Flow::Gone);
             }
             self.credit -= i64::try_from(end - self.next).unwrap_or(i64::MAX);
             self.next = end;
@@ -192,8 +196,18 @@ impl Session {
                 break;
             }
         }
-        Ok(true)
+        Ok(Flow::Sent)
     }
+}
+
+/// What a send pass ended with.
+enum Flow {
+    /// Sent what credit allowed (or what was there).
+    Sent,
+    /// The entries were trimmed by retention before they could be read.
+    Stale,
+    /// The client went away.
+    Gone,
 }
 
 /// Pairs the entries read with the index locations that name them; entries

@@ -237,9 +237,16 @@ impl Subscription {
         let mut returned = Vec::new();
         let mut tasks = Vec::new();
         for (i, p) in partitions.into_iter().enumerate() {
-            let stream = client
+            let stream = match client
                 .open_partition(&options.topic, p, options.from, window)
-                .await?;
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    tasks.iter().for_each(tokio::task::JoinHandle::abort);
+                    return Err(e);
+                }
+            };
             let back = Arc::new(Returned::default());
             returned.push(back.clone());
             tasks.push(tokio::spawn(pump(i, stream, window, back, tx.clone())));

@@ -195,7 +195,8 @@ impl Producer {
     }
 
     /// Queues a record for `topic`, partitioned by key (or sticky when
-    /// unkeyed). Waits only while the buffer is full.
+    /// unkeyed). Waits only while the buffer is full. A record whose
+    /// `timestamp_ms` is 0 is stamped with the current time.
     pub async fn send(&self, topic: &str, record: Record) -> Result<Delivery> {
         self.enqueue(topic, None, record).await
     }
@@ -209,8 +210,11 @@ impl Producer {
         &self,
         topic: &str,
         partition: Option<u32>,
-        record: Record,
+        mut record: Record,
     ) -> Result<Delivery> {
+        if record.timestamp_ms == 0 {
+            record.timestamp_ms = covet_protocol::now_ms();
+        }
         let shared = &self.shared;
         let size = BatchBuilder::new().encoded_len_with(&record);
         let reserve = size.min(shared.config.buffer_bytes).max(1);

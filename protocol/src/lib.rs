@@ -37,3 +37,12 @@ pub use generated::v1 as api;
 pub use generated::internal::v1 as internal;
 
 pub use reason::Reason;
+
+/// The current time as record timestamps count it: milliseconds since the
+/// Unix epoch (0 if the clock is before it).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

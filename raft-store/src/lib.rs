@@ -162,14 +162,58 @@ pub struct SegmentInfo {
 /// Removes a group's directory and everything in it (topic deletion).
 /// Drop every [`GroupStorage`] of the group first. A missing directory is
 /// not an error.
+///
+/// The directory is first renamed to `<dir>.deleted` and the rename made
+/// durable, so a crash mid-way never leaves a half-removed log that would
+/// open as corrupt: the group is either whole or gone. [`remove_leftovers`]
+/// finishes removals a crash interrupted.
 pub fn destroy(dir: &Path) -> Result<(), StoreError> {
-    match fs::remove_dir_all(dir) {
+    let doomed = deleted_name(dir);
+    remove_tree(&doomed)?;
+    match fs::rename(dir, &doomed) {
         Ok(()) => {}
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(StoreError::io("remove directory", dir, e)),
+        Err(e) => return Err(StoreError::io("rename directory", dir, e)),
     }
-    match dir.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => snapfile::sync_dir(parent),
-        _ => Ok(()),
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        snapfile::sync_dir(parent)?;
+    }
+    remove_tree(&doomed)
+}
+
+/// Removes every `*.deleted` directory under `parent`: group removals that
+/// a crash interrupted after the rename.
+pub fn remove_leftovers(parent: &Path) -> Result<(), StoreError> {
+    let entries = match fs::read_dir(parent) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StoreError::io("read directory", parent, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| StoreError::io("read directory", parent, e))?;
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .ends_with(DELETED_SUFFIX)
+        {
+            remove_tree(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+const DELETED_SUFFIX: &str = ".deleted";
+
+fn deleted_name(dir: &Path) -> std::path::PathBuf {
+    let mut name = dir.as_os_str().to_owned();
+    name.push(DELETED_SUFFIX);
+    name.into()
+}
+
+fn remove_tree(dir: &Path) -> Result<(), StoreError> {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::io("remove directory", dir, e)),
     }
 }

@@ -15,6 +15,8 @@ use prost::Message as _;
 use crate::error::{BrokerError, Result};
 
 const STATE_KEY: &[u8] = b"s";
+/// Most partitions the cluster holds, over all topics.
+pub const MAX_NODE_PARTITIONS: u64 = 8192;
 const TOPIC_PREFIX: &[u8] = b"t/";
 
 /// What applying a metadata command changed, for the driver to act on.
@@ -116,6 +118,14 @@ impl MetaState {
         }
         let config: TopicConfig = c.config.unwrap_or_default();
         let n = u64::from(config.partitions);
+        let existing: u64 = self.topics.values().map(|t| t.groups.len() as u64).sum();
+        if existing + n > MAX_NODE_PARTITIONS {
+            // Decided here, at apply, so every replica agrees; each
+            // partition holds open files and a sled tree.
+            return Err(BrokerError::InvalidConfig(format!(
+                "{n} more partitions would exceed the cluster's limit of {MAX_NODE_PARTITIONS} (now {existing})"
+            )));
+        }
         let groups = (self.next_group..self.next_group + n).collect();
         self.next_group += n;
         let record = TopicRecord {

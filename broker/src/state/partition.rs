@@ -98,6 +98,11 @@ fn time_key(ts: i64) -> [u8; 9] {
     k
 }
 
+fn decode_time_key(key: &[u8]) -> Option<i64> {
+    let raw = u64::from_be_bytes(key.get(1..9)?.try_into().ok()?);
+    Some((raw ^ (1 << 63)) as i64)
+}
+
 fn decode_location(key: &[u8], value: &[u8]) -> Option<BatchLocation> {
     Some(BatchLocation {
         base_offset: u64::from_be_bytes(key.get(1..9)?.try_into().ok()?),
@@ -276,7 +281,9 @@ impl PartitionState {
 
     /// The snapshot describing the state right after `raft_index`, for a
     /// compaction that removes every entry up to it. Its start offset is the
-    /// first offset held in an entry after `raft_index`.
+    /// first offset held in an entry after `raft_index`, and its max
+    /// timestamp the running max as of `raft_index` (not now: the entries
+    /// after it are replayed on restore and raise it themselves).
     pub fn snapshot_at(&self, raft_index: u64) -> Result<PartitionSnapshot> {
         let mut next = self.durable.next_offset;
         for item in self
@@ -291,11 +298,23 @@ impl PartitionState {
                 }
             }
         }
+        let mut max_timestamp = i64::MIN;
+        for item in self.tree.range(time_key(i64::MIN)..=time_key(i64::MAX)) {
+            let (k, v) = item?;
+            let base = v
+                .get(0..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes);
+            match (base, decode_time_key(&k)) {
+                (Some(b), Some(ts)) if b < next => max_timestamp = ts,
+                _ => break,
+            }
+        }
         Ok(PartitionSnapshot {
             start_offset: next,
             next_offset: next,
             applied_index: raft_index,
-            max_timestamp: self.durable.max_timestamp,
+            max_timestamp,
         })
     }
 
@@ -352,7 +371,28 @@ impl PartitionState {
             start_offset: snap.start_offset,
             max_timestamp: snap.max_timestamp,
         };
-        self.tree.insert(STATE_KEY, &self.durable.encode()[..])?;
+        let mut batch = sled::Batch::default();
+        if snap.max_timestamp > i64::MIN {
+            // Batches from the start offset on share this running max until
+            // a later one raises it: a seek to an older time lands on the
+            // start.
+            batch.insert(
+                &time_key(snap.max_timestamp)[..],
+                &snap.start_offset.to_le_bytes()[..],
+            );
+        }
+        batch.insert(STATE_KEY, &self.durable.encode()[..]);
+        self.tree.apply_batch(batch)?;
+        self.publish();
+        Ok(())
+    }
+
+    /// Forgets everything: the partition's log is gone.
+    pub fn reset(&mut self) -> Result<()> {
+        self.tree.clear()?;
+        self.durable = Durable::default();
+        self.pending = sled::Batch::default();
+        self.dirty = false;
         self.publish();
         Ok(())
     }

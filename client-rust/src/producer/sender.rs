@@ -33,7 +33,10 @@ impl Drop for InFlight {
     }
 }
 
-type InFlightMap = Arc<Mutex<HashMap<u64, InFlight>>>;
+/// Batches awaiting an answer on one stream; `None` once the stream has
+/// ended and its batches were failed, so nothing can be added that no one
+/// would ever answer.
+type InFlightMap = Arc<Mutex<Option<HashMap<u64, InFlight>>>>;
 
 /// The produce stream currently open, and the batches awaiting an answer
 /// on it.
@@ -83,32 +86,55 @@ impl Sender {
         let Ok(permit) = self.permits.clone().acquire_owned().await else {
             return b.ack.complete(Err(Error::Closed));
         };
-        let flight = InFlight {
+        let mut flight = InFlight {
             ack: b.ack,
             reserved: b.reserved,
             buffer: self.buffer.clone(),
             _permit: permit,
         };
-        let (tx, in_flight) = match self.stream().await {
-            Ok(s) => s,
-            Err(e) => return flight.ack.complete(Err(e)),
-        };
         let id = self.next_id;
         self.next_id += 1;
-        let req = ProduceRequest {
+        let mut req = ProduceRequest {
             request_id: id,
             topic: b.topic.to_string(),
             partition: b.partition,
             batch: b.batch,
         };
-        in_flight.lock().expect("in-flight lock").insert(id, flight);
-        if tx.send(req).await.is_err() {
-            self.stream = None;
-            if let Some(f) = in_flight.lock().expect("in-flight lock").remove(&id) {
-                f.ack
-                    .complete(Err(Error::Transport("produce stream closed".into())));
+        // Two tries: the stream may have ended just before this batch, in
+        // which case a fresh one is opened.
+        for _ in 0..2 {
+            let (tx, in_flight) = match self.stream().await {
+                Ok(s) => s,
+                Err(e) => return flight.ack.complete(Err(e)),
+            };
+            match in_flight.lock().expect("in-flight lock").as_mut() {
+                Some(map) => map.insert(id, flight),
+                None => {
+                    self.stream = None;
+                    continue;
+                }
+            };
+            match tx.send(req).await {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(r)) => {
+                    self.stream = None;
+                    req = r;
+                    let taken = in_flight
+                        .lock()
+                        .expect("in-flight lock")
+                        .as_mut()
+                        .and_then(|m| m.remove(&id));
+                    match taken {
+                        Some(f) => flight = f,
+                        // The reader failed it already.
+                        None => return,
+                    }
+                }
             }
         }
+        flight
+            .ack
+            .complete(Err(Error::Transport("produce stream closed".into())));
     }
 
     /// The open produce stream, opening one if there is none or the last
@@ -126,7 +152,7 @@ impl Sender {
             .produce(ReceiverStream::new(rx))
             .await?
             .into_inner();
-        let in_flight = InFlightMap::default();
+        let in_flight: InFlightMap = Arc::new(Mutex::new(Some(HashMap::new())));
         tokio::spawn(read_responses(responses, in_flight.clone()));
         self.stream = Some(Stream {
             tx: tx.clone(),
@@ -145,7 +171,8 @@ async fn read_responses(mut responses: tonic::Streaming<ProduceResponse>, in_fli
                 let flight = in_flight
                     .lock()
                     .expect("in-flight lock")
-                    .remove(&resp.request_id);
+                    .as_mut()
+                    .and_then(|m| m.remove(&resp.request_id));
                 if let Some(f) = flight {
                     let outcome = match &resp.error {
                         Some(e) => Err(Error::from_api(e)),
@@ -158,12 +185,8 @@ async fn read_responses(mut responses: tonic::Streaming<ProduceResponse>, in_fli
             Err(status) => break Error::from(status),
         }
     };
-    let rest: Vec<InFlight> = in_flight
-        .lock()
-        .expect("in-flight lock")
-        .drain()
-        .map(|(_, f)| f)
-        .collect();
+    let rest = in_flight.lock().expect("in-flight lock").take();
+    let rest = rest.into_iter().flat_map(|m| m.into_values());
     for f in rest {
         f.ack.complete(Err(end.clone()));
     }
