@@ -168,3 +168,39 @@ async fn deleting_a_topic_removes_its_data_and_the_name_can_be_reused() {
         "a new topic of the same name starts empty"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_right_after_a_topic_delete_restarts_without_the_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start(dir.path(), &[]);
+    let client = Client::connect(&broker.addr).await.unwrap();
+    client
+        .create_topic(TopicSpec::new("short-lived").partitions(3))
+        .await
+        .unwrap();
+    client.create_topic(TopicSpec::new("kept")).await.unwrap();
+    assert_eq!(
+        produce_raw(&broker.addr, "short-lived", 2, valid_batch(4, 8)).await,
+        None
+    );
+    assert_eq!(
+        produce_raw(&broker.addr, "kept", 0, valid_batch(4, 8)).await,
+        None
+    );
+    client.delete_topic("short-lived").await.unwrap();
+    broker.kill9();
+    broker.restart();
+    let client = Client::connect(&broker.addr).await.unwrap();
+    let names: Vec<String> = client
+        .list_topics()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names, vec!["kept".to_string()]);
+    assert_eq!(
+        client.describe_topic("kept").await.unwrap().partitions[0].high_watermark,
+        4
+    );
+}

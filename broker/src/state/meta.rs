@@ -171,3 +171,64 @@ pub fn delete_topic_command(name: String) -> Vec<u8> {
     }
     .encode_to_vec()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> (sled::Tree, MetaState) {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let tree = db.open_tree("meta").unwrap();
+        (tree.clone(), MetaState::open(tree).unwrap())
+    }
+
+    fn config(partitions: u32) -> TopicConfig {
+        TopicConfig {
+            partitions,
+            replication_factor: 1,
+            max_batch_bytes: 1024,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn topics_get_fresh_groups_and_survive_reopen() {
+        let (tree, mut m) = state();
+        let a = m
+            .apply(1, &create_topic_command("a".into(), config(2), 5))
+            .unwrap();
+        assert!(matches!(a, MetaEffect::TopicCreated(ref t) if t.groups == vec![1, 2]));
+        let dup = m.apply(2, &create_topic_command("a".into(), config(1), 6));
+        assert!(matches!(dup, Err(BrokerError::TopicExists(_))));
+        m.apply(3, &delete_topic_command("a".into())).unwrap();
+        // A new topic of the same name never reuses a group id.
+        let b = m
+            .apply(4, &create_topic_command("a".into(), config(1), 7))
+            .unwrap();
+        assert!(matches!(b, MetaEffect::TopicCreated(ref t) if t.groups == vec![3]));
+        let again = MetaState::open(tree).unwrap();
+        assert_eq!(again.applied(), 4);
+        assert_eq!(again.topic("a").map(|t| t.groups.clone()), Some(vec![3]));
+    }
+
+    #[test]
+    fn unknown_deletes_and_partition_limit_are_refused_deterministically() {
+        let (_, mut m) = state();
+        assert!(matches!(
+            m.apply(1, &delete_topic_command("x".into())),
+            Err(BrokerError::UnknownTopic(_))
+        ));
+        let big = config(MAX_NODE_PARTITIONS as u32);
+        m.apply(2, &create_topic_command("big".into(), big, 0))
+            .unwrap();
+        assert!(matches!(
+            m.apply(3, &create_topic_command("one-more".into(), config(1), 0)),
+            Err(BrokerError::InvalidConfig(_))
+        ));
+        assert!(matches!(
+            m.apply(4, b"\xff\xff not a command"),
+            Err(BrokerError::Internal(_))
+        ));
+        assert_eq!(m.applied(), 4);
+    }
+}

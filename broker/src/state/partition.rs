@@ -397,3 +397,7 @@ impl PartitionState {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "partition_tests.rs"]
+mod tests;

@@ -1,0 +1,162 @@
+//! The partition state machine, stepped by hand: no Raft, no sockets.
+
+use bytes::{Bytes, BytesMut};
+use covet_protocol::batch::{self, Record};
+
+use super::*;
+
+fn tree() -> sled::Tree {
+    let db = sled::Config::new().temporary(true).open().unwrap();
+    db.open_tree("p1").unwrap()
+}
+
+/// A batch of `n` records stamped at `base`, all with timestamp `ts`.
+fn batch_at(base: u64, n: usize, ts: i64) -> Bytes {
+    let records: Vec<Record> = (0..n)
+        .map(|i| Record {
+            value: Bytes::from(format!("v{i}")),
+            timestamp_ms: ts,
+            ..Default::default()
+        })
+        .collect();
+    let mut buf = BytesMut::from(&batch::encode(&records).unwrap()[..]);
+    batch::stamp_base_offset(&mut buf, base);
+    buf.freeze()
+}
+
+#[test]
+fn applies_contiguous_batches_and_rejects_a_stale_offset_without_indexing_it() {
+    let mut p = PartitionState::open(tree()).unwrap();
+    assert_eq!(p.apply_batch(1, &batch_at(0, 3, 10)).unwrap(), (0, 3));
+    assert_eq!(p.apply_batch(2, &batch_at(3, 2, 20)).unwrap(), (3, 2));
+    // Stamped by a leader that assumed a different tail.
+    assert!(matches!(
+        p.apply_batch(3, &batch_at(4, 2, 30)),
+        Err(BrokerError::NotLeader { .. })
+    ));
+    assert_eq!(p.apply_batch(4, &batch_at(5, 1, 40)).unwrap(), (5, 1));
+    p.flush_round().unwrap();
+    assert_eq!((p.applied(), p.next_offset()), (4, 6));
+    let idx = p.index();
+    let found: Vec<(u64, u64)> = idx
+        .batches_from(0, 10)
+        .unwrap()
+        .iter()
+        .map(|l| (l.base_offset, l.raft_index))
+        .collect();
+    assert_eq!(
+        found,
+        vec![(0, 1), (3, 2), (5, 4)],
+        "raft index 3 is never served"
+    );
+    assert_eq!(idx.locate(4).unwrap().map(|l| l.raft_index), Some(2));
+    assert_eq!(idx.locate(6).unwrap(), None);
+    assert_eq!(
+        *p.subscribe().borrow(),
+        Progress {
+            start_offset: 0,
+            high_watermark: 6
+        }
+    );
+}
+
+#[test]
+fn reopening_from_sled_keeps_applied_state() {
+    let t = tree();
+    let mut p = PartitionState::open(t.clone()).unwrap();
+    p.apply_batch(7, &batch_at(0, 4, 1)).unwrap();
+    p.flush_round().unwrap();
+    drop(p);
+    let p = PartitionState::open(t).unwrap();
+    assert_eq!((p.applied(), p.next_offset()), (7, 4));
+}
+
+#[test]
+fn time_index_finds_the_first_batch_at_or_after_a_timestamp() {
+    let mut p = PartitionState::open(tree()).unwrap();
+    for (i, ts) in [100, 200, 150, 300].into_iter().enumerate() {
+        p.apply_batch(i as u64 + 1, &batch_at(i as u64 * 10, 10, ts))
+            .unwrap();
+    }
+    p.flush_round().unwrap();
+    let idx = p.index();
+    assert_eq!(idx.offset_for_time(50).unwrap(), Some(0));
+    assert_eq!(idx.offset_for_time(100).unwrap(), Some(0));
+    assert_eq!(idx.offset_for_time(101).unwrap(), Some(10));
+    // The batch at 150 does not raise the running max: 250 lands after it.
+    assert_eq!(idx.offset_for_time(250).unwrap(), Some(30));
+    assert_eq!(idx.offset_for_time(301).unwrap(), None);
+}
+
+#[test]
+fn snapshot_and_restore_keep_offsets_and_time_seeks_of_what_remains() {
+    let mut p = PartitionState::open(tree()).unwrap();
+    for i in 0..6u64 {
+        p.apply_batch(i + 1, &batch_at(i * 5, 5, 1000 * (i as i64 + 1)))
+            .unwrap();
+    }
+    p.flush_round().unwrap();
+    // Compact through raft index 3: batches at offsets 0, 5, 10 go.
+    let snap = p.snapshot_at(3).unwrap();
+    assert_eq!(
+        (snap.start_offset, snap.next_offset, snap.applied_index),
+        (15, 15, 3)
+    );
+    assert_eq!(
+        snap.max_timestamp, 3000,
+        "the running max as of index 3, not now"
+    );
+
+    // A node whose sled lost everything restores, then replays 4..=6.
+    let mut q = PartitionState::open(tree()).unwrap();
+    q.restore(&snap.encode_to_vec()).unwrap();
+    assert_eq!((q.applied(), q.next_offset()), (3, 15));
+    for i in 3..6u64 {
+        q.apply_batch(i + 1, &batch_at(i * 5, 5, 1000 * (i as i64 + 1)))
+            .unwrap();
+    }
+    q.flush_round().unwrap();
+    assert_eq!(q.next_offset(), 30);
+    assert_eq!(
+        *q.subscribe().borrow(),
+        Progress {
+            start_offset: 15,
+            high_watermark: 30
+        }
+    );
+    let idx = q.index();
+    assert_eq!(
+        idx.offset_for_time(1).unwrap(),
+        Some(15),
+        "older times land on the start"
+    );
+    assert_eq!(idx.offset_for_time(4000).unwrap(), Some(15));
+    assert_eq!(idx.offset_for_time(5000).unwrap(), Some(20));
+    assert_eq!(idx.offset_for_time(6000).unwrap(), Some(25));
+}
+
+#[test]
+fn trimming_drops_index_keys_below_the_start_and_repoints_time() {
+    let mut p = PartitionState::open(tree()).unwrap();
+    for i in 0..4u64 {
+        p.apply_batch(i + 1, &batch_at(i * 10, 10, 100 * (i as i64 + 1)))
+            .unwrap();
+    }
+    p.flush_round().unwrap();
+    p.trim_to(20).unwrap();
+    let idx = p.index();
+    assert_eq!(idx.locate(5).unwrap(), None);
+    assert_eq!(
+        idx.batches_from(0, 10)
+            .unwrap()
+            .first()
+            .map(|l| l.base_offset),
+        Some(20)
+    );
+    assert_eq!(idx.offset_for_time(0).unwrap(), Some(20));
+    assert_eq!(idx.offset_for_time(350).unwrap(), Some(30));
+    assert_eq!(p.subscribe().borrow().start_offset, 20);
+    // Trimming backwards is a no-op.
+    p.trim_to(10).unwrap();
+    assert_eq!(p.subscribe().borrow().start_offset, 20);
+}
