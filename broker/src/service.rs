@@ -10,7 +10,8 @@ use covet_protocol::api::*;
 use covet_protocol::batch;
 use covet_protocol::topic::validate_topic_name;
 use futures::Stream;
-use tokio::sync::{mpsc, oneshot, watch};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -29,6 +30,9 @@ pub const MAX_PARTITIONS: u32 = 4096;
 /// Produce requests of one stream proposed but not yet answered. Beyond it
 /// the broker stops reading the stream and HTTP/2 flow control pushes back.
 const MAX_IN_FLIGHT_PER_STREAM: usize = 1024;
+/// Bytes of produce requests the node holds at once, over all streams:
+/// the bound on the broker's memory under produce load.
+const PRODUCE_MEMORY_BYTES: u32 = 256 << 20;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send>>;
 
@@ -36,6 +40,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + 
 #[derive(Clone)]
 pub struct CovetService {
     node: NodeHandle,
+    produce_memory: Arc<Semaphore>,
     address: SocketAddr,
     shutdown: watch::Receiver<bool>,
 }
@@ -44,6 +49,7 @@ impl CovetService {
     pub fn new(node: NodeHandle, address: SocketAddr, shutdown: watch::Receiver<bool>) -> Self {
         CovetService {
             node,
+            produce_memory: Arc::new(Semaphore::new(PRODUCE_MEMORY_BYTES as usize)),
             address,
             shutdown,
         }
@@ -152,7 +158,14 @@ fn produce_response(id: u64, partition: u32, outcome: Result<Applied>) -> Produc
     }
 }
 
-type Pending = (u64, u32, Result<oneshot::Receiver<Result<Applied>>>);
+/// A submitted request awaiting its answer, holding its share of the
+/// broker's produce memory until then.
+struct Pending {
+    id: u64,
+    partition: u32,
+    submitted: Result<oneshot::Receiver<Result<Applied>>>,
+    _memory: OwnedSemaphorePermit,
+}
 
 #[tonic::async_trait]
 impl Covet for CovetService {
@@ -195,19 +208,33 @@ impl Covet for CovetService {
         // partition are proposed in the order the client sent them.
         tokio::spawn(async move {
             while let Ok(Some(req)) = inbound.message().await {
-                let submitted = svc.submit(&req).await;
-                if pending_tx
-                    .send((req.request_id, req.partition, submitted))
-                    .await
-                    .is_err()
-                {
+                // Batches received and not yet answered count against one
+                // node-wide budget; when it is spent the reader stops
+                // reading and HTTP/2 flow control holds the client back.
+                let size = (req.batch.len() as u32).clamp(1, PRODUCE_MEMORY_BYTES);
+                let Ok(memory) = svc.produce_memory.clone().acquire_many_owned(size).await else {
+                    break;
+                };
+                let pending = Pending {
+                    id: req.request_id,
+                    partition: req.partition,
+                    submitted: svc.submit(&req).await,
+                    _memory: memory,
+                };
+                if pending_tx.send(pending).await.is_err() {
                     break;
                 }
             }
         });
         // Writer: answers in the same order, as each entry is applied.
         tokio::spawn(async move {
-            while let Some((id, partition, submitted)) = pending_rx.recv().await {
+            while let Some(Pending {
+                id,
+                partition,
+                submitted,
+                _memory,
+            }) = pending_rx.recv().await
+            {
                 let outcome = match submitted {
                     Ok(rx) => match tokio::time::timeout(APPLY_TIMEOUT, rx).await {
                         Ok(Ok(r)) => r,

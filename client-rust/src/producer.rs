@@ -316,7 +316,9 @@ impl Producer {
         open.reserved += reserve;
         let index = open.builder.record_count() - 1;
         let delivery = Delivery::new(open.ack.clone(), t.name.clone(), p, index);
-        if open.builder.encoded_len() >= max {
+        // Without linger a record goes out at once, batched only with what
+        // queued behind a full in-flight window.
+        if open.builder.encoded_len() >= max || shared.config.linger.is_zero() {
             let full = slot.take();
             state.open_batches -= 1;
             close(shared, t, p, full);

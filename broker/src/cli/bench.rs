@@ -41,6 +41,10 @@ pub struct ProduceArgs {
     linger_ms: u64,
     #[arg(long, default_value_t = 64)]
     max_in_flight: usize,
+    /// Records per second to offer (0: as fast as the producer takes them).
+    /// Latency figures mean something only at a rate the broker sustains.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
     #[command(flatten)]
     conn: Conn,
 }
@@ -98,6 +102,12 @@ async fn produce(a: ProduceArgs) -> anyhow::Result<()> {
     });
     let start = Instant::now();
     for i in 0..a.records {
+        if a.rate > 0 {
+            // Paced against an absolute schedule, so a late wake-up is made
+            // up for rather than lowering the rate.
+            let due = start + Duration::from_secs_f64(i as f64 / a.rate as f64);
+            tokio::time::sleep_until(due.into()).await;
+        }
         let record = Record {
             value: value.clone(),
             timestamp_ms: covet_broker::now_ms(),
@@ -131,6 +141,7 @@ async fn produce(a: ProduceArgs) -> anyhow::Result<()> {
             "bench": "produce",
             "records": a.records,
             "record_size": a.record_size,
+            "offered_rate": a.rate,
             "seconds": secs,
             "records_per_sec": n / secs,
             "mb_per_sec": n * a.record_size as f64 / secs / 1e6,
