@@ -7,7 +7,6 @@
 //! the read lock just long enough to clone an `Arc`.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use covet_protocol::api::{PartitionInfo, TopicConfig, TopicInfo};
@@ -23,13 +22,41 @@ use crate::state::partition::{OffsetIndex, Progress};
 pub struct PartitionHandle {
     pub partition: u32,
     pub group: u64,
+    /// Nodes holding a replica; the first is the preferred leader.
+    pub replicas: Vec<u64>,
+    /// This node's replica, if it holds one.
+    pub local: Option<LocalReplica>,
+}
+
+/// A replica on this node: what reads need.
+#[derive(Clone)]
+pub struct LocalReplica {
     pub storage: GroupStorage,
     pub index: OffsetIndex,
     pub progress: watch::Receiver<Progress>,
-    /// Node id of the group's leader as this node last heard, 0 if none.
-    pub leader: Arc<AtomicU64>,
-    /// Voters of the group when it was opened.
-    pub replicas: Vec<u64>,
+    /// The group's leader as this node last heard, 0 if none.
+    pub leader: watch::Receiver<u64>,
+}
+
+impl PartitionHandle {
+    /// The local replica, or where to go instead.
+    pub fn local(&self) -> Result<&LocalReplica> {
+        self.local.as_ref().ok_or_else(|| BrokerError::NotLeader {
+            leader_hint: self.replicas.first().copied().unwrap_or(0),
+        })
+    }
+
+    /// The local replica if this node leads the partition.
+    pub fn leading(&self, me: u64) -> Result<&LocalReplica> {
+        let local = self.local()?;
+        let leader = *local.leader.borrow();
+        if leader != me {
+            return Err(BrokerError::NotLeader {
+                leader_hint: leader,
+            });
+        }
+        Ok(local)
+    }
 }
 
 /// A topic and its partitions.
@@ -58,8 +85,10 @@ impl TopicHandle {
             .partitions
             .iter()
             .map(|p| {
-                let progress = *p.progress.borrow();
-                let leader = p.leader.load(Ordering::Relaxed);
+                let (progress, leader) = match &p.local {
+                    Some(l) => (*l.progress.borrow(), *l.leader.borrow()),
+                    None => (Progress::default(), 0),
+                };
                 PartitionInfo {
                     partition: p.partition,
                     leader,

@@ -19,17 +19,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use covet_protocol::api::{GroupStatus, TopicConfig};
 use covet_protocol::internal::TopicRecord;
 use covet_raft_store::{GroupStorage, LogOptions};
 use raft::prelude::Message;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::catalog::{Catalog, PartitionHandle, TopicHandle};
+use crate::catalog::Catalog;
 use crate::error::{BrokerError, Result};
-use crate::group::{Applied, Group, GroupConfig, Machine, Responder};
+use crate::group::{Applied, Bootstrap, Group, GroupConfig, Machine, Responder};
 use crate::logging::raft_logger;
 use crate::state::meta::{MetaEffect, MetaState};
-use crate::state::partition::PartitionState;
+use crate::transport::{Inbound, Transport};
 
 /// Raft's logical clock.
 const TICK: Duration = Duration::from_millis(100);
@@ -40,6 +41,8 @@ const MAX_REQUESTS_PER_ROUND: usize = 4096;
 const SYNC_THREADS: usize = 4;
 /// How long a request may wait for its entry to be applied.
 pub const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stopping node tries to hand its leaderships over.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(3);
 /// Group 0 holds the cluster metadata.
 pub const META_GROUP: u64 = 0;
 
@@ -52,8 +55,18 @@ pub enum Request {
         batch: Bytes,
         tx: Responder,
     },
+    /// Creates a topic; the driver assigns its replicas.
+    CreateTopic {
+        name: String,
+        config: TopicConfig,
+        tx: Responder,
+    },
     /// An encoded metadata command for group 0.
     Meta { data: Vec<u8>, tx: Responder },
+    /// This node's view of every group.
+    Status {
+        tx: oneshot::Sender<Vec<GroupStatus>>,
+    },
 }
 
 /// Driver settings.
@@ -63,6 +76,9 @@ pub struct DriverConfig {
     pub data_dir: PathBuf,
     pub log_options: LogOptions,
     pub retention_interval: Duration,
+    /// The cluster's nodes at bootstrap, this one included: the first
+    /// voters of the metadata group. Just this node when it runs alone.
+    pub initial_nodes: Vec<u64>,
 }
 
 /// How the rest of the node talks to the driver.
@@ -113,12 +129,34 @@ impl NodeHandle {
 
     /// Proposes a metadata command and waits for its outcome.
     pub async fn meta(&self, data: Vec<u8>) -> Result<MetaEffect> {
-        match self.call(|tx| Request::Meta { data, tx }).await? {
+        Self::effect(self.call(|tx| Request::Meta { data, tx }).await?)
+    }
+
+    /// Creates a topic, replicas chosen by the metadata leader.
+    pub async fn create_topic(&self, name: String, config: TopicConfig) -> Result<MetaEffect> {
+        Self::effect(
+            self.call(|tx| Request::CreateTopic { name, config, tx })
+                .await?,
+        )
+    }
+
+    fn effect(applied: Applied) -> Result<MetaEffect> {
+        match applied {
             Applied::Meta(effect) => Ok(effect),
             Applied::Batch { .. } => Err(BrokerError::Internal(
                 "metadata answered with a batch".into(),
             )),
         }
+    }
+
+    /// Every group's state as this node sees it.
+    pub async fn status(&self) -> Result<Vec<GroupStatus>> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Status { tx })
+            .await
+            .map_err(|_| BrokerError::ShuttingDown)?;
+        rx.await.map_err(|_| BrokerError::ShuttingDown)
     }
 }
 
@@ -129,12 +167,23 @@ pub struct Running {
     pub done: oneshot::Receiver<Result<()>>,
 }
 
-/// Opens the node's state and starts the driver thread.
-pub fn start(config: DriverConfig, shutdown: watch::Receiver<bool>) -> Result<Running> {
+/// Opens the node's state and starts the driver thread. Outgoing Raft
+/// messages go to `transport`; messages from peers arrive on `inbound`.
+pub fn start(
+    config: DriverConfig,
+    shutdown: watch::Receiver<bool>,
+    transport: Transport,
+    inbound: mpsc::Receiver<Inbound>,
+) -> Result<Running> {
     let (tx, rx) = mpsc::channel(MAX_REQUESTS_PER_ROUND);
     let (ready_tx, ready) = watch::channel(false);
     let catalog = Arc::new(Catalog::default());
-    let mut driver = Driver::open(config.clone(), catalog.clone(), rx, ready_tx)?;
+    let channels = Channels {
+        requests: rx,
+        inbound,
+        transport,
+    };
+    let mut driver = Driver::open(config.clone(), catalog.clone(), channels, ready_tx)?;
     let (done_tx, done) = oneshot::channel();
     std::thread::Builder::new()
         .name("covet-raft".into())
@@ -154,15 +203,22 @@ pub fn start(config: DriverConfig, shutdown: watch::Receiver<bool>) -> Result<Ru
     })
 }
 
-struct Driver {
-    config: DriverConfig,
-    db: sled::Db,
-    groups: HashMap<u64, Group>,
+/// How the driver hears from, and talks to, the rest of the node.
+struct Channels {
+    requests: mpsc::Receiver<Request>,
+    inbound: mpsc::Receiver<Inbound>,
+    transport: Transport,
+}
+
+pub(crate) struct Driver {
+    pub(crate) config: DriverConfig,
+    pub(crate) db: sled::Db,
+    pub(crate) groups: HashMap<u64, Group>,
     /// Retention settings of each partition group.
-    retention: HashMap<u64, (u64, u64)>,
-    catalog: Arc<Catalog>,
+    pub(crate) retention: HashMap<u64, (u64, u64)>,
+    pub(crate) catalog: Arc<Catalog>,
     logger: slog::Logger,
-    rx: mpsc::Receiver<Request>,
+    channels: Channels,
     ready: watch::Sender<bool>,
 }
 
@@ -170,7 +226,7 @@ impl Driver {
     fn open(
         config: DriverConfig,
         catalog: Arc<Catalog>,
-        rx: mpsc::Receiver<Request>,
+        channels: Channels,
         ready: watch::Sender<bool>,
     ) -> Result<Driver> {
         let db = sled::Config::new()
@@ -185,13 +241,19 @@ impl Driver {
             retention: HashMap::new(),
             catalog,
             logger: raft_logger(),
-            rx,
+            channels,
             ready,
         };
         covet_raft_store::remove_leftovers(&driver.config.data_dir.join("groups"))?;
         let meta = MetaState::open(driver.db.open_tree("meta")?)?;
         let topics: Vec<TopicRecord> = meta.topics().cloned().collect();
-        let group = driver.open_group(META_GROUP, Machine::Meta(meta))?;
+        let mut voters = driver.config.initial_nodes.clone();
+        voters.sort_unstable();
+        let bootstrap = Bootstrap {
+            preferred_leader: voters.first().copied().unwrap_or(driver.config.node_id),
+            voters,
+        };
+        let group = driver.open_group(META_GROUP, Machine::Meta(meta), &bootstrap)?;
         driver.groups.insert(META_GROUP, group);
         for topic in topics {
             driver.open_topic(topic)?;
@@ -199,11 +261,16 @@ impl Driver {
         Ok(driver)
     }
 
-    fn group_dir(&self, id: u64) -> PathBuf {
+    pub(crate) fn group_dir(&self, id: u64) -> PathBuf {
         self.config.data_dir.join("groups").join(id.to_string())
     }
 
-    fn open_group(&self, id: u64, machine: Machine) -> Result<Group> {
+    pub(crate) fn open_group(
+        &self,
+        id: u64,
+        machine: Machine,
+        bootstrap: &Bootstrap,
+    ) -> Result<Group> {
         let cfg = GroupConfig {
             node_id: self.config.node_id,
             log_options: self.config.log_options,
@@ -211,49 +278,7 @@ impl Driver {
             election_tick: 10,
             heartbeat_tick: 2,
         };
-        Group::open(id, &self.group_dir(id), machine, &cfg)
-    }
-
-    /// Opens the groups of a topic's partitions and publishes the topic.
-    fn open_topic(&mut self, record: TopicRecord) -> Result<()> {
-        let config = record.config.unwrap_or_default();
-        let mut partitions = Vec::with_capacity(record.groups.len());
-        for (p, &gid) in record.groups.iter().enumerate() {
-            let state = PartitionState::open(self.db.open_tree(format!("p{gid}"))?)?;
-            let handle_parts = (state.index(), state.subscribe());
-            let group = self.open_group(gid, Machine::Partition(state))?;
-            partitions.push(PartitionHandle {
-                partition: p as u32,
-                group: gid,
-                storage: group.storage.clone(),
-                index: handle_parts.0,
-                progress: handle_parts.1,
-                leader: group.leader.clone(),
-                replicas: group.voters(),
-            });
-            self.retention
-                .insert(gid, (config.retention_ms, config.retention_bytes));
-            self.groups.insert(gid, group);
-        }
-        self.catalog.insert(TopicHandle { record, partitions });
-        Ok(())
-    }
-
-    /// Withdraws a topic and destroys its partitions' logs and state.
-    fn drop_topic(&mut self, record: &TopicRecord) -> Result<()> {
-        self.catalog.remove(&record.name);
-        // The deletion must be in sled before the logs go: a restart that
-        // found the topic in sled but its logs gone could not rebuild it.
-        self.db.flush()?;
-        for &gid in &record.groups {
-            if let Some(mut g) = self.groups.remove(&gid) {
-                g.fail_all(BrokerError::UnknownTopic(record.name.clone()));
-            }
-            self.retention.remove(&gid);
-            covet_raft_store::destroy(&self.group_dir(gid))?;
-            self.db.drop_tree(format!("p{gid}"))?;
-        }
-        Ok(())
+        Group::open(id, &self.group_dir(id), machine, &cfg, bootstrap)
     }
 
     fn run(&mut self, shutdown: watch::Receiver<bool>) -> Result<()> {
@@ -261,7 +286,10 @@ impl Driver {
             .enable_time()
             .build()
             .map_err(|e| BrokerError::Internal(format!("raft runtime: {e}")))?;
-        let result = rt.block_on(self.run_loop(shutdown));
+        let result = rt.block_on(async {
+            self.run_loop(shutdown).await?;
+            self.hand_over_leadership().await
+        });
         for g in self.groups.values_mut() {
             g.fail_all(BrokerError::ShuttingDown);
         }
@@ -279,26 +307,83 @@ impl Driver {
             if self.groups.values().any(|g| g.node.has_ready()) {
                 continue;
             }
-            // Timers come before requests: under sustained load the request
-            // channel is never empty, and a timer polled after it would
-            // never fire.
+            // Timers and peers come before client requests: under sustained
+            // load the request channel is never empty, and what is polled
+            // after it would starve (no ticks, no heartbeats).
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return Ok(()),
                 _ = tick.tick() => self.tick_all(),
                 _ = retention.tick() => self.enforce_retention(),
-                req = self.rx.recv() => match req {
+                Some(m) = self.channels.inbound.recv() => self.step(m),
+                req = self.channels.requests.recv() => match req {
                     Some(req) => self.handle(req),
                     None => return Ok(()),
                 },
             }
-            for _ in 1..MAX_REQUESTS_PER_ROUND {
-                match self.rx.try_recv() {
-                    Ok(req) => self.handle(req),
-                    Err(_) => break,
-                }
+            self.drain();
+        }
+    }
+
+    /// Takes what else is waiting, bounded so one round stays short.
+    fn drain(&mut self) {
+        for _ in 0..MAX_REQUESTS_PER_ROUND {
+            match self.channels.inbound.try_recv() {
+                Ok(m) => self.step(m),
+                Err(_) => break,
             }
         }
+        for _ in 0..MAX_REQUESTS_PER_ROUND {
+            match self.channels.requests.try_recv() {
+                Ok(req) => self.handle(req),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Steps a peer's message into its group. Messages for groups this node
+    /// does not have (yet) are dropped; Raft resends.
+    fn step(&mut self, m: Inbound) {
+        if let Some(g) = self.groups.get_mut(&m.group) {
+            if let Err(e) = g.node.step(m.message) {
+                tracing::debug!(group = m.group, error = %e, "raft step failed");
+            }
+        }
+    }
+
+    /// Before stopping, moves the leadership of every group this node leads
+    /// to its most caught-up follower, so clients see a short handover
+    /// instead of an election timeout. Bounded in time.
+    async fn hand_over_leadership(&mut self) -> Result<()> {
+        let me = self.config.node_id;
+        for g in self.groups.values_mut() {
+            if let Some(target) = g.transfer_target() {
+                g.node.transfer_leader(target);
+            }
+        }
+        let deadline = tokio::time::Instant::now() + HANDOVER_TIMEOUT;
+        let mut tick = tokio::time::interval(TICK);
+        while self
+            .groups
+            .values()
+            .any(|g| g.is_leader() && g.transfer_target().is_some())
+        {
+            self.round()?;
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = tick.tick() => self.tick_all(),
+                Some(m) = self.channels.inbound.recv() => self.step(m),
+            }
+        }
+        let still = self
+            .groups
+            .values()
+            .filter(|g| g.node.raft.leader_id == me)
+            .count();
+        if still > 0 {
+            tracing::info!(groups = still, "stopping while still leading");
+        }
+        Ok(())
     }
 
     fn handle(&mut self, req: Request) {
@@ -315,14 +400,24 @@ impl Driver {
                     let _ = tx.send(Err(BrokerError::UnknownTopic(topic)));
                 }
             },
-            Request::Meta { data, tx } => match self.groups.get_mut(&META_GROUP) {
-                Some(g) => {
-                    g.propose(Bytes::from(data), tx);
-                }
-                None => {
-                    let _ = tx.send(Err(BrokerError::Internal("metadata group missing".into())));
-                }
-            },
+            Request::CreateTopic { name, config, tx } => {
+                self.propose_create_topic(name, config, tx)
+            }
+            Request::Meta { data, tx } => self.propose_meta(data, tx),
+            Request::Status { tx } => {
+                let _ = tx.send(self.status());
+            }
+        }
+    }
+
+    pub(crate) fn propose_meta(&mut self, data: Vec<u8>, tx: Responder) {
+        match self.groups.get_mut(&META_GROUP) {
+            Some(g) => {
+                g.propose(Bytes::from(data), tx);
+            }
+            None => {
+                let _ = tx.send(Err(BrokerError::Internal("metadata group missing".into())));
+            }
         }
     }
 
@@ -353,7 +448,7 @@ impl Driver {
                 continue;
             }
             let mut rd = g.node.ready();
-            send_messages(id, rd.take_messages());
+            send_messages(&self.channels.transport, g, rd.take_messages());
             if !rd.snapshot().is_empty() {
                 g.install_snapshot(rd.snapshot().clone())?;
             }
@@ -378,13 +473,13 @@ impl Driver {
             let Some(g) = self.groups.get_mut(&id) else {
                 continue;
             };
-            send_messages(id, rd.take_persisted_messages());
+            send_messages(&self.channels.transport, g, rd.take_persisted_messages());
             let mut light = g.node.advance(rd);
             if light.commit_index().is_some() {
                 // Not synced here: the commit index is re-derived on restart.
                 g.storage.set_hard_state(&g.node.raft.hard_state())?;
             }
-            send_messages(id, light.take_messages());
+            send_messages(&self.channels.transport, g, light.take_messages());
             g.apply_entries(light.take_committed_entries(), &mut effects)?;
             g.node.advance_apply();
             g.observe_role();
@@ -393,6 +488,7 @@ impl Driver {
             match effect {
                 MetaEffect::TopicCreated(t) => self.open_topic(t)?,
                 MetaEffect::TopicDeleted(t) => self.drop_topic(&t)?,
+                MetaEffect::ProducerId(_) => {}
             }
         }
         self.update_ready();
@@ -415,15 +511,15 @@ impl Driver {
     }
 }
 
-/// Hands Raft messages to the transport. A node of one voter per group has
-/// no peers, so there is nothing to send yet.
-fn send_messages(group: u64, msgs: Vec<Message>) {
+/// Hands a group's outgoing messages to the transport; a message that
+/// cannot be queued marks its peer unreachable, so Raft slows down probing
+/// it instead of flooding a dead link.
+fn send_messages(transport: &Transport, g: &mut Group, msgs: Vec<Message>) {
     for m in msgs {
-        tracing::warn!(
-            group,
-            to = m.to,
-            "dropping raft message: no transport to peers"
-        );
+        let to = m.to;
+        if !transport.send(g.id, m) {
+            g.node.report_unreachable(to);
+        }
     }
 }
 

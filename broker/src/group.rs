@@ -3,15 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use covet_protocol::batch;
 use covet_raft_store::{GroupStorage, LogOptions};
 use raft::prelude::{ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType};
 use raft::{RawNode, StateRole, Storage};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::error::{BrokerError, Result};
 use crate::state::meta::{MetaEffect, MetaState};
@@ -52,7 +50,7 @@ pub struct Group {
     pub storage: GroupStorage,
     pub machine: Machine,
     /// Leader as last seen, shared with readers through the catalog.
-    pub leader: Arc<AtomicU64>,
+    pub leader: watch::Sender<u64>,
     waiters: BTreeMap<u64, Waiter>,
     /// Answers decided in the current apply pass, sent once its state is
     /// published.
@@ -61,6 +59,15 @@ pub struct Group {
     /// the current term; recomputed from the log tail when unknown.
     proposed_next: Option<u64>,
     role: StateRole,
+}
+
+/// How a group that does not exist yet on disk starts.
+pub struct Bootstrap {
+    /// Its initial voters (every replica starts with the same set).
+    pub voters: Vec<u64>,
+    /// The replica that campaigns at once instead of waiting out an
+    /// election timeout, so leaders are spread as assigned.
+    pub preferred_leader: u64,
 }
 
 /// Parameters shared by every group of the node.
@@ -73,10 +80,16 @@ pub struct GroupConfig<'a> {
 }
 
 impl Group {
-    /// Opens (or creates and bootstraps with this node as the only voter)
-    /// the group stored in `dir`, and brings its state machine up to the
-    /// snapshot the log starts from.
-    pub fn open(id: u64, dir: &Path, mut machine: Machine, cfg: &GroupConfig<'_>) -> Result<Group> {
+    /// Opens (or creates, with the voters of `bootstrap`) the group stored
+    /// in `dir`, and brings its state machine up to the snapshot the log
+    /// starts from.
+    pub fn open(
+        id: u64,
+        dir: &Path,
+        mut machine: Machine,
+        cfg: &GroupConfig<'_>,
+        bootstrap: &Bootstrap,
+    ) -> Result<Group> {
         let storage = GroupStorage::open(dir, cfg.log_options)?;
         let state = storage
             .initial_state()
@@ -85,9 +98,10 @@ impl Group {
             .last_index()
             .map_err(|e| BrokerError::Storage(e.to_string()))?
             == 0;
-        if state.conf_state.voters.is_empty() && fresh {
+        let created = state.conf_state.voters.is_empty() && fresh;
+        if created {
             let cs = ConfState {
-                voters: vec![cfg.node_id],
+                voters: bootstrap.voters.clone(),
                 ..Default::default()
             };
             storage.set_conf_state(&cs)?;
@@ -116,8 +130,9 @@ impl Group {
             .ids()
             .iter()
             .collect::<Vec<_>>();
-        if voters == [cfg.node_id] {
-            // A lone voter need not wait out an election timeout.
+        if voters == [cfg.node_id] || (created && bootstrap.preferred_leader == cfg.node_id) {
+            // A lone voter need not wait out an election timeout, nor the
+            // preferred leader of a new group.
             let _ = node.campaign();
         }
         let mut group = Group {
@@ -125,7 +140,7 @@ impl Group {
             node,
             storage,
             machine,
-            leader: Arc::new(AtomicU64::new(0)),
+            leader: watch::channel(0).0,
             waiters: BTreeMap::new(),
             answers: Vec::new(),
             proposed_next: None,
@@ -205,6 +220,24 @@ impl Group {
 
     pub fn is_leader(&self) -> bool {
         self.node.raft.state == StateRole::Leader
+    }
+
+    /// The follower best placed to take over this group's leadership: the
+    /// most caught-up other voter. `None` unless this node leads and has a
+    /// follower.
+    pub fn transfer_target(&self) -> Option<u64> {
+        if !self.is_leader() {
+            return None;
+        }
+        let me = self.node.raft.id;
+        self.node
+            .raft
+            .prs()
+            .iter()
+            .filter(|(&id, _)| id != me)
+            .filter(|(&id, _)| self.node.raft.prs().conf().voters().contains(id))
+            .max_by_key(|(_, pr)| pr.matched)
+            .map(|(&id, _)| id)
     }
 
     pub fn voters(&self) -> Vec<u64> {
@@ -314,8 +347,9 @@ impl Group {
     /// for its proposals may no longer hold.
     pub fn observe_role(&mut self) {
         let role = self.node.raft.state;
+        let leader = self.node.raft.leader_id;
         self.leader
-            .store(self.node.raft.leader_id, Ordering::Relaxed);
+            .send_if_modified(|l| std::mem::replace(l, leader) != leader);
         if role != self.role {
             self.role = role;
             self.proposed_next = None;

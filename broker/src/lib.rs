@@ -26,6 +26,9 @@ pub mod retention;
 pub mod server;
 pub mod service;
 pub mod state;
+mod status;
 pub mod subscribe;
+mod topics;
+pub mod transport;
 
 pub use covet_protocol::now_ms;

@@ -1,23 +1,34 @@
-//! Running a broker node: open the state, start the Raft driver, serve gRPC,
-//! announce readiness, and shut down cleanly on SIGINT/SIGTERM.
+//! Running a broker node: open the state, start the Raft driver and its
+//! transport to peers, serve gRPC to clients and peers, announce readiness,
+//! and shut down cleanly on SIGINT/SIGTERM.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use covet_protocol::api::covet_server::CovetServer;
+use covet_protocol::internal::raft_transport_server::RaftTransportServer;
 use covet_raft_store::LogOptions;
-use tokio::sync::watch;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::driver::{self, DriverConfig};
 use crate::service::{CovetService, MAX_MAX_BATCH_BYTES};
+use crate::transport::{Directory, Transport, TransportService};
 
 /// HTTP/2 flow-control windows: how much a peer may send on one stream,
 /// and on one connection, before this side has read it.
 pub const STREAM_WINDOW: u32 = 8 << 20;
 pub const CONNECTION_WINDOW: u32 = 32 << 20;
+/// Largest gRPC message sent or accepted: the largest batch plus room for
+/// the rest of the message.
+pub const MAX_MESSAGE_BYTES: usize = MAX_MAX_BATCH_BYTES as usize + (1 << 20);
+/// Peer messages waiting for the driver before peers are slowed down.
+const INBOUND_QUEUE: usize = 16_384;
 /// How long in-flight calls get to finish after a shutdown signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -27,10 +38,27 @@ pub struct BrokerConfig {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub node_id: u64,
+    /// Where peers reach this node's Raft transport; `None` for a node that
+    /// runs alone.
+    pub peer_listen: Option<SocketAddr>,
+    /// Every node of the cluster (this one included) and the address other
+    /// nodes dial to reach it. Empty for a node that runs alone.
+    pub peers: HashMap<u64, SocketAddr>,
     pub segment_bytes: u64,
     pub retention_interval: Duration,
     /// When the process started, for the start-to-ready figure.
     pub started: std::time::Instant,
+}
+
+impl BrokerConfig {
+    fn cluster_nodes(&self) -> Vec<u64> {
+        let mut nodes: Vec<u64> = self.peers.keys().copied().collect();
+        if !nodes.contains(&self.node_id) {
+            nodes.push(self.node_id);
+        }
+        nodes.sort_unstable();
+        nodes
+    }
 }
 
 /// Runs a broker until `stop` resolves (a signal, in the binary).
@@ -41,6 +69,26 @@ pub async fn run(
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // Bind first: the client address is announced to peers.
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let address = listener.local_addr()?;
+    let peer_listener = match config.peer_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding peer address {addr}"))?,
+        ),
+        None => None,
+    };
+    let transport = Transport::start(
+        config.node_id,
+        address.to_string(),
+        &config.peers,
+        &tokio::runtime::Handle::current(),
+    );
+    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
     let driver_config = DriverConfig {
         node_id: config.node_id,
         data_dir: config.data_dir.clone(),
@@ -48,32 +96,26 @@ pub async fn run(
             segment_bytes: config.segment_bytes,
         },
         retention_interval: config.retention_interval,
+        initial_nodes: config.cluster_nodes(),
     };
-    let mut running = driver::start(driver_config, shutdown_rx.clone())
+    let mut running = driver::start(driver_config, shutdown_rx.clone(), transport, inbound_rx)
         .with_context(|| format!("opening data dir {}", config.data_dir.display()))?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
-    let address = listener.local_addr()?;
-    let service = CovetService::new(running.handle.clone(), address, shutdown_rx.clone());
-    let max_message = MAX_MAX_BATCH_BYTES as usize + (1 << 20);
-    let mut server_shutdown = shutdown_rx.clone();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            // Batches are up to MAX_MAX_BATCH_BYTES; HTTP/2's small default
-            // windows would stall a stream on every large batch.
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .add_service(
-                CovetServer::new(service)
-                    .max_decoding_message_size(max_message)
-                    .max_encoding_message_size(max_message),
-            )
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                let _ = server_shutdown.wait_for(|s| *s).await;
-            }),
+    let directory = Arc::new(Directory::default());
+    let service = CovetService::new(
+        running.handle.clone(),
+        address,
+        config.cluster_nodes(),
+        directory.clone(),
+        shutdown_rx.clone(),
     );
+    let server = tokio::spawn(serve_clients(listener, service, shutdown_rx.clone()));
+    if let Some(peer_listener) = peer_listener {
+        let peers = TransportService {
+            inbound: inbound_tx,
+            directory,
+        };
+        tokio::spawn(serve_peers(peer_listener, peers, shutdown_rx.clone()));
+    }
     tokio::pin!(stop);
     tokio::select! {
         r = running.ready.wait_for(|r| *r) => { r.context("raft driver stopped before ready")?; }
@@ -104,4 +146,46 @@ pub async fn run(
     }
     println!("covet broker stopped");
     outcome
+}
+
+async fn serve_clients(
+    listener: TcpListener,
+    service: CovetService,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        // Batches are up to MAX_MAX_BATCH_BYTES; HTTP/2's small default
+        // windows would stall a stream on every large batch.
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .add_service(
+            CovetServer::new(service)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        })
+        .await
+}
+
+/// Serves peers' Raft streams. It keeps running while the driver hands
+/// its leaderships over at shutdown, and ends with the process.
+async fn serve_peers(
+    listener: TcpListener,
+    service: TransportService,
+    _shutdown: watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .add_service(
+            RaftTransportServer::new(service)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming(TcpListenerStream::new(listener))
+        .await
 }

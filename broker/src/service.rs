@@ -18,7 +18,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::driver::{NodeHandle, APPLY_TIMEOUT};
 use crate::error::{BrokerError, Result};
 use crate::group::Applied;
-use crate::state::meta::{create_topic_command, delete_topic_command};
+use crate::state::meta::{allocate_producer_id_command, delete_topic_command, MetaEffect};
+use crate::transport::Directory;
 
 /// Default largest batch a topic accepts.
 pub const DEFAULT_MAX_BATCH_BYTES: u32 = 8 << 20;
@@ -42,15 +43,26 @@ pub struct CovetService {
     node: NodeHandle,
     produce_memory: Arc<Semaphore>,
     address: SocketAddr,
+    /// Every node of the cluster, and the client addresses peers announced.
+    cluster_nodes: Arc<Vec<u64>>,
+    directory: Arc<Directory>,
     shutdown: watch::Receiver<bool>,
 }
 
 impl CovetService {
-    pub fn new(node: NodeHandle, address: SocketAddr, shutdown: watch::Receiver<bool>) -> Self {
+    pub fn new(
+        node: NodeHandle,
+        address: SocketAddr,
+        cluster_nodes: Vec<u64>,
+        directory: Arc<Directory>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
         CovetService {
             node,
             produce_memory: Arc::new(Semaphore::new(PRODUCE_MEMORY_BYTES as usize)),
             address,
+            cluster_nodes: Arc::new(cluster_nodes),
+            directory,
             shutdown,
         }
     }
@@ -60,6 +72,7 @@ impl CovetService {
     fn validate_produce(&self, req: &ProduceRequest) -> Result<u64> {
         let topic = self.node.catalog.topic(&req.topic)?;
         let partition = topic.partition(req.partition)?;
+        partition.local()?;
         let limit = topic.config().max_batch_bytes as usize;
         if req.batch.len() > limit {
             return Err(BrokerError::BatchTooLarge {
@@ -92,12 +105,6 @@ impl CovetService {
                 "{partitions} partitions requested, the limit is {MAX_PARTITIONS}"
             )));
         }
-        if req.replication_factor > 1 {
-            return Err(BrokerError::InvalidConfig(format!(
-                "replication factor {} exceeds the cluster's 1 node",
-                req.replication_factor
-            )));
-        }
         let max_batch_bytes = req.max_batch_bytes.unwrap_or(DEFAULT_MAX_BATCH_BYTES);
         if !(batch::HEADER_LEN as u32..=MAX_MAX_BATCH_BYTES).contains(&max_batch_bytes) {
             return Err(BrokerError::InvalidConfig(format!(
@@ -107,11 +114,34 @@ impl CovetService {
         }
         Ok(TopicConfig {
             partitions,
-            replication_factor: 1,
+            replication_factor: req.replication_factor,
             retention_ms: req.retention_ms.unwrap_or(0),
             retention_bytes: req.retention_bytes.unwrap_or(0),
             max_batch_bytes,
         })
+    }
+
+    /// The cluster's nodes with the client addresses known here, and the
+    /// metadata leader.
+    async fn nodes(&self) -> (Vec<NodeInfo>, u64) {
+        let me = self.node.node_id;
+        let nodes = self
+            .cluster_nodes
+            .iter()
+            .map(|&id| NodeInfo {
+                id,
+                address: if id == me {
+                    self.address.to_string()
+                } else {
+                    self.directory.get(id).unwrap_or_default()
+                },
+            })
+            .collect();
+        let controller = match self.node.status().await {
+            Ok(groups) => groups.iter().find(|g| g.group == 0).map_or(0, |g| g.leader),
+            Err(_) => 0,
+        };
+        (nodes, controller)
     }
 
     /// Waits until the catalog shows the topic `name` present (or absent).
@@ -187,11 +217,13 @@ impl Covet for CovetService {
                 .map(|n| self.node.catalog.topic(n).map(|t| t.info()))
                 .collect::<Result<_>>()?
         };
-        let nodes = vec![NodeInfo {
-            id: self.node.node_id,
-            address: self.address.to_string(),
-        }];
-        Ok(Response::new(MetadataResponse { nodes, topics }))
+        let (nodes, controller) = self.nodes().await;
+        Ok(Response::new(MetadataResponse {
+            nodes,
+            topics,
+            controller,
+            node_id: self.node.node_id,
+        }))
     }
 
     type ProduceStream = BoxStream<ProduceResponse>;
@@ -275,8 +307,13 @@ impl Covet for CovetService {
         };
         let topic = self.node.catalog.topic(&open.topic)?;
         let partition = topic.partition(open.partition)?.clone();
-        let session =
-            crate::subscribe::Session::open(partition, &open, inbound, self.shutdown.clone())?;
+        let session = crate::subscribe::Session::open(
+            &partition,
+            self.node.node_id,
+            &open,
+            inbound,
+            self.shutdown.clone(),
+        )?;
         Ok(Response::new(Box::pin(session.spawn())))
     }
 
@@ -289,13 +326,7 @@ impl Covet for CovetService {
         if self.node.catalog.topic(&req.name).is_ok() {
             return Err(BrokerError::TopicExists(req.name).into());
         }
-        self.node
-            .meta(create_topic_command(
-                req.name.clone(),
-                config,
-                crate::now_ms(),
-            ))
-            .await?;
+        self.node.create_topic(req.name.clone(), config).await?;
         self.await_catalog(&req.name, true).await?;
         Ok(Response::new(self.node.catalog.topic(&req.name)?.info()))
     }
@@ -331,5 +362,30 @@ impl Covet for CovetService {
     ) -> std::result::Result<Response<TopicInfo>, Status> {
         let name = request.into_inner().name;
         Ok(Response::new(self.node.catalog.topic(&name)?.info()))
+    }
+
+    async fn init_producer(
+        &self,
+        _: Request<InitProducerRequest>,
+    ) -> std::result::Result<Response<InitProducerResponse>, Status> {
+        match self.node.meta(allocate_producer_id_command()).await? {
+            MetaEffect::ProducerId(producer_id) => {
+                Ok(Response::new(InitProducerResponse { producer_id }))
+            }
+            _ => Err(BrokerError::Internal("unexpected metadata outcome".into()).into()),
+        }
+    }
+
+    async fn cluster_status(
+        &self,
+        _: Request<ClusterStatusRequest>,
+    ) -> std::result::Result<Response<ClusterStatusResponse>, Status> {
+        let groups = self.node.status().await?;
+        let (nodes, _) = self.nodes().await;
+        Ok(Response::new(ClusterStatusResponse {
+            node_id: self.node.node_id,
+            nodes,
+            groups,
+        }))
     }
 }

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
-use crate::catalog::PartitionHandle;
+use crate::catalog::{LocalReplica, PartitionHandle};
 use crate::error::{BrokerError, Result};
 use crate::state::partition::BatchLocation;
 
@@ -27,7 +27,10 @@ const BYTES_PER_READ: u64 = 4 << 20;
 
 pub struct Session {
     topic: String,
-    partition: PartitionHandle,
+    replica: LocalReplica,
+    /// This node's id, and whether reading while not leading is allowed.
+    me: u64,
+    allow_follower: bool,
     inbound: Streaming<SubscribeRequest>,
     shutdown: watch::Receiver<bool>,
     /// Next offset to deliver.
@@ -40,12 +43,19 @@ impl Session {
     /// Resolves the starting position; errors (e.g. past the end) fail the
     /// call before any stream is set up.
     pub fn open(
-        partition: PartitionHandle,
+        partition: &PartitionHandle,
+        me: u64,
         open: &SubscribeOpen,
         inbound: Streaming<SubscribeRequest>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Session> {
-        let progress = *partition.progress.borrow();
+        let replica = if open.allow_follower {
+            partition.local()?
+        } else {
+            partition.leading(me)?
+        }
+        .clone();
+        let progress = *replica.progress.borrow();
         let (start, end) = (progress.start_offset, progress.high_watermark);
         let next = match open.from.as_ref().and_then(|p| p.kind.as_ref()) {
             Some(position::Kind::Earliest(_)) => start,
@@ -58,7 +68,7 @@ impl Session {
                 });
             }
             Some(position::Kind::Offset(o)) => (*o).max(start),
-            Some(position::Kind::TimestampMs(ts)) => partition
+            Some(position::Kind::TimestampMs(ts)) => replica
                 .index
                 .offset_for_time(*ts)?
                 .unwrap_or(end)
@@ -73,7 +83,9 @@ impl Session {
         let credit = i64::try_from(open.credit).unwrap_or(i64::MAX);
         Ok(Session {
             topic: open.topic.clone(),
-            partition,
+            replica,
+            me,
+            allow_follower: open.allow_follower,
             inbound,
             shutdown,
             next,
@@ -104,7 +116,8 @@ impl Session {
         if tx.send(Ok(opened)).await.is_err() {
             return Ok(());
         }
-        let mut progress = self.partition.progress.clone();
+        let mut progress = self.replica.progress.clone();
+        let mut leader = self.replica.leader.clone();
         // Set when the entries we looked up were trimmed away: wait for the
         // trim to publish the new start offset instead of spinning.
         let mut stale = false;
@@ -136,6 +149,14 @@ impl Session {
                     }
                     stale = false;
                 }
+                // A deposed leader stops serving as soon as it learns of
+                // the new term, so a client moves to the new leader.
+                _ = leader.changed(), if !self.allow_follower => {
+                    let now = *leader.borrow_and_update();
+                    if now != self.me {
+                        return Err(BrokerError::NotLeader { leader_hint: now }.to_status());
+                    }
+                }
                 _ = self.shutdown.changed() => return Err(BrokerError::ShuttingDown.to_status()),
                 _ = tx.closed() => return Ok(()),
             }
@@ -148,7 +169,7 @@ impl Session {
         tx: &mpsc::Sender<std::result::Result<SubscribeResponse, Status>>,
     ) -> std::result::Result<Flow, Status> {
         let locations = self
-            .partition
+            .replica
             .index
             .batches_from(self.next, BATCHES_PER_READ)?;
         let Some(first) = locations.first() else {
@@ -161,7 +182,7 @@ impl Session {
         let last = locations[locations.len() - 1];
         let entries =
             match self
-                .partition
+                .replica
                 .storage
                 .read(first.raft_index, last.raft_index + 1, BYTES_PER_READ)
             {
@@ -179,7 +200,7 @@ impl Session {
             debug_assert!(
                 batch::read_header(&entry.data).map(|h| h.base_offset) == Ok(loc.base_offset)
             );
-            let high_watermark = self.partition.progress.borrow().high_watermark;
+            let high_watermark = self.replica.progress.borrow().high_watermark;
             let msg = Batch {
                 batch: entry.data.clone(),
                 high_watermark: high_watermark.max(end),

@@ -82,6 +82,7 @@ impl PartitionStream {
             partition,
             from: Some(from.to_api()),
             credit,
+            allow_follower: false,
         };
         let first = SubscribeRequest {
             kind: Some(subscribe_request::Kind::Open(open)),

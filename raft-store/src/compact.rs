@@ -5,7 +5,7 @@
 //! then touch segments, so that the file is the commit point and recovery
 //! can finish an interrupted operation: it deletes segments named below the
 //! recorded first index (compaction) or of an older generation
-//! (`apply_snapshot`).
+//! (`apply_snapshot`). Removing a segment removes its index file first.
 
 use raft::prelude::Snapshot;
 

@@ -1,10 +1,18 @@
 //! Opening a group directory: load the snapshot file, drop what an
-//! interrupted compaction or `apply_snapshot` left behind, scan every
-//! segment (verifying every frame), cut a torn tail off the last segment,
-//! and rebuild the in-memory index.
+//! interrupted compaction or `apply_snapshot` left behind, rebuild the
+//! in-memory index, and cut a torn tail off the last segment.
+//!
+//! Each sealed segment (every one but the last) with a valid index file
+//! (see [`crate::index`]) is loaded from it without reading the segment
+//! beyond its header. The last segment, and any sealed one without a valid
+//! index, is scanned: every frame is read and its checksum verified. A
+//! scanned sealed segment gets its index written, so the next open is fast.
+//! The cost of open is thus the number of segments, plus the size of the
+//! index files (about 4 bytes per entry), plus the size of the last segment.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, ErrorKind, Read, Seek, SeekFrom};
+use std::io::{self, BufReader, ErrorKind, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,10 +23,12 @@ use crate::error::StoreError;
 use crate::frame::{
     checksum, look_for_intact_frame, split_header, Follows, FrameError, FRAME_HEADER_LEN,
 };
+use crate::index::{self, IndexName, SegmentIndex};
 use crate::record::{self, Record};
 use crate::segment::{parse_segment_file_name, Segment, SegmentHeader, SEGMENT_HEADER_LEN};
 use crate::snapfile::{self, sync_dir, SnapshotFile};
 use crate::state::LogState;
+use crate::OpenStats;
 
 const SCAN_BUFFER_BYTES: usize = 256 * 1024;
 
@@ -26,6 +36,7 @@ const SCAN_BUFFER_BYTES: usize = 256 * 1024;
 pub(crate) struct Recovered {
     pub state: LogState,
     pub next_seq: u64,
+    pub stats: OpenStats,
 }
 
 /// The hard state and conf state records with the highest sequence numbers.
@@ -35,13 +46,37 @@ struct Latest {
 }
 
 impl Latest {
-    fn offer(&mut self, record: Record) {
-        match record {
-            Record::HardState(seq, hs) if seq >= self.hard_state.0 => self.hard_state = (seq, hs),
-            Record::ConfState(seq, cs) if seq >= self.conf_state.0 => self.conf_state = (seq, cs),
-            _ => {}
+    fn offer_hard_state(&mut self, seq: u64, hs: &HardState) {
+        if seq >= self.hard_state.0 {
+            self.hard_state = (seq, hs.clone());
         }
     }
+
+    fn offer_conf_state(&mut self, seq: u64, cs: &ConfState) {
+        if seq >= self.conf_state.0 {
+            self.conf_state = (seq, cs.clone());
+        }
+    }
+
+    /// Offers the latest records of a segment loaded from its index.
+    fn offer_index(&mut self, index: &SegmentIndex) {
+        if let Some((seq, hs)) = &index.hard_state {
+            self.offer_hard_state(*seq, hs);
+        }
+        if let Some((seq, cs)) = &index.conf_state {
+            self.offer_conf_state(*seq, cs);
+        }
+    }
+}
+
+/// The files of a group directory that belong to the log.
+struct Listing {
+    /// Segment files: first index and path, sorted.
+    segments: Vec<(u64, PathBuf)>,
+    /// First indexes of the `.idx` files.
+    indexes: BTreeSet<u64>,
+    /// Paths of unfinished index writes (`.idx.tmp`).
+    temp_indexes: Vec<PathBuf>,
 }
 
 /// A segment file whose header has been read.
@@ -63,11 +98,28 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, StoreError> {
     fs::create_dir_all(dir).map_err(|e| StoreError::io("create directory", dir, e))?;
     let snap = snapfile::load(dir)?.unwrap_or_else(SnapshotFile::fresh);
     let mut dir_changed = false;
-    let candidates = open_candidates(dir, &snap, &mut dir_changed)?;
+    let listing = list_files(dir)?;
+    for tmp in &listing.temp_indexes {
+        tracing::warn!(path = %tmp.display(), "removing unfinished index file");
+        index::remove_file(tmp)?;
+        dir_changed = true;
+    }
+    let candidates = open_candidates(listing.segments, &snap, &mut dir_changed)?;
+    remove_orphan_indexes(dir, &listing.indexes, &candidates, &mut dir_changed)?;
+    // The last segment is the active one: it may be cut (torn tail) and
+    // will be appended to, so an index of it (left by a crash right after
+    // it was sealed, before the next segment existed) must go, durably,
+    // before anything changes it; see `crate::index`.
+    if let Some(last) = candidates.last() {
+        if listing.indexes.contains(&last.first_index) && index::remove(&last.path)? {
+            sync_dir(dir)?;
+        }
+    }
     let mut latest = Latest {
         hard_state: snap.hard_state.clone(),
         conf_state: snap.conf_state.clone(),
     };
+    let mut stats = OpenStats::default();
     let mut segments: Vec<Segment> = Vec::with_capacity(candidates.len());
     let count = candidates.len();
     for (i, candidate) in candidates.into_iter().enumerate() {
@@ -81,7 +133,13 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, StoreError> {
             );
             return Err(StoreError::corrupt(candidate.path, 0, reason));
         }
-        segments.push(scan_segment(candidate, i + 1 == count, &mut latest)?);
+        let sealed = i + 1 < count;
+        let has_index = sealed && listing.indexes.contains(&candidate.first_index);
+        let segment = open_segment(dir, candidate, sealed, has_index, &mut latest, &mut stats)?;
+        segments.push(segment);
+    }
+    if stats.indexes_written > 0 {
+        dir_changed = true;
     }
     if segments.is_empty() {
         // A fresh group, or a crash inside apply_snapshot after the
@@ -104,7 +162,7 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, StoreError> {
     if dir_changed {
         sync_dir(dir)?;
     }
-    finish(dir, snap, segments, latest)
+    finish(dir, snap, segments, latest, stats)
 }
 
 fn finish(
@@ -112,6 +170,7 @@ fn finish(
     snap: SnapshotFile,
     segments: Vec<Segment>,
     latest: Latest,
+    stats: OpenStats,
 ) -> Result<Recovered, StoreError> {
     let next_seq = latest.hard_state.0.max(latest.conf_state.0) + 1;
     let state = LogState {
@@ -131,19 +190,23 @@ fn finish(
         );
         return Err(StoreError::corrupt(dir, 0, reason));
     }
-    Ok(Recovered { state, next_seq })
+    Ok(Recovered {
+        state,
+        next_seq,
+        stats,
+    })
 }
 
 /// Lists the segment files, deleting those an interrupted compaction
 /// (named below the log's first index) or `apply_snapshot` (older
 /// generation) left, and a torn newest segment.
 fn open_candidates(
-    dir: &Path,
+    segment_files: Vec<(u64, PathBuf)>,
     snap: &SnapshotFile,
     dir_changed: &mut bool,
 ) -> Result<Vec<Candidate>, StoreError> {
     let mut found = Vec::new();
-    for (first_index, path) in list_segment_files(dir)? {
+    for (first_index, path) in segment_files {
         if first_index < snap.first_index {
             remove_stale(&path, "below the log's first index", dir_changed)?;
             continue;
@@ -194,18 +257,51 @@ fn open_candidates(
     Ok(found)
 }
 
-fn list_segment_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StoreError> {
+fn list_files(dir: &Path) -> Result<Listing, StoreError> {
     let entries = fs::read_dir(dir).map_err(|e| StoreError::io("list directory", dir, e))?;
-    let mut out = Vec::new();
+    let mut listing = Listing {
+        segments: Vec::new(),
+        indexes: BTreeSet::new(),
+        temp_indexes: Vec::new(),
+    };
     for entry in entries {
         let entry = entry.map_err(|e| StoreError::io("list directory", dir, e))?;
         let name = entry.file_name();
-        if let Some(first_index) = name.to_str().and_then(parse_segment_file_name) {
-            out.push((first_index, entry.path()));
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        if let Some(first_index) = parse_segment_file_name(name) {
+            listing.segments.push((first_index, entry.path()));
+        } else {
+            match index::parse_index_file_name(name) {
+                Some(IndexName::Index(first_index)) => {
+                    listing.indexes.insert(first_index);
+                }
+                Some(IndexName::Temp(_)) => listing.temp_indexes.push(entry.path()),
+                None => {}
+            }
         }
     }
-    out.sort_unstable();
-    Ok(out)
+    listing.segments.sort_unstable();
+    Ok(listing)
+}
+
+/// Removes index files whose segment is gone (removed by compaction,
+/// truncation or `apply_snapshot`, or just now as stale).
+fn remove_orphan_indexes(
+    dir: &Path,
+    indexes: &BTreeSet<u64>,
+    candidates: &[Candidate],
+    dir_changed: &mut bool,
+) -> Result<(), StoreError> {
+    let live: BTreeSet<u64> = candidates.iter().map(|c| c.first_index).collect();
+    for &first_index in indexes.difference(&live) {
+        let path = dir.join(index::index_file_name(first_index));
+        tracing::debug!(path = %path.display(), "removing index of a removed segment");
+        index::remove_file(&path)?;
+        *dir_changed = true;
+    }
+    Ok(())
 }
 
 fn remove_stale(path: &Path, why: &str, dir_changed: &mut bool) -> Result<(), StoreError> {
@@ -238,12 +334,15 @@ fn read_header(path: &Path) -> Result<(File, HeaderState), StoreError> {
     Ok((file, state))
 }
 
-/// Reads every frame of a segment, indexing entries and offering hard and
-/// conf states to `latest`.
-fn scan_segment(
+/// Loads a sealed segment from its index if it has a valid one; otherwise
+/// scans it (and writes its index if it is sealed).
+fn open_segment(
+    dir: &Path,
     candidate: Candidate,
-    is_last: bool,
+    sealed: bool,
+    has_index: bool,
     latest: &mut Latest,
+    stats: &mut OpenStats,
 ) -> Result<Segment, StoreError> {
     let Candidate {
         first_index,
@@ -254,35 +353,120 @@ fn scan_segment(
     let HeaderState::Valid(header) = header else {
         return Err(StoreError::corrupt(path, 0, "invalid segment header"));
     };
-    let io_err = |e| StoreError::io("read segment", &path, e);
-    let len = file.metadata().map_err(io_err)?.len();
-    let file = Arc::new(file);
-    let mut reader = BufReader::with_capacity(SCAN_BUFFER_BYTES, &*file);
-    reader
-        .seek(SeekFrom::Start(SEGMENT_HEADER_LEN as u64))
-        .map_err(io_err)?;
+    let len = file
+        .metadata()
+        .map_err(|e| StoreError::io("stat segment", &path, e))?
+        .len();
+    if has_index {
+        if let Some(index) = load_index(&path, first_index, &header, len, stats) {
+            latest.offer_index(&index);
+            stats.segments_indexed += 1;
+            return Ok(Segment::from_index(index, path, Arc::new(file)));
+        }
+    }
+    let empty = Segment::new(first_index, path, Arc::new(file), header.salt, len);
+    let segment = scan_segment(empty, !sealed, latest, stats)?;
+    if sealed {
+        // Best effort: without it the next open scans this segment again.
+        let bytes = index::encode(&segment, header.generation);
+        match index::store(dir, first_index, &bytes) {
+            Ok(()) => stats.indexes_written += 1,
+            Err(err) => tracing::warn!(%err, "cannot write segment index"),
+        }
+    }
+    Ok(segment)
+}
 
-    let mut segment = Segment::new(
-        first_index,
-        path.clone(),
-        Arc::clone(&file),
-        header.salt,
-        len,
+/// The index of a sealed segment, if it has one that decodes and describes
+/// the segment file as it is. Any problem only means a scan.
+fn load_index(
+    path: &Path,
+    first_index: u64,
+    header: &SegmentHeader,
+    len: u64,
+    stats: &mut OpenStats,
+) -> Option<SegmentIndex> {
+    let index_path = index::index_path(path);
+    let bytes = match fs::read(&index_path) {
+        Ok(bytes) => bytes,
+        Err(err) => {
+            if err.kind() != ErrorKind::NotFound {
+                tracing::warn!(path = %index_path.display(), %err, "cannot read segment index; scanning the segment");
+            }
+            return None;
+        }
+    };
+    stats.index_bytes_read += bytes.len() as u64;
+    let reason = match index::decode(&bytes) {
+        Ok(index) => match index.mismatch(first_index, header, len) {
+            None => return Some(index),
+            Some(reason) => reason,
+        },
+        Err(reason) => reason,
+    };
+    tracing::warn!(path = %index_path.display(), %reason, "ignoring segment index; scanning the segment");
+    None
+}
+
+/// Reads a file sequentially with `pread`, counting the bytes read.
+struct CountingReader<'a> {
+    file: &'a File,
+    position: u64,
+    bytes: u64,
+}
+
+impl Read for CountingReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.position)?;
+        self.position += n as u64;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+/// Reads every frame of `segment` (as yet empty, its `end` the file's
+/// length), indexing entries and offering hard and conf states to `latest`.
+fn scan_segment(
+    mut segment: Segment,
+    is_last: bool,
+    latest: &mut Latest,
+    stats: &mut OpenStats,
+) -> Result<Segment, StoreError> {
+    let (path, file, salt, len) = (
+        segment.path.clone(),
+        Arc::clone(&segment.file),
+        segment.salt,
+        segment.end,
+    );
+    let io_err = |e| StoreError::io("read segment", &path, e);
+    let mut reader = BufReader::with_capacity(
+        SCAN_BUFFER_BYTES,
+        CountingReader {
+            file: &file,
+            position: SEGMENT_HEADER_LEN as u64,
+            bytes: 0,
+        },
     );
     let mut position = SEGMENT_HEADER_LEN as u64;
     let mut payload = Vec::new();
+    let mut torn = None;
     while position < len {
-        match read_frame(&mut reader, len - position, header.salt, &mut payload).map_err(io_err)? {
+        match read_frame(&mut reader, len - position, salt, &mut payload).map_err(io_err)? {
             Ok(()) => {
                 index_record(&mut segment, &payload, position, latest)?;
                 position += (FRAME_HEADER_LEN + payload.len()) as u64;
             }
             Err(problem) => {
-                cut_torn_tail(&segment, position, len, is_last, problem)?;
-                segment.end = position;
+                torn = Some(problem);
                 break;
             }
         }
+    }
+    stats.segments_scanned += 1;
+    stats.bytes_scanned += reader.get_ref().bytes;
+    if let Some(problem) = torn {
+        stats.bytes_scanned += cut_torn_tail(&segment, position, len, is_last, problem)?;
+        segment.end = position;
     }
     Ok(segment)
 }
@@ -329,22 +513,29 @@ fn index_record(
             }
             segment.push(meta.index, meta.term, position)
         }
-        other => {
-            latest.offer(other);
+        Record::HardState(seq, hs) => {
+            latest.offer_hard_state(seq, &hs);
+            segment.note_hard_state(seq, &hs);
+            Ok(())
+        }
+        Record::ConfState(seq, cs) => {
+            latest.offer_conf_state(seq, &cs);
+            segment.note_conf_state(seq, &cs);
             Ok(())
         }
     }
 }
 
 /// A bad frame is a torn tail, cut off, only if it is in the last segment
-/// and no intact frame follows it; anything else is corruption.
+/// and no intact frame follows it; anything else is corruption. Returns the
+/// bytes it read.
 fn cut_torn_tail(
     segment: &Segment,
     position: u64,
     len: u64,
     is_last: bool,
     problem: FrameError,
-) -> Result<(), StoreError> {
+) -> Result<u64, StoreError> {
     let path = &segment.path;
     if !is_last {
         let reason = format!("{problem} in a segment that is not the last");
@@ -379,5 +570,6 @@ fn cut_torn_tail(
         .file
         .set_len(position)
         .and_then(|()| segment.file.sync_data())
-        .map_err(|e| StoreError::io("truncate torn tail", path, e))
+        .map_err(|e| StoreError::io("truncate torn tail", path, e))?;
+    Ok(len - position)
 }

@@ -9,7 +9,9 @@
 //!
 //! The header is followed by frames (see [`crate::frame`]). The file is
 //! named `{first_index:020}.log` after the index of the first entry it holds
-//! (or will hold: a new segment starts with no entries).
+//! (or will hold: a new segment starts with no entries). Once sealed, a
+//! segment may have a sidecar index file `{first_index:020}.idx` (see
+//! [`crate::index`]).
 
 use std::collections::hash_map::RandomState;
 use std::fs::{File, OpenOptions};
@@ -23,6 +25,7 @@ use raft::prelude::{ConfState, HardState};
 
 use crate::error::StoreError;
 use crate::frame::put_frame;
+use crate::index::SegmentIndex;
 use crate::record::{put_conf_state, put_hard_state};
 
 pub(crate) const SEGMENT_HEADER_LEN: usize = 32;
@@ -78,7 +81,12 @@ pub(crate) fn segment_file_name(first_index: u64) -> String {
 
 /// The first index encoded in a segment file name, if it is one.
 pub(crate) fn parse_segment_file_name(name: &str) -> Option<u64> {
-    let digits = name.strip_suffix(".log")?;
+    parse_numbered_name(name, ".log")
+}
+
+/// The number in a name `{n:020}{suffix}`, if `name` is one.
+pub(crate) fn parse_numbered_name(name: &str, suffix: &str) -> Option<u64> {
+    let digits = name.strip_suffix(suffix)?;
     if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -94,6 +102,10 @@ pub(crate) fn parse_segment_file_name(name: &str) -> Option<u64> {
 /// of log (0.4 %), and a read knows each entry's exact start and extent
 /// without scanning. A sparser index would save memory only for tiny
 /// entries, at the price of scanning frames on every read.
+///
+/// It also remembers the hard-state and conf-state records with the highest
+/// sequence numbers in the file, which the segment's index file records so
+/// that open can find the latest ones without reading the segment.
 #[derive(Debug)]
 pub(crate) struct Segment {
     pub first_index: u64,
@@ -104,6 +116,10 @@ pub(crate) struct Segment {
     pub end: u64,
     offsets: Vec<u32>,
     terms: Vec<(u64, u64)>,
+    /// The hard-state record with the highest sequence number in the file.
+    latest_hard_state: Option<(u64, HardState)>,
+    /// The conf-state record with the highest sequence number in the file.
+    latest_conf_state: Option<(u64, ConfState)>,
 }
 
 impl Segment {
@@ -122,6 +138,24 @@ impl Segment {
             end,
             offsets: Vec::new(),
             terms: Vec::new(),
+            latest_hard_state: None,
+            latest_conf_state: None,
+        }
+    }
+
+    /// A sealed segment as its index file describes it. The caller has
+    /// checked that the index matches the file (see [`crate::index`]).
+    pub(crate) fn from_index(index: SegmentIndex, path: PathBuf, file: Arc<File>) -> Self {
+        Segment {
+            first_index: index.first_index,
+            path,
+            file,
+            salt: index.salt,
+            end: index.segment_len,
+            offsets: index.offsets,
+            terms: index.terms,
+            latest_hard_state: index.hard_state,
+            latest_conf_state: index.conf_state,
         }
     }
 
@@ -157,13 +191,58 @@ impl Segment {
         })?;
         file.write_all_at(&buf, 0)
             .map_err(|e| StoreError::io("write segment", &path, e))?;
-        Ok(Segment::new(
+        let mut segment = Segment::new(
             first_index,
             path,
             Arc::new(file),
             header.salt,
             buf.len() as u64,
-        ))
+        );
+        segment.note_hard_state(hs.0, hs.1);
+        segment.note_conf_state(cs.0, cs.1);
+        Ok(segment)
+    }
+
+    /// The frame offsets of the entries, one per entry.
+    pub(crate) fn offsets(&self) -> &[u32] {
+        &self.offsets
+    }
+
+    /// The term runs: `(first index, term)`, one per change of term.
+    pub(crate) fn term_runs(&self) -> &[(u64, u64)] {
+        &self.terms
+    }
+
+    /// The hard-state record with the highest sequence number in the file.
+    pub(crate) fn latest_hard_state(&self) -> Option<&(u64, HardState)> {
+        self.latest_hard_state.as_ref()
+    }
+
+    /// The conf-state record with the highest sequence number in the file.
+    pub(crate) fn latest_conf_state(&self) -> Option<&(u64, ConfState)> {
+        self.latest_conf_state.as_ref()
+    }
+
+    /// Notes a hard-state record written to (or found in) the file.
+    pub(crate) fn note_hard_state(&mut self, seq: u64, hs: &HardState) {
+        if self
+            .latest_hard_state
+            .as_ref()
+            .is_none_or(|&(s, _)| seq >= s)
+        {
+            self.latest_hard_state = Some((seq, hs.clone()));
+        }
+    }
+
+    /// Notes a conf-state record written to (or found in) the file.
+    pub(crate) fn note_conf_state(&mut self, seq: u64, cs: &ConfState) {
+        if self
+            .latest_conf_state
+            .as_ref()
+            .is_none_or(|&(s, _)| seq >= s)
+        {
+            self.latest_conf_state = Some((seq, cs.clone()));
+        }
     }
 
     pub(crate) fn entry_count(&self) -> u64 {
@@ -211,13 +290,18 @@ impl Segment {
     }
 
     /// Forgets entries from `index` on; returns where the first one started.
-    /// The caller truncates the file there.
+    /// The caller truncates the file there, then writes fresh hard-state and
+    /// conf-state records: which records survive the cut is not tracked, so
+    /// the latest ones are forgotten here (any that survive have lower
+    /// sequence numbers than the fresh ones).
     pub(crate) fn truncate_from(&mut self, index: u64) -> u64 {
         let position = self.position(index);
         self.offsets.truncate((index - self.first_index) as usize);
         let runs = self.terms.partition_point(|&(start, _)| start < index);
         self.terms.truncate(runs);
         self.end = position;
+        self.latest_hard_state = None;
+        self.latest_conf_state = None;
         position
     }
 }

@@ -26,7 +26,7 @@ use crate::error::StoreError;
 use crate::recover::{recover, Recovered};
 use crate::snapfile::sync_dir;
 use crate::state::LogState;
-use crate::{LogOptions, SegmentInfo};
+use crate::{LogOptions, OpenStats, SegmentInfo};
 
 /// Durable storage for one Raft group, in one directory.
 ///
@@ -41,6 +41,7 @@ pub struct GroupStorage {
 pub(crate) struct Inner {
     pub dir: PathBuf,
     pub segment_bytes: u64,
+    open_stats: OpenStats,
     sync_lock: Mutex<()>,
     writer: Mutex<Writer>,
     state: RwLock<LogState>,
@@ -92,9 +93,16 @@ impl Writer {
 impl GroupStorage {
     /// Opens (creating it if missing) the group directory `dir`: recovers
     /// the log, cutting a torn tail off the last segment and failing with
-    /// [`StoreError::Corrupt`] on any other damage.
+    /// [`StoreError::Corrupt`] on any other damage it reads.
+    ///
+    /// Sealed segments with a valid index file are not read (see the crate
+    /// docs): damage inside them is reported by the reads that meet it.
     pub fn open(dir: &Path, options: LogOptions) -> Result<GroupStorage, StoreError> {
-        let Recovered { state, next_seq } = recover(dir)?;
+        let Recovered {
+            state,
+            next_seq,
+            stats,
+        } = recover(dir)?;
         let writer = Writer {
             buf: Vec::new(),
             positions: Vec::new(),
@@ -106,6 +114,7 @@ impl GroupStorage {
         let inner = Inner {
             dir: dir.to_path_buf(),
             segment_bytes: options.effective_segment_bytes(),
+            open_stats: stats,
             sync_lock: Mutex::new(()),
             writer: Mutex::new(writer),
             state: RwLock::new(state),
@@ -118,6 +127,11 @@ impl GroupStorage {
     /// The group's directory.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// What [`GroupStorage::open`] read to recover this group.
+    pub fn open_stats(&self) -> OpenStats {
+        self.inner.open_stats
     }
 
     /// Makes every write made before this call durable: `fdatasync` of each

@@ -6,17 +6,21 @@
 //! entries. There is no user-space buffer across calls, so every published
 //! entry is in the page cache and `read` never needs a flush; nothing is
 //! durable until `sync`.
+//!
+//! Rolling seals the old segment: it is `fdatasync`ed and its index file
+//! written (see [`crate::index`]) before the new segment is created.
 
 use std::fs::{self, File};
 use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use raft::prelude::{ConfState, Entry, HardState};
 
 use crate::error::StoreError;
 use crate::frame::put_frame;
+use crate::index;
 use crate::record::{entry_record_len, put_conf_state, put_entry, put_hard_state};
 use crate::segment::Segment;
 use crate::snapfile::{self, sync_dir};
@@ -156,9 +160,9 @@ impl Inner {
     }
 
     /// Starts a new segment at `next_index` once the active one holds at
-    /// least one entry and `segment_bytes`.
+    /// least one entry and `segment_bytes`, sealing the old one.
     fn maybe_roll(&self, w: &mut Writer, next_index: u64) -> Result<(), StoreError> {
-        let (old, generation, hs, cs) = {
+        let (old, generation, hs, cs, old_index) = {
             let st = self.read_state();
             let active = st.active();
             if active.entry_count() == 0 || active.end < self.segment_bytes {
@@ -170,6 +174,11 @@ impl Inner {
                 st.generation,
                 st.hard_state.clone(),
                 st.conf_state.clone(),
+                (
+                    active.first_index,
+                    active.end,
+                    index::encode(active, st.generation),
+                ),
             )
         };
         // Older segments are always fully synced, so only the last segment
@@ -177,6 +186,11 @@ impl Inner {
         old.1
             .sync_data()
             .map_err(|e| StoreError::io("fdatasync segment", &old.0, e))?;
+        // The index describes synced bytes that will not change (a
+        // truncation into this segment removes the index first). Its rename
+        // becomes durable with the directory fsync the new segment needs.
+        let (first_index, end, bytes) = old_index;
+        write_index(&self.dir, &old.0, &old.1, first_index, end, &bytes);
         let (hs_seq, cs_seq) = (w.take_seq(), w.take_seq());
         let segment = Segment::create(
             &self.dir,
@@ -200,27 +214,34 @@ impl Inner {
     ) -> Result<(), StoreError> {
         let target = self.target();
         w.buf.clear();
-        if let Some(hs) = &hs {
-            let seq = w.take_seq();
+        let hs = hs.map(|hs| (w.take_seq(), hs));
+        let cs = cs.map(|cs| (w.take_seq(), cs));
+        if let Some((seq, hs)) = &hs {
             put_frame(&mut w.buf, target.salt, |b| {
-                put_hard_state(b, seq, hs);
+                put_hard_state(b, *seq, hs);
                 Ok(())
             })?;
         }
-        if let Some(cs) = &cs {
-            let seq = w.take_seq();
+        if let Some((seq, cs)) = &cs {
             put_frame(&mut w.buf, target.salt, |b| {
-                put_conf_state(b, seq, cs);
+                put_conf_state(b, *seq, cs);
                 Ok(())
             })?;
         }
         let end = self.write_buffer(w, &target)?;
         let mut st = self.write_state();
-        st.active_mut().end = end;
-        if let Some(hs) = hs {
+        let active = st.active_mut();
+        active.end = end;
+        if let Some((seq, hs)) = &hs {
+            active.note_hard_state(*seq, hs);
+        }
+        if let Some((seq, cs)) = &cs {
+            active.note_conf_state(*seq, cs);
+        }
+        if let Some((_, hs)) = hs {
             st.hard_state = hs;
         }
-        if let Some(cs) = cs {
+        if let Some((_, cs)) = cs {
             st.conf_state = cs;
         }
         Ok(())
@@ -272,20 +293,61 @@ impl Inner {
                 removed,
             )
         };
+        // The segment cut into becomes the active one again. If it was
+        // sealed, its index must be gone durably before its contents
+        // change: otherwise a crash after it is sealed again could bring
+        // the old index back for a file that may have the same length.
+        let mut index_removal_unsynced = index::remove(&path)?;
         // Newest first, each made durable, so a crash leaves a contiguous log.
         for segment in removed.iter().rev() {
             remove_segment_file(&segment.path)?;
+            sync_dir(&self.dir)?;
+            index_removal_unsynced = false;
+        }
+        if index_removal_unsynced {
             sync_dir(&self.dir)?;
         }
         // The cut is durable before new frames land there, so a crash can
         // never leave old and new frames mixed in one file.
         file.set_len(position)
             .and_then(|()| file.sync_data())
-            .map_err(|e| StoreError::io("truncate segment", &path, e))
+            .map_err(|e| StoreError::io("truncate segment", &path, e))?;
+        // Which hard/conf state records survived the cut is not tracked:
+        // write fresh copies, so the segment's latest records (which its
+        // index will record when it is sealed) are known again.
+        let (hs, cs) = {
+            let st = self.read_state();
+            (st.hard_state.clone(), st.conf_state.clone())
+        };
+        self.write_state_records(w, Some(hs), Some(cs))
     }
 }
 
-pub(crate) fn remove_segment_file(path: &std::path::Path) -> Result<(), StoreError> {
+/// Writes the index of a segment being sealed, after checking that the
+/// file is as long as the index says (it is, unless a failed write left
+/// more behind, and then the storage is poisoned and never rolls). Best
+/// effort: without an index, the next open scans the segment.
+fn write_index(dir: &Path, path: &Path, file: &File, first_index: u64, end: u64, bytes: &[u8]) {
+    match file.metadata() {
+        Ok(meta) if meta.len() == end => {}
+        Ok(meta) => {
+            tracing::warn!(path = %path.display(), len = meta.len(), end, "segment length is not its end; not writing its index");
+            return;
+        }
+        Err(err) => {
+            tracing::warn!(path = %path.display(), %err, "cannot stat segment; not writing its index");
+            return;
+        }
+    }
+    if let Err(err) = index::store(dir, first_index, bytes) {
+        tracing::warn!(%err, "cannot write segment index");
+    }
+}
+
+/// Removes a segment file and its index (if any). Not durable until the
+/// directory is fsynced.
+pub(crate) fn remove_segment_file(path: &Path) -> Result<(), StoreError> {
+    index::remove(path)?;
     match fs::remove_file(path) {
         Err(e) if e.kind() != ErrorKind::NotFound => Err(StoreError::io("remove segment", path, e)),
         _ => Ok(()),

@@ -42,6 +42,13 @@ fn compaction_unlinks_whole_segments_and_survives_reopen() {
     assert!(first <= 24);
     assert_eq!(store.segments(), before[kept..].to_vec());
     assert_eq!(segment_files(dir.path()).len(), before.len() - kept);
+    // The removed segments' indexes are gone; the kept sealed ones remain.
+    let files = segment_files(dir.path());
+    let sealed: Vec<_> = files[..files.len() - 1]
+        .iter()
+        .map(|f| index_of(f))
+        .collect();
+    assert_eq!(index_files(dir.path()), sealed);
     let check = |store: &GroupStorage| {
         assert_eq!(first_last(store), (first, 40));
         let prev_term = if first - 1 <= 20 { 1 } else { 2 };
@@ -68,6 +75,11 @@ fn compaction_unlinks_whole_segments_and_survives_reopen() {
     drop(store);
     let store = open(dir.path(), SEGMENT_BYTES);
     check(&store);
+    let stats = store.open_stats();
+    assert_eq!(
+        (stats.segments_indexed, stats.segments_scanned),
+        (sealed.len(), 1)
+    );
     store
         .append(&entries(41..=45, 2))
         .expect("append after reopen");
@@ -155,6 +167,7 @@ fn crash_between_snapshot_write_and_unlink_is_finished_on_open() {
     let store = open(dir.path(), SEGMENT_BYTES);
     assert_eq!(first_last(&store), (first, last));
     assert_eq!(segment_files(dir.path()).len(), store.segments().len());
+    assert_eq!(index_files(dir.path()).len(), store.segments().len() - 1);
     assert_eq!(store.hard_state(), hard_state(2, 1, 40));
 }
 
@@ -180,6 +193,7 @@ fn apply_snapshot_discards_the_log() {
             b"leader state"
         );
         assert_eq!(segment_files(dir.path()).len(), 1);
+        assert!(index_files(dir.path()).is_empty());
     };
     check(&store);
     drop(store);

@@ -19,6 +19,13 @@ pub struct BrokerArgs {
     /// This node's id.
     #[arg(long, default_value_t = 1)]
     node_id: u64,
+    /// Address this node's Raft transport listens on, for its peers.
+    #[arg(long)]
+    peer_listen: Option<SocketAddr>,
+    /// The cluster: every node's id and the address its peers dial,
+    /// ID=HOST:PORT[,ID=HOST:PORT...]. Omit to run alone.
+    #[arg(long, value_parser = parse_peers, default_value = "")]
+    peers: Peers,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive.
     #[arg(long, default_value = "info", env = "COVET_LOG")]
     log_level: String,
@@ -41,10 +48,20 @@ pub async fn run(args: BrokerArgs, started: std::time::Instant) -> anyhow::Resul
     if args.node_id == 0 {
         anyhow::bail!("--node-id must be at least 1");
     }
+    if !args.peers.0.is_empty() {
+        if !args.peers.0.contains_key(&args.node_id) {
+            anyhow::bail!("--peers must include this node ({})", args.node_id);
+        }
+        if args.peer_listen.is_none() {
+            anyhow::bail!("--peers needs --peer-listen");
+        }
+    }
     let config = BrokerConfig {
         data_dir: args.data_dir,
         listen: args.listen,
         node_id: args.node_id,
+        peer_listen: args.peer_listen,
+        peers: args.peers.0,
         segment_bytes: args.segment_bytes.max(4096),
         retention_interval: Duration::from_millis(args.retention_check_ms.max(10)),
         started,
@@ -82,4 +99,31 @@ fn tune_allocator() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 20);
     }
+}
+
+/// `--peers`: node id → address peers dial.
+#[derive(Debug, Clone, Default)]
+struct Peers(std::collections::HashMap<u64, SocketAddr>);
+
+fn parse_peers(s: &str) -> Result<Peers, String> {
+    let mut peers = std::collections::HashMap::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (id, addr) = item
+            .split_once('=')
+            .ok_or_else(|| format!("peer '{item}' is not ID=HOST:PORT"))?;
+        let id: u64 = id
+            .parse()
+            .map_err(|_| format!("peer id '{id}' is not a number"))?;
+        if id == 0 {
+            return Err("peer ids start at 1".into());
+        }
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(addr)
+            .map_err(|e| format!("peer address '{addr}': {e}"))?
+            .next()
+            .ok_or_else(|| format!("peer address '{addr}' resolves to nothing"))?;
+        if peers.insert(id, addr).is_some() {
+            return Err(format!("peer {id} given twice"));
+        }
+    }
+    Ok(Peers(peers))
 }

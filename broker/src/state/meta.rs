@@ -9,7 +9,9 @@
 use std::collections::BTreeMap;
 
 use covet_protocol::api::TopicConfig;
-use covet_protocol::internal::{meta_command, CreateTopic, DeleteTopic, MetaCommand, TopicRecord};
+use covet_protocol::internal::{
+    meta_command, AllocateProducerId, CreateTopic, DeleteTopic, MetaCommand, Replicas, TopicRecord,
+};
 use prost::Message as _;
 
 use crate::error::{BrokerError, Result};
@@ -24,6 +26,8 @@ const TOPIC_PREFIX: &[u8] = b"t/";
 pub enum MetaEffect {
     TopicCreated(TopicRecord),
     TopicDeleted(TopicRecord),
+    /// A producer id, unique in the cluster.
+    ProducerId(i64),
 }
 
 /// Topics as of the applied index.
@@ -31,22 +35,16 @@ pub struct MetaState {
     tree: sled::Tree,
     applied: u64,
     next_group: u64,
+    next_producer_id: i64,
     topics: BTreeMap<String, TopicRecord>,
 }
 
 impl MetaState {
     pub fn open(tree: sled::Tree) -> Result<Self> {
-        let (applied, next_group) = match tree.get(STATE_KEY)? {
-            Some(v) if v.len() == 16 => (
-                u64::from_le_bytes(v[0..8].try_into().unwrap_or_default()),
-                u64::from_le_bytes(v[8..16].try_into().unwrap_or_default()),
-            ),
-            Some(_) => {
-                return Err(BrokerError::Storage(
-                    "corrupt metadata state in sled".into(),
-                ))
-            }
-            None => (0, 1),
+        let (applied, next_group, next_producer_id) = match tree.get(STATE_KEY)? {
+            Some(v) => decode_state(&v)
+                .ok_or_else(|| BrokerError::Storage("corrupt metadata state in sled".into()))?,
+            None => (0, 1, 0),
         };
         let mut topics = BTreeMap::new();
         for item in tree.scan_prefix(TOPIC_PREFIX) {
@@ -59,6 +57,7 @@ impl MetaState {
             tree,
             applied,
             next_group,
+            next_producer_id,
             topics,
         })
     }
@@ -82,10 +81,11 @@ impl MetaState {
         Ok(())
     }
 
-    fn state_bytes(&self) -> [u8; 16] {
-        let mut b = [0u8; 16];
+    fn state_bytes(&self) -> [u8; 24] {
+        let mut b = [0u8; 24];
         b[0..8].copy_from_slice(&self.applied.to_le_bytes());
         b[8..16].copy_from_slice(&self.next_group.to_le_bytes());
+        b[16..24].copy_from_slice(&self.next_producer_id.to_le_bytes());
         b
     }
 
@@ -97,6 +97,11 @@ impl MetaState {
         let outcome = match MetaCommand::decode(data).ok().and_then(|c| c.kind) {
             Some(meta_command::Kind::CreateTopic(c)) => self.create_topic(c),
             Some(meta_command::Kind::DeleteTopic(d)) => self.delete_topic(d),
+            Some(meta_command::Kind::AllocateProducerId(_)) => {
+                let id = self.next_producer_id;
+                self.next_producer_id += 1;
+                Ok(MetaEffect::ProducerId(id))
+            }
             None => Err(BrokerError::Internal(format!(
                 "undecodable metadata entry at {index}"
             ))),
@@ -105,7 +110,7 @@ impl MetaState {
         match &outcome {
             Ok(MetaEffect::TopicCreated(t)) => batch.insert(topic_key(&t.name), t.encode_to_vec()),
             Ok(MetaEffect::TopicDeleted(t)) => batch.remove(topic_key(&t.name)),
-            Err(_) => {}
+            Ok(MetaEffect::ProducerId(_)) | Err(_) => {}
         }
         batch.insert(STATE_KEY, &self.state_bytes()[..]);
         self.tree.apply_batch(batch)?;
@@ -128,11 +133,18 @@ impl MetaState {
         }
         let groups = (self.next_group..self.next_group + n).collect();
         self.next_group += n;
+        if !c.assignments.is_empty() && c.assignments.len() as u64 != n {
+            return Err(BrokerError::InvalidConfig(format!(
+                "{} replica assignments for {n} partitions",
+                c.assignments.len()
+            )));
+        }
         let record = TopicRecord {
             name: c.name.clone(),
             config: Some(config),
             groups,
             created_ms: c.created_ms,
+            assignments: c.assignments,
         };
         self.topics.insert(c.name, record.clone());
         Ok(MetaEffect::TopicCreated(record))
@@ -153,15 +165,47 @@ fn topic_key(name: &str) -> Vec<u8> {
 }
 
 /// Encodes a create-topic command for proposal.
-pub fn create_topic_command(name: String, config: TopicConfig, created_ms: i64) -> Vec<u8> {
+pub fn create_topic_command(
+    name: String,
+    config: TopicConfig,
+    created_ms: i64,
+    assignments: Vec<Replicas>,
+) -> Vec<u8> {
     MetaCommand {
         kind: Some(meta_command::Kind::CreateTopic(CreateTopic {
             name,
             config: Some(config),
             created_ms,
+            assignments,
         })),
     }
     .encode_to_vec()
+}
+
+/// Encodes a request for a new producer id.
+pub fn allocate_producer_id_command() -> Vec<u8> {
+    MetaCommand {
+        kind: Some(meta_command::Kind::AllocateProducerId(
+            AllocateProducerId {},
+        )),
+    }
+    .encode_to_vec()
+}
+
+/// Reads the `s` value: applied index, next group id and (since producer
+/// ids exist) next producer id.
+fn decode_state(v: &[u8]) -> Option<(u64, u64, i64)> {
+    let u = |i: usize| -> Option<[u8; 8]> { v.get(i..i + 8)?.try_into().ok() };
+    let producer = match v.len() {
+        16 => 0,
+        24 => i64::from_le_bytes(u(16)?),
+        _ => return None,
+    };
+    Some((
+        u64::from_le_bytes(u(0)?),
+        u64::from_le_bytes(u(8)?),
+        producer,
+    ))
 }
 
 /// Encodes a delete-topic command for proposal.
@@ -195,15 +239,15 @@ mod tests {
     fn topics_get_fresh_groups_and_survive_reopen() {
         let (tree, mut m) = state();
         let a = m
-            .apply(1, &create_topic_command("a".into(), config(2), 5))
+            .apply(1, &create_topic_command("a".into(), config(2), 5, vec![]))
             .unwrap();
         assert!(matches!(a, MetaEffect::TopicCreated(ref t) if t.groups == vec![1, 2]));
-        let dup = m.apply(2, &create_topic_command("a".into(), config(1), 6));
+        let dup = m.apply(2, &create_topic_command("a".into(), config(1), 6, vec![]));
         assert!(matches!(dup, Err(BrokerError::TopicExists(_))));
         m.apply(3, &delete_topic_command("a".into())).unwrap();
         // A new topic of the same name never reuses a group id.
         let b = m
-            .apply(4, &create_topic_command("a".into(), config(1), 7))
+            .apply(4, &create_topic_command("a".into(), config(1), 7, vec![]))
             .unwrap();
         assert!(matches!(b, MetaEffect::TopicCreated(ref t) if t.groups == vec![3]));
         let again = MetaState::open(tree).unwrap();
@@ -219,10 +263,13 @@ mod tests {
             Err(BrokerError::UnknownTopic(_))
         ));
         let big = config(MAX_NODE_PARTITIONS as u32);
-        m.apply(2, &create_topic_command("big".into(), big, 0))
+        m.apply(2, &create_topic_command("big".into(), big, 0, vec![]))
             .unwrap();
         assert!(matches!(
-            m.apply(3, &create_topic_command("one-more".into(), config(1), 0)),
+            m.apply(
+                3,
+                &create_topic_command("one-more".into(), config(1), 0, vec![])
+            ),
             Err(BrokerError::InvalidConfig(_))
         ));
         assert!(matches!(

@@ -315,6 +315,7 @@ impl PartitionState {
             next_offset: next,
             applied_index: raft_index,
             max_timestamp,
+            producers: Vec::new(),
         })
     }
 

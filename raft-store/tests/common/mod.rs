@@ -88,6 +88,31 @@ pub fn segment_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// Index files (`*.idx`) in the directory, oldest first.
+pub fn index_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .expect("list dir")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "idx"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// The index file of a segment file.
+pub fn index_of(segment: &Path) -> PathBuf {
+    segment.with_extension("idx")
+}
+
+/// Removes every index file; returns how many there were.
+pub fn remove_index_files(dir: &Path) -> usize {
+    let files = index_files(dir);
+    for f in &files {
+        fs::remove_file(f).expect("remove index");
+    }
+    files.len()
+}
+
 /// Flips the lowest bit of the first byte of `pattern` in whichever segment
 /// file holds it. Returns that file.
 pub fn flip_bit_in(dir: &Path, pattern: &[u8]) -> PathBuf {

@@ -1,0 +1,149 @@
+//! Topics as the Raft driver sees them: choosing replicas for a new topic,
+//! opening the groups of the partitions this node replicates, and removing
+//! them again.
+
+use covet_protocol::api::TopicConfig;
+use covet_protocol::internal::{Replicas, TopicRecord};
+
+use crate::catalog::{LocalReplica, PartitionHandle, TopicHandle};
+use crate::driver::{Driver, META_GROUP};
+use crate::error::{BrokerError, Result};
+use crate::group::{Bootstrap, Machine, Responder};
+use crate::state::meta::create_topic_command;
+use crate::state::partition::PartitionState;
+
+/// Replicas per partition when a topic does not say.
+const DEFAULT_REPLICATION_FACTOR: u32 = 3;
+
+impl Driver {
+    /// The metadata group's voters: the nodes replicas can be placed on.
+    fn cluster_nodes(&self) -> Vec<u64> {
+        let mut nodes = self
+            .groups
+            .get(&META_GROUP)
+            .map(|g| g.voters())
+            .unwrap_or_default();
+        nodes.sort_unstable();
+        nodes
+    }
+
+    /// Chooses replicas and proposes the topic. Only the metadata leader
+    /// gets this far with success: a follower's proposal is refused with
+    /// NOT_LEADER by the group.
+    pub(crate) fn propose_create_topic(
+        &mut self,
+        name: String,
+        mut config: TopicConfig,
+        tx: Responder,
+    ) {
+        let nodes = self.cluster_nodes();
+        let rf = match config.replication_factor {
+            0 => DEFAULT_REPLICATION_FACTOR.min(nodes.len() as u32),
+            rf => rf,
+        };
+        if rf as usize > nodes.len() || rf == 0 {
+            let _ = tx.send(Err(BrokerError::InvalidConfig(format!(
+                "replication factor {rf} needs {rf} nodes; the cluster has {}",
+                nodes.len()
+            ))));
+            return;
+        }
+        config.replication_factor = rf;
+        let assignments = assign(&nodes, config.partitions, rf, self.catalog.topics().len());
+        let data = create_topic_command(name, config, crate::now_ms(), assignments);
+        self.propose_meta(data, tx);
+    }
+
+    /// Opens the groups of the partitions this node replicates and
+    /// publishes the topic.
+    pub(crate) fn open_topic(&mut self, record: TopicRecord) -> Result<()> {
+        let config = record.config.unwrap_or_default();
+        let me = self.config.node_id;
+        let mut partitions = Vec::with_capacity(record.groups.len());
+        for (p, &gid) in record.groups.iter().enumerate() {
+            let replicas = record
+                .assignments
+                .get(p)
+                .map(|r| r.nodes.clone())
+                // Topics from before assignments existed live on this node.
+                .unwrap_or_else(|| vec![me]);
+            let mut handle = PartitionHandle {
+                partition: p as u32,
+                group: gid,
+                replicas: replicas.clone(),
+                local: None,
+            };
+            if replicas.contains(&me) {
+                let state = PartitionState::open(self.db.open_tree(format!("p{gid}"))?)?;
+                let (index, progress) = (state.index(), state.subscribe());
+                let bootstrap = Bootstrap {
+                    preferred_leader: replicas[0],
+                    voters: replicas,
+                };
+                let group = self.open_group(gid, Machine::Partition(state), &bootstrap)?;
+                handle.local = Some(LocalReplica {
+                    storage: group.storage.clone(),
+                    index,
+                    progress,
+                    leader: group.leader.subscribe(),
+                });
+                self.retention
+                    .insert(gid, (config.retention_ms, config.retention_bytes));
+                self.groups.insert(gid, group);
+            }
+            partitions.push(handle);
+        }
+        self.catalog.insert(TopicHandle { record, partitions });
+        Ok(())
+    }
+
+    /// Withdraws a topic and destroys its partitions' logs and state.
+    pub(crate) fn drop_topic(&mut self, record: &TopicRecord) -> Result<()> {
+        self.catalog.remove(&record.name);
+        // The deletion must be in sled before the logs go: a restart that
+        // found the topic in sled but its logs gone could not rebuild it.
+        self.db.flush()?;
+        for &gid in &record.groups {
+            if let Some(mut g) = self.groups.remove(&gid) {
+                g.fail_all(BrokerError::UnknownTopic(record.name.clone()));
+            }
+            self.retention.remove(&gid);
+            covet_raft_store::destroy(&self.group_dir(gid))?;
+            self.db.drop_tree(format!("p{gid}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Places `rf` replicas of each of `partitions` partitions on `nodes`,
+/// round-robin from a rotating start so that preferred leaders (the first
+/// replica) spread evenly over nodes and over topics.
+pub fn assign(nodes: &[u64], partitions: u32, rf: u32, salt: usize) -> Vec<Replicas> {
+    (0..partitions as usize)
+        .map(|p| Replicas {
+            nodes: (0..rf as usize)
+                .map(|r| nodes[(salt + p + r) % nodes.len()])
+                .collect(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::assign;
+
+    #[test]
+    fn leaders_spread_and_replicas_are_distinct() {
+        let a = assign(&[1, 2, 3], 6, 3, 0);
+        let leaders: Vec<u64> = a.iter().map(|r| r.nodes[0]).collect();
+        assert_eq!(leaders, vec![1, 2, 3, 1, 2, 3]);
+        for r in &a {
+            let mut n = r.nodes.clone();
+            n.sort_unstable();
+            n.dedup();
+            assert_eq!(n.len(), 3);
+        }
+        let b = assign(&[1, 2, 3], 1, 2, 1);
+        assert_eq!(b[0].nodes, vec![2, 3]);
+    }
+}
