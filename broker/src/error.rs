@@ -31,6 +31,12 @@ pub enum BrokerError {
         start: u64,
         end: u64,
     },
+    #[error("producer {producer_id} sent sequence {got}, expected {expected}")]
+    OutOfOrderSequence {
+        producer_id: i64,
+        expected: i32,
+        got: i32,
+    },
     #[error("timed out {0}")]
     Timeout(String),
     #[error("the broker is shutting down")]
@@ -55,6 +61,7 @@ impl BrokerError {
             BrokerError::BatchTooLarge { .. } => Reason::BatchTooLarge,
             BrokerError::CorruptBatch(_) => Reason::CorruptBatch,
             BrokerError::OffsetOutOfRange { .. } => Reason::OffsetOutOfRange,
+            BrokerError::OutOfOrderSequence { .. } => Reason::OutOfOrderSequence,
             BrokerError::Timeout(_) => Reason::Timeout,
             BrokerError::ShuttingDown => Reason::ShuttingDown,
             BrokerError::Storage(_) => Reason::StorageError,

@@ -288,6 +288,16 @@ impl Group {
             let _ = tx.send(Err(self.not_leader()));
             return;
         }
+        if let Machine::Partition(p) = &self.machine {
+            // A retry of a batch already applied is answered at once.
+            if let Some((base_offset, record_count)) = p.applied_duplicate(&batch_bytes) {
+                let _ = tx.send(Ok(Applied::Batch {
+                    base_offset,
+                    record_count,
+                }));
+                return;
+            }
+        }
         let next = match self.proposed_next {
             Some(n) => n,
             None => match self.tail_next_offset() {
@@ -413,11 +423,16 @@ impl Group {
     ) -> Result<Result<Applied>> {
         match &mut self.machine {
             Machine::Partition(p) => {
-                Ok(p.apply_batch(index, data)
-                    .map(|(base_offset, record_count)| Applied::Batch {
-                        base_offset,
-                        record_count,
-                    }))
+                let accepted = p.apply_batch(index, data);
+                if accepted.as_ref().is_ok_and(|a| a.duplicate) {
+                    // A retry that was proposed after all: it took a stamped
+                    // offset it will not use.
+                    self.proposed_next = None;
+                }
+                Ok(accepted.map(|a| Applied::Batch {
+                    base_offset: a.base_offset,
+                    record_count: a.record_count,
+                }))
             }
             Machine::Meta(m) => match m.apply(index, data) {
                 Ok(effect) => {

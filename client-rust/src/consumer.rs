@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
+use crate::routing::Rpc;
 use crate::{Client, Error, Result};
 
 /// Where a subscription starts.
@@ -70,11 +71,12 @@ pub struct PartitionStream {
 
 impl PartitionStream {
     pub(crate) async fn open(
-        client: &Client,
+        mut rpc: Rpc,
         topic: &str,
         partition: u32,
         from: StartPosition,
         credit: u64,
+        allow_follower: bool,
     ) -> Result<Self> {
         let (requests, rx) = mpsc::channel(16);
         let open = SubscribeOpen {
@@ -82,17 +84,13 @@ impl PartitionStream {
             partition,
             from: Some(from.to_api()),
             credit,
-            allow_follower: false,
+            allow_follower,
         };
         let first = SubscribeRequest {
             kind: Some(subscribe_request::Kind::Open(open)),
         };
         requests.send(first).await.map_err(|_| Error::Closed)?;
-        let mut responses = client
-            .rpc()
-            .subscribe(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
+        let mut responses = rpc.subscribe(ReceiverStream::new(rx)).await?.into_inner();
         let opened = match responses.message().await? {
             Some(SubscribeResponse {
                 kind: Some(subscribe_response::Kind::Opened(o)),
@@ -250,7 +248,14 @@ impl Subscription {
             };
             let back = Arc::new(Returned::default());
             returned.push(back.clone());
-            tasks.push(tokio::spawn(pump(i, stream, window, back, tx.clone())));
+            tasks.push(tokio::spawn(pump(
+                i,
+                client.clone(),
+                stream,
+                window,
+                back,
+                tx.clone(),
+            )));
         }
         Ok(Subscription {
             rx,
@@ -279,9 +284,12 @@ impl Drop for Subscription {
 }
 
 /// Moves one partition's records into the merged channel and turns records
-/// the application took into credit for the broker.
+/// the application took into credit for the broker. When the stream breaks
+/// for a retriable reason (a leader change, a node restart) it reopens at
+/// the next offset on the partition's current leader.
 async fn pump(
     i: usize,
+    client: Client,
     mut stream: PartitionStream,
     window: u64,
     back: Arc<Returned>,
@@ -291,7 +299,7 @@ async fn pump(
     let chunk = (window / 4).max(1);
     let mut owed = 0;
     loop {
-        tokio::select! {
+        let failure = tokio::select! {
             batch = stream.next_batch() => match batch {
                 Ok(Some(records)) => {
                     for r in records {
@@ -299,12 +307,10 @@ async fn pump(
                             return;
                         }
                     }
+                    continue;
                 }
-                Ok(None) => return,
-                Err(e) => {
-                    let _ = tx.send((i, Err(e)));
-                    return;
-                }
+                Ok(None) => Error::Transport("subscribe stream ended".into()),
+                Err(e) => e,
             },
             _ = back.notify.notified() => {
                 owed += back.records.swap(0, Ordering::Relaxed);
@@ -314,6 +320,25 @@ async fn pump(
                     }
                     owed = 0;
                 }
+                continue;
+            }
+        };
+        if !failure.is_retriable() {
+            let _ = tx.send((i, Err(failure)));
+            return;
+        }
+        let (topic, partition, next) = (stream.topic.clone(), stream.partition, stream.next);
+        match client
+            .open_partition(&topic, partition, StartPosition::Offset(next), window)
+            .await
+        {
+            Ok(s) => {
+                stream = s;
+                owed = 0;
+            }
+            Err(e) => {
+                let _ = tx.send((i, Err(e)));
+                return;
             }
         }
     }

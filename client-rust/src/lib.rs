@@ -6,25 +6,28 @@
 //! line and the Python package are built on it; it holds the only client-side
 //! copy of the protocol logic.
 //!
-//! Known limits: the client talks to the first seed that answers and does
-//! not yet follow partition leaders across a cluster, and the producer does
-//! not retry (it has no idempotence yet, so a retry could duplicate).
+//! Known limits: metadata is refreshed on failures, not pushed; a
+//! partition whose leader this client cannot reach is retried for 30 s and
+//! then fails.
 
 mod consumer;
 mod error;
 pub mod partitioner;
 mod producer;
+mod routing;
 
-use std::time::Duration;
+use std::sync::Arc;
 
-use covet_protocol::api::covet_client::CovetClient;
 use covet_protocol::api::*;
-use tonic::transport::{Channel, Endpoint};
+use routing::Router;
 
 pub use consumer::{
     ConsumedRecord, PartitionStream, StartPosition, Subscription, SubscriptionOptions,
 };
-pub use covet_protocol::api::{PartitionInfo, TopicConfig, TopicInfo};
+pub use covet_protocol::api::{
+    ClusterStatusResponse, GroupStatus, NodeInfo, PartitionInfo, ReplicaProgress, TopicConfig,
+    TopicInfo,
+};
 pub use covet_protocol::batch::{Header, Record};
 pub use covet_protocol::Reason;
 pub use error::{Error, Result};
@@ -32,8 +35,6 @@ pub use producer::{Delivery, Producer, ProducerConfig, RecordMetadata};
 
 /// The broker address used when none is given.
 pub const DEFAULT_BROKER: &str = "127.0.0.1:7420";
-/// Largest message the client sends or accepts.
-const MAX_MESSAGE_BYTES: usize = 65 << 20;
 
 /// Settings for creating a topic.
 #[derive(Debug, Clone, Default)]
@@ -63,66 +64,32 @@ impl TopicSpec {
 }
 
 /// A connection to a Covet cluster; cheap to clone.
+///
+/// It bootstraps from any seed, learns every node and each partition's
+/// leader from metadata, sends each call to the node that can answer it,
+/// and retries through leader changes (refreshing metadata, with backoff)
+/// for up to 30 s.
 #[derive(Clone)]
 pub struct Client {
-    rpc: CovetClient<Channel>,
+    router: Arc<Router>,
 }
 
 impl Client {
-    /// Connects to the first reachable broker of a comma-separated seed list
-    /// (`HOST:PORT[,HOST:PORT...]`).
+    /// Connects to a cluster through a comma-separated seed list
+    /// (`HOST:PORT[,HOST:PORT...]`); any one seed that answers is enough.
     pub async fn connect(seeds: &str) -> Result<Client> {
-        let list: Vec<&str> = seeds
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .collect();
-        if list.is_empty() {
-            return Err(Error::InvalidArgument("no broker address given".into()));
-        }
-        let mut last = String::new();
-        for seed in &list {
-            let uri = if seed.contains("://") {
-                seed.to_string()
-            } else {
-                format!("http://{seed}")
-            };
-            let endpoint = Endpoint::from_shared(uri)
-                .map_err(|e| Error::InvalidArgument(format!("bad broker address {seed}: {e}")))?
-                .connect_timeout(Duration::from_secs(5))
-                .tcp_nodelay(true)
-                // Large batches on one stream would stall on HTTP/2's small
-                // default windows.
-                .initial_stream_window_size(8 << 20)
-                .initial_connection_window_size(32 << 20)
-                .http2_keep_alive_interval(Duration::from_secs(20));
-            match endpoint.connect().await {
-                Ok(channel) => {
-                    let rpc = CovetClient::new(channel)
-                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-                    return Ok(Client { rpc });
-                }
-                Err(e) => last = format!("{seed}: {}", source_chain(&e)),
-            }
-        }
-        Err(Error::Connect {
-            seeds: list.join(","),
-            message: last,
+        Ok(Client {
+            router: Arc::new(Router::connect(seeds).await?),
         })
     }
 
-    pub(crate) fn rpc(&self) -> CovetClient<Channel> {
-        self.rpc.clone()
+    pub(crate) fn router(&self) -> &Router {
+        &self.router
     }
 
-    /// Nodes and topics.
+    /// Nodes and topics, freshly asked.
     pub async fn metadata(&self) -> Result<MetadataResponse> {
-        Ok(self
-            .rpc()
-            .metadata(MetadataRequest { topics: vec![] })
-            .await?
-            .into_inner())
+        Ok((*self.router.refresh().await?).clone())
     }
 
     pub async fn create_topic(&self, spec: TopicSpec) -> Result<TopicInfo> {
@@ -134,43 +101,92 @@ impl Client {
             max_batch_bytes: spec.max_batch_bytes,
             replication_factor: spec.replication_factor,
         };
-        Ok(self.rpc().create_topic(req).await?.into_inner())
+        let info = self
+            .router
+            .retry(|| {
+                let req = req.clone();
+                async move {
+                    let mut c = self.router.controller().await?;
+                    Ok(c.create_topic(req).await?.into_inner())
+                }
+            })
+            .await?;
+        let _ = self.router.refresh().await;
+        Ok(info)
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
-        self.rpc()
-            .delete_topic(DeleteTopicRequest {
-                name: name.to_string(),
+        self.router
+            .retry(|| async move {
+                let mut c = self.router.controller().await?;
+                let req = DeleteTopicRequest {
+                    name: name.to_string(),
+                };
+                Ok(c.delete_topic(req).await?.into_inner())
             })
             .await?;
+        let _ = self.router.refresh().await;
         Ok(())
     }
 
     pub async fn list_topics(&self) -> Result<Vec<TopicInfo>> {
-        Ok(self
-            .rpc()
-            .list_topics(ListTopicsRequest {})
-            .await?
-            .into_inner()
-            .topics)
+        Ok(self.router.refresh().await?.topics.clone())
     }
 
+    /// A topic with each partition's leader and offsets as its leader
+    /// reports them.
     pub async fn describe_topic(&self, name: &str) -> Result<TopicInfo> {
-        Ok(self
-            .rpc()
-            .describe_topic(DescribeTopicRequest {
-                name: name.to_string(),
-            })
-            .await?
-            .into_inner())
+        let meta = self.router.refresh().await?;
+        let mut info = meta
+            .topics
+            .iter()
+            .find(|t| t.name == name)
+            .cloned()
+            .ok_or_else(|| Error::Broker {
+                reason: Reason::UnknownTopic,
+                message: format!("unknown topic '{name}'"),
+                leader_hint: 0,
+            })?;
+        // Offsets are the leader's: the answering node may lag.
+        for p in info.partitions.iter_mut() {
+            if p.leader == 0 || p.leader == meta.node_id {
+                continue;
+            }
+            if let Some(mut c) = self.router.node(p.leader) {
+                let req = DescribeTopicRequest {
+                    name: name.to_string(),
+                };
+                if let Ok(t) = c.describe_topic(req).await {
+                    if let Some(lp) = t.into_inner().partitions.get(p.partition as usize) {
+                        *p = lp.clone();
+                    }
+                }
+            }
+        }
+        Ok(info)
     }
 
-    /// A batching producer; see [`ProducerConfig`].
+    /// Every node's view of every Raft group.
+    pub async fn cluster_status(&self) -> Result<Vec<ClusterStatusResponse>> {
+        let meta = self.router.refresh().await?;
+        let mut out = Vec::new();
+        for n in &meta.nodes {
+            if let Some(mut c) = self.router.node(n.id) {
+                if let Ok(s) = c.cluster_status(ClusterStatusRequest {}).await {
+                    out.push(s.into_inner());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A batching, idempotent producer; see [`ProducerConfig`].
     pub fn producer(&self, config: ProducerConfig) -> Producer {
         Producer::start(self.clone(), config)
     }
 
-    /// Opens one partition at a position with an initial credit (records).
+    /// Opens one partition at a position with an initial credit (records),
+    /// on its leader.
     pub async fn open_partition(
         &self,
         topic: &str,
@@ -178,24 +194,34 @@ impl Client {
         from: StartPosition,
         credit: u64,
     ) -> Result<PartitionStream> {
-        PartitionStream::open(self, topic, partition, from, credit).await
+        self.router
+            .retry(|| async move {
+                let (_, rpc) = self.router.leader(topic, partition).await?;
+                PartitionStream::open(rpc, topic, partition, from, credit, false).await
+            })
+            .await
+    }
+
+    /// Opens one partition on a given node, leader or not: committed
+    /// records as that replica has them. For diagnostics and comparing
+    /// replicas.
+    pub async fn open_replica(
+        &self,
+        node: u64,
+        topic: &str,
+        partition: u32,
+        from: StartPosition,
+        credit: u64,
+    ) -> Result<PartitionStream> {
+        let rpc = self
+            .router
+            .node(node)
+            .ok_or_else(|| Error::InvalidArgument(format!("unknown node {node}")))?;
+        PartitionStream::open(rpc, topic, partition, from, credit, true).await
     }
 
     /// Follows several partitions (all by default), merged into one stream.
     pub async fn subscribe(&self, options: SubscriptionOptions) -> Result<Subscription> {
         Subscription::open(self, options).await
     }
-}
-
-/// The error and its causes on one line; tonic's top-level transport error
-/// alone says only "transport error".
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        cur = s.source();
-    }
-    text
 }

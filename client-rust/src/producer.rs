@@ -3,10 +3,12 @@
 //! `send` appends the record to the open batch of its partition, under a
 //! short lock and without switching tasks. A batch is closed when it reaches
 //! `max_batch_bytes`, when it has waited `linger`, or on `flush`; closed
-//! batches join one FIFO queue that a sender task drains onto a single
-//! long-lived produce stream, up to `max_in_flight` batches unanswered. The
-//! broker proposes a stream's batches in order, so each partition's records
-//! are acknowledged in the order they were sent.
+//! batches join one FIFO queue that a sender task drains onto one
+//! long-lived produce stream per partition leader, up to `max_in_flight`
+//! batches unanswered. Batches are idempotent (producer id + per-partition
+//! sequence), so the sender retries them through leader changes without
+//! duplicating, and the broker stores each partition's records in the order
+//! they were sent.
 //!
 //! Memory is bounded by `buffer_bytes`: a record takes its encoded size from
 //! the buffer when it is sent and gives it back when its batch is answered;
@@ -27,8 +29,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use covet_protocol::api::InitProducerRequest;
 use covet_protocol::batch::{BatchBuilder, Record};
-use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, OnceCell, Semaphore};
 use tokio::time::Instant;
 
 use crate::partitioner::partition_for_key;
@@ -147,6 +150,8 @@ struct TopicState {
     /// Partition unkeyed records go to until its batch closes.
     sticky: u32,
     open: Vec<Option<OpenBatch>>,
+    /// Sequence number of the next record sent to each partition.
+    next_sequence: Vec<i32>,
 }
 
 /// Batches under construction. Every change happens under one lock, and a
@@ -167,6 +172,8 @@ struct Shared {
     buffer: Arc<Semaphore>,
     /// Wakes the linger task when the first batch opens.
     opened: Arc<Notify>,
+    /// This producer's id, for idempotence; asked for on first send.
+    producer_id: OnceCell<i64>,
 }
 
 /// A handle to the producer; clones share its batches and its stream.
@@ -188,6 +195,7 @@ impl Producer {
             queue,
             buffer: buffer.clone(),
             opened: Arc::new(Notify::new()),
+            producer_id: OnceCell::new(),
         });
         tokio::spawn(Sender::new(client, config.max_in_flight, buffer).run(rx));
         tokio::spawn(linger(Arc::downgrade(&shared), shared.opened.clone()));
@@ -227,8 +235,8 @@ impl Producer {
                 .map_err(|_| Error::Closed)?
                 .forget(),
         }
-        let appended = match self.known_partitions(topic).await {
-            Ok(()) => self.append(topic, partition, &record, reserve),
+        let appended = match self.prepare(topic).await {
+            Ok(producer_id) => self.append(topic, partition, &record, reserve, producer_id),
             Err(e) => Err(e),
         };
         if appended.is_err() {
@@ -237,11 +245,26 @@ impl Producer {
         appended
     }
 
-    /// Makes sure the topic's partition count is known, asking the broker
-    /// the first time (without holding the lock).
-    async fn known_partitions(&self, topic: &str) -> Result<()> {
+    /// The producer id (asked for once) and the topic's partition count
+    /// (asked for on first use), without holding the lock.
+    async fn prepare(&self, topic: &str) -> Result<i64> {
+        let client = &self.shared.client;
+        let producer_id = *self
+            .shared
+            .producer_id
+            .get_or_try_init(|| async {
+                client
+                    .router()
+                    .retry(|| async {
+                        let mut c = client.router().controller().await?;
+                        let resp = c.init_producer(InitProducerRequest {}).await?;
+                        Ok(resp.into_inner().producer_id)
+                    })
+                    .await
+            })
+            .await?;
         if self.lock().topics.contains_key(topic) {
-            return Ok(());
+            return Ok(producer_id);
         }
         let info = self.shared.client.describe_topic(topic).await?;
         let count = info.partitions.len().max(1);
@@ -253,8 +276,9 @@ impl Producer {
                 name: topic.into(),
                 sticky: 0,
                 open: (0..count).map(|_| None).collect(),
+                next_sequence: vec![0; count],
             });
-        Ok(())
+        Ok(producer_id)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -268,6 +292,7 @@ impl Producer {
         explicit: Option<u32>,
         record: &Record,
         reserve: usize,
+        producer_id: i64,
     ) -> Result<Delivery> {
         let shared = &self.shared;
         let max = shared.config.max_batch_bytes;
@@ -298,8 +323,9 @@ impl Producer {
         }
         let slot = &mut t.open[p as usize];
         if slot.is_none() {
+            let sequence = t.next_sequence[p as usize];
             *slot = Some(OpenBatch {
-                builder: BatchBuilder::new(),
+                builder: BatchBuilder::with_producer(producer_id, 0, sequence),
                 ack: Arc::default(),
                 reserved: 0,
                 deadline: Instant::now() + shared.config.linger,
@@ -348,6 +374,8 @@ fn close(shared: &Shared, t: &mut TopicState, partition: u32, open: Option<OpenB
         t.sticky = (partition + 1) % t.open.len() as u32;
     }
     let Some(open) = open else { return };
+    let seq = &mut t.next_sequence[partition as usize];
+    *seq = seq.wrapping_add(open.builder.record_count() as i32);
     match open.builder.build() {
         Some(batch) => {
             let closed = ClosedBatch {

@@ -55,6 +55,7 @@ reasons! {
     BatchTooLarge => "BATCH_TOO_LARGE", InvalidArgument;
     CorruptBatch => "CORRUPT_BATCH", InvalidArgument;
     OffsetOutOfRange => "OFFSET_OUT_OF_RANGE", OutOfRange;
+    OutOfOrderSequence => "OUT_OF_ORDER_SEQUENCE", FailedPrecondition;
     Timeout => "TIMEOUT", DeadlineExceeded;
     ShuttingDown => "SHUTTING_DOWN", Unavailable;
     StorageError => "STORAGE_ERROR", Internal;
@@ -67,7 +68,11 @@ impl Reason {
     pub fn is_retriable(self) -> bool {
         matches!(
             self,
-            Reason::NotLeader | Reason::Timeout | Reason::ShuttingDown | Reason::UnknownPartition
+            Reason::NotLeader
+                | Reason::Timeout
+                | Reason::ShuttingDown
+                | Reason::UnknownPartition
+                | Reason::OutOfOrderSequence
         )
     }
 }

@@ -11,3 +11,4 @@
 
 pub mod meta;
 pub mod partition;
+pub mod producers;

@@ -23,6 +23,7 @@ use prost::Message as _;
 use tokio::sync::watch;
 
 use crate::error::{BrokerError, Result};
+use crate::state::producers::{ProducerTable, SequenceCheck};
 
 const STATE_KEY: &[u8] = b"s";
 
@@ -33,6 +34,16 @@ pub struct Progress {
     pub start_offset: u64,
     /// Next offset to be committed; all offsets below are readable.
     pub high_watermark: u64,
+}
+
+/// A batch the state machine took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    pub base_offset: u64,
+    pub record_count: u32,
+    /// A producer's retry of a batch already stored at `base_offset`: it
+    /// was not stored again.
+    pub duplicate: bool,
 }
 
 /// Where a batch lives, from the offset index.
@@ -173,6 +184,7 @@ impl OffsetIndex {
 /// through [`OffsetIndex`] and the [`Progress`] watch.
 pub struct PartitionState {
     tree: sled::Tree,
+    producers: ProducerTable,
     durable: Durable,
     pending: sled::Batch,
     dirty: bool,
@@ -192,6 +204,7 @@ impl PartitionState {
             high_watermark: durable.next_offset,
         });
         Ok(PartitionState {
+            producers: ProducerTable::load(&tree)?,
             tree,
             durable,
             pending: sled::Batch::default(),
@@ -221,19 +234,32 @@ impl PartitionState {
     /// rejected; a rejected entry stays in the log but is never indexed, so
     /// it is never served. Deterministic: every replica decides the same.
     #[tracing::instrument(level = "debug", skip_all, fields(index = index))]
-    pub fn apply_batch(&mut self, index: u64, data: &Bytes) -> Result<(u64, u32)> {
+    pub fn apply_batch(&mut self, index: u64, data: &Bytes) -> Result<Accepted> {
         self.mark_applied(index);
         let header =
             batch::read_header(data).map_err(|e| BrokerError::CorruptBatch(e.to_string()))?;
+        if let SequenceCheck::Duplicate {
+            base_offset,
+            record_count,
+        } = self.producers.check(&header)?
+        {
+            return Ok(Accepted {
+                base_offset,
+                record_count,
+                duplicate: true,
+            });
+        }
         if header.base_offset != self.durable.next_offset {
             // The leader that stamped this batch assumed a log tail that did
             // not survive (a leader change dropped earlier proposals).
             return Err(BrokerError::NotLeader { leader_hint: 0 });
         }
-        let mut value = [0u8; 20];
+        let mut value = [0u8; 32];
         value[0..8].copy_from_slice(&index.to_le_bytes());
         value[8..12].copy_from_slice(&header.record_count.to_le_bytes());
         value[12..20].copy_from_slice(&header.max_timestamp.to_le_bytes());
+        value[20..28].copy_from_slice(&header.producer_id.to_le_bytes());
+        value[28..32].copy_from_slice(&header.base_sequence.to_le_bytes());
         self.pending
             .insert(&offset_key(header.base_offset)[..], &value[..]);
         if header.max_timestamp > self.durable.max_timestamp {
@@ -243,8 +269,27 @@ impl PartitionState {
                 &header.base_offset.to_le_bytes()[..],
             );
         }
+        self.producers
+            .record(&header, header.base_offset, &mut self.pending);
         self.durable.next_offset = header.next_offset();
-        Ok((header.base_offset, header.record_count))
+        Ok(Accepted {
+            base_offset: header.base_offset,
+            record_count: header.record_count,
+            duplicate: false,
+        })
+    }
+
+    /// If `data` is a retry of a batch this partition already applied, the
+    /// offset it got: the leader answers such a retry without proposing it.
+    pub fn applied_duplicate(&self, data: &[u8]) -> Option<(u64, u32)> {
+        let header = batch::read_header(data).ok()?;
+        match self.producers.check(&header) {
+            Ok(SequenceCheck::Duplicate {
+                base_offset,
+                record_count,
+            }) => Some((base_offset, record_count)),
+            _ => None,
+        }
     }
 
     /// Records that `index` was applied (also for entries that carry no
@@ -298,6 +343,23 @@ impl PartitionState {
                 }
             }
         }
+        let mut later = Vec::new();
+        for item in self.tree.range(offset_key(next)..=offset_key(u64::MAX)) {
+            let (_, v) = item?;
+            let producer = v
+                .get(20..28)
+                .and_then(|b| b.try_into().ok())
+                .map(i64::from_le_bytes);
+            let sequence = v
+                .get(28..32)
+                .and_then(|b| b.try_into().ok())
+                .map(i32::from_le_bytes);
+            if let (Some(pid), Some(seq)) = (producer, sequence) {
+                if pid >= 0 {
+                    later.push((pid, seq));
+                }
+            }
+        }
         let mut max_timestamp = i64::MIN;
         for item in self.tree.range(time_key(i64::MIN)..=time_key(i64::MAX)) {
             let (k, v) = item?;
@@ -315,7 +377,7 @@ impl PartitionState {
             next_offset: next,
             applied_index: raft_index,
             max_timestamp,
-            producers: Vec::new(),
+            producers: self.producers.as_before(&later),
         })
     }
 
@@ -382,6 +444,7 @@ impl PartitionState {
                 &snap.start_offset.to_le_bytes()[..],
             );
         }
+        self.producers.restore(&snap.producers, &mut batch);
         batch.insert(STATE_KEY, &self.durable.encode()[..]);
         self.tree.apply_batch(batch)?;
         self.publish();
@@ -392,6 +455,7 @@ impl PartitionState {
     pub fn reset(&mut self) -> Result<()> {
         self.tree.clear()?;
         self.durable = Durable::default();
+        self.producers = ProducerTable::default();
         self.pending = sled::Batch::default();
         self.dirty = false;
         self.publish();

@@ -10,16 +10,33 @@ fn tree() -> sled::Tree {
     db.open_tree("p1").unwrap()
 }
 
+fn stored(base_offset: u64, record_count: u32) -> Accepted {
+    Accepted {
+        base_offset,
+        record_count,
+        duplicate: false,
+    }
+}
+
 /// A batch of `n` records stamped at `base`, all with timestamp `ts`.
 fn batch_at(base: u64, n: usize, ts: i64) -> Bytes {
-    let records: Vec<Record> = (0..n)
-        .map(|i| Record {
+    produced_at(base, n, ts, None)
+}
+
+/// Like `batch_at`, from idempotent producer `(id, base sequence)`.
+fn produced_at(base: u64, n: usize, ts: i64, producer: Option<(i64, i32)>) -> Bytes {
+    let mut b = match producer {
+        Some((id, seq)) => batch::BatchBuilder::with_producer(id, 0, seq),
+        None => batch::BatchBuilder::new(),
+    };
+    for i in 0..n {
+        b.push(&Record {
             value: Bytes::from(format!("v{i}")),
             timestamp_ms: ts,
             ..Default::default()
-        })
-        .collect();
-    let mut buf = BytesMut::from(&batch::encode(&records).unwrap()[..]);
+        });
+    }
+    let mut buf = BytesMut::from(&b.build().unwrap()[..]);
     batch::stamp_base_offset(&mut buf, base);
     buf.freeze()
 }
@@ -27,14 +44,14 @@ fn batch_at(base: u64, n: usize, ts: i64) -> Bytes {
 #[test]
 fn applies_contiguous_batches_and_rejects_a_stale_offset_without_indexing_it() {
     let mut p = PartitionState::open(tree()).unwrap();
-    assert_eq!(p.apply_batch(1, &batch_at(0, 3, 10)).unwrap(), (0, 3));
-    assert_eq!(p.apply_batch(2, &batch_at(3, 2, 20)).unwrap(), (3, 2));
+    assert_eq!(p.apply_batch(1, &batch_at(0, 3, 10)).unwrap(), stored(0, 3));
+    assert_eq!(p.apply_batch(2, &batch_at(3, 2, 20)).unwrap(), stored(3, 2));
     // Stamped by a leader that assumed a different tail.
     assert!(matches!(
         p.apply_batch(3, &batch_at(4, 2, 30)),
         Err(BrokerError::NotLeader { .. })
     ));
-    assert_eq!(p.apply_batch(4, &batch_at(5, 1, 40)).unwrap(), (5, 1));
+    assert_eq!(p.apply_batch(4, &batch_at(5, 1, 40)).unwrap(), stored(5, 1));
     p.flush_round().unwrap();
     assert_eq!((p.applied(), p.next_offset()), (4, 6));
     let idx = p.index();
@@ -159,4 +176,101 @@ fn trimming_drops_index_keys_below_the_start_and_repoints_time() {
     // Trimming backwards is a no-op.
     p.trim_to(10).unwrap();
     assert_eq!(p.subscribe().borrow().start_offset, 20);
+}
+
+#[test]
+fn idempotent_producer_retries_are_answered_with_the_original_offset_and_not_stored() {
+    let mut p = PartitionState::open(tree()).unwrap();
+    assert_eq!(
+        p.apply_batch(1, &produced_at(0, 3, 1, Some((7, 0))))
+            .unwrap(),
+        stored(0, 3)
+    );
+    // The retry was stamped with a new offset by a leader that did not know.
+    let retry = p
+        .apply_batch(2, &produced_at(3, 3, 1, Some((7, 0))))
+        .unwrap();
+    assert_eq!(
+        retry,
+        Accepted {
+            base_offset: 0,
+            record_count: 3,
+            duplicate: true
+        }
+    );
+    assert_eq!(
+        p.applied_duplicate(&produced_at(9, 3, 1, Some((7, 0)))),
+        Some((0, 3))
+    );
+    // A batch ahead of its predecessor is refused, retriably.
+    assert!(matches!(
+        p.apply_batch(3, &produced_at(3, 2, 1, Some((7, 5)))),
+        Err(BrokerError::OutOfOrderSequence {
+            expected: 3,
+            got: 5,
+            ..
+        })
+    ));
+    assert_eq!(
+        p.apply_batch(4, &produced_at(3, 2, 1, Some((7, 3))))
+            .unwrap(),
+        stored(3, 2)
+    );
+    // Another producer has its own sequence.
+    assert_eq!(
+        p.apply_batch(5, &produced_at(5, 1, 1, Some((8, 0))))
+            .unwrap(),
+        stored(5, 1)
+    );
+    p.flush_round().unwrap();
+    assert_eq!(p.next_offset(), 6);
+    let found: Vec<u64> = p
+        .index()
+        .batches_from(0, 10)
+        .unwrap()
+        .iter()
+        .map(|l| l.raft_index)
+        .collect();
+    assert_eq!(
+        found,
+        vec![1, 4, 5],
+        "the duplicate and the refused batch are never served"
+    );
+}
+
+#[test]
+fn dedup_table_survives_reopen_and_snapshot_restore_replays_later_batches() {
+    let t = tree();
+    let mut p = PartitionState::open(t.clone()).unwrap();
+    p.apply_batch(1, &produced_at(0, 2, 1, Some((7, 0))))
+        .unwrap();
+    p.apply_batch(2, &produced_at(2, 2, 1, Some((7, 2))))
+        .unwrap();
+    p.apply_batch(3, &produced_at(4, 2, 1, Some((7, 4))))
+        .unwrap();
+    p.flush_round().unwrap();
+    drop(p);
+    let p = PartitionState::open(t).unwrap();
+    assert_eq!(
+        p.applied_duplicate(&produced_at(6, 2, 1, Some((7, 2)))),
+        Some((2, 2))
+    );
+
+    // A snapshot at raft index 1, restored elsewhere, then entries 2 and 3
+    // replayed: both are accepted again, not taken for retries.
+    let snap = p.snapshot_at(1).unwrap();
+    let mut q = PartitionState::open(tree()).unwrap();
+    q.restore(&snap.encode_to_vec()).unwrap();
+    assert_eq!(
+        q.apply_batch(2, &produced_at(2, 2, 1, Some((7, 2))))
+            .unwrap(),
+        stored(2, 2)
+    );
+    assert_eq!(
+        q.apply_batch(3, &produced_at(4, 2, 1, Some((7, 4))))
+            .unwrap(),
+        stored(4, 2)
+    );
+    q.flush_round().unwrap();
+    assert_eq!(q.next_offset(), 6);
 }

@@ -1,15 +1,30 @@
-//! The producer's sender task: drains closed batches, in queue order, onto
-//! one produce stream and resolves their acknowledgements.
+//! The producer's sender task: sends closed batches, in queue order, to
+//! each partition's leader over one long-lived produce stream per node,
+//! and retries batches that failed for a retriable reason (a leader change,
+//! a broken stream) on the new leader.
+//!
+//! Retrying is safe because batches are idempotent: each carries the
+//! producer id and a per-partition sequence number, and a partition applies
+//! a sequence once, answering a repeat with the original offset. A batch
+//! that arrives ahead of a predecessor still being retried is refused as out
+//! of sequence and retried itself, so a partition's records are stored in
+//! the order they were sent.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use covet_protocol::api::{ProduceRequest, ProduceResponse};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{BatchAck, ClosedBatch};
-use crate::{Client, Error, Result};
+use super::ClosedBatch;
+use crate::routing::RETRY_DEADLINE;
+use crate::{Client, Error};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(20);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 /// What the queue carries.
 pub(crate) enum Queued {
@@ -21,25 +36,32 @@ pub(crate) enum Queued {
 /// A batch sent and not yet answered. Dropping it gives its records'
 /// bytes back to the producer's buffer, whatever the outcome.
 struct InFlight {
-    ack: Arc<BatchAck>,
-    reserved: usize,
+    batch: ClosedBatch,
+    attempts: u32,
+    /// When the first attempt was made; retries stop after RETRY_DEADLINE.
+    since: Instant,
     buffer: Arc<Semaphore>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.buffer.add_permits(self.reserved);
+        self.buffer.add_permits(self.batch.reserved);
     }
 }
 
-/// Batches awaiting an answer on one stream; `None` once the stream has
-/// ended and its batches were failed, so nothing can be added that no one
-/// would ever answer.
-type InFlightMap = Arc<Mutex<Option<HashMap<u64, InFlight>>>>;
+impl InFlight {
+    fn complete(self, outcome: crate::Result<u64>) {
+        self.batch.ack.complete(outcome);
+    }
+}
 
-/// The produce stream currently open, and the batches awaiting an answer
-/// on it.
+/// Batches awaiting an answer on one stream, by request id (so a broken
+/// stream's batches are retried in the order they were sent); `None` once
+/// the stream has ended, so nothing is added that no one would answer.
+type InFlightMap = Arc<Mutex<Option<BTreeMap<u64, InFlight>>>>;
+
+/// A produce stream to one node.
 struct Stream {
     tx: mpsc::Sender<ProduceRequest>,
     in_flight: InFlightMap,
@@ -50,121 +72,186 @@ pub(crate) struct Sender {
     max_in_flight: u32,
     permits: Arc<Semaphore>,
     buffer: Arc<Semaphore>,
-    stream: Option<Stream>,
+    streams: HashMap<u64, Stream>,
     next_id: u64,
+    retry_tx: mpsc::UnboundedSender<(InFlight, Error)>,
+    retry_rx: mpsc::UnboundedReceiver<(InFlight, Error)>,
 }
 
 impl Sender {
     pub(crate) fn new(client: Client, max_in_flight: usize, buffer: Arc<Semaphore>) -> Sender {
         let max_in_flight = max_in_flight.clamp(1, 1 << 16) as u32;
+        let (retry_tx, retry_rx) = mpsc::unbounded_channel();
         Sender {
             client,
             max_in_flight,
             permits: Arc::new(Semaphore::new(max_in_flight as usize)),
             buffer,
-            stream: None,
+            streams: HashMap::new(),
             next_id: 0,
+            retry_tx,
+            retry_rx,
         }
     }
 
     pub(crate) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Queued>) {
-        while let Some(item) = rx.recv().await {
-            match item {
-                Queued::Batch(b) => self.send(b).await,
-                Queued::Barrier(done) => {
-                    // Every batch holds a permit until it is answered:
-                    // holding all of them means nothing is in flight.
-                    drop(self.permits.acquire_many(self.max_in_flight).await);
+        loop {
+            tokio::select! {
+                biased;
+                // Retries first: they hold the earliest sequence numbers.
+                Some((flight, error)) = self.retry_rx.recv() => self.retry(flight, error).await,
+                item = rx.recv() => match item {
+                    Some(Queued::Batch(b)) => self.send_new(b).await,
+                    Some(Queued::Barrier(done)) => self.barrier(done).await,
+                    None => return,
+                },
+            }
+        }
+    }
+
+    /// Waits until nothing is in flight, still serving retries meanwhile.
+    async fn barrier(&mut self, done: oneshot::Sender<()>) {
+        let (permits, all) = (self.permits.clone(), self.max_in_flight);
+        loop {
+            tokio::select! {
+                biased;
+                Some((flight, error)) = self.retry_rx.recv() => self.retry(flight, error).await,
+                held = permits.acquire_many(all) => {
+                    drop(held);
                     let _ = done.send(());
+                    return;
                 }
             }
         }
     }
 
-    /// Sends one batch, waiting for an in-flight slot.
-    async fn send(&mut self, b: ClosedBatch) {
+    async fn send_new(&mut self, batch: ClosedBatch) {
         let Ok(permit) = self.permits.clone().acquire_owned().await else {
-            return b.ack.complete(Err(Error::Closed));
+            return batch.ack.complete(Err(Error::Closed));
         };
-        let mut flight = InFlight {
-            ack: b.ack,
-            reserved: b.reserved,
+        let flight = InFlight {
+            batch,
+            attempts: 0,
+            since: Instant::now(),
             buffer: self.buffer.clone(),
             _permit: permit,
         };
+        self.send(flight).await;
+    }
+
+    /// Sends again after a retriable failure, or gives up past the
+    /// deadline.
+    async fn retry(&mut self, mut flight: InFlight, error: Error) {
+        if !error.is_retriable() || flight.since.elapsed() > RETRY_DEADLINE {
+            return flight.complete(Err(error));
+        }
+        flight.attempts += 1;
+        let backoff = (BACKOFF_MIN * 2u32.saturating_pow(flight.attempts.min(8))).min(BACKOFF_MAX);
+        tokio::time::sleep(backoff).await;
+        if matches!(
+            error,
+            Error::Broker { .. } | Error::Transport(_) | Error::Connect { .. }
+        ) {
+            let _ = self.client.router().refresh().await;
+        }
+        self.send(flight).await;
+    }
+
+    /// Sends a batch to its partition's leader.
+    async fn send(&mut self, flight: InFlight) {
+        let b = &flight.batch;
+        let node = match self.client.router().leader(&b.topic, b.partition).await {
+            Ok((node, _)) => node,
+            Err(e) => return self.requeue(flight, e),
+        };
+        let (tx, in_flight) = match self.stream(node).await {
+            Ok(s) => s,
+            Err(e) => return self.requeue(flight, e),
+        };
         let id = self.next_id;
         self.next_id += 1;
-        let mut req = ProduceRequest {
+        let req = ProduceRequest {
             request_id: id,
-            topic: b.topic.to_string(),
-            partition: b.partition,
-            batch: b.batch,
+            topic: flight.batch.topic.to_string(),
+            partition: flight.batch.partition,
+            batch: flight.batch.batch.clone(),
         };
-        // Two tries: the stream may have ended just before this batch, in
-        // which case a fresh one is opened.
-        for _ in 0..2 {
-            let (tx, in_flight) = match self.stream().await {
-                Ok(s) => s,
-                Err(e) => return flight.ack.complete(Err(e)),
-            };
-            match in_flight.lock().expect("in-flight lock").as_mut() {
-                Some(map) => map.insert(id, flight),
-                None => {
-                    self.stream = None;
-                    continue;
+        {
+            let mut map = in_flight.lock().expect("in-flight lock");
+            match map.as_mut() {
+                Some(m) => {
+                    m.insert(id, flight);
                 }
-            };
-            match tx.send(req).await {
-                Ok(()) => return,
-                Err(mpsc::error::SendError(r)) => {
-                    self.stream = None;
-                    req = r;
-                    let taken = in_flight
-                        .lock()
-                        .expect("in-flight lock")
-                        .as_mut()
-                        .and_then(|m| m.remove(&id));
-                    match taken {
-                        Some(f) => flight = f,
-                        // The reader failed it already.
-                        None => return,
-                    }
+                None => {
+                    drop(map);
+                    self.streams.remove(&node);
+                    return self.requeue(flight, Error::Transport("produce stream closed".into()));
                 }
             }
         }
-        flight
-            .ack
-            .complete(Err(Error::Transport("produce stream closed".into())));
+        if tx.send(req).await.is_err() {
+            self.streams.remove(&node);
+            let taken = in_flight
+                .lock()
+                .expect("in-flight lock")
+                .as_mut()
+                .and_then(|m| m.remove(&id));
+            // Otherwise the reader took it and will requeue it.
+            if let Some(f) = taken {
+                self.requeue(f, Error::Transport("produce stream closed".into()));
+            }
+        }
     }
 
-    /// The open produce stream, opening one if there is none or the last
-    /// one broke.
-    async fn stream(&mut self) -> Result<(mpsc::Sender<ProduceRequest>, InFlightMap)> {
-        if let Some(s) = &self.stream {
+    fn requeue(&self, flight: InFlight, error: Error) {
+        if let Err(mpsc::error::SendError((f, e))) = self.retry_tx.send((flight, error)) {
+            f.complete(Err(e));
+        }
+    }
+
+    /// The open produce stream to `node`, opening one if there is none or
+    /// the last one broke.
+    async fn stream(
+        &mut self,
+        node: u64,
+    ) -> crate::Result<(mpsc::Sender<ProduceRequest>, InFlightMap)> {
+        if let Some(s) = self.streams.get(&node) {
             if !s.tx.is_closed() {
                 return Ok((s.tx.clone(), s.in_flight.clone()));
             }
         }
-        let (tx, rx) = mpsc::channel(self.max_in_flight as usize);
-        let responses = self
+        let mut rpc = self
             .client
-            .rpc()
-            .produce(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        let in_flight: InFlightMap = Arc::new(Mutex::new(Some(HashMap::new())));
-        tokio::spawn(read_responses(responses, in_flight.clone()));
-        self.stream = Some(Stream {
-            tx: tx.clone(),
-            in_flight: in_flight.clone(),
-        });
+            .router()
+            .node(node)
+            .ok_or_else(|| Error::Transport(format!("no address for node {node}")))?;
+        let (tx, rx) = mpsc::channel(self.max_in_flight as usize);
+        let responses = rpc.produce(ReceiverStream::new(rx)).await?.into_inner();
+        let in_flight: InFlightMap = Arc::new(Mutex::new(Some(BTreeMap::new())));
+        tokio::spawn(read_responses(
+            responses,
+            in_flight.clone(),
+            self.retry_tx.clone(),
+        ));
+        self.streams.insert(
+            node,
+            Stream {
+                tx: tx.clone(),
+                in_flight: in_flight.clone(),
+            },
+        );
         Ok((tx, in_flight))
     }
 }
 
-/// Resolves batches as responses arrive; when the stream ends, fails
-/// whatever is still in flight on it.
-async fn read_responses(mut responses: tonic::Streaming<ProduceResponse>, in_flight: InFlightMap) {
+/// Resolves batches as responses arrive and hands retriable failures back
+/// to the sender; when the stream ends, hands back whatever is still in
+/// flight on it, in the order it was sent.
+async fn read_responses(
+    mut responses: tonic::Streaming<ProduceResponse>,
+    in_flight: InFlightMap,
+    retry: mpsc::UnboundedSender<(InFlight, Error)>,
+) {
     let end = loop {
         match responses.message().await {
             Ok(Some(resp)) => {
@@ -173,12 +260,17 @@ async fn read_responses(mut responses: tonic::Streaming<ProduceResponse>, in_fli
                     .expect("in-flight lock")
                     .as_mut()
                     .and_then(|m| m.remove(&resp.request_id));
-                if let Some(f) = flight {
-                    let outcome = match &resp.error {
-                        Some(e) => Err(Error::from_api(e)),
-                        None => Ok(resp.base_offset),
-                    };
-                    f.ack.complete(outcome);
+                let Some(f) = flight else { continue };
+                match &resp.error {
+                    None => f.complete(Ok(resp.base_offset)),
+                    Some(e) => {
+                        let error = Error::from_api(e);
+                        if error.is_retriable() {
+                            hand_back(&retry, f, error);
+                        } else {
+                            f.complete(Err(error));
+                        }
+                    }
                 }
             }
             Ok(None) => break Error::Transport("produce stream ended".into()),
@@ -186,8 +278,15 @@ async fn read_responses(mut responses: tonic::Streaming<ProduceResponse>, in_fli
         }
     };
     let rest = in_flight.lock().expect("in-flight lock").take();
-    let rest = rest.into_iter().flat_map(|m| m.into_values());
-    for f in rest {
-        f.ack.complete(Err(end.clone()));
+    for f in rest.into_iter().flat_map(|m| m.into_values()) {
+        // The outcome is unknown: the batch may have been applied. The
+        // retry is deduplicated by its sequence number.
+        hand_back(&retry, f, end.clone());
+    }
+}
+
+fn hand_back(retry: &mpsc::UnboundedSender<(InFlight, Error)>, f: InFlight, e: Error) {
+    if let Err(mpsc::error::SendError((f, e))) = retry.send((f, e)) {
+        f.complete(Err(e));
     }
 }

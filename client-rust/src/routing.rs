@@ -1,0 +1,225 @@
+//! Finding the right node: seeds, per-node connections, the metadata
+//! cache, and retrying calls that went to a node that does not lead.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use covet_protocol::api::covet_client::CovetClient;
+use covet_protocol::api::{MetadataRequest, MetadataResponse};
+use covet_protocol::Reason;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{Error, Result};
+
+/// Largest message the client sends or accepts.
+const MAX_MESSAGE_BYTES: usize = 65 << 20;
+/// How long a call keeps retrying through leader changes.
+pub(crate) const RETRY_DEADLINE: Duration = Duration::from_secs(30);
+const BACKOFF_MIN: Duration = Duration::from_millis(20);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+pub(crate) type Rpc = CovetClient<Channel>;
+
+/// What the client knows of the cluster.
+pub(crate) struct Router {
+    seeds: Vec<String>,
+    /// Connections by node id (0: a seed whose id is not known yet).
+    nodes: Mutex<HashMap<u64, (String, Rpc)>>,
+    metadata: Mutex<Option<Arc<MetadataResponse>>>,
+}
+
+fn endpoint(addr: &str) -> Result<Endpoint> {
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Endpoint::from_shared(uri)
+        .map_err(|e| Error::InvalidArgument(format!("bad broker address {addr}: {e}")))?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        // Large batches on one stream would stall on HTTP/2's small default
+        // windows.
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(32 << 20)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5)))
+}
+
+fn rpc(channel: Channel) -> Rpc {
+    CovetClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+impl Router {
+    /// Connects to the first seed that answers.
+    pub(crate) async fn connect(seeds: &str) -> Result<Router> {
+        let list: Vec<String> = seeds
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect();
+        if list.is_empty() {
+            return Err(Error::InvalidArgument("no broker address given".into()));
+        }
+        let router = Router {
+            seeds: list,
+            nodes: Mutex::new(HashMap::new()),
+            metadata: Mutex::new(None),
+        };
+        router.refresh().await?;
+        Ok(router)
+    }
+
+    /// Asks the seeds and known nodes, in turn, for metadata.
+    pub(crate) async fn refresh(&self) -> Result<Arc<MetadataResponse>> {
+        let mut last = String::new();
+        for addr in self.candidates() {
+            let mut client = match endpoint(&addr)?.connect().await {
+                Ok(ch) => rpc(ch),
+                Err(e) => {
+                    last = format!("{addr}: {}", source_chain(&e));
+                    continue;
+                }
+            };
+            match client.metadata(MetadataRequest { topics: vec![] }).await {
+                Ok(resp) => {
+                    let meta = Arc::new(resp.into_inner());
+                    self.learn(&meta, &addr, client);
+                    return Ok(meta);
+                }
+                Err(status) => last = format!("{addr}: {}", Error::from(status)),
+            }
+        }
+        Err(Error::Connect {
+            seeds: self.seeds.join(","),
+            message: last,
+        })
+    }
+
+    /// Addresses to try: known nodes first, then the seeds.
+    fn candidates(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        if let Some(meta) = self.metadata.lock().expect("metadata lock").as_ref() {
+            out.extend(
+                meta.nodes
+                    .iter()
+                    .filter(|n| !n.address.is_empty())
+                    .map(|n| n.address.clone()),
+            );
+        }
+        for s in &self.seeds {
+            if !out.contains(s) {
+                out.push(s.clone());
+            }
+        }
+        out
+    }
+
+    fn learn(&self, meta: &Arc<MetadataResponse>, addr: &str, client: Rpc) {
+        let mut nodes = self.nodes.lock().expect("nodes lock");
+        nodes.insert(meta.node_id, (addr.to_string(), client));
+        for n in &meta.nodes {
+            let stale = nodes.get(&n.id).is_some_and(|(a, _)| *a != n.address);
+            if !n.address.is_empty() && (stale || !nodes.contains_key(&n.id)) {
+                if let Ok(ep) = endpoint(&n.address) {
+                    nodes.insert(n.id, (n.address.clone(), rpc(ep.connect_lazy())));
+                }
+            }
+        }
+        *self.metadata.lock().expect("metadata lock") = Some(meta.clone());
+    }
+
+    /// The cached metadata (refreshed when missing).
+    pub(crate) async fn metadata(&self) -> Result<Arc<MetadataResponse>> {
+        let cached = self.metadata.lock().expect("metadata lock").clone();
+        match cached {
+            Some(m) => Ok(m),
+            None => self.refresh().await,
+        }
+    }
+
+    /// A connection to node `id`, if its address is known.
+    pub(crate) fn node(&self, id: u64) -> Option<Rpc> {
+        self.nodes
+            .lock()
+            .expect("nodes lock")
+            .get(&id)
+            .map(|(_, c)| c.clone())
+    }
+
+    /// Any live connection (the node that answered metadata last).
+    pub(crate) async fn any(&self) -> Result<Rpc> {
+        let meta = self.metadata().await?;
+        self.node(meta.node_id)
+            .ok_or_else(|| Error::Transport("no connection to any broker".into()))
+    }
+
+    /// The node that leads `partition` of `topic` per the cache.
+    pub(crate) async fn leader(&self, topic: &str, partition: u32) -> Result<(u64, Rpc)> {
+        let meta = self.metadata().await?;
+        let leader = meta
+            .topics
+            .iter()
+            .find(|t| t.name == topic)
+            .and_then(|t| t.partitions.get(partition as usize))
+            .map(|p| p.leader)
+            .unwrap_or(0);
+        match self.node(leader) {
+            Some(c) if leader != 0 => Ok((leader, c)),
+            _ => Err(Error::Broker {
+                reason: Reason::NotLeader,
+                message: format!("no known leader for {topic}/{partition}"),
+                leader_hint: 0,
+            }),
+        }
+    }
+
+    /// The metadata leader's connection, or any node when it is unknown.
+    pub(crate) async fn controller(&self) -> Result<Rpc> {
+        let meta = self.metadata().await?;
+        match self.node(meta.controller) {
+            Some(c) => Ok(c),
+            None => self.any().await,
+        }
+    }
+
+    /// Runs `call` until it succeeds, fails for good, or the deadline
+    /// passes; retriable failures refresh the metadata and back off.
+    pub(crate) async fn retry<T, F, Fut>(&self, mut call: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + RETRY_DEADLINE;
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            match call().await {
+                Err(e) if e.is_retriable() && tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    let _ = self.refresh().await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// The error and its causes on one line; tonic's top-level transport error
+/// alone says only "transport error".
+pub(crate) fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        cur = s.source();
+    }
+    text
+}
