@@ -93,6 +93,7 @@ impl Client {
     }
 
     pub async fn create_topic(&self, spec: TopicSpec) -> Result<TopicInfo> {
+        let name = spec.name.clone();
         let req = CreateTopicRequest {
             name: spec.name,
             partitions: spec.partitions,
@@ -101,18 +102,30 @@ impl Client {
             max_batch_bytes: spec.max_batch_bytes,
             replication_factor: spec.replication_factor,
         };
-        let info = self
+        let attempts = std::sync::atomic::AtomicU32::new(0);
+        let created = self
             .router
             .retry(|| {
                 let req = req.clone();
+                attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 async move {
                     let mut c = self.router.controller().await?;
                     Ok(c.create_topic(req).await?.into_inner())
                 }
             })
-            .await?;
+            .await;
         let _ = self.router.refresh().await;
-        Ok(info)
+        match created {
+            // A retry after an attempt whose outcome was lost (a connection
+            // cut, a leader change) finds the topic that attempt created.
+            Err(e)
+                if e.reason() == Some(Reason::TopicExists)
+                    && attempts.load(std::sync::atomic::Ordering::Relaxed) > 1 =>
+            {
+                self.describe_topic(&name).await
+            }
+            other => other,
+        }
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<()> {

@@ -2,6 +2,7 @@
 
 mod bench;
 mod broker;
+mod cluster;
 mod output;
 mod publish;
 mod read;
@@ -34,6 +35,9 @@ enum Command {
     /// Measure a running broker.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Inspect the cluster.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
 }
 
 /// Where to find the cluster.
@@ -77,6 +81,7 @@ pub async fn run(cli: Cli, started: std::time::Instant) -> anyhow::Result<()> {
         Command::Subscribe(args) => read::subscribe(args).await,
         Command::Replay(args) => read::replay(args).await,
         Command::Bench(cmd) => bench::run(cmd).await,
+        Command::Cluster(cmd) => cluster::run(cmd).await,
     }
 }
 

@@ -1,0 +1,141 @@
+//! `covet cluster ...`.
+
+use std::collections::BTreeMap;
+
+use clap::{Args, Subcommand};
+use covet_client::{ClusterStatusResponse, GroupStatus};
+use serde_json::json;
+
+use super::output::print_table;
+use super::{Conn, TableFormat};
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Every node, and every Raft group's leader, term, commit index and
+    /// each follower's lag.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[arg(long, value_enum)]
+    format: Option<TableFormat>,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+pub async fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
+    match cmd {
+        ClusterCommand::Status(a) => status(a).await,
+    }
+}
+
+/// Each group as its leader reports it (the newest term wins), or as any
+/// node does when it has no leader.
+fn merge(views: &[ClusterStatusResponse]) -> Vec<GroupStatus> {
+    let mut groups: BTreeMap<u64, GroupStatus> = BTreeMap::new();
+    for g in views.iter().flat_map(|v| v.groups.iter()) {
+        let better = match groups.get(&g.group) {
+            None => true,
+            Some(cur) => {
+                (g.role == "leader", g.term, g.commit)
+                    > (cur.role == "leader", cur.term, cur.commit)
+            }
+        };
+        if better {
+            groups.insert(g.group, g.clone());
+        }
+    }
+    groups.into_values().collect()
+}
+
+async fn status(a: StatusArgs) -> anyhow::Result<()> {
+    let client = a.conn.connect().await?;
+    let meta = client.metadata().await?;
+    let views = client.cluster_status().await?;
+    let up: Vec<u64> = views.iter().map(|v| v.node_id).collect();
+    let groups = merge(&views);
+    match TableFormat::resolve(a.format) {
+        TableFormat::Json => {
+            let nodes: Vec<_> = meta
+                .nodes
+                .iter()
+                .map(|n| json!({ "id": n.id, "address": n.address, "up": up.contains(&n.id) }))
+                .collect();
+            let groups: Vec<_> = groups.iter().map(group_json).collect();
+            println!("{}", json!({ "nodes": nodes, "groups": groups }));
+        }
+        TableFormat::Table => {
+            let rows: Vec<Vec<String>> = meta
+                .nodes
+                .iter()
+                .map(|n| {
+                    let state = if up.contains(&n.id) {
+                        "up"
+                    } else {
+                        "unreachable"
+                    };
+                    vec![n.id.to_string(), n.address.clone(), state.to_string()]
+                })
+                .collect();
+            print_table(&["NODE", "ADDRESS", "STATE"], &rows);
+            println!();
+            let rows: Vec<Vec<String>> = groups.iter().map(group_row).collect();
+            print_table(
+                &[
+                    "GROUP",
+                    "TOPIC",
+                    "PARTITION",
+                    "LEADER",
+                    "TERM",
+                    "COMMIT",
+                    "FOLLOWER_LAG",
+                ],
+                &rows,
+            );
+        }
+    }
+    Ok(())
+}
+
+fn group_json(g: &GroupStatus) -> serde_json::Value {
+    let replicas: Vec<_> = g
+        .replicas
+        .iter()
+        .map(|r| json!({ "node": r.node, "matched": r.matched, "lag": r.lag, "state": r.state }))
+        .collect();
+    json!({
+        "group": g.group,
+        "topic": if g.group == 0 { None } else { Some(&g.topic) },
+        "partition": if g.group == 0 { None } else { Some(g.partition) },
+        "leader": g.leader,
+        "term": g.term,
+        "commit": g.commit,
+        "applied": g.applied,
+        "last_index": g.last_index,
+        "replicas": replicas,
+    })
+}
+
+fn group_row(g: &GroupStatus) -> Vec<String> {
+    let (topic, partition) = if g.group == 0 {
+        ("(metadata)".to_string(), "-".to_string())
+    } else {
+        (g.topic.clone(), g.partition.to_string())
+    };
+    let lag: Vec<String> = g
+        .replicas
+        .iter()
+        .filter(|r| r.node != g.leader)
+        .map(|r| format!("{}:{}", r.node, r.lag))
+        .collect();
+    vec![
+        g.group.to_string(),
+        topic,
+        partition,
+        g.leader.to_string(),
+        g.term.to_string(),
+        g.commit.to_string(),
+        lag.join(" "),
+    ]
+}
