@@ -17,6 +17,8 @@ use crate::{Error, Result};
 const MAX_MESSAGE_BYTES: usize = 65 << 20;
 /// How long a call keeps retrying through leader changes.
 pub(crate) const RETRY_DEADLINE: Duration = Duration::from_secs(30);
+/// How long one node gets to answer a metadata request.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
@@ -44,8 +46,11 @@ fn endpoint(addr: &str) -> Result<Endpoint> {
         // windows.
         .initial_stream_window_size(8 << 20)
         .initial_connection_window_size(32 << 20)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5)))
+        // A node that stops answering (paused, cut off) is noticed within
+        // seconds, so calls and streams fail over instead of hanging.
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .keep_alive_while_idle(true))
 }
 
 fn rpc(channel: Channel) -> Rpc {
@@ -79,20 +84,24 @@ impl Router {
     pub(crate) async fn refresh(&self) -> Result<Arc<MetadataResponse>> {
         let mut last = String::new();
         for addr in self.candidates() {
-            let mut client = match endpoint(&addr)?.connect().await {
-                Ok(ch) => rpc(ch),
-                Err(e) => {
-                    last = format!("{addr}: {}", source_chain(&e));
-                    continue;
-                }
+            // Bounded: a node that accepts connections but does not answer
+            // (paused) must not hold up finding the others.
+            let ask = async {
+                let mut client = match endpoint(&addr)?.connect().await {
+                    Ok(ch) => rpc(ch),
+                    Err(e) => return Err(Error::Transport(source_chain(&e))),
+                };
+                let resp = client.metadata(MetadataRequest { topics: vec![] }).await?;
+                Ok((client, resp.into_inner()))
             };
-            match client.metadata(MetadataRequest { topics: vec![] }).await {
-                Ok(resp) => {
-                    let meta = Arc::new(resp.into_inner());
+            match tokio::time::timeout(METADATA_TIMEOUT, ask).await {
+                Ok(Ok((client, resp))) => {
+                    let meta = Arc::new(resp);
                     self.learn(&meta, &addr, client);
                     return Ok(meta);
                 }
-                Err(status) => last = format!("{addr}: {}", Error::from(status)),
+                Ok(Err(e)) => last = format!("{addr}: {e}"),
+                Err(_) => last = format!("{addr}: no answer within {METADATA_TIMEOUT:?}"),
             }
         }
         Err(Error::Connect {

@@ -24,6 +24,8 @@ use crate::routing::RETRY_DEADLINE;
 use crate::{Client, Error};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
+/// How long in-flight batches may go without any answer on their stream.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 /// What the queue carries.
@@ -253,7 +255,23 @@ async fn read_responses(
     retry: mpsc::UnboundedSender<(InFlight, Error)>,
 ) {
     let end = loop {
-        match responses.message().await {
+        let waiting = in_flight
+            .lock()
+            .expect("in-flight lock")
+            .as_ref()
+            .is_some_and(|m| !m.is_empty());
+        let next = if waiting {
+            // Batches are out and nothing comes back: the leader is paused
+            // or cut off. Give up on this stream; the batches are retried
+            // (idempotently) wherever the leader is now.
+            match tokio::time::timeout(RESPONSE_TIMEOUT, responses.message()).await {
+                Ok(r) => r,
+                Err(_) => break Error::Transport("leader stopped answering".into()),
+            }
+        } else {
+            responses.message().await
+        };
+        match next {
             Ok(Some(resp)) => {
                 let flight = in_flight
                     .lock()
