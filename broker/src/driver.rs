@@ -22,7 +22,6 @@ use bytes::Bytes;
 use covet_protocol::api::{GroupStatus, TopicConfig};
 use covet_protocol::internal::TopicRecord;
 use covet_raft_store::{GroupStorage, LogOptions};
-use raft::prelude::Message;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::catalog::Catalog;
@@ -277,6 +276,7 @@ impl Driver {
             logger: &self.logger,
             election_tick: 10,
             heartbeat_tick: 2,
+            fixed_election_timeout: None,
         };
         Group::open(id, &self.group_dir(id), machine, &cfg, bootstrap)
     }
@@ -444,22 +444,9 @@ impl Driver {
         let mut effects = Vec::new();
         let mut pending = Vec::new();
         for (&id, g) in self.groups.iter_mut() {
-            if !g.node.has_ready() {
-                continue;
+            if let Some(rd) = g.write_ready(&self.channels.transport, &mut effects)? {
+                pending.push((id, rd));
             }
-            let mut rd = g.node.ready();
-            send_messages(&self.channels.transport, g, rd.take_messages());
-            if !rd.snapshot().is_empty() {
-                g.install_snapshot(rd.snapshot().clone())?;
-            }
-            g.apply_entries(rd.take_committed_entries(), &mut effects)?;
-            if !rd.entries().is_empty() {
-                g.storage.append(rd.entries())?;
-            }
-            if let Some(hs) = rd.hs() {
-                g.storage.set_hard_state(hs)?;
-            }
-            pending.push((id, rd));
         }
         if pending.is_empty() {
             return Ok(());
@@ -469,20 +456,10 @@ impl Driver {
             .filter_map(|(id, _)| self.groups.get(id).map(|g| &g.storage))
             .collect();
         sync_all(&storages)?;
-        for (id, mut rd) in pending {
-            let Some(g) = self.groups.get_mut(&id) else {
-                continue;
-            };
-            send_messages(&self.channels.transport, g, rd.take_persisted_messages());
-            let mut light = g.node.advance(rd);
-            if light.commit_index().is_some() {
-                // Not synced here: the commit index is re-derived on restart.
-                g.storage.set_hard_state(&g.node.raft.hard_state())?;
+        for (id, rd) in pending {
+            if let Some(g) = self.groups.get_mut(&id) {
+                g.finish_ready(rd, &self.channels.transport, &mut effects)?;
             }
-            send_messages(&self.channels.transport, g, light.take_messages());
-            g.apply_entries(light.take_committed_entries(), &mut effects)?;
-            g.node.advance_apply();
-            g.observe_role();
         }
         for (_, effect) in effects {
             match effect {
@@ -507,18 +484,6 @@ impl Driver {
         });
         if all {
             let _ = self.ready.send(true);
-        }
-    }
-}
-
-/// Hands a group's outgoing messages to the transport; a message that
-/// cannot be queued marks its peer unreachable, so Raft slows down probing
-/// it instead of flooding a dead link.
-fn send_messages(transport: &Transport, g: &mut Group, msgs: Vec<Message>) {
-    for m in msgs {
-        let to = m.to;
-        if !transport.send(g.id, m) {
-            g.node.report_unreachable(to);
         }
     }
 }

@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 use covet_protocol::batch;
 use covet_raft_store::{GroupStorage, LogOptions};
 use raft::prelude::{ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType};
-use raft::{RawNode, StateRole, Storage};
+use raft::{RawNode, Ready, StateRole, Storage};
 use tokio::sync::{oneshot, watch};
 
 use crate::error::{BrokerError, Result};
@@ -28,6 +28,13 @@ impl Machine {
             Machine::Partition(p) => p.applied(),
         }
     }
+}
+
+/// Where a group's outgoing Raft messages go: the transport, or an
+/// in-memory network in tests.
+pub trait Outbox {
+    /// Queues a message; false if it was dropped.
+    fn send(&self, group: u64, message: Message) -> bool;
 }
 
 /// What a proposal's waiter receives once its entry is applied.
@@ -77,6 +84,9 @@ pub struct GroupConfig<'a> {
     pub logger: &'a slog::Logger,
     pub election_tick: usize,
     pub heartbeat_tick: usize,
+    /// A fixed election timeout in ticks instead of raft-rs's randomized
+    /// one: deterministic simulations give each node its own.
+    pub fixed_election_timeout: Option<usize>,
 }
 
 impl Group {
@@ -118,6 +128,8 @@ impl Group {
             max_inflight_msgs: 256,
             check_quorum: true,
             pre_vote: true,
+            min_election_tick: cfg.fixed_election_timeout.unwrap_or(0),
+            max_election_tick: cfg.fixed_election_timeout.map_or(0, |t| t + 1),
             ..Default::default()
         };
         let mut node = RawNode::new(&config, storage.clone(), cfg.logger)
@@ -363,6 +375,68 @@ impl Group {
         if role != self.role {
             self.role = role;
             self.proposed_next = None;
+        }
+    }
+
+    /// The first half of a round: takes this group's `Ready` (if any),
+    /// sends what may leave before persisting, installs a snapshot, applies
+    /// what is committed, and writes new entries and hard state — without
+    /// syncing. The caller syncs the storage and then calls
+    /// [`Group::finish_ready`].
+    pub fn write_ready(
+        &mut self,
+        out: &dyn Outbox,
+        effects: &mut Vec<(u64, MetaEffect)>,
+    ) -> Result<Option<Ready>> {
+        if !self.node.has_ready() {
+            return Ok(None);
+        }
+        let mut rd = self.node.ready();
+        self.send(out, rd.take_messages());
+        if !rd.snapshot().is_empty() {
+            self.install_snapshot(rd.snapshot().clone())?;
+        }
+        self.apply_entries(rd.take_committed_entries(), effects)?;
+        if !rd.entries().is_empty() {
+            self.storage.append(rd.entries())?;
+        }
+        if let Some(hs) = rd.hs() {
+            self.storage.set_hard_state(hs)?;
+        }
+        Ok(Some(rd))
+    }
+
+    /// The second half, once the storage is synced: sends the messages that
+    /// had to wait for persistence (votes, append acks), advances, and
+    /// applies what that committed.
+    pub fn finish_ready(
+        &mut self,
+        mut rd: Ready,
+        out: &dyn Outbox,
+        effects: &mut Vec<(u64, MetaEffect)>,
+    ) -> Result<()> {
+        self.send(out, rd.take_persisted_messages());
+        let mut light = self.node.advance(rd);
+        if light.commit_index().is_some() {
+            // Not synced here: the commit index is re-derived on restart.
+            self.storage.set_hard_state(&self.node.raft.hard_state())?;
+        }
+        self.send(out, light.take_messages());
+        self.apply_entries(light.take_committed_entries(), effects)?;
+        self.node.advance_apply();
+        self.observe_role();
+        Ok(())
+    }
+
+    /// Hands messages to the transport; a message that cannot be queued
+    /// marks its peer unreachable, so Raft slows down probing it instead of
+    /// flooding a dead link.
+    fn send(&mut self, out: &dyn Outbox, msgs: Vec<Message>) {
+        for m in msgs {
+            let to = m.to;
+            if !out.send(self.id, m) {
+                self.node.report_unreachable(to);
+            }
         }
     }
 

@@ -25,6 +25,8 @@ mod logging;
 pub mod retention;
 pub mod server;
 pub mod service;
+#[cfg(test)]
+mod sim_tests;
 pub mod state;
 mod status;
 pub mod subscribe;

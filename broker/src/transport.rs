@@ -71,6 +71,12 @@ pub struct Transport {
     peers: Arc<HashMap<u64, mpsc::Sender<(u64, Message)>>>,
 }
 
+impl crate::group::Outbox for Transport {
+    fn send(&self, group: u64, message: Message) -> bool {
+        Transport::send(self, group, message)
+    }
+}
+
 impl Transport {
     /// Starts a sender task per peer (every entry of `peers` but `me`).
     pub fn start(
