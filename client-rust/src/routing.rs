@@ -17,6 +17,8 @@ use crate::{Error, Result};
 const MAX_MESSAGE_BYTES: usize = 65 << 20;
 /// How long a call keeps retrying through leader changes.
 pub(crate) const RETRY_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a call may wait for the node's answer.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one node gets to answer a metadata request.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
@@ -41,6 +43,9 @@ fn endpoint(addr: &str) -> Result<Endpoint> {
     Ok(Endpoint::from_shared(uri)
         .map_err(|e| Error::InvalidArgument(format!("bad broker address {addr}: {e}")))?
         .connect_timeout(Duration::from_secs(3))
+        // Bounds unary calls and the start of streams (until the response
+        // headers), never a stream's life: a paused node cannot hold a call.
+        .timeout(CALL_TIMEOUT)
         .tcp_nodelay(true)
         // Large batches on one stream would stall on HTTP/2's small default
         // windows.

@@ -74,6 +74,17 @@ impl TableFormat {
 }
 
 pub async fn run(cli: Cli, started: std::time::Instant) -> anyhow::Result<()> {
+    if !matches!(cli.command, Command::Broker(_)) {
+        // Client commands log to stderr only when asked (COVET_LOG=debug).
+        if let Ok(filter) = std::env::var("COVET_LOG") {
+            if let Ok(filter) = tracing_subscriber::EnvFilter::try_new(filter) {
+                tracing_subscriber::fmt()
+                    .with_env_filter(filter)
+                    .with_writer(std::io::stderr)
+                    .init();
+            }
+        }
+    }
     match cli.command {
         Command::Broker(args) => broker::run(args, started).await,
         Command::Topic(cmd) => topic::run(cmd).await,

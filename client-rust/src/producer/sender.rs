@@ -42,6 +42,8 @@ struct InFlight {
     attempts: u32,
     /// When the first attempt was made; retries stop after RETRY_DEADLINE.
     since: Instant,
+    /// When the current attempt was sent.
+    sent_at: Instant,
     buffer: Arc<Semaphore>,
     _permit: OwnedSemaphorePermit,
 }
@@ -128,13 +130,24 @@ impl Sender {
     }
 
     async fn send_new(&mut self, batch: ClosedBatch) {
-        let Ok(permit) = self.permits.clone().acquire_owned().await else {
+        // Retries are served while waiting for a slot: the batches waiting
+        // to be retried hold slots themselves, and only this task sends them.
+        let permits = self.permits.clone();
+        let permit = loop {
+            tokio::select! {
+                biased;
+                Some((flight, error)) = self.retry_rx.recv() => self.retry(flight, error).await,
+                permit = permits.clone().acquire_owned() => break permit,
+            }
+        };
+        let Ok(permit) = permit else {
             return batch.ack.complete(Err(Error::Closed));
         };
         let flight = InFlight {
             batch,
             attempts: 0,
             since: Instant::now(),
+            sent_at: Instant::now(),
             buffer: self.buffer.clone(),
             _permit: permit,
         };
@@ -147,6 +160,7 @@ impl Sender {
         if !error.is_retriable() || flight.since.elapsed() > RETRY_DEADLINE {
             return flight.complete(Err(error));
         }
+        tracing::debug!(topic = %flight.batch.topic, partition = flight.batch.partition, error = %error, "retrying batch");
         flight.attempts += 1;
         let backoff = (BACKOFF_MIN * 2u32.saturating_pow(flight.attempts.min(8))).min(BACKOFF_MAX);
         tokio::time::sleep(backoff).await;
@@ -160,7 +174,8 @@ impl Sender {
     }
 
     /// Sends a batch to its partition's leader.
-    async fn send(&mut self, flight: InFlight) {
+    async fn send(&mut self, mut flight: InFlight) {
+        flight.sent_at = Instant::now();
         let b = &flight.batch;
         let node = match self.client.router().leader(&b.topic, b.partition).await {
             Ok((node, _)) => node,
@@ -171,6 +186,12 @@ impl Sender {
             Err(e) => return self.requeue(flight, e),
         };
         let id = self.next_id;
+        tracing::trace!(
+            node,
+            id,
+            partition = flight.batch.partition,
+            "sending batch"
+        );
         self.next_id += 1;
         let req = ProduceRequest {
             request_id: id,
@@ -191,7 +212,9 @@ impl Sender {
                 }
             }
         }
-        if tx.send(req).await.is_err() {
+        let sent = tx.send(req).await;
+        tracing::trace!(node, id, ok = sent.is_ok(), "batch handed to stream");
+        if sent.is_err() {
             self.streams.remove(&node);
             let taken = in_flight
                 .lock()
@@ -227,6 +250,7 @@ impl Sender {
             .router()
             .node(node)
             .ok_or_else(|| Error::Transport(format!("no address for node {node}")))?;
+        tracing::debug!(node, "opening produce stream");
         let (tx, rx) = mpsc::channel(self.max_in_flight as usize);
         let responses = rpc.produce(ReceiverStream::new(rx)).await?.into_inner();
         let in_flight: InFlightMap = Arc::new(Mutex::new(Some(BTreeMap::new())));
@@ -255,21 +279,26 @@ async fn read_responses(
     retry: mpsc::UnboundedSender<(InFlight, Error)>,
 ) {
     let end = loop {
-        let waiting = in_flight
-            .lock()
-            .expect("in-flight lock")
-            .as_ref()
-            .is_some_and(|m| !m.is_empty());
-        let next = if waiting {
-            // Batches are out and nothing comes back: the leader is paused
-            // or cut off. Give up on this stream; the batches are retried
-            // (idempotently) wherever the leader is now.
-            match tokio::time::timeout(RESPONSE_TIMEOUT, responses.message()).await {
-                Ok(r) => r,
-                Err(_) => break Error::Transport("leader stopped answering".into()),
+        // Batches are out and nothing comes back: the leader is paused or
+        // cut off. After RESPONSE_TIMEOUT without any answer while a batch
+        // waits, give up on this stream; its batches are retried
+        // (idempotently) wherever the leader is now.
+        let next = match tokio::time::timeout(RESPONSE_TIMEOUT, responses.message()).await {
+            Ok(r) => r,
+            Err(_) => {
+                let waiting = in_flight
+                    .lock()
+                    .expect("in-flight lock")
+                    .as_ref()
+                    .and_then(|m| m.values().map(|f| f.sent_at).min());
+                tracing::trace!(?waiting, "no produce response for a while");
+                match waiting {
+                    Some(oldest) if oldest.elapsed() >= RESPONSE_TIMEOUT => {
+                        break Error::Transport("leader stopped answering".into());
+                    }
+                    _ => continue,
+                }
             }
-        } else {
-            responses.message().await
         };
         match next {
             Ok(Some(resp)) => {
