@@ -34,8 +34,9 @@ pub struct LocalReplica {
     pub storage: GroupStorage,
     pub index: OffsetIndex,
     pub progress: watch::Receiver<Progress>,
-    /// The group's leader as this node last heard, 0 if none.
-    pub leader: watch::Receiver<u64>,
+    /// The group's leader as this node last heard (0 if none), and the
+    /// term it leads in.
+    pub leader: watch::Receiver<(u64, u64)>,
 }
 
 impl PartitionHandle {
@@ -49,7 +50,7 @@ impl PartitionHandle {
     /// The local replica if this node leads the partition.
     pub fn leading(&self, me: u64) -> Result<&LocalReplica> {
         let local = self.local()?;
-        let leader = *local.leader.borrow();
+        let (leader, _) = *local.leader.borrow();
         if leader != me {
             return Err(BrokerError::NotLeader {
                 leader_hint: leader,
@@ -85,13 +86,14 @@ impl TopicHandle {
             .partitions
             .iter()
             .map(|p| {
-                let (progress, leader) = match &p.local {
+                let (progress, (leader, leader_term)) = match &p.local {
                     Some(l) => (*l.progress.borrow(), *l.leader.borrow()),
-                    None => (Progress::default(), 0),
+                    None => (Progress::default(), (0, 0)),
                 };
                 PartitionInfo {
                     partition: p.partition,
                     leader,
+                    leader_term,
                     replicas: p.replicas.clone(),
                     start_offset: progress.start_offset,
                     high_watermark: progress.high_watermark,

@@ -57,7 +57,7 @@ pub struct Group {
     pub storage: GroupStorage,
     pub machine: Machine,
     /// Leader as last seen, shared with readers through the catalog.
-    pub leader: watch::Sender<u64>,
+    pub leader: watch::Sender<(u64, u64)>,
     waiters: BTreeMap<u64, Waiter>,
     /// Answers decided in the current apply pass, sent once its state is
     /// published.
@@ -152,7 +152,7 @@ impl Group {
             node,
             storage,
             machine,
-            leader: watch::channel(0).0,
+            leader: watch::channel((0, 0)).0,
             waiters: BTreeMap::new(),
             answers: Vec::new(),
             proposed_next: None,
@@ -369,10 +369,17 @@ impl Group {
     /// for its proposals may no longer hold.
     pub fn observe_role(&mut self) {
         let role = self.node.raft.state;
-        let leader = self.node.raft.leader_id;
+        let now = (self.node.raft.leader_id, self.node.raft.term);
         self.leader
-            .send_if_modified(|l| std::mem::replace(l, leader) != leader);
+            .send_if_modified(|l| std::mem::replace(l, now) != now);
         if role != self.role {
+            if self.role == StateRole::Leader {
+                // A deposed leader cannot tell whether its pending proposals
+                // will commit under the new leader; it says so now instead
+                // of when (if ever) it applies their indexes. Idempotent
+                // producers retry without duplicating.
+                self.fail_all(self.not_leader());
+            }
             self.role = role;
             self.proposed_next = None;
         }

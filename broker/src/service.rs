@@ -123,7 +123,7 @@ impl CovetService {
 
     /// The cluster's nodes with the client addresses known here, and the
     /// metadata leader.
-    async fn nodes(&self) -> (Vec<NodeInfo>, u64) {
+    async fn nodes(&self) -> (Vec<NodeInfo>, (u64, u64)) {
         let me = self.node.node_id;
         let nodes = self
             .cluster_nodes
@@ -138,8 +138,11 @@ impl CovetService {
             })
             .collect();
         let controller = match self.node.status().await {
-            Ok(groups) => groups.iter().find(|g| g.group == 0).map_or(0, |g| g.leader),
-            Err(_) => 0,
+            Ok(groups) => groups
+                .iter()
+                .find(|g| g.group == 0)
+                .map_or((0, 0), |g| (g.leader, g.term)),
+            Err(_) => (0, 0),
         };
         (nodes, controller)
     }
@@ -217,11 +220,12 @@ impl Covet for CovetService {
                 .map(|n| self.node.catalog.topic(n).map(|t| t.info()))
                 .collect::<Result<_>>()?
         };
-        let (nodes, controller) = self.nodes().await;
+        let (nodes, (controller, controller_term)) = self.nodes().await;
         Ok(Response::new(MetadataResponse {
             nodes,
             topics,
             controller,
+            controller_term,
             node_id: self.node.node_id,
         }))
     }
@@ -238,8 +242,19 @@ impl Covet for CovetService {
         let svc = self.clone();
         // Reader: submits requests in stream order, so batches of one
         // partition are proposed in the order the client sent them.
+        let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
-            while let Ok(Some(req)) = inbound.message().await {
+            loop {
+                // On shutdown the reader stops taking requests; the writer
+                // answers what was taken and ends the stream, so clients
+                // move to another node instead of holding this one open.
+                let req = tokio::select! {
+                    msg = inbound.message() => match msg {
+                        Ok(Some(req)) => req,
+                        _ => break,
+                    },
+                    _ = shutdown.wait_for(|s| *s) => break,
+                };
                 // Batches received and not yet answered count against one
                 // node-wide budget; when it is spent the reader stops
                 // reading and HTTP/2 flow control holds the client back.

@@ -152,7 +152,7 @@ impl Session {
                 // A deposed leader stops serving as soon as it learns of
                 // the new term, so a client moves to the new leader.
                 _ = leader.changed(), if !self.allow_follower => {
-                    let now = *leader.borrow_and_update();
+                    let (now, _) = *leader.borrow_and_update();
                     if now != self.me {
                         return Err(BrokerError::NotLeader { leader_hint: now }.to_status());
                     }

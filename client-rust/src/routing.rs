@@ -9,6 +9,7 @@ use std::time::Duration;
 use covet_protocol::api::covet_client::CovetClient;
 use covet_protocol::api::{MetadataRequest, MetadataResponse};
 use covet_protocol::Reason;
+use futures::stream::{FuturesUnordered, StreamExt};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{Error, Result};
@@ -21,6 +22,8 @@ pub(crate) const RETRY_DEADLINE: Duration = Duration::from_secs(30);
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one node gets to answer a metadata request.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the rest get once a majority of nodes has answered.
+const MAJORITY_GRACE: Duration = Duration::from_millis(100);
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
@@ -85,56 +88,95 @@ impl Router {
         Ok(router)
     }
 
-    /// Asks the seeds and known nodes, in turn, for metadata.
+    /// Asks every known node (and the seeds) for metadata at once and
+    /// merges the answers: a node cut off from the others still answers,
+    /// but with an old term, so for each partition (and for the metadata
+    /// group) the answer naming a leader in the highest term wins. Waits for
+    /// all answers, or a short grace once a majority has answered, or the
+    /// timeout: a paused node cannot hold a refresh up.
     pub(crate) async fn refresh(&self) -> Result<Arc<MetadataResponse>> {
-        let mut last = String::new();
-        for addr in self.candidates() {
-            // Bounded: a node that accepts connections but does not answer
-            // (paused) must not hold up finding the others.
-            let ask = async {
-                let mut client = match endpoint(&addr)?.connect().await {
-                    Ok(ch) => rpc(ch),
-                    Err(e) => return Err(Error::Transport(source_chain(&e))),
+        let mut asks: FuturesUnordered<_> = self
+            .candidates()
+            .into_iter()
+            .map(|(addr, known)| async move {
+                let ask = async {
+                    let mut client = match known {
+                        Some(c) => c,
+                        None => match endpoint(&addr)?.connect().await {
+                            Ok(ch) => rpc(ch),
+                            Err(e) => return Err(Error::Transport(source_chain(&e))),
+                        },
+                    };
+                    let resp = client.metadata(MetadataRequest { topics: vec![] }).await?;
+                    Ok((client, resp.into_inner()))
                 };
-                let resp = client.metadata(MetadataRequest { topics: vec![] }).await?;
-                Ok((client, resp.into_inner()))
+                let outcome = match tokio::time::timeout(METADATA_TIMEOUT, ask).await {
+                    Ok(r) => r,
+                    Err(_) => Err(Error::Transport(format!(
+                        "no answer within {METADATA_TIMEOUT:?}"
+                    ))),
+                };
+                (addr, outcome)
+            })
+            .collect();
+        let majority = asks.len() / 2 + 1;
+        let mut answers = Vec::new();
+        let mut last = String::new();
+        let mut grace: Option<tokio::time::Instant> = None;
+        loop {
+            let next = match grace {
+                Some(deadline) => tokio::time::timeout_at(deadline, asks.next())
+                    .await
+                    .ok()
+                    .flatten(),
+                None => asks.next().await,
             };
-            match tokio::time::timeout(METADATA_TIMEOUT, ask).await {
-                Ok(Ok((client, resp))) => {
-                    let meta = Arc::new(resp);
-                    self.learn(&meta, &addr, client);
-                    return Ok(meta);
+            match next {
+                None => break,
+                Some((addr, Ok((client, meta)))) => {
+                    answers.push((addr, client, meta));
+                    if answers.len() >= majority && grace.is_none() {
+                        grace = Some(tokio::time::Instant::now() + MAJORITY_GRACE);
+                    }
                 }
-                Ok(Err(e)) => last = format!("{addr}: {e}"),
-                Err(_) => last = format!("{addr}: no answer within {METADATA_TIMEOUT:?}"),
+                Some((addr, Err(e))) => last = format!("{addr}: {e}"),
             }
         }
-        Err(Error::Connect {
-            seeds: self.seeds.join(","),
-            message: last,
-        })
+        if answers.is_empty() {
+            return Err(Error::Connect {
+                seeds: self.seeds.join(","),
+                message: last,
+            });
+        }
+        let merged = Arc::new(merge(answers.iter().map(|(_, _, m)| m)));
+        for (addr, client, meta) in answers {
+            self.learn(&meta, &addr, client);
+        }
+        *self.metadata.lock().expect("metadata lock") = Some(merged.clone());
+        Ok(merged)
     }
 
-    /// Addresses to try: known nodes first, then the seeds.
-    fn candidates(&self) -> Vec<String> {
-        let mut out: Vec<String> = Vec::new();
-        if let Some(meta) = self.metadata.lock().expect("metadata lock").as_ref() {
-            out.extend(
-                meta.nodes
-                    .iter()
-                    .filter(|n| !n.address.is_empty())
-                    .map(|n| n.address.clone()),
-            );
+    /// Addresses to ask, with a connection when one is open: known nodes
+    /// first, then the seeds.
+    fn candidates(&self) -> Vec<(String, Option<Rpc>)> {
+        let mut out: Vec<(String, Option<Rpc>)> = Vec::new();
+        {
+            let nodes = self.nodes.lock().expect("nodes lock");
+            for (addr, c) in nodes.values() {
+                if !out.iter().any(|(a, _)| a == addr) {
+                    out.push((addr.clone(), Some(c.clone())));
+                }
+            }
         }
         for s in &self.seeds {
-            if !out.contains(s) {
-                out.push(s.clone());
+            if !out.iter().any(|(a, _)| a == s) {
+                out.push((s.clone(), None));
             }
         }
         out
     }
 
-    fn learn(&self, meta: &Arc<MetadataResponse>, addr: &str, client: Rpc) {
+    fn learn(&self, meta: &MetadataResponse, addr: &str, client: Rpc) {
         let mut nodes = self.nodes.lock().expect("nodes lock");
         nodes.insert(meta.node_id, (addr.to_string(), client));
         for n in &meta.nodes {
@@ -145,7 +187,6 @@ impl Router {
                 }
             }
         }
-        *self.metadata.lock().expect("metadata lock") = Some(meta.clone());
     }
 
     /// The cached metadata (refreshed when missing).
@@ -223,6 +264,42 @@ impl Router {
             }
         }
     }
+}
+
+/// One view from several nodes' answers: each partition's and the metadata
+/// group's leader from the answer with the highest term that names one;
+/// topics as the answer with the newest metadata knows them; every node
+/// address anyone knows.
+fn merge<'a>(answers: impl Iterator<Item = &'a MetadataResponse> + Clone) -> MetadataResponse {
+    let newest = answers
+        .clone()
+        .max_by_key(|m| (m.controller_term, m.controller != 0))
+        .cloned()
+        .unwrap_or_default();
+    let mut merged = newest;
+    for m in answers.clone() {
+        for n in &m.nodes {
+            match merged.nodes.iter_mut().find(|x| x.id == n.id) {
+                Some(x) if x.address.is_empty() => x.address = n.address.clone(),
+                Some(_) => {}
+                None => merged.nodes.push(n.clone()),
+            }
+        }
+    }
+    for t in merged.topics.iter_mut() {
+        for p in t.partitions.iter_mut() {
+            let best = answers
+                .clone()
+                .filter_map(|m| m.topics.iter().find(|x| x.name == t.name))
+                .filter_map(|x| x.partitions.get(p.partition as usize))
+                .filter(|x| x.leader != 0)
+                .max_by_key(|x| (x.leader_term, x.high_watermark));
+            if let Some(b) = best {
+                *p = b.clone();
+            }
+        }
+    }
+    merged
 }
 
 /// The error and its causes on one line; tonic's top-level transport error

@@ -297,3 +297,20 @@ fn write_header(mut dst: &mut [u8], h: &BatchHeader) {
 pub fn stamp_base_offset(buf: &mut [u8], base_offset: u64) {
     buf[..8].copy_from_slice(&base_offset.to_le_bytes());
 }
+
+/// A copy of `batch` with another producer epoch, CRC recomputed. A
+/// producer does this when it moves a partition to a new epoch after giving
+/// up on a batch, so the batches still queued behind it are accepted
+/// without waiting for the one that will never come. Only the header's
+/// epoch field and the CRC change: the records are not re-encoded.
+pub fn with_producer_epoch(batch: &[u8], epoch: i16) -> Result<bytes::Bytes, BatchError> {
+    read_header(batch)?;
+    let mut buf = bytes::BytesMut::from(batch);
+    buf[EPOCH_AT..EPOCH_AT + 2].copy_from_slice(&epoch.to_le_bytes());
+    let crc = crc32c::crc32c(&buf[CRC_FROM..]);
+    buf[CRC_AT..CRC_FROM].copy_from_slice(&crc.to_le_bytes());
+    Ok(buf.freeze())
+}
+
+/// Where the producer epoch sits in the header.
+const EPOCH_AT: usize = 47;

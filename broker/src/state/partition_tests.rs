@@ -25,8 +25,12 @@ fn batch_at(base: u64, n: usize, ts: i64) -> Bytes {
 
 /// Like `batch_at`, from idempotent producer `(id, base sequence)`.
 fn produced_at(base: u64, n: usize, ts: i64, producer: Option<(i64, i32)>) -> Bytes {
+    produced_in(base, n, ts, producer, 0)
+}
+
+fn produced_in(base: u64, n: usize, ts: i64, producer: Option<(i64, i32)>, epoch: i16) -> Bytes {
     let mut b = match producer {
-        Some((id, seq)) => batch::BatchBuilder::with_producer(id, 0, seq),
+        Some((id, seq)) => batch::BatchBuilder::with_producer(id, epoch, seq),
         None => batch::BatchBuilder::new(),
     };
     for i in 0..n {
@@ -273,4 +277,33 @@ fn dedup_table_survives_reopen_and_snapshot_restore_replays_later_batches() {
     );
     q.flush_round().unwrap();
     assert_eq!(q.next_offset(), 6);
+}
+
+#[test]
+fn a_new_producer_epoch_skips_a_sequence_gap_but_never_goes_back() {
+    let mut p = PartitionState::open(tree()).unwrap();
+    p.apply_batch(1, &produced_at(0, 2, 1, Some((7, 0))))
+        .unwrap();
+    // Sequences 2..4 were given up on; the same epoch cannot skip them.
+    assert!(matches!(
+        p.apply_batch(2, &produced_at(2, 2, 1, Some((7, 4)))),
+        Err(BrokerError::OutOfOrderSequence { .. })
+    ));
+    assert_eq!(
+        p.apply_batch(3, &produced_in(2, 2, 1, Some((7, 4)), 1))
+            .unwrap(),
+        stored(2, 2)
+    );
+    // The old epoch is behind now, and so is anything before sequence 6.
+    assert!(p
+        .apply_batch(4, &produced_in(4, 1, 1, Some((7, 6)), 0))
+        .is_err());
+    assert!(p
+        .apply_batch(5, &produced_in(4, 1, 1, Some((7, 5)), 2))
+        .is_err());
+    assert_eq!(
+        p.apply_batch(6, &produced_in(4, 1, 1, Some((7, 6)), 1))
+            .unwrap(),
+        stored(4, 1)
+    );
 }

@@ -8,7 +8,9 @@
 //! stored again, and is answered with the offset the original got (the
 //! last few batches per producer are remembered for that). A batch starting
 //! later arrived ahead of a predecessor still being retried, and is refused
-//! as out of sequence so the producer retries it after.
+//! as out of sequence so the producer retries it after — unless it carries
+//! a higher producer epoch: a producer that gave up on a batch moves the
+//! partition to a new epoch, and the gap it left is skipped.
 //!
 //! sled layout (in the partition's tree): `q` + producer id (i64 BE,
 //! sign-flipped) → `ProducerState` (protobuf).
@@ -67,7 +69,8 @@ impl ProducerTable {
             // (it may have written other partitions, or been forgotten).
             return Ok(SequenceCheck::Accept);
         };
-        if h.base_sequence == p.next_sequence {
+        let epoch = i32::from(h.producer_epoch);
+        if h.base_sequence == p.next_sequence && epoch >= p.epoch {
             return Ok(SequenceCheck::Accept);
         }
         if let Some(b) = p.recent.iter().find(|b| b.base_sequence == h.base_sequence) {
@@ -75,6 +78,11 @@ impl ProducerTable {
                 base_offset: b.base_offset,
                 record_count: b.record_count,
             });
+        }
+        // A new epoch may skip sequence numbers the producer gave up on,
+        // never go back over ones already stored.
+        if epoch > p.epoch && h.base_sequence > p.next_sequence {
+            return Ok(SequenceCheck::Accept);
         }
         Err(BrokerError::OutOfOrderSequence {
             producer_id: h.producer_id,
@@ -97,6 +105,7 @@ impl ProducerTable {
                 ..Default::default()
             });
         p.next_sequence = h.base_sequence.wrapping_add(h.record_count as i32);
+        p.epoch = p.epoch.max(i32::from(h.producer_epoch));
         p.recent.push(SequencedBatch {
             base_sequence: h.base_sequence,
             base_offset,

@@ -1,21 +1,30 @@
-//! The producer's sender task: sends closed batches, in queue order, to
-//! each partition's leader over one long-lived produce stream per node,
-//! and retries batches that failed for a retriable reason (a leader change,
-//! a broken stream) on the new leader.
+//! The producer's sender task: sends closed batches to each partition's
+//! leader over one long-lived produce stream per node, and retries batches
+//! that failed for a retriable reason (a leader change, a broken or silent
+//! stream) on the new leader.
+//!
+//! Each partition has its own window of `max_in_flight` batches: a
+//! partition whose leader is gone holds only its own slots, and the others
+//! keep flowing. Batches wait in their partition's queue for a slot, in
+//! order.
 //!
 //! Retrying is safe because batches are idempotent: each carries the
 //! producer id and a per-partition sequence number, and a partition applies
 //! a sequence once, answering a repeat with the original offset. A batch
 //! that arrives ahead of a predecessor still being retried is refused as out
 //! of sequence and retried itself, so a partition's records are stored in
-//! the order they were sent.
+//! the order they were sent. When a batch is given up on (its retries ran
+//! out), the partition moves to a new producer epoch and the batches behind
+//! it are re-stamped with it, so the broker skips the gap instead of
+//! refusing them forever.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use covet_protocol::api::{ProduceRequest, ProduceResponse};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use covet_protocol::batch;
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -24,9 +33,11 @@ use crate::routing::RETRY_DEADLINE;
 use crate::{Client, Error};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// How long in-flight batches may go without any answer on their stream.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
-const BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// Metadata is refreshed at most this often for retries.
+const REFRESH_EVERY: Duration = Duration::from_millis(100);
 
 /// What the queue carries.
 pub(crate) enum Queued {
@@ -35,28 +46,42 @@ pub(crate) enum Queued {
     Barrier(oneshot::Sender<()>),
 }
 
-/// A batch sent and not yet answered. Dropping it gives its records'
-/// bytes back to the producer's buffer, whatever the outcome.
+type PartitionKey = (Arc<str>, u32);
+
+/// A batch between being taken from the queue and being answered. Dropping
+/// it gives its records' bytes back to the producer's buffer and frees its
+/// partition's slot, whatever the outcome.
 struct InFlight {
     batch: ClosedBatch,
+    /// Order of arrival, for flush barriers.
+    seq: u64,
     attempts: u32,
     /// When the first attempt was made; retries stop after RETRY_DEADLINE.
     since: Instant,
     /// When the current attempt was sent.
     sent_at: Instant,
     buffer: Arc<Semaphore>,
-    _permit: OwnedSemaphorePermit,
+    freed: mpsc::UnboundedSender<(PartitionKey, u64, bool)>,
+    /// Whether the batch was given up on (moves the partition's epoch).
+    failed: bool,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.buffer.add_permits(self.batch.reserved);
+        let key = (self.batch.topic.clone(), self.batch.partition);
+        let _ = self.freed.send((key, self.seq, self.failed));
     }
 }
 
 impl InFlight {
-    fn complete(self, outcome: crate::Result<u64>) {
+    fn complete(mut self, outcome: crate::Result<u64>) {
+        self.failed = outcome.is_err();
         self.batch.ack.complete(outcome);
+    }
+
+    fn key(&self) -> PartitionKey {
+        (self.batch.topic.clone(), self.batch.partition)
     }
 }
 
@@ -71,111 +96,181 @@ struct Stream {
     in_flight: InFlightMap,
 }
 
+/// One partition's window.
+#[derive(Default)]
+struct Partition {
+    in_flight: usize,
+    waiting: VecDeque<InFlight>,
+    /// The producer epoch batches of this partition are sent with.
+    epoch: i16,
+}
+
 pub(crate) struct Sender {
     client: Client,
-    max_in_flight: u32,
-    permits: Arc<Semaphore>,
+    max_in_flight: usize,
     buffer: Arc<Semaphore>,
     streams: HashMap<u64, Stream>,
+    partitions: HashMap<PartitionKey, Partition>,
     next_id: u64,
+    next_seq: u64,
+    /// Arrival numbers of batches not answered yet.
+    outstanding: BTreeSet<u64>,
+    barriers: Vec<(u64, oneshot::Sender<()>)>,
+    last_refresh: Option<Instant>,
     retry_tx: mpsc::UnboundedSender<(InFlight, Error)>,
     retry_rx: mpsc::UnboundedReceiver<(InFlight, Error)>,
+    resend_tx: mpsc::UnboundedSender<InFlight>,
+    resend_rx: mpsc::UnboundedReceiver<InFlight>,
+    freed_tx: mpsc::UnboundedSender<(PartitionKey, u64, bool)>,
+    freed_rx: mpsc::UnboundedReceiver<(PartitionKey, u64, bool)>,
 }
 
 impl Sender {
     pub(crate) fn new(client: Client, max_in_flight: usize, buffer: Arc<Semaphore>) -> Sender {
-        let max_in_flight = max_in_flight.clamp(1, 1 << 16) as u32;
         let (retry_tx, retry_rx) = mpsc::unbounded_channel();
+        let (resend_tx, resend_rx) = mpsc::unbounded_channel();
+        let (freed_tx, freed_rx) = mpsc::unbounded_channel();
         Sender {
             client,
-            max_in_flight,
-            permits: Arc::new(Semaphore::new(max_in_flight as usize)),
+            max_in_flight: max_in_flight.clamp(1, 1 << 16),
             buffer,
             streams: HashMap::new(),
+            partitions: HashMap::new(),
             next_id: 0,
+            next_seq: 0,
+            outstanding: BTreeSet::new(),
+            barriers: Vec::new(),
+            last_refresh: None,
             retry_tx,
             retry_rx,
+            resend_tx,
+            resend_rx,
+            freed_tx,
+            freed_rx,
         }
     }
 
     pub(crate) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Queued>) {
+        let mut queue_open = true;
         loop {
             tokio::select! {
                 biased;
-                // Retries first: they hold the earliest sequence numbers.
-                Some((flight, error)) = self.retry_rx.recv() => self.retry(flight, error).await,
-                item = rx.recv() => match item {
-                    Some(Queued::Batch(b)) => self.send_new(b).await,
-                    Some(Queued::Barrier(done)) => self.barrier(done).await,
-                    None => return,
+                Some((key, seq, failed)) = self.freed_rx.recv() => self.freed(key, seq, failed).await,
+                Some((flight, error)) = self.retry_rx.recv() => self.schedule_retry(flight, error),
+                Some(flight) = self.resend_rx.recv() => self.resend(flight).await,
+                item = rx.recv(), if queue_open => match item {
+                    Some(Queued::Batch(b)) => self.enqueue(b).await,
+                    Some(Queued::Barrier(done)) => {
+                        let upto = self.next_seq;
+                        self.barriers.push((upto, done));
+                        self.release_barriers();
+                    }
+                    None => queue_open = false,
                 },
+                else => return,
+            }
+            if !queue_open && self.outstanding.is_empty() {
+                return;
             }
         }
     }
 
-    /// Waits until nothing is in flight, still serving retries meanwhile.
-    async fn barrier(&mut self, done: oneshot::Sender<()>) {
-        let (permits, all) = (self.permits.clone(), self.max_in_flight);
-        loop {
-            tokio::select! {
-                biased;
-                Some((flight, error)) = self.retry_rx.recv() => self.retry(flight, error).await,
-                held = permits.acquire_many(all) => {
-                    drop(held);
-                    let _ = done.send(());
-                    return;
-                }
-            }
-        }
-    }
-
-    async fn send_new(&mut self, batch: ClosedBatch) {
-        // Retries are served while waiting for a slot: the batches waiting
-        // to be retried hold slots themselves, and only this task sends them.
-        let permits = self.permits.clone();
-        let permit = loop {
-            tokio::select! {
-                biased;
-                Some((flight, error)) = self.retry_rx.recv() => self.retry(flight, error).await,
-                permit = permits.clone().acquire_owned() => break permit,
-            }
-        };
-        let Ok(permit) = permit else {
-            return batch.ack.complete(Err(Error::Closed));
-        };
+    /// Takes a closed batch: sends it if its partition has a free slot,
+    /// else queues it behind the others.
+    async fn enqueue(&mut self, batch: ClosedBatch) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.outstanding.insert(seq);
+        let now = Instant::now();
         let flight = InFlight {
             batch,
+            seq,
             attempts: 0,
-            since: Instant::now(),
-            sent_at: Instant::now(),
+            since: now,
+            sent_at: now,
             buffer: self.buffer.clone(),
-            _permit: permit,
+            freed: self.freed_tx.clone(),
+            failed: false,
         };
-        self.send(flight).await;
+        let part = self.partitions.entry(flight.key()).or_default();
+        if part.in_flight < self.max_in_flight && part.waiting.is_empty() {
+            part.in_flight += 1;
+            self.send(flight).await;
+        } else {
+            part.waiting.push_back(flight);
+        }
     }
 
-    /// Sends again after a retriable failure, or gives up past the
-    /// deadline.
-    async fn retry(&mut self, mut flight: InFlight, error: Error) {
+    /// A batch was answered (or given up on): its slot goes to the next
+    /// waiting batch of the partition.
+    async fn freed(&mut self, key: PartitionKey, seq: u64, failed: bool) {
+        self.outstanding.remove(&seq);
+        self.release_barriers();
+        let part = self.partitions.entry(key).or_default();
+        part.in_flight = part.in_flight.saturating_sub(1);
+        if failed {
+            // The broker will never see this batch's sequence numbers; the
+            // partition's next batches skip them in a new epoch.
+            part.epoch = part.epoch.wrapping_add(1);
+        }
+        if part.in_flight < self.max_in_flight {
+            if let Some(next) = part.waiting.pop_front() {
+                part.in_flight += 1;
+                self.send(next).await;
+            }
+        }
+    }
+
+    fn release_barriers(&mut self) {
+        let oldest = self.outstanding.first().copied().unwrap_or(u64::MAX);
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.barriers)
+            .into_iter()
+            .partition(|(upto, _)| oldest >= *upto);
+        self.barriers = waiting;
+        for (_, done) in ready {
+            let _ = done.send(());
+        }
+    }
+
+    /// After a retriable failure, sends the batch again after a backoff;
+    /// gives up past the deadline.
+    fn schedule_retry(&mut self, mut flight: InFlight, error: Error) {
         if !error.is_retriable() || flight.since.elapsed() > RETRY_DEADLINE {
             return flight.complete(Err(error));
         }
         tracing::debug!(topic = %flight.batch.topic, partition = flight.batch.partition, error = %error, "retrying batch");
         flight.attempts += 1;
         let backoff = (BACKOFF_MIN * 2u32.saturating_pow(flight.attempts.min(8))).min(BACKOFF_MAX);
-        tokio::time::sleep(backoff).await;
-        if matches!(
-            error,
-            Error::Broker { .. } | Error::Transport(_) | Error::Connect { .. }
-        ) {
+        let resend = self.resend_tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(backoff).await;
+            let _ = resend.send(flight);
+        });
+    }
+
+    async fn resend(&mut self, flight: InFlight) {
+        let stale = self
+            .last_refresh
+            .is_none_or(|t| t.elapsed() >= REFRESH_EVERY);
+        if stale {
             let _ = self.client.router().refresh().await;
+            self.last_refresh = Some(Instant::now());
         }
         self.send(flight).await;
     }
 
-    /// Sends a batch to its partition's leader.
+    /// Sends a batch to its partition's leader, in the partition's current
+    /// epoch.
     async fn send(&mut self, mut flight: InFlight) {
         flight.sent_at = Instant::now();
+        let epoch = self.partitions.get(&flight.key()).map_or(0, |p| p.epoch);
+        if let Ok(h) = batch::read_header(&flight.batch.batch) {
+            if h.producer_id >= 0 && h.producer_epoch != epoch {
+                if let Ok(b) = batch::with_producer_epoch(&flight.batch.batch, epoch) {
+                    flight.batch.batch = b;
+                }
+            }
+        }
         let b = &flight.batch;
         let node = match self.client.router().leader(&b.topic, b.partition).await {
             Ok((node, _)) => node,
@@ -186,12 +281,6 @@ impl Sender {
             Err(e) => return self.requeue(flight, e),
         };
         let id = self.next_id;
-        tracing::trace!(
-            node,
-            id,
-            partition = flight.batch.partition,
-            "sending batch"
-        );
         self.next_id += 1;
         let req = ProduceRequest {
             request_id: id,
@@ -212,16 +301,14 @@ impl Sender {
                 }
             }
         }
-        let sent = tx.send(req).await;
-        tracing::trace!(node, id, ok = sent.is_ok(), "batch handed to stream");
-        if sent.is_err() {
+        if tx.send(req).await.is_err() {
             self.streams.remove(&node);
             let taken = in_flight
                 .lock()
                 .expect("in-flight lock")
                 .as_mut()
                 .and_then(|m| m.remove(&id));
-            // Otherwise the reader took it and will requeue it.
+            // Otherwise the reader took it and hands it back itself.
             if let Some(f) = taken {
                 self.requeue(f, Error::Transport("produce stream closed".into()));
             }
@@ -229,9 +316,7 @@ impl Sender {
     }
 
     fn requeue(&self, flight: InFlight, error: Error) {
-        if let Err(mpsc::error::SendError((f, e))) = self.retry_tx.send((flight, error)) {
-            f.complete(Err(e));
-        }
+        hand_back(&self.retry_tx, flight, error);
     }
 
     /// The open produce stream to `node`, opening one if there is none or
@@ -251,7 +336,7 @@ impl Sender {
             .node(node)
             .ok_or_else(|| Error::Transport(format!("no address for node {node}")))?;
         tracing::debug!(node, "opening produce stream");
-        let (tx, rx) = mpsc::channel(self.max_in_flight as usize);
+        let (tx, rx) = mpsc::channel(1024);
         let responses = rpc.produce(ReceiverStream::new(rx)).await?.into_inner();
         let in_flight: InFlightMap = Arc::new(Mutex::new(Some(BTreeMap::new())));
         tokio::spawn(read_responses(
@@ -271,8 +356,8 @@ impl Sender {
 }
 
 /// Resolves batches as responses arrive and hands retriable failures back
-/// to the sender; when the stream ends, hands back whatever is still in
-/// flight on it, in the order it was sent.
+/// to the sender; when the stream ends, or stays silent while batches wait,
+/// hands back whatever is still in flight on it, in the order it was sent.
 async fn read_responses(
     mut responses: tonic::Streaming<ProduceResponse>,
     in_flight: InFlightMap,
@@ -286,14 +371,13 @@ async fn read_responses(
         let next = match tokio::time::timeout(RESPONSE_TIMEOUT, responses.message()).await {
             Ok(r) => r,
             Err(_) => {
-                let waiting = in_flight
+                let oldest = in_flight
                     .lock()
                     .expect("in-flight lock")
                     .as_ref()
                     .and_then(|m| m.values().map(|f| f.sent_at).min());
-                tracing::trace!(?waiting, "no produce response for a while");
-                match waiting {
-                    Some(oldest) if oldest.elapsed() >= RESPONSE_TIMEOUT => {
+                match oldest {
+                    Some(t) if t.elapsed() >= RESPONSE_TIMEOUT => {
                         break Error::Transport("leader stopped answering".into());
                     }
                     _ => continue,

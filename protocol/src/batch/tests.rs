@@ -423,3 +423,25 @@ fn errors_read_as_one_line() {
         assert!(!text.is_empty() && !text.contains('\n'), "{text}");
     }
 }
+
+#[test]
+fn a_new_producer_epoch_keeps_the_batch_valid_and_its_records() {
+    let mut b = BatchBuilder::with_producer(9, 0, 40);
+    b.push(&Record {
+        value: bytes::Bytes::from_static(b"x"),
+        timestamp_ms: 5,
+        ..Default::default()
+    });
+    let batch = b.build().unwrap();
+    let bumped = with_producer_epoch(&batch, 3).unwrap();
+    let h = validate(&bumped).unwrap();
+    assert_eq!(
+        (h.producer_id, h.producer_epoch, h.base_sequence),
+        (9, 3, 40)
+    );
+    assert_eq!(
+        decode_records(&bumped).unwrap(),
+        decode_records(&batch).unwrap()
+    );
+    assert!(with_producer_epoch(b"short", 1).is_err());
+}
