@@ -86,6 +86,8 @@ struct Shared {
     acked: watch::Sender<u64>,
     sent: AtomicU64,
     failed: AtomicU64,
+    /// Failed deliveries by error kind.
+    errors: Mutex<std::collections::BTreeMap<String, u64>>,
     unresolved: AtomicU64,
     consumed: Mutex<Logs>,
     faults: Mutex<Vec<Instant>>,
@@ -117,8 +119,20 @@ impl Shared {
                 self.lock_acks().push((ack, timing));
                 self.acked.send_modify(|n| *n += 1);
             }
-            Err(_) => {
+            Err(e) => {
                 self.failed.fetch_add(1, Ordering::Relaxed);
+                // Tallied by kind, so a failing run says why sends failed.
+                let text = e.to_string();
+                let kind: String = match text.find("expected") {
+                    Some(i) => text[i..].chars().take(30).collect(),
+                    None => text.chars().take(60).collect(),
+                };
+                *self
+                    .errors
+                    .lock()
+                    .expect("errors lock")
+                    .entry(kind)
+                    .or_default() += 1;
             }
         }
     }
@@ -152,6 +166,7 @@ impl Load {
             acked,
             sent: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            errors: Mutex::default(),
             unresolved: AtomicU64::new(0),
             consumed: Mutex::default(),
             faults: Mutex::default(),
@@ -194,9 +209,10 @@ impl Load {
             })
             .collect();
         format!(
-            "sent {}, failed {}, {}",
+            "sent {}, failed {} {:?}, {}",
             self.shared.sent.load(Ordering::Relaxed),
             self.shared.failed.load(Ordering::Relaxed),
+            self.shared.errors.lock().expect("errors lock"),
             per.join(", ")
         )
     }

@@ -61,16 +61,34 @@ struct InFlight {
     /// When the current attempt was sent.
     sent_at: Instant,
     buffer: Arc<Semaphore>,
-    freed: mpsc::UnboundedSender<(PartitionKey, u64, bool)>,
+    freed: mpsc::UnboundedSender<Freed>,
     /// Whether the batch was given up on (moves the partition's epoch).
     failed: bool,
+    /// Whether it is out on a stream (and holds a slot of its partition).
+    on_stream: bool,
+    /// Whether it is the one batch a recovering partition sent first.
+    probe: bool,
+}
+
+/// A batch's end, as the sender hears of it.
+struct Freed {
+    key: PartitionKey,
+    seq: u64,
+    failed: bool,
+    on_stream: bool,
+    probe: bool,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.buffer.add_permits(self.batch.reserved);
-        let key = (self.batch.topic.clone(), self.batch.partition);
-        let _ = self.freed.send((key, self.seq, self.failed));
+        let _ = self.freed.send(Freed {
+            key: (self.batch.topic.clone(), self.batch.partition),
+            seq: self.seq,
+            failed: self.failed,
+            on_stream: self.on_stream,
+            probe: self.probe,
+        });
     }
 }
 
@@ -82,6 +100,10 @@ impl InFlight {
 
     fn key(&self) -> PartitionKey {
         (self.batch.topic.clone(), self.batch.partition)
+    }
+
+    fn sequence(&self) -> i32 {
+        batch::read_header(&self.batch.batch).map_or(0, |h| h.base_sequence)
     }
 }
 
@@ -97,10 +119,23 @@ struct Stream {
 }
 
 /// One partition's window.
+///
+/// After a failure the partition *recovers*: its failed batches wait in
+/// sequence order, the lowest is sent alone (the probe), and only when it
+/// is acknowledged do the rest follow, in order, on one stream. Sending
+/// them all at once after a leader change would have most of them refused
+/// as out of sequence, again and again.
 #[derive(Default)]
 struct Partition {
+    /// Batches out on a stream.
     in_flight: usize,
+    /// New batches not sent yet.
     waiting: VecDeque<InFlight>,
+    /// Failed batches to send again, by base sequence.
+    retry: BTreeMap<i32, InFlight>,
+    /// A probe is scheduled or out.
+    probing: bool,
+    probe_attempts: u32,
     /// The producer epoch batches of this partition are sent with.
     epoch: i16,
 }
@@ -119,16 +154,16 @@ pub(crate) struct Sender {
     last_refresh: Option<Instant>,
     retry_tx: mpsc::UnboundedSender<(InFlight, Error)>,
     retry_rx: mpsc::UnboundedReceiver<(InFlight, Error)>,
-    resend_tx: mpsc::UnboundedSender<InFlight>,
-    resend_rx: mpsc::UnboundedReceiver<InFlight>,
-    freed_tx: mpsc::UnboundedSender<(PartitionKey, u64, bool)>,
-    freed_rx: mpsc::UnboundedReceiver<(PartitionKey, u64, bool)>,
+    probe_tx: mpsc::UnboundedSender<PartitionKey>,
+    probe_rx: mpsc::UnboundedReceiver<PartitionKey>,
+    freed_tx: mpsc::UnboundedSender<Freed>,
+    freed_rx: mpsc::UnboundedReceiver<Freed>,
 }
 
 impl Sender {
     pub(crate) fn new(client: Client, max_in_flight: usize, buffer: Arc<Semaphore>) -> Sender {
         let (retry_tx, retry_rx) = mpsc::unbounded_channel();
-        let (resend_tx, resend_rx) = mpsc::unbounded_channel();
+        let (probe_tx, probe_rx) = mpsc::unbounded_channel();
         let (freed_tx, freed_rx) = mpsc::unbounded_channel();
         Sender {
             client,
@@ -143,8 +178,8 @@ impl Sender {
             last_refresh: None,
             retry_tx,
             retry_rx,
-            resend_tx,
-            resend_rx,
+            probe_tx,
+            probe_rx,
             freed_tx,
             freed_rx,
         }
@@ -155,9 +190,9 @@ impl Sender {
         loop {
             tokio::select! {
                 biased;
-                Some((key, seq, failed)) = self.freed_rx.recv() => self.freed(key, seq, failed).await,
-                Some((flight, error)) = self.retry_rx.recv() => self.schedule_retry(flight, error),
-                Some(flight) = self.resend_rx.recv() => self.resend(flight).await,
+                Some(freed) = self.freed_rx.recv() => self.freed(freed).await,
+                Some((flight, error)) = self.retry_rx.recv() => self.failed(flight, error),
+                Some(key) = self.probe_rx.recv() => self.probe(key).await,
                 item = rx.recv(), if queue_open => match item {
                     Some(Queued::Batch(b)) => self.enqueue(b).await,
                     Some(Queued::Barrier(done)) => {
@@ -191,32 +226,130 @@ impl Sender {
             buffer: self.buffer.clone(),
             freed: self.freed_tx.clone(),
             failed: false,
+            on_stream: false,
+            probe: false,
         };
-        let part = self.partitions.entry(flight.key()).or_default();
-        if part.in_flight < self.max_in_flight && part.waiting.is_empty() {
-            part.in_flight += 1;
-            self.send(flight).await;
-        } else {
-            part.waiting.push_back(flight);
+        let key = flight.key();
+        self.partitions
+            .entry(key.clone())
+            .or_default()
+            .waiting
+            .push_back(flight);
+        self.fill(&key).await;
+    }
+
+    /// Sends waiting batches while the partition has free slots and is not
+    /// recovering.
+    async fn fill(&mut self, key: &PartitionKey) {
+        loop {
+            let Some(part) = self.partitions.get_mut(key) else {
+                return;
+            };
+            if part.probing || !part.retry.is_empty() || part.in_flight >= self.max_in_flight {
+                return;
+            }
+            let Some(next) = part.waiting.pop_front() else {
+                return;
+            };
+            self.send(next).await;
         }
     }
 
-    /// A batch was answered (or given up on): its slot goes to the next
-    /// waiting batch of the partition.
-    async fn freed(&mut self, key: PartitionKey, seq: u64, failed: bool) {
-        self.outstanding.remove(&seq);
+    /// A batch was answered (or given up on).
+    async fn freed(&mut self, f: Freed) {
+        self.outstanding.remove(&f.seq);
         self.release_barriers();
-        let part = self.partitions.entry(key).or_default();
-        part.in_flight = part.in_flight.saturating_sub(1);
-        if failed {
+        let part = self.partitions.entry(f.key.clone()).or_default();
+        if f.on_stream {
+            part.in_flight = part.in_flight.saturating_sub(1);
+        }
+        if f.failed {
             // The broker will never see this batch's sequence numbers; the
             // partition's next batches skip them in a new epoch.
             part.epoch = part.epoch.wrapping_add(1);
         }
-        if part.in_flight < self.max_in_flight {
-            if let Some(next) = part.waiting.pop_front() {
-                part.in_flight += 1;
-                self.send(next).await;
+        if f.probe {
+            part.probing = false;
+            if f.failed {
+                self.schedule_probe(&f.key);
+            } else {
+                // The leader answers: send what failed, in order, then the
+                // rest.
+                part.probe_attempts = 0;
+                let retry = std::mem::take(&mut part.retry);
+                for (_, flight) in retry {
+                    self.send(flight).await;
+                }
+            }
+        }
+        self.fill(&f.key).await;
+    }
+
+    /// A batch came back with an error: it fails for good, or waits in its
+    /// partition's retry queue for the probe.
+    fn failed(&mut self, mut flight: InFlight, error: Error) {
+        let key = flight.key();
+        let part = self.partitions.entry(key.clone()).or_default();
+        if flight.on_stream {
+            flight.on_stream = false;
+            part.in_flight = part.in_flight.saturating_sub(1);
+        }
+        let probe = std::mem::take(&mut flight.probe);
+        if !error.is_retriable() || flight.since.elapsed() > RETRY_DEADLINE {
+            flight.complete(Err(error));
+            if probe {
+                part.probing = false;
+                self.schedule_probe(&key);
+            }
+            return;
+        }
+        tracing::debug!(topic = %key.0, partition = key.1, error = %error, "batch will be retried");
+        part.retry.insert(flight.sequence(), flight);
+        if probe {
+            part.probing = false;
+        }
+        self.schedule_probe(&key);
+    }
+
+    /// Sends the partition's lowest failed batch alone after a backoff.
+    fn schedule_probe(&mut self, key: &PartitionKey) {
+        let Some(part) = self.partitions.get_mut(key) else {
+            return;
+        };
+        if part.probing || part.retry.is_empty() {
+            return;
+        }
+        part.probing = true;
+        part.probe_attempts += 1;
+        let backoff =
+            (BACKOFF_MIN * 2u32.saturating_pow(part.probe_attempts.min(8))).min(BACKOFF_MAX);
+        let probe = self.probe_tx.clone();
+        let key = key.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(backoff).await;
+            let _ = probe.send(key);
+        });
+    }
+
+    async fn probe(&mut self, key: PartitionKey) {
+        let stale = self
+            .last_refresh
+            .is_none_or(|t| t.elapsed() >= REFRESH_EVERY);
+        if stale {
+            let _ = self.client.router().refresh().await;
+            self.last_refresh = Some(Instant::now());
+        }
+        let Some(part) = self.partitions.get_mut(&key) else {
+            return;
+        };
+        match part.retry.pop_first() {
+            Some((_, mut flight)) => {
+                flight.probe = true;
+                self.send(flight).await;
+            }
+            None => {
+                part.probing = false;
+                self.fill(&key).await;
             }
         }
     }
@@ -232,38 +365,15 @@ impl Sender {
         }
     }
 
-    /// After a retriable failure, sends the batch again after a backoff;
-    /// gives up past the deadline.
-    fn schedule_retry(&mut self, mut flight: InFlight, error: Error) {
-        if !error.is_retriable() || flight.since.elapsed() > RETRY_DEADLINE {
-            return flight.complete(Err(error));
-        }
-        tracing::debug!(topic = %flight.batch.topic, partition = flight.batch.partition, error = %error, "retrying batch");
-        flight.attempts += 1;
-        let backoff = (BACKOFF_MIN * 2u32.saturating_pow(flight.attempts.min(8))).min(BACKOFF_MAX);
-        let resend = self.resend_tx.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(backoff).await;
-            let _ = resend.send(flight);
-        });
-    }
-
-    async fn resend(&mut self, flight: InFlight) {
-        let stale = self
-            .last_refresh
-            .is_none_or(|t| t.elapsed() >= REFRESH_EVERY);
-        if stale {
-            let _ = self.client.router().refresh().await;
-            self.last_refresh = Some(Instant::now());
-        }
-        self.send(flight).await;
-    }
-
     /// Sends a batch to its partition's leader, in the partition's current
     /// epoch.
     async fn send(&mut self, mut flight: InFlight) {
         flight.sent_at = Instant::now();
-        let epoch = self.partitions.get(&flight.key()).map_or(0, |p| p.epoch);
+        flight.attempts += 1;
+        let part = self.partitions.entry(flight.key()).or_default();
+        part.in_flight += 1;
+        flight.on_stream = true;
+        let epoch = part.epoch;
         if let Ok(h) = batch::read_header(&flight.batch.batch) {
             if h.producer_id >= 0 && h.producer_epoch != epoch {
                 if let Ok(b) = batch::with_producer_epoch(&flight.batch.batch, epoch) {
