@@ -53,6 +53,11 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `n` nodes (ids 1..=n) and waits until every one is ready.
     pub async fn start(n: usize) -> anyhow::Result<Cluster> {
+        Self::start_with(n, &[]).await
+    }
+
+    /// Like [`Cluster::start`], passing `extra` flags to every node.
+    pub async fn start_with(n: usize, extra: &[&str]) -> anyhow::Result<Cluster> {
         if n == 0 {
             bail!("a cluster needs at least one node");
         }
@@ -84,6 +89,7 @@ impl Cluster {
                 peer_addr: peer_addr[&id],
                 peers: peers_arg(id, &ids, &peer_addr, &links),
                 log_level: log_level.clone(),
+                extra_args: extra.iter().map(|s| s.to_string()).collect(),
             })
             .collect();
         let mut cluster = Cluster {

@@ -38,6 +38,8 @@ pub(crate) struct NodeSpec {
     /// node, the proxy on the link from this node to it.
     pub peers: String,
     pub log_level: String,
+    /// More `covet broker` flags, for scenarios that need them.
+    pub extra_args: Vec<String>,
 }
 
 impl NodeSpec {
@@ -81,6 +83,7 @@ impl Running {
             .arg(&spec.peers)
             .arg("--log-level")
             .arg(&spec.log_level)
+            .args(&spec.extra_args)
             // Plain log files, without colour escapes.
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

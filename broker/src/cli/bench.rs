@@ -35,6 +35,10 @@ pub struct ProduceArgs {
     /// Partitions of the topic, if it must be created.
     #[arg(long, default_value_t = 4)]
     partitions: u32,
+    /// Replicas per partition, if the topic must be created (0: the
+    /// cluster's default).
+    #[arg(long, default_value_t = 0)]
+    replication_factor: u32,
     #[arg(long, default_value_t = 1 << 20)]
     max_batch_bytes: usize,
     #[arg(long, default_value_t = 5)]
@@ -72,10 +76,9 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
 
 async fn produce(a: ProduceArgs) -> anyhow::Result<()> {
     let client = a.conn.connect().await?;
-    match client
-        .create_topic(TopicSpec::new(a.topic.clone()).partitions(a.partitions))
-        .await
-    {
+    let mut spec = TopicSpec::new(a.topic.clone()).partitions(a.partitions);
+    spec.replication_factor = a.replication_factor;
+    match client.create_topic(spec).await {
         Ok(_) => {}
         Err(e) if e.reason() == Some(Reason::TopicExists) => {}
         Err(e) => return Err(e.into()),
