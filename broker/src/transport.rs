@@ -3,7 +3,8 @@
 //! Every node keeps one long-lived gRPC stream to each peer (the
 //! `RaftTransport.Send` call it dials) and sends batches of raft-rs
 //! messages on it, each encoded with raft-rs's own protobuf codec and
-//! tagged with its group. Messages for a peer wait in a bounded queue: when
+//! tagged with its group. Messages for a peer wait in a queue bounded in
+//! messages and in bytes of entry data (64 MiB): when
 //! the peer is slow or gone the queue fills and further messages are
 //! dropped, which Raft tolerates (it retries by its own timers), so a dead
 //! peer never makes this node's memory grow. A broken stream is redialed
@@ -15,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -28,7 +30,10 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 /// Messages queued per peer before new ones are dropped.
-const PEER_QUEUE: usize = 8192;
+const PEER_QUEUE: usize = 4096;
+/// Bytes of entry data queued per peer before new messages are dropped:
+/// what a slow or dead peer can cost this node's memory.
+const PEER_QUEUE_BYTES: usize = 64 << 20;
 /// Messages sent in one batch at most.
 const MAX_BATCH_MESSAGES: usize = 512;
 /// Bytes of encoded messages in one batch, roughly at most.
@@ -68,7 +73,23 @@ impl Directory {
 /// The sending side: one queue and one dialing task per peer.
 #[derive(Clone, Default)]
 pub struct Transport {
-    peers: Arc<HashMap<u64, mpsc::Sender<(u64, Message)>>>,
+    peers: Arc<HashMap<u64, PeerQueue>>,
+}
+
+/// One peer's queue, bounded in messages and in bytes.
+struct PeerQueue {
+    tx: mpsc::Sender<(u64, Message)>,
+    bytes: Arc<AtomicUsize>,
+}
+
+/// Entry bytes a message carries (what dominates its size).
+fn weight(m: &Message) -> usize {
+    64 + m
+        .entries
+        .iter()
+        .map(|e| e.data.len() + e.context.len())
+        .sum::<usize>()
+        + m.snapshot.as_ref().map_or(0, |s| s.data.len())
 }
 
 impl crate::group::Outbox for Transport {
@@ -91,14 +112,16 @@ impl Transport {
                 continue;
             }
             let (tx, rx) = mpsc::channel(PEER_QUEUE);
+            let bytes = Arc::new(AtomicUsize::new(0));
             let peer = PeerSender {
                 me,
                 client_address: client_address.clone(),
                 addr,
                 rx,
+                bytes: bytes.clone(),
             };
             runtime.spawn(peer.run());
-            queues.insert(id, tx);
+            queues.insert(id, PeerQueue { tx, bytes });
         }
         Transport {
             peers: Arc::new(queues),
@@ -109,10 +132,19 @@ impl Transport {
     /// dropped (unknown peer or full queue), so the caller can tell Raft
     /// the peer is unreachable.
     pub fn send(&self, group: u64, message: Message) -> bool {
-        match self.peers.get(&message.to) {
-            Some(q) => q.try_send((group, message)).is_ok(),
-            None => false,
+        let Some(q) = self.peers.get(&message.to) else {
+            return false;
+        };
+        let w = weight(&message);
+        if q.bytes.load(Ordering::Relaxed) + w > PEER_QUEUE_BYTES {
+            return false;
         }
+        q.bytes.fetch_add(w, Ordering::Relaxed);
+        if q.tx.try_send((group, message)).is_err() {
+            q.bytes.fetch_sub(w, Ordering::Relaxed);
+            return false;
+        }
+        true
     }
 }
 
@@ -121,6 +153,8 @@ struct PeerSender {
     client_address: String,
     addr: SocketAddr,
     rx: mpsc::Receiver<(u64, Message)>,
+    /// Bytes queued for this peer, shared with the senders.
+    bytes: Arc<AtomicUsize>,
 }
 
 impl PeerSender {
@@ -138,7 +172,9 @@ impl PeerSender {
             }
             // While down, drop what is queued: it is stale by the time the
             // peer is back, and Raft resends what matters.
-            while self.rx.try_recv().is_ok() {}
+            while let Ok((_, m)) = self.rx.try_recv() {
+                self.bytes.fetch_sub(weight(&m), Ordering::Relaxed);
+            }
             tokio::time::sleep(backoff).await;
         }
     }
@@ -185,6 +221,7 @@ impl PeerSender {
         let mut bytes = 0;
         let mut next = Some(first);
         while let Some((group, m)) = next.take() {
+            self.bytes.fetch_sub(weight(&m), Ordering::Relaxed);
             match m.write_to_bytes() {
                 Ok(encoded) => {
                     bytes += encoded.len();
