@@ -148,17 +148,22 @@ pub async fn run(
     outcome
 }
 
-async fn serve_clients(
-    listener: TcpListener,
-    service: CovetService,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), tonic::transport::Error> {
+/// gRPC server settings shared by the client and peer endpoints.
+fn server_builder() -> tonic::transport::Server {
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         // Batches are up to MAX_MAX_BATCH_BYTES; HTTP/2's small default
         // windows would stall a stream on every large batch.
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+}
+
+async fn serve_clients(
+    listener: TcpListener,
+    service: CovetService,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    server_builder()
         .add_service(
             CovetServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -177,10 +182,7 @@ async fn serve_peers(
     service: TransportService,
     _shutdown: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+    server_builder()
         .add_service(
             RaftTransportServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -86,12 +86,11 @@ impl Durable {
     }
 
     fn decode(b: &[u8]) -> Option<Durable> {
-        let f = |i: usize| -> Option<[u8; 8]> { b.get(i..i + 8)?.try_into().ok() };
         Some(Durable {
-            applied: u64::from_le_bytes(f(0)?),
-            next_offset: u64::from_le_bytes(f(8)?),
-            start_offset: u64::from_le_bytes(f(16)?),
-            max_timestamp: i64::from_le_bytes(f(24)?),
+            applied: u64::from_le_bytes(field(b, 0)?),
+            next_offset: u64::from_le_bytes(field(b, 8)?),
+            start_offset: u64::from_le_bytes(field(b, 16)?),
+            max_timestamp: i64::from_le_bytes(field(b, 24)?),
         })
     }
 }
@@ -109,16 +108,21 @@ fn time_key(ts: i64) -> [u8; 9] {
     k
 }
 
+/// Reads `N` bytes at `at` of a sled value, if it is long enough.
+fn field<const N: usize>(v: &[u8], at: usize) -> Option<[u8; N]> {
+    v.get(at..at + N)?.try_into().ok()
+}
+
 fn decode_time_key(key: &[u8]) -> Option<i64> {
-    let raw = u64::from_be_bytes(key.get(1..9)?.try_into().ok()?);
+    let raw = u64::from_be_bytes(field(key, 1)?);
     Some((raw ^ (1 << 63)) as i64)
 }
 
 fn decode_location(key: &[u8], value: &[u8]) -> Option<BatchLocation> {
     Some(BatchLocation {
-        base_offset: u64::from_be_bytes(key.get(1..9)?.try_into().ok()?),
-        raft_index: u64::from_le_bytes(value.get(0..8)?.try_into().ok()?),
-        record_count: u32::from_le_bytes(value.get(8..12)?.try_into().ok()?),
+        base_offset: u64::from_be_bytes(field(key, 1)?),
+        raft_index: u64::from_le_bytes(field(value, 0)?),
+        record_count: u32::from_le_bytes(field(value, 8)?),
     })
 }
 
@@ -171,10 +175,7 @@ impl OffsetIndex {
     pub fn offset_for_time(&self, ts: i64) -> Result<Option<u64>> {
         let found = self.tree.range(time_key(ts)..=time_key(i64::MAX)).next();
         Ok(match found.transpose()? {
-            Some((_, v)) => v
-                .get(0..8)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_le_bytes),
+            Some((_, v)) => field(&v, 0).map(u64::from_le_bytes),
             None => None,
         })
     }
@@ -346,14 +347,8 @@ impl PartitionState {
         let mut later = Vec::new();
         for item in self.tree.range(offset_key(next)..=offset_key(u64::MAX)) {
             let (_, v) = item?;
-            let producer = v
-                .get(20..28)
-                .and_then(|b| b.try_into().ok())
-                .map(i64::from_le_bytes);
-            let sequence = v
-                .get(28..32)
-                .and_then(|b| b.try_into().ok())
-                .map(i32::from_le_bytes);
+            let producer = field(&v, 20).map(i64::from_le_bytes);
+            let sequence = field(&v, 28).map(i32::from_le_bytes);
             if let (Some(pid), Some(seq)) = (producer, sequence) {
                 if pid >= 0 {
                     later.push((pid, seq));
@@ -363,10 +358,7 @@ impl PartitionState {
         let mut max_timestamp = i64::MIN;
         for item in self.tree.range(time_key(i64::MIN)..=time_key(i64::MAX)) {
             let (k, v) = item?;
-            let base = v
-                .get(0..8)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_le_bytes);
+            let base = field(&v, 0).map(u64::from_le_bytes);
             match (base, decode_time_key(&k)) {
                 (Some(b), Some(ts)) if b < next => max_timestamp = ts,
                 _ => break,
@@ -398,10 +390,7 @@ impl PartitionState {
         let mut last_removed = None;
         for item in self.tree.range(time_key(i64::MIN)..=time_key(i64::MAX)) {
             let (k, v) = item?;
-            let base = v
-                .get(0..8)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_le_bytes);
+            let base = field(&v, 0).map(u64::from_le_bytes);
             if base.is_some_and(|b| b < start_offset) {
                 batch.remove(k.clone());
                 last_removed = Some(k);
