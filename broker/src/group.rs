@@ -466,8 +466,8 @@ impl Group {
                     None
                 }
             };
-            if matches!(outcome, Some(Err(BrokerError::NotLeader { .. }))) {
-                // A batch stamped with an offset the log did not reach:
+            if matches!(outcome, Some(Err(_))) && matches!(self.machine, Machine::Partition(_)) {
+                // A refused batch took a stamped offset it will not use:
                 // whatever this node assumed about the tail is stale.
                 self.proposed_next = None;
             }

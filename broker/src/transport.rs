@@ -136,7 +136,10 @@ impl Transport {
             return false;
         };
         let w = weight(&message);
-        if q.bytes.load(Ordering::Relaxed) + w > PEER_QUEUE_BYTES {
+        let queued = q.bytes.load(Ordering::Relaxed);
+        // One message alone may exceed the bound (a batch near the largest
+        // allowed size); it just cannot queue behind others.
+        if queued > 0 && queued + w > PEER_QUEUE_BYTES {
             return false;
         }
         q.bytes.fetch_add(w, Ordering::Relaxed);
@@ -162,12 +165,19 @@ impl PeerSender {
     async fn run(mut self) {
         let mut backoff = BACKOFF_MIN;
         loop {
+            let started = tokio::time::Instant::now();
             match self.stream_once().await {
                 Ok(true) => return,
                 Ok(false) => backoff = BACKOFF_MIN,
                 Err(e) => {
                     tracing::debug!(peer = %self.addr, error = %e, "raft transport down");
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    // A link that was up for a while starts over; one that
+                    // keeps failing at once backs off further.
+                    backoff = if started.elapsed() > BACKOFF_MAX {
+                        BACKOFF_MIN
+                    } else {
+                        (backoff * 2).min(BACKOFF_MAX)
+                    };
                 }
             }
             // While down, drop what is queued: it is stale by the time the

@@ -328,10 +328,7 @@ async fn pump(
             return;
         }
         let (topic, partition, next) = (stream.topic.clone(), stream.partition, stream.next);
-        match client
-            .open_partition(&topic, partition, StartPosition::Offset(next), window)
-            .await
-        {
+        match reopen(&client, &topic, partition, next, window).await {
             Ok(s) => {
                 stream = s;
                 owed = 0;
@@ -340,6 +337,33 @@ async fn pump(
                 let _ = tx.send((i, Err(e)));
                 return;
             }
+        }
+    }
+}
+
+/// Opens a partition again at `next` after its stream broke. A new leader
+/// that has not applied as far as the old one answers OFFSET_OUT_OF_RANGE
+/// for a moment: that is waited out, not reported.
+async fn reopen(
+    client: &Client,
+    topic: &str,
+    partition: u32,
+    next: u64,
+    window: u64,
+) -> Result<PartitionStream> {
+    let deadline = tokio::time::Instant::now() + crate::routing::RETRY_DEADLINE;
+    loop {
+        match client
+            .open_partition(topic, partition, StartPosition::Offset(next), window)
+            .await
+        {
+            Err(e)
+                if e.reason() == Some(crate::Reason::OffsetOutOfRange)
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            other => return other,
         }
     }
 }

@@ -3,7 +3,7 @@
 //! It owns connecting to a cluster from a list of seed brokers, topic
 //! administration, a batching producer ([`Producer`]) and credit-paced
 //! consumption ([`Subscription`], [`PartitionStream`]). The `covet` command
-//! line and the Python package are built on it; it holds the only client-side
+//! line is built on it (and the Python package will be); it holds the only client-side
 //! copy of the protocol logic.
 //!
 //! Known limits: metadata is refreshed on failures, not pushed; a

@@ -1,7 +1,7 @@
 //! Choosing a partition for a record.
 //!
 //! Keyed records go to `fnv1a64(key) mod partitions`, so every client (the
-//! Python one is built on this crate) sends a key to the same partition.
+//! Python one will be built on this crate) sends a key to the same partition.
 //! Unkeyed records stick to one partition until its batch is sent, then move
 //! to the next: batches fill up instead of being spread thin.
 

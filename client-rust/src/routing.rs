@@ -68,7 +68,7 @@ fn rpc(channel: Channel) -> Rpc {
 }
 
 impl Router {
-    /// Connects to the first seed that answers.
+    /// Connects to the cluster: asks every seed for metadata at once.
     pub(crate) async fn connect(seeds: &str) -> Result<Router> {
         let list: Vec<String> = seeds
             .split(',')

@@ -38,8 +38,8 @@ fn merge(views: &[ClusterStatusResponse]) -> Vec<GroupStatus> {
         let better = match groups.get(&g.group) {
             None => true,
             Some(cur) => {
-                (g.role == "leader", g.term, g.commit)
-                    > (cur.role == "leader", cur.term, cur.commit)
+                (g.term, g.role == "leader", g.commit)
+                    > (cur.term, cur.role == "leader", cur.commit)
             }
         };
         if better {

@@ -7,12 +7,15 @@
 //! where the batch lives:
 //!
 //! - `o` + base offset (u64 BE) → raft index (u64 LE) ‖ record count (u32 LE)
-//!   ‖ max timestamp (i64 LE): one key per accepted batch, so readers find
+//!   ‖ max timestamp (i64 LE) ‖ producer id (i64 LE) ‖ base sequence (i32
+//!   LE) ‖ producer epoch (i16 LE): one key per accepted batch, so readers find
 //!   the entry holding any offset with one range lookup, and entries the
 //!   state machine rejected are never served;
 //! - `t` + running max timestamp (order-preserving u64 BE) → base offset:
 //!   written when a batch raises the partition's max timestamp, so a
 //!   timestamp seek is one range lookup;
+//! - `q` + producer id → the idempotent-producer dedup entry
+//!   ([`crate::state::producers`]);
 //! - `s` → applied index, next offset, start offset, max
 //!   timestamp.
 
@@ -255,12 +258,13 @@ impl PartitionState {
             // not survive (a leader change dropped earlier proposals).
             return Err(BrokerError::NotLeader { leader_hint: 0 });
         }
-        let mut value = [0u8; 32];
+        let mut value = [0u8; 34];
         value[0..8].copy_from_slice(&index.to_le_bytes());
         value[8..12].copy_from_slice(&header.record_count.to_le_bytes());
         value[12..20].copy_from_slice(&header.max_timestamp.to_le_bytes());
         value[20..28].copy_from_slice(&header.producer_id.to_le_bytes());
         value[28..32].copy_from_slice(&header.base_sequence.to_le_bytes());
+        value[32..34].copy_from_slice(&header.producer_epoch.to_le_bytes());
         self.pending
             .insert(&offset_key(header.base_offset)[..], &value[..]);
         if header.max_timestamp > self.durable.max_timestamp {
@@ -349,9 +353,10 @@ impl PartitionState {
             let (_, v) = item?;
             let producer = field(&v, 20).map(i64::from_le_bytes);
             let sequence = field(&v, 28).map(i32::from_le_bytes);
-            if let (Some(pid), Some(seq)) = (producer, sequence) {
+            let epoch = field(&v, 32).map(i16::from_le_bytes);
+            if let (Some(pid), Some(seq), Some(epoch)) = (producer, sequence, epoch) {
                 if pid >= 0 {
-                    later.push((pid, seq));
+                    later.push((pid, seq, epoch));
                 }
             }
         }

@@ -24,7 +24,9 @@ use prost::Message as _;
 use crate::error::{BrokerError, Result};
 
 /// Batches remembered per producer for answering retries.
-const RECENT: usize = 8;
+/// (at least a producer's in-flight window per partition, so any batch a
+/// producer may still retry is remembered).
+const RECENT: usize = 128;
 
 /// What the table says about an incoming batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,18 +120,21 @@ impl ProducerTable {
     }
 
     /// The table as it was before the batches in `later` were applied
-    /// (producer id and base sequence of each batch after a snapshot point,
-    /// in log order): each such producer's next sequence is rolled back to
+    /// (producer id, base sequence and epoch of each batch after a snapshot
+    /// point, in log order): each such producer's next sequence is rolled back to
     /// its first later batch, and its remembered batches (which may be
     /// later ones) are dropped. Replaying the later batches on the result
     /// accepts each of them again, in order.
-    pub fn as_before(&self, later: &[(i64, i32)]) -> Vec<ProducerState> {
+    pub fn as_before(&self, later: &[(i64, i32, i16)]) -> Vec<ProducerState> {
         let mut out: HashMap<i64, ProducerState> = self.producers.clone();
         let mut rolled = std::collections::HashSet::new();
-        for &(pid, seq) in later {
+        for &(pid, seq, epoch) in later {
             if rolled.insert(pid) {
                 if let Some(p) = out.get_mut(&pid) {
+                    // What that first later batch found: it was accepted as
+                    // the next in sequence, in its epoch or a newer one.
                     p.next_sequence = seq;
+                    p.epoch = i32::from(epoch).min(p.epoch);
                     p.recent.clear();
                 }
             }
