@@ -119,6 +119,7 @@ impl Transport {
                 addr,
                 rx,
                 bytes: bytes.clone(),
+                carry: None,
             };
             runtime.spawn(peer.run());
             queues.insert(id, PeerQueue { tx, bytes });
@@ -158,6 +159,8 @@ struct PeerSender {
     rx: mpsc::Receiver<(u64, Message)>,
     /// Bytes queued for this peer, shared with the senders.
     bytes: Arc<AtomicUsize>,
+    /// A message taken from the queue that starts the next batch.
+    carry: Option<(u64, Message)>,
 }
 
 impl PeerSender {
@@ -211,7 +214,11 @@ impl PeerSender {
         });
         tracing::debug!(peer = %self.addr, "raft transport up");
         loop {
-            let Some(first) = self.rx.recv().await else {
+            let first = match self.carry.take() {
+                Some(m) => Some(m),
+                None => self.rx.recv().await,
+            };
+            let Some(first) = first else {
                 return Ok(true);
             };
             let batch = self.batch(first);
@@ -242,8 +249,19 @@ impl PeerSender {
                 }
                 Err(e) => tracing::error!(error = %e, "cannot encode raft message"),
             }
-            if messages.len() < MAX_BATCH_MESSAGES && bytes < MAX_BATCH_BYTES {
-                next = self.rx.try_recv().ok();
+            if messages.len() >= MAX_BATCH_MESSAGES {
+                break;
+            }
+            match self.rx.try_recv() {
+                // A message that would take the batch past its size waits
+                // for the next one, so a batch never exceeds the gRPC
+                // message limit by more than one message.
+                Ok(m) if bytes + weight(&m.1) > MAX_BATCH_BYTES => {
+                    self.carry = Some(m);
+                    break;
+                }
+                Ok(m) => next = Some(m),
+                Err(_) => break,
             }
         }
         RaftBatch {
