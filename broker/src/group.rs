@@ -7,7 +7,10 @@ use std::path::Path;
 use bytes::{Bytes, BytesMut};
 use covet_protocol::batch;
 use covet_raft_store::{GroupStorage, LogOptions};
-use raft::prelude::{ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType};
+use raft::prelude::{
+    ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot,
+    SnapshotMetadata,
+};
 use raft::{RawNode, Ready, StateRole, Storage};
 use tokio::sync::{oneshot, watch};
 
@@ -68,6 +71,10 @@ pub struct Group {
     role: StateRole,
 }
 
+/// Index and term of the snapshot every group's log starts after.
+pub const INIT_INDEX: u64 = 5;
+pub const INIT_TERM: u64 = 5;
+
 /// How a group that does not exist yet on disk starts.
 pub struct Bootstrap {
     /// Its initial voters (every replica starts with the same set).
@@ -109,13 +116,8 @@ impl Group {
             .map_err(|e| BrokerError::Storage(e.to_string()))?
             == 0;
         let created = state.conf_state.voters.is_empty() && fresh;
-        if created {
-            let cs = ConfState {
-                voters: bootstrap.voters.clone(),
-                ..Default::default()
-            };
-            storage.set_conf_state(&cs)?;
-            storage.sync()?;
+        if created && !bootstrap.voters.is_empty() {
+            Self::bootstrap(&storage, &bootstrap.voters)?;
         }
         Self::recover_machine(id, dir, &storage, &mut machine, fresh)?;
         let applied = Self::reconcile_commit(&storage, machine.applied())?;
@@ -160,6 +162,35 @@ impl Group {
         };
         group.observe_role();
         Ok(group)
+    }
+
+    /// Starts a new group's log after a snapshot at [`INIT_INDEX`] whose
+    /// metadata names the first voters (ADR 0005): a member added later
+    /// starts with an empty log, so its leader must send it a snapshot, and
+    /// it learns the configuration from that instead of from entries it
+    /// never sees. Durable when it returns.
+    fn bootstrap(storage: &GroupStorage, voters: &[u64]) -> Result<()> {
+        let mut meta = SnapshotMetadata {
+            index: INIT_INDEX,
+            term: INIT_TERM,
+            ..Default::default()
+        };
+        meta.set_conf_state(ConfState {
+            voters: voters.to_vec(),
+            ..Default::default()
+        });
+        let mut snapshot = Snapshot::default();
+        snapshot.set_metadata(meta);
+        storage.apply_snapshot(snapshot)?;
+        let hs = HardState {
+            term: INIT_TERM,
+            vote: 0,
+            commit: INIT_INDEX,
+            ..Default::default()
+        };
+        storage.set_hard_state(&hs)?;
+        storage.sync()?;
+        Ok(())
     }
 
     /// Brings the state machine in line with the log it will replay: from
