@@ -62,6 +62,8 @@ pub enum Request {
     },
     /// An encoded metadata command for group 0.
     Meta { data: Vec<u8>, tx: Responder },
+    /// Adds (`add`) or removes a voter of the metadata group.
+    ChangeMembership { add: bool, node: u64, tx: Responder },
     /// This node's view of every group.
     Status {
         tx: oneshot::Sender<Vec<GroupStatus>>,
@@ -142,8 +144,22 @@ impl NodeHandle {
     fn effect(applied: Applied) -> Result<MetaEffect> {
         match applied {
             Applied::Meta(effect) => Ok(effect),
-            Applied::Batch { .. } => Err(BrokerError::Internal(
-                "metadata answered with a batch".into(),
+            _ => Err(BrokerError::Internal(
+                "metadata answered with something else".into(),
+            )),
+        }
+    }
+
+    /// Adds a voter to (or removes one from) the metadata group; returns
+    /// its voters once applied.
+    pub async fn change_membership(&self, add: bool, node: u64) -> Result<Vec<u64>> {
+        match self
+            .call(|tx| Request::ChangeMembership { add, node, tx })
+            .await?
+        {
+            Applied::Membership(voters) => Ok(voters),
+            _ => Err(BrokerError::Internal(
+                "unexpected membership outcome".into(),
             )),
         }
     }
@@ -404,6 +420,18 @@ impl Driver {
                 self.propose_create_topic(name, config, tx)
             }
             Request::Meta { data, tx } => self.propose_meta(data, tx),
+            Request::ChangeMembership { add, node, tx } => {
+                let change = membership_change(add, node);
+                match self.groups.get_mut(&META_GROUP) {
+                    Some(g) => {
+                        g.propose_membership(change, tx);
+                    }
+                    None => {
+                        let _ =
+                            tx.send(Err(BrokerError::Internal("metadata group missing".into())));
+                    }
+                }
+            }
             Request::Status { tx } => {
                 let _ = tx.send(self.status());
             }
@@ -424,6 +452,44 @@ impl Driver {
     fn tick_all(&mut self) {
         for g in self.groups.values_mut() {
             g.node.tick();
+        }
+        self.reconcile_replicas();
+    }
+
+    /// Moves each partition this node leads towards its assigned replicas
+    /// among the metadata group's voters: a node removed from the cluster
+    /// leaves every partition, a node (re-)added joins the partitions
+    /// assigned to it. One change per group at a time.
+    fn reconcile_replicas(&mut self) {
+        let Some(meta) = self.groups.get(&META_GROUP) else {
+            return;
+        };
+        let members = meta.voters();
+        for topic in self.catalog.topics() {
+            for p in &topic.partitions {
+                let Some(g) = self.groups.get_mut(&p.group) else {
+                    continue;
+                };
+                if !g.is_leader() || g.membership_pending() {
+                    continue;
+                }
+                let desired: Vec<u64> = p
+                    .replicas
+                    .iter()
+                    .copied()
+                    .filter(|n| members.contains(n))
+                    .collect();
+                let voters = g.voters();
+                let change = match desired.iter().find(|n| !voters.contains(n)) {
+                    Some(&add) => membership_change(true, add),
+                    None => match voters.iter().find(|n| !desired.contains(n)) {
+                        Some(&remove) if !desired.is_empty() => membership_change(false, remove),
+                        _ => continue,
+                    },
+                };
+                let (tx, _) = oneshot::channel();
+                g.propose_membership(change, tx);
+            }
         }
     }
 
@@ -511,4 +577,17 @@ fn sync_all(storages: &[&GroupStorage]) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// A single-node membership change.
+fn membership_change(add: bool, node: u64) -> raft::prelude::ConfChangeV2 {
+    use raft::prelude::ConfChangeType;
+    let ty = if add {
+        ConfChangeType::AddNode
+    } else {
+        ConfChangeType::RemoveNode
+    };
+    let mut cc = raft::prelude::ConfChangeV2::default();
+    cc.set_changes(vec![raft_proto::new_conf_change_single(node, ty)].into());
+    cc
 }

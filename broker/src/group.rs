@@ -43,7 +43,12 @@ pub trait Outbox {
 /// What a proposal's waiter receives once its entry is applied.
 #[derive(Debug, Clone)]
 pub enum Applied {
-    Batch { base_offset: u64, record_count: u32 },
+    Batch {
+        base_offset: u64,
+        record_count: u32,
+    },
+    /// A membership change took effect; the group's voters now.
+    Membership(Vec<u64>),
     Meta(MetaEffect),
 }
 
@@ -324,6 +329,39 @@ impl Group {
         true
     }
 
+    /// Proposes a change of voters; `tx` is answered once it is applied.
+    /// One change at a time, as raft-rs requires.
+    pub fn propose_membership(&mut self, change: ConfChangeV2, tx: Responder) -> bool {
+        if !self.is_leader() {
+            let _ = tx.send(Err(self.not_leader()));
+            return false;
+        }
+        if self.membership_pending() {
+            let _ = tx.send(Err(BrokerError::Timeout(
+                "waiting for another membership change to finish".into(),
+            )));
+            return false;
+        }
+        if self.node.propose_conf_change(Vec::new(), change).is_err() {
+            let _ = tx.send(Err(self.not_leader()));
+            return false;
+        }
+        let index = self.node.raft.raft_log.last_index();
+        let waiter = Waiter {
+            term: self.node.raft.term,
+            tx,
+        };
+        if let Some(stale) = self.waiters.insert(index, waiter) {
+            let _ = stale.tx.send(Err(self.not_leader()));
+        }
+        true
+    }
+
+    /// Whether a membership change is proposed and not applied yet.
+    pub fn membership_pending(&self) -> bool {
+        self.node.raft.pending_conf_index > self.node.raft.raft_log.applied
+    }
+
     /// Stamps the next offset into a validated batch and proposes it.
     #[tracing::instrument(level = "debug", skip_all, fields(group = self.id, bytes = batch_bytes.len()))]
     pub fn propose_batch(&mut self, batch_bytes: Bytes, tx: Responder) {
@@ -494,7 +532,7 @@ impl Group {
                 EntryType::EntryNormal => Some(self.apply_normal(index, &e.data, effects)?),
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
                     self.apply_conf_change(&e)?;
-                    None
+                    Some(Ok(Applied::Membership(self.voters())))
                 }
             };
             if matches!(outcome, Some(Err(_))) && matches!(self.machine, Machine::Partition(_)) {

@@ -176,7 +176,7 @@ fn produce_response(id: u64, partition: u32, outcome: Result<Applied>) -> Produc
             record_count,
             error: None,
         },
-        Ok(Applied::Meta(_)) => produce_response(
+        Ok(_) => produce_response(
             id,
             partition,
             Err(BrokerError::Internal("wrong outcome".into())),
@@ -389,6 +389,31 @@ impl Covet for CovetService {
             }
             _ => Err(BrokerError::Internal("unexpected metadata outcome".into()).into()),
         }
+    }
+
+    async fn change_membership(
+        &self,
+        request: Request<ChangeMembershipRequest>,
+    ) -> std::result::Result<Response<ChangeMembershipResponse>, Status> {
+        let req = request.into_inner();
+        let (add, node) = match (req.add_node, req.remove_node) {
+            (n, 0) if n != 0 => (true, n),
+            (0, n) if n != 0 => (false, n),
+            _ => {
+                return Err(BrokerError::InvalidRequest(
+                    "give exactly one of add_node and remove_node".into(),
+                )
+                .into())
+            }
+        };
+        if add && !self.cluster_nodes.contains(&node) {
+            return Err(BrokerError::InvalidRequest(format!(
+                "node {node} is not in this node's --peers; its address is unknown"
+            ))
+            .into());
+        }
+        let voters = self.node.change_membership(add, node).await?;
+        Ok(Response::new(ChangeMembershipResponse { voters }))
     }
 
     async fn cluster_status(

@@ -209,7 +209,7 @@ fn batch_of(n: usize) -> Bytes {
 fn outcome(rx: &mut oneshot::Receiver<Result<Applied>>) -> Option<Result<u64>> {
     match rx.try_recv() {
         Ok(Ok(Applied::Batch { base_offset, .. })) => Some(Ok(base_offset)),
-        Ok(Ok(Applied::Meta(_))) => Some(Err(BrokerError::Internal("meta".into()))),
+        Ok(Ok(_)) => Some(Err(BrokerError::Internal("not a batch".into()))),
         Ok(Err(e)) => Some(Err(e)),
         Err(_) => None,
     }

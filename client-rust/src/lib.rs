@@ -179,6 +179,26 @@ impl Client {
         Ok(info)
     }
 
+    /// Adds `node` to the cluster's voters (it must be in the nodes'
+    /// `--peers`), or removes it; returns the metadata group's voters.
+    /// Partitions follow: each one's leader adds or removes the node from
+    /// its replicas as the topic's assignment says.
+    pub async fn change_membership(&self, add: bool, node: u64) -> Result<Vec<u64>> {
+        let req = ChangeMembershipRequest {
+            add_node: if add { node } else { 0 },
+            remove_node: if add { 0 } else { node },
+        };
+        let voters = self
+            .router
+            .retry(|| async move {
+                let mut c = self.router.controller().await?;
+                Ok(c.change_membership(req).await?.into_inner().voters)
+            })
+            .await?;
+        let _ = self.router.refresh().await;
+        Ok(voters)
+    }
+
     /// Every node's view of every Raft group.
     pub async fn cluster_status(&self) -> Result<Vec<ClusterStatusResponse>> {
         let meta = self.router.refresh().await?;

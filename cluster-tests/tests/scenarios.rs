@@ -277,7 +277,6 @@ async fn rolling_restart_of_every_node() {
 /// restarting it under the same id would let it vote again in terms it
 /// already voted in (its hard state is gone), which Raft does not allow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs cluster add-node/remove-node"]
 async fn wiped_node_is_re_added_and_caught_up() {
     let _serial = SERIAL.lock().await;
     let mut s = Scenario::start("wiped_node").await;
@@ -297,13 +296,48 @@ async fn wiped_node_is_re_added_and_caught_up() {
             s.load.mark_fault();
             s.cluster.kill9(victim).await?;
             s.cluster.wipe(victim)?;
-            // Missing: `covet cluster remove-node` for `victim`, starting it
-            // as a joining (non-bootstrapping) member, `covet cluster
-            // add-node`, then waiting until it has caught up by log or
-            // snapshot before `finish` compares replicas.
-            anyhow::bail!("node {victim} wiped; re-adding needs cluster add-node/remove-node")
+            // A node that lost its disk lost its votes too: it leaves the
+            // configuration and comes back as a new member.
+            let client = covet_client::Client::connect(&s.cluster.client_addrs()).await?;
+            client.change_membership(false, victim).await?;
+            covet_cluster_tests::wait_until(RECOVERY_TIMEOUT, || async {
+                let views = client.cluster_status().await.ok()?;
+                every_group(&views, |g| g.replicas.iter().all(|r| r.node != victim))
+            })
+            .await
+            .map_err(|e| e.context(format!("node {victim} still a replica somewhere")))?;
+            client.change_membership(true, victim).await?;
+            s.cluster.restart(victim).await?;
+            covet_cluster_tests::wait_until(RECOVERY_TIMEOUT, || async {
+                let views = client.cluster_status().await.ok()?;
+                every_group(&views, |g| {
+                    g.replicas.iter().any(|r| r.node == victim && r.matched > 0)
+                })
+            })
+            .await
+            .map_err(|e| e.context(format!("node {victim} did not catch up")))?;
+            Ok(())
         })
     })
     .await;
     s.finish().await;
+}
+
+/// `Some(())` when every group's leader view satisfies `ok`.
+fn every_group(
+    views: &[covet_client::ClusterStatusResponse],
+    ok: impl Fn(&covet_client::GroupStatus) -> bool,
+) -> Option<()> {
+    let leader_views: Vec<&covet_client::GroupStatus> = views
+        .iter()
+        .flat_map(|v| v.groups.iter())
+        .filter(|g| g.role == "leader")
+        .collect();
+    let groups: std::collections::BTreeSet<u64> = views
+        .iter()
+        .flat_map(|v| v.groups.iter())
+        .map(|g| g.group)
+        .collect();
+    let led: std::collections::BTreeSet<u64> = leader_views.iter().map(|g| g.group).collect();
+    (led == groups && leader_views.iter().all(|g| ok(g))).then_some(())
 }

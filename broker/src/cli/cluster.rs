@@ -14,6 +14,19 @@ pub enum ClusterCommand {
     /// Every node, and every Raft group's leader, term, commit index and
     /// each follower's lag.
     Status(StatusArgs),
+    /// Add a node (one of `--peers`) back to the cluster's voters; the
+    /// partitions assigned to it follow.
+    AddNode(MemberArgs),
+    /// Remove a node from the cluster's voters and from every partition.
+    RemoveNode(MemberArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MemberArgs {
+    /// The node's id.
+    node_id: u64,
+    #[command(flatten)]
+    conn: Conn,
 }
 
 #[derive(Args, Debug)]
@@ -27,6 +40,8 @@ pub struct StatusArgs {
 pub async fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
     match cmd {
         ClusterCommand::Status(a) => status(a).await,
+        ClusterCommand::AddNode(a) => member(a, true).await,
+        ClusterCommand::RemoveNode(a) => member(a, false).await,
     }
 }
 
@@ -138,4 +153,12 @@ fn group_row(g: &GroupStatus) -> Vec<String> {
         g.commit.to_string(),
         lag.join(" "),
     ]
+}
+
+async fn member(a: MemberArgs, add: bool) -> anyhow::Result<()> {
+    let client = a.conn.connect().await?;
+    let voters = client.change_membership(add, a.node_id).await?;
+    let voters: Vec<String> = voters.iter().map(u64::to_string).collect();
+    println!("voters: {}", voters.join(","));
+    Ok(())
 }
