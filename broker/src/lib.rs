@@ -14,8 +14,8 @@
 //! - sled holds applied state only; the Raft log is replayed from the
 //!   applied index sled recorded.
 //!
-//! Known limits: membership is static (`--peers` at bootstrap; no add or
-//! remove of nodes yet); the offset index keeps one sled key per batch.
+//! Known limits: only nodes named in `--peers` can be members (they can be
+//! removed and added back); the offset index keeps one sled key per batch.
 
 pub mod catalog;
 pub mod driver;
