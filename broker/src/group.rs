@@ -316,17 +316,22 @@ impl Group {
             let _ = tx.send(Err(self.not_leader()));
             return false;
         }
+        self.await_last_entry(tx);
+        true
+    }
+
+    /// Registers `tx` for the entry just appended at the log's tail. A
+    /// waiter already at that index belongs to an entry this log no longer
+    /// holds (it was cut back and refilled).
+    fn await_last_entry(&mut self, tx: Responder) {
         let index = self.node.raft.raft_log.last_index();
         let waiter = Waiter {
             term: self.node.raft.term,
             tx,
         };
-        // A waiter already at this index belongs to an entry this log no
-        // longer holds (it was cut back and refilled).
         if let Some(stale) = self.waiters.insert(index, waiter) {
             let _ = stale.tx.send(Err(self.not_leader()));
         }
-        true
     }
 
     /// Proposes a change of voters; `tx` is answered once it is applied.
@@ -346,14 +351,7 @@ impl Group {
             let _ = tx.send(Err(self.not_leader()));
             return false;
         }
-        let index = self.node.raft.raft_log.last_index();
-        let waiter = Waiter {
-            term: self.node.raft.term,
-            tx,
-        };
-        if let Some(stale) = self.waiters.insert(index, waiter) {
-            let _ = stale.tx.send(Err(self.not_leader()));
-        }
+        self.await_last_entry(tx);
         true
     }
 
