@@ -25,6 +25,7 @@ use covet_raft_store::{GroupStorage, LogOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::catalog::Catalog;
+use crate::durable_dir::{create_dir_durable, sync_dir};
 use crate::error::{BrokerError, Result};
 use crate::group::{Applied, Bootstrap, Group, GroupConfig, Machine, Responder};
 use crate::logging::raft_logger;
@@ -244,11 +245,8 @@ impl Driver {
         channels: Channels,
         ready: watch::Sender<bool>,
     ) -> Result<Driver> {
-        let db = sled::Config::new()
-            .path(config.data_dir.join("state"))
-            .cache_capacity(8 << 20)
-            .flush_every_ms(Some(200))
-            .open()?;
+        let db = open_sled(&config.data_dir.join("state"))?;
+        create_dir_durable(&config.data_dir.join("groups"))?;
         let mut driver = Driver {
             config,
             db,
@@ -423,6 +421,20 @@ impl Driver {
             Request::ChangeMembership { add, node, tx } => {
                 let change = membership_change(add, node);
                 match self.groups.get_mut(&META_GROUP) {
+                    // A leader that removed itself would go on leading a
+                    // group it is not a voter of (raft-rs does not step it
+                    // down), and nothing would commit: it hands over first
+                    // and the new leader, where the client retries, removes
+                    // it.
+                    Some(g) if !add && node == g.node.raft.id && g.is_leader() => {
+                        let target = g.transfer_target();
+                        if let Some(t) = target {
+                            g.node.transfer_leader(t);
+                        }
+                        let _ = tx.send(Err(BrokerError::NotLeader {
+                            leader_hint: target.unwrap_or(0),
+                        }));
+                    }
                     Some(g) => {
                         g.propose_membership(change, tx);
                     }
@@ -452,6 +464,14 @@ impl Driver {
     fn tick_all(&mut self) {
         for g in self.groups.values_mut() {
             g.node.tick();
+            // A leader that is no longer a voter (removed by a change it
+            // proposed itself, e.g. by an older version) would stall its
+            // group for good: hand over.
+            if g.is_leader() && !g.voters().contains(&g.node.raft.id) {
+                if let Some(t) = g.transfer_target() {
+                    g.node.transfer_leader(t);
+                }
+            }
         }
         self.reconcile_replicas();
     }
@@ -480,9 +500,19 @@ impl Driver {
                     .filter(|n| members.contains(n))
                     .collect();
                 let voters = g.voters();
+                let me = g.node.raft.id;
                 let change = match desired.iter().find(|n| !voters.contains(n)) {
                     Some(&add) => membership_change(true, add),
                     None => match voters.iter().find(|n| !desired.contains(n)) {
+                        // Never remove itself while leading (see
+                        // `handle`): hand over to a replica that stays,
+                        // which then removes this node.
+                        Some(&remove) if remove == me && !desired.is_empty() => {
+                            if let Some(t) = g.transfer_target_among(&desired) {
+                                g.node.transfer_leader(t);
+                            }
+                            continue;
+                        }
                         Some(&remove) if !desired.is_empty() => membership_change(false, remove),
                         _ => continue,
                     },
@@ -552,6 +582,35 @@ impl Driver {
             let _ = self.ready.send(true);
         }
     }
+}
+
+/// Opens the applied state. sled is never the only copy of a fact (the
+/// Raft logs are), so a sled that cannot be opened — after a power cut it
+/// may hold any mix of its unsynced writes — is moved aside and rebuilt by
+/// replaying the logs.
+fn open_sled(dir: &std::path::Path) -> Result<sled::Db> {
+    let open = || {
+        sled::Config::new()
+            .path(dir)
+            .cache_capacity(8 << 20)
+            .flush_every_ms(Some(200))
+            .open()
+    };
+    create_dir_durable(dir)?;
+    let db = match open() {
+        Ok(db) => db,
+        Err(e) => {
+            let aside = dir.with_extension(format!("broken-{}", crate::now_ms()));
+            tracing::warn!(error = %e, moved_to = %aside.display(),
+                "applied state unreadable; moving it aside and replaying the logs");
+            std::fs::rename(dir, &aside)?;
+            create_dir_durable(dir)?;
+            open()?
+        }
+    };
+    // sled creates its files without syncing their directory entries.
+    sync_dir(dir)?;
+    Ok(db)
 }
 
 /// Syncs every log touched in a round, concurrently: the round's latency is

@@ -288,6 +288,22 @@ impl Group {
             .map(|(&id, _)| id)
     }
 
+    /// Like [`Group::transfer_target`], restricted to `candidates`.
+    pub fn transfer_target_among(&self, candidates: &[u64]) -> Option<u64> {
+        if !self.is_leader() {
+            return None;
+        }
+        let me = self.node.raft.id;
+        self.node
+            .raft
+            .prs()
+            .iter()
+            .filter(|(&id, _)| id != me && candidates.contains(&id))
+            .filter(|(&id, _)| self.node.raft.prs().conf().voters().contains(id))
+            .max_by_key(|(_, pr)| pr.matched)
+            .map(|(&id, _)| id)
+    }
+
     pub fn voters(&self) -> Vec<u64> {
         self.node.raft.prs().conf().voters().ids().iter().collect()
     }
@@ -607,7 +623,24 @@ impl Group {
             .apply_conf_change(&cc)
             .map_err(|err| BrokerError::Internal(format!("conf change: {err}")))?;
         self.storage.set_conf_state(&cs)?;
+        // The applied index may reach sled (which syncs on its own
+        // schedule) before this round's log sync: were the conf state still
+        // in the page cache then, a power cut would leave a node that
+        // restarts with the old voters and never re-applies the change.
+        // Membership changes are rare; one extra sync each is cheap.
+        self.storage.sync()?;
+        self.record_conf_state(e.index, &cs)?;
         self.mark_applied(e.index)
+    }
+
+    /// Notes the voters a membership change at `index` produced, so a
+    /// later compaction can tell the voters as of its own index.
+    fn record_conf_state(&self, index: u64, cs: &ConfState) -> Result<()> {
+        match &self.machine {
+            Machine::Partition(p) => crate::state::confs::record(p.tree(), index, cs),
+            // The metadata log is never compacted.
+            Machine::Meta(_) => Ok(()),
+        }
     }
 
     /// Answers the waiter of `index` (if its proposal is the entry that was

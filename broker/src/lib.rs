@@ -19,9 +19,11 @@
 
 pub mod catalog;
 pub mod driver;
+pub mod durable_dir;
 pub mod error;
 pub mod group;
 mod logging;
+pub mod membership;
 pub mod retention;
 pub mod server;
 pub mod service;
