@@ -464,6 +464,7 @@ impl Driver {
     fn tick_all(&mut self) {
         for g in self.groups.values_mut() {
             g.node.tick();
+            g.check_snapshots();
             // A leader that is no longer a voter (removed by a change it
             // proposed itself, e.g. by an older version) would stall its
             // group for good: hand over.

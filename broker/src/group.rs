@@ -1,7 +1,7 @@
 //! One Raft group on this node: its `RawNode`, its durable storage, its
 //! state machine, and the proposals waiting to be applied.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use bytes::{Bytes, BytesMut};
@@ -11,7 +11,7 @@ use raft::prelude::{
     ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot,
     SnapshotMetadata,
 };
-use raft::{RawNode, Ready, StateRole, Storage};
+use raft::{ProgressState, RawNode, Ready, SnapshotStatus, StateRole, Storage};
 use tokio::sync::{oneshot, watch};
 
 use crate::error::{BrokerError, Result};
@@ -74,7 +74,13 @@ pub struct Group {
     /// the current term; recomputed from the log tail when unknown.
     proposed_next: Option<u64>,
     role: StateRole,
+    /// Ticks each follower has been waiting for a snapshot (leader only).
+    snapshot_waits: HashMap<u64, u32>,
 }
+
+/// Ticks a leader waits for a follower to acknowledge a snapshot before it
+/// counts the snapshot as lost: long enough for a big one to travel.
+pub const SNAPSHOT_TIMEOUT_TICKS: u32 = 100;
 
 /// Index and term of the snapshot every group's log starts after.
 pub const INIT_INDEX: u64 = 5;
@@ -164,6 +170,7 @@ impl Group {
             answers: Vec::new(),
             proposed_next: None,
             role: StateRole::Follower,
+            snapshot_waits: HashMap::new(),
         };
         group.observe_role();
         Ok(group)
@@ -524,8 +531,48 @@ impl Group {
     fn send(&mut self, out: &dyn Outbox, msgs: Vec<Message>) {
         for m in msgs {
             let to = m.to;
+            let snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
             if !out.send(self.id, m) {
                 self.node.report_unreachable(to);
+                if snapshot {
+                    // Otherwise the leader waits for this snapshot to land
+                    // for as long as it leads, and never sends to the
+                    // follower again.
+                    self.node.report_snapshot(to, SnapshotStatus::Failure);
+                }
+            }
+        }
+    }
+
+    /// Called every tick: a follower that has been waiting for a snapshot
+    /// for [`SNAPSHOT_TIMEOUT_TICKS`] lost it on the way (a broken stream, a
+    /// restart), so the send is reported failed and Raft sends a new one.
+    /// A snapshot that lands ends the wait through the follower's answer.
+    pub fn check_snapshots(&mut self) {
+        if !self.is_leader() {
+            self.snapshot_waits.clear();
+            return;
+        }
+        let waiting: Vec<u64> = self
+            .node
+            .raft
+            .prs()
+            .iter()
+            .filter(|(_, pr)| pr.state == ProgressState::Snapshot)
+            .map(|(&id, _)| id)
+            .collect();
+        self.snapshot_waits.retain(|id, _| waiting.contains(id));
+        for id in waiting {
+            let ticks = self.snapshot_waits.entry(id).or_insert(0);
+            *ticks += 1;
+            if *ticks >= SNAPSHOT_TIMEOUT_TICKS {
+                *ticks = 0;
+                tracing::info!(
+                    group = self.id,
+                    follower = id,
+                    "snapshot not acknowledged; resending"
+                );
+                self.node.report_snapshot(id, SnapshotStatus::Failure);
             }
         }
     }

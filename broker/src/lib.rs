@@ -29,6 +29,8 @@ pub mod server;
 pub mod service;
 #[cfg(test)]
 mod sim_tests;
+#[cfg(test)]
+mod snapshot_tests;
 pub mod state;
 mod status;
 pub mod subscribe;
