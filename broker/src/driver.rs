@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::catalog::Catalog;
 use crate::durable_dir::{create_dir_durable, sync_dir};
 use crate::error::{BrokerError, Result};
+use crate::faults::{guard, is_vote_request};
 use crate::group::{Applied, Bootstrap, Group, GroupConfig, Machine, Responder};
 use crate::logging::raft_logger;
 use crate::state::meta::{MetaEffect, MetaState};
@@ -233,6 +234,8 @@ pub(crate) struct Driver {
     /// Retention settings of each partition group.
     pub(crate) retention: HashMap<u64, (u64, u64)>,
     pub(crate) catalog: Arc<Catalog>,
+    /// Groups out of service on this node, and why (see [`crate::faults`]).
+    pub(crate) faulted: std::collections::BTreeMap<u64, String>,
     logger: slog::Logger,
     channels: Channels,
     ready: watch::Sender<bool>,
@@ -253,6 +256,7 @@ impl Driver {
             groups: HashMap::new(),
             retention: HashMap::new(),
             catalog,
+            faulted: Default::default(),
             logger: raft_logger(),
             channels,
             ready,
@@ -358,10 +362,25 @@ impl Driver {
     /// Steps a peer's message into its group. Messages for groups this node
     /// does not have (yet) are dropped; Raft resends.
     fn step(&mut self, m: Inbound) {
-        if let Some(g) = self.groups.get_mut(&m.group) {
+        let Some(g) = self.groups.get_mut(&m.group) else {
+            return;
+        };
+        if let Some(barrier) = g.vote_barrier {
+            if g.node.raft.raft_log.persisted >= barrier {
+                tracing::info!(group = m.group, "rebuilt replica caught up; it votes again");
+                g.vote_barrier = None;
+            } else if is_vote_request(m.message.get_msg_type()) {
+                return;
+            }
+        }
+        let outcome = guard(|| {
             if let Err(e) = g.node.step(m.message) {
                 tracing::debug!(group = m.group, error = %e, "raft step failed");
             }
+            Ok(())
+        });
+        if let Err(reason) = outcome {
+            self.quarantine(m.group, reason);
         }
     }
 
@@ -408,10 +427,24 @@ impl Driver {
                 batch,
                 tx,
             } => match self.groups.get_mut(&group) {
-                Some(g) => g.propose_batch(batch, tx),
-                // Deleted between validation and proposal.
+                Some(g) => {
+                    if let Err(reason) = guard(|| {
+                        g.propose_batch(batch, tx);
+                        Ok(())
+                    }) {
+                        self.quarantine(group, reason);
+                    }
+                }
                 None => {
-                    let _ = tx.send(Err(BrokerError::UnknownTopic(topic)));
+                    let err = match self.faulted.get(&group) {
+                        Some(reason) => BrokerError::ReplicaFaulted {
+                            group,
+                            reason: reason.clone(),
+                        },
+                        // Deleted between validation and proposal.
+                        None => BrokerError::UnknownTopic(topic),
+                    };
+                    let _ = tx.send(Err(err));
                 }
             },
             Request::CreateTopic { name, config, tx } => {
@@ -462,17 +495,27 @@ impl Driver {
     }
 
     fn tick_all(&mut self) {
-        for g in self.groups.values_mut() {
-            g.node.tick();
-            g.check_snapshots();
-            // A leader that is no longer a voter (removed by a change it
-            // proposed itself, e.g. by an older version) would stall its
-            // group for good: hand over.
-            if g.is_leader() && !g.voters().contains(&g.node.raft.id) {
-                if let Some(t) = g.transfer_target() {
-                    g.node.transfer_leader(t);
+        let mut failed = Vec::new();
+        for (&id, g) in self.groups.iter_mut() {
+            let outcome = guard(|| {
+                g.node.tick();
+                g.check_snapshots();
+                // A leader that is no longer a voter (removed by a change it
+                // proposed itself, e.g. by an older version) would stall its
+                // group for good: hand over.
+                if g.is_leader() && !g.voters().contains(&g.node.raft.id) {
+                    if let Some(t) = g.transfer_target() {
+                        g.node.transfer_leader(t);
+                    }
                 }
+                Ok(())
+            });
+            if let Err(reason) = outcome {
+                failed.push((id, reason));
             }
+        }
+        for (id, reason) in failed {
+            self.quarantine(id, reason);
         }
         self.reconcile_replicas();
     }
@@ -540,11 +583,19 @@ impl Driver {
         let _span = tracing::debug_span!("raft_round").entered();
         let mut effects = Vec::new();
         let mut pending = Vec::new();
+        let mut failed = Vec::new();
         for (&id, g) in self.groups.iter_mut() {
-            if let Some(rd) = g.write_ready(&self.channels.transport, &mut effects)? {
-                pending.push((id, rd));
+            let transport = &self.channels.transport;
+            match guard(|| g.write_ready(transport, &mut effects)) {
+                Ok(Some(rd)) => pending.push((id, rd)),
+                Ok(None) => {}
+                Err(reason) => failed.push((id, reason)),
             }
         }
+        for (id, reason) in failed.drain(..) {
+            self.quarantine(id, reason);
+        }
+        pending.retain(|(id, _)| self.groups.contains_key(id));
         if pending.is_empty() {
             return Ok(());
         }
@@ -555,8 +606,14 @@ impl Driver {
         sync_all(&storages)?;
         for (id, rd) in pending {
             if let Some(g) = self.groups.get_mut(&id) {
-                g.finish_ready(rd, &self.channels.transport, &mut effects)?;
+                let transport = &self.channels.transport;
+                if let Err(reason) = guard(|| g.finish_ready(rd, transport, &mut effects)) {
+                    failed.push((id, reason));
+                }
             }
+        }
+        for (id, reason) in failed {
+            self.quarantine(id, reason);
         }
         for (_, effect) in effects {
             match effect {

@@ -76,6 +76,9 @@ pub struct Group {
     role: StateRole,
     /// Ticks each follower has been waiting for a snapshot (leader only).
     snapshot_waits: HashMap<u64, u32>,
+    /// Set on a replica rebuilt after a fault: it grants no vote until its
+    /// log reaches this index (see [`crate::faults`]).
+    pub vote_barrier: Option<u64>,
 }
 
 /// Ticks a leader waits for a follower to acknowledge a snapshot before it
@@ -171,6 +174,7 @@ impl Group {
             proposed_next: None,
             role: StateRole::Follower,
             snapshot_waits: HashMap::new(),
+            vote_barrier: None,
         };
         group.observe_role();
         Ok(group)
@@ -202,6 +206,31 @@ impl Group {
         };
         storage.set_hard_state(&hs)?;
         storage.sync()?;
+        Ok(())
+    }
+
+    /// Starts the empty log of a replica rebuilt after a fault: the same
+    /// bootstrap snapshot as every replica's, with the term and vote the
+    /// replica had (so it never votes twice in a term). Durable when it
+    /// returns.
+    pub fn bootstrap_replica(
+        dir: &Path,
+        options: LogOptions,
+        voters: &[u64],
+        previous: &HardState,
+    ) -> Result<()> {
+        let storage = GroupStorage::open(dir, options)?;
+        Self::bootstrap(&storage, voters)?;
+        if previous.term > INIT_TERM {
+            let hs = HardState {
+                term: previous.term,
+                vote: previous.vote,
+                commit: INIT_INDEX,
+                ..Default::default()
+            };
+            storage.set_hard_state(&hs)?;
+            storage.sync()?;
+        }
         Ok(())
     }
 

@@ -21,6 +21,7 @@ pub mod catalog;
 pub mod driver;
 pub mod durable_dir;
 pub mod error;
+mod faults;
 pub mod group;
 mod logging;
 pub mod membership;
