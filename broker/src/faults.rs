@@ -81,15 +81,64 @@ impl Driver {
             return;
         }
         match self.rebuild(id, &voters, &hs, last) {
-            Ok(()) => {
+            Ok(local) => {
+                self.catalog.set_local(id, local);
                 self.faulted.remove(&id);
             }
             Err(e) => tracing::error!(group = id, error = %e, "rebuilding the replica failed"),
         }
     }
 
+    /// A partition group whose replica failed to open: rebuilt from its
+    /// peers when what it must not forget (term, vote, last index, voters)
+    /// can still be read, else left out of service.
+    pub(crate) fn rebuild_unopened(&mut self, id: u64, reason: String) -> Option<LocalReplica> {
+        tracing::error!(group = id, %reason, "replica out of service");
+        self.faulted.insert(id, reason);
+        let dir = self.group_dir(id);
+        let opts = self.config.log_options;
+        let facts = guard(|| {
+            let storage = covet_raft_store::GroupStorage::open(&dir, opts)?;
+            let last = raft::Storage::last_index(&storage)
+                .map_err(|e| BrokerError::Storage(e.to_string()))?;
+            Ok((storage.conf_state().voters, storage.hard_state(), last))
+        });
+        let me = self.config.node_id;
+        match facts {
+            Ok((voters, hs, last)) if voters.iter().any(|&v| v != me) => {
+                match self.rebuild(id, &voters, &hs, last) {
+                    Ok(local) => {
+                        self.faulted.remove(&id);
+                        Some(local)
+                    }
+                    Err(e) => {
+                        tracing::error!(group = id, error = %e, "rebuilding the replica failed");
+                        None
+                    }
+                }
+            }
+            Ok(_) => {
+                tracing::error!(
+                    group = id,
+                    "replica has no peers to be rebuilt from; it stays out of service"
+                );
+                None
+            }
+            Err(e) => {
+                tracing::error!(group = id, error = %e, "cannot read what the replica must not forget; it stays out of service");
+                None
+            }
+        }
+    }
+
     /// Recreates partition group `id` empty, to be filled by its leader.
-    fn rebuild(&mut self, id: u64, voters: &[u64], hs: &HardState, barrier: u64) -> Result<()> {
+    fn rebuild(
+        &mut self,
+        id: u64,
+        voters: &[u64],
+        hs: &HardState,
+        barrier: u64,
+    ) -> Result<LocalReplica> {
         tracing::warn!(
             group = id,
             ?voters,
@@ -108,17 +157,14 @@ impl Driver {
         };
         let mut group = self.open_group(id, Machine::Partition(state), &bootstrap)?;
         group.vote_barrier = Some(barrier);
-        self.catalog.set_local(
-            id,
-            LocalReplica {
-                storage: group.storage.clone(),
-                index,
-                progress,
-                leader: group.leader.subscribe(),
-            },
-        );
+        let local = LocalReplica {
+            storage: group.storage.clone(),
+            index,
+            progress,
+            leader: group.leader.subscribe(),
+        };
         self.groups.insert(id, group);
-        Ok(())
+        Ok(local)
     }
 }
 

@@ -87,8 +87,11 @@ impl Driver {
                     // One unreadable log takes its replica out of service,
                     // not the node (see `crate::faults`).
                     Err(reason) => {
-                        tracing::error!(group = gid, %reason, "replica out of service");
-                        self.faulted.insert(gid, reason);
+                        handle.local = self.rebuild_unopened(gid, reason);
+                        if handle.local.is_some() {
+                            self.retention
+                                .insert(gid, (config.retention_ms, config.retention_bytes));
+                        }
                         partitions.push(handle);
                         continue;
                     }
