@@ -168,6 +168,7 @@
 #![warn(missing_docs)]
 
 mod compact;
+mod durable;
 mod error;
 mod frame;
 mod index;
@@ -248,6 +249,24 @@ pub struct OpenStats {
     /// Index files written for scanned sealed segments that had none (or
     /// an invalid one).
     pub indexes_written: usize,
+    /// Segment files open `fdatasync`ed.
+    pub files_synced: usize,
+    /// Directories open fsynced.
+    pub dirs_synced: usize,
+    /// Bytes cut off the end of the last segment.
+    pub bytes_cut: u64,
+}
+
+/// Creates the directory `path` and any missing ancestors so that they
+/// survive a power cut: each new directory's parent is fsynced after it is
+/// created, and if `path` already existed its parent is fsynced anyway (an
+/// earlier run may have crashed before doing so). Nothing in a directory
+/// is durable until the directory itself is, so call it before relying on
+/// anything stored under `path` (the broker: its `state/`, `groups/` and
+/// sled directories). [`GroupStorage::open`] does this for a group's
+/// directory.
+pub fn create_dir_durable(path: &Path) -> Result<(), StoreError> {
+    durable::create_dir_durable_counted(path).map(drop)
 }
 
 /// Removes a group's directory and everything in it (topic deletion).
