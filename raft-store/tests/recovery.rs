@@ -151,28 +151,67 @@ fn a_cut_keeps_the_synced_conf_state() {
     assert_eq!(store.conf_state(), voters(&[1, 2, 3]));
 }
 
-/// (b) Damage to a frame that a later sync covered is not a lost write:
-/// the log is refused.
+/// What happened after `synced_then_unsynced`, before the damage.
+#[derive(Debug, Clone, Copy)]
+enum After {
+    /// Nothing: entries 11 and 12 were never synced.
+    Nothing,
+    /// A reopen, which synced entries 11 and 12 and said so in a marker.
+    Reopen,
+    /// A reopen, then entry 13 appended and synced.
+    ReopenAndSync,
+}
+
+/// (b) Damage to a frame that a sync (or open) covered, with a sync
+/// marker after it, is not a lost write: the log is refused.
 #[test]
 fn damage_to_synced_frames_of_the_last_segment_fails_open() {
-    // The frame damaged, and whether the rounds after it were synced.
-    for (bad, later_synced) in [(5, false), (5, true), (11, true)] {
+    for (bad, after) in [
+        (5, After::Nothing),
+        (5, After::ReopenAndSync),
+        (11, After::Reopen),
+        (11, After::ReopenAndSync),
+    ] {
         let dir = TempDir::new().expect("tempdir");
         let path = synced_then_unsynced(dir.path());
-        if later_synced {
+        if !matches!(after, After::Nothing) {
             let store = open(dir.path(), 1 << 20);
-            store.append(&[entry(13, 2)]).expect("append");
-            store.sync().expect("sync");
-            drop(store);
+            if matches!(after, After::ReopenAndSync) {
+                store.append(&[entry(13, 2)]).expect("append");
+                store.sync().expect("sync");
+            }
         }
         overwrite(&path, frame_of(&path, bad) + 12, &[0x55; 4]);
         let err = open_err(dir.path());
         assert!(
             matches!(&err, StoreError::Corrupt { path: p, reason, .. }
                 if *p == path && reason.contains("synced")),
-            "entry {bad}, later synced {later_synced}: {err:?}"
+            "entry {bad}, {after:?}: {err:?}"
         );
     }
+}
+
+/// A conflicting append truncates the log (durably) and writes on from the
+/// cut: what lies before the cut was synced, even though the marker of the
+/// sync that covered it was cut away.
+#[test]
+fn damage_before_a_truncation_point_fails_open() {
+    let dir = TempDir::new().expect("tempdir");
+    let store = open(dir.path(), 1 << 20);
+    store.append(&entries(1..=20, 1)).expect("append");
+    store.sync().expect("sync");
+    store
+        .append(&[entry(15, 2), entry(16, 2)])
+        .expect("conflicting append");
+    // Not synced: a crash now may lose entries 15 and 16, not 1 to 14.
+    drop(store);
+    let path = segment_files(dir.path()).remove(0);
+    overwrite(&path, frame_of(&path, 10) + 12, &[0x55; 4]);
+    let err = open_err(dir.path());
+    assert!(
+        matches!(&err, StoreError::Corrupt { reason, .. } if reason.contains("synced")),
+        "{err:?}"
+    );
 }
 
 /// (c) A torn last write is cut, as before.
