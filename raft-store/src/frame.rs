@@ -10,7 +10,7 @@
 //! The salt is a random value stored in the segment header. Seeding the CRC
 //! with it means bytes inside an entry's data (which producers control) can
 //! never pass for a frame of this segment, which recovery relies on when it
-//! looks for intact frames after a bad one.
+//! looks for sync markers after a bad frame.
 
 use std::fmt;
 use std::ops::Range;

@@ -95,9 +95,12 @@ impl Writer {
 }
 
 impl GroupStorage {
-    /// Opens (creating it if missing) the group directory `dir`: recovers
-    /// the log, cutting a torn tail off the last segment and failing with
-    /// [`StoreError::Corrupt`] on any other damage it reads.
+    /// Opens (creating it durably if missing, see [`crate::create_dir_durable`])
+    /// the group directory `dir`: recovers the log, cutting a never-synced
+    /// tail off the last segment and failing with [`StoreError::Corrupt`]
+    /// on damage to synced data it reads. Everything it keeps is durable
+    /// when it returns (directory and last segment synced), so the caller
+    /// may vote and acknowledge on it.
     ///
     /// Sealed segments with a valid index file are not read (see the crate
     /// docs): damage inside them is reported by the reads that meet it.
