@@ -252,6 +252,18 @@ impl Inner {
         self.state.write().expect("raft-store state lock poisoned")
     }
 
+    /// What a sync that starts now will have made durable. The caller
+    /// holds the writer, so no write is half published.
+    pub(crate) fn sync_claim(&self) -> SyncClaim {
+        let st = self.read_state();
+        let active = st.active();
+        SyncClaim {
+            file: Arc::clone(&active.file),
+            upto: active.end,
+            rewrites: st.rewrites,
+        }
+    }
+
     /// Records the first fault a read met (see [`GroupStorage::fault`]).
     pub(crate) fn note_fault(&self, err: &StoreError) {
         let mut first = false;

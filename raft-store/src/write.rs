@@ -429,3 +429,68 @@ pub(crate) fn remove_segment_file(path: &Path) -> Result<(), StoreError> {
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use raft::prelude::Entry;
+
+    use super::*;
+    use crate::segment::MARKER_FRAME_LEN;
+    use crate::LogOptions;
+
+    fn entries(first: u64, last: u64, term: u64) -> Vec<Entry> {
+        (first..=last)
+            .map(|index| Entry {
+                index,
+                term,
+                data: b"data".to_vec().into(),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    fn end(store: &GroupStorage) -> u64 {
+        store.segments().last().expect("a segment").bytes
+    }
+
+    /// A marker claims what a sync began with: never after a truncation
+    /// (or roll) overtook the sync, since the bytes it would vouch for may
+    /// then be new and unsynced.
+    #[test]
+    fn a_marker_is_written_only_for_a_claim_nothing_overtook() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let store = GroupStorage::open(dir.path(), LogOptions::default()).expect("open");
+        store.append(&entries(1, 10, 1)).expect("append");
+        let inner = &store.inner;
+
+        let claim = inner.sync_claim();
+        store.append(&entries(5, 5, 2)).expect("conflicting append");
+        let before = end(&store);
+        let mut w = inner.lock_writer().expect("writer");
+        inner.write_marker(&mut w, &claim).expect("marker");
+        assert_eq!(end(&store), before, "a truncation overtook the claim");
+
+        let claim = inner.sync_claim();
+        inner.write_marker(&mut w, &claim).expect("marker");
+        assert_eq!(end(&store), before + MARKER_FRAME_LEN);
+        // Already vouched for: nothing more.
+        let claim = inner.sync_claim();
+        inner.write_marker(&mut w, &claim).expect("marker");
+        assert_eq!(end(&store), before + MARKER_FRAME_LEN);
+        drop(w);
+
+        // A roll overtook it: the old segment was synced whole when sealed.
+        let small = tempfile::TempDir::new().expect("tempdir");
+        let store =
+            GroupStorage::open(small.path(), LogOptions { segment_bytes: 300 }).expect("open");
+        store.append(&entries(1, 3, 1)).expect("append");
+        assert_eq!(store.segments().len(), 1);
+        let claim = store.inner.sync_claim();
+        store.append(&entries(4, 10, 1)).expect("append rolls");
+        assert!(store.segments().len() > 1);
+        let before = end(&store);
+        let mut w = store.inner.lock_writer().expect("writer");
+        store.inner.write_marker(&mut w, &claim).expect("marker");
+        assert_eq!(end(&store), before);
+    }
+}
