@@ -167,13 +167,7 @@ impl GroupStorage {
         let _syncing = self.inner.lock_sync();
         let (files, dir_dirty, claim) = {
             let mut w = self.inner.lock_writer()?;
-            let st = self.inner.read_state();
-            let active = st.active();
-            let claim = SyncClaim {
-                file: Arc::clone(&active.file),
-                upto: active.end,
-                rewrites: st.rewrites,
-            };
+            let claim = self.inner.sync_claim();
             (
                 mem::take(&mut w.unsynced),
                 mem::take(&mut w.dir_dirty),
