@@ -59,7 +59,8 @@
 //!   [`OpenStats::bytes_cut`]). A torn (short or all-zero) header of the
 //!   newest segment is such a tail too: the segment is removed. A cut never
 //!   removes a hard or conf state that was synced: records past the cut
-//!   were not synced, and every older record (earlier in the segment, in
+//!   were not synced (barring the first of the *Known limits*), and every
+//!   older record (earlier in the segment, in
 //!   sealed segments, in the snapshot file) is kept and competes by
 //!   sequence number as before.
 //! - **Truncating a conflicting suffix is durable before new entries land**:

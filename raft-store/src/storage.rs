@@ -6,7 +6,10 @@
 //! 1. `sync_lock` — serialises `sync` (and compaction), and is held across
 //!    `fdatasync`, so that a `sync` returns only after every write made
 //!    before it was called is durable, even a write whose `fdatasync` a
-//!    concurrent `sync` had already started. Appends never take it.
+//!    concurrent `sync` had already started. Appends never take it. `sync`
+//!    takes the writer twice under it: to collect what to sync (and what
+//!    its sync marker will claim), and after `fdatasync` to write that
+//!    marker.
 //! 2. `writer` — serialises everything that writes (append, hard/conf
 //!    state, compaction, snapshots). Writes to the file happen under it
 //!    alone, beyond the end readers know about.
