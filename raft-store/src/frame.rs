@@ -10,7 +10,7 @@
 //! The salt is a random value stored in the segment header. Seeding the CRC
 //! with it means bytes inside an entry's data (which producers control) can
 //! never pass for a frame of this segment, which recovery relies on when it
-//! looks for intact frames after a bad one.
+//! looks for sync markers after a bad frame.
 
 use std::fmt;
 use std::ops::Range;
@@ -99,51 +99,36 @@ pub(crate) fn parse_frame(buf: &[u8], salt: u32) -> Result<Range<usize>, FrameEr
     Ok(FRAME_HEADER_LEN..end)
 }
 
-/// What follows a bad frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Follows {
-    /// An intact frame starts after it: the bad frame is corruption.
-    Intact,
-    /// No intact frame follows: the bad frame is a torn tail.
-    Nothing,
-    /// Checking would cost more than the budget; it cannot be ruled out.
-    Unknown,
-}
-
-/// Looks for an intact frame starting anywhere in `buf` after its first
-/// byte (`buf` starts at a bad frame). Recovery uses this to tell a torn
-/// tail (nothing intact follows) from damage in the middle of the log,
-/// whatever the damage did to length fields.
+/// Finds every intact frame in `buf` whose payload is `payload_len`
+/// bytes long and starts with `kind`, wherever it starts (after a bad
+/// frame, frame boundaries are unknown). Returns where each one starts.
 ///
-/// Cost: a length check per byte, and a checksum for each position whose
-/// length fits and whose payload starts with a byte `plausible` accepts.
-/// Entry data could be crafted to make that quadratic, so the checksummed
-/// bytes are capped; past the cap the answer is `Unknown`.
-pub(crate) fn look_for_intact_frame(buf: &[u8], salt: u32, plausible: fn(u8) -> bool) -> Follows {
-    let mut budget = SCAN_BUDGET_BASE.saturating_add(buf.len().saturating_mul(SCAN_BUDGET_FACTOR));
-    for start in 1..buf.len() {
-        let rest = &buf[start..];
-        let Some(header) = rest.first_chunk::<FRAME_HEADER_LEN>() else {
-            break;
+/// Recovery uses it to find the sync markers past a bad frame. Their
+/// payload has a fixed length, so the cost is linear: a length and kind
+/// comparison per byte, and a checksum of `payload_len + 4` bytes only
+/// where both match. The salt keeps entry data, which producers control,
+/// from passing for a marker (a forged frame would need the salt).
+pub(crate) fn find_fixed_frames(buf: &[u8], salt: u32, payload_len: usize, kind: u8) -> Vec<usize> {
+    let frame_len = FRAME_HEADER_LEN + payload_len;
+    let Some(last_start) = buf.len().checked_sub(frame_len) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for start in 0..=last_start {
+        let frame = &buf[start..start + frame_len];
+        let Some(header) = frame.first_chunk::<FRAME_HEADER_LEN>() else {
+            continue;
         };
-        let end = FRAME_HEADER_LEN.saturating_add(split_header(*header).0 as usize);
-        // No empty payloads are ever written.
-        if end == FRAME_HEADER_LEN || end > rest.len() || !plausible(rest[FRAME_HEADER_LEN]) {
+        let (len, crc) = split_header(*header);
+        if len as usize != payload_len || frame[FRAME_HEADER_LEN] != kind {
             continue;
         }
-        let Some(left) = budget.checked_sub(end) else {
-            return Follows::Unknown;
-        };
-        budget = left;
-        if parse_frame(rest, salt).is_ok() {
-            return Follows::Intact;
+        if checksum(salt, len, &frame[FRAME_HEADER_LEN..]) == crc {
+            found.push(start);
         }
     }
-    Follows::Nothing
+    found
 }
-
-const SCAN_BUDGET_BASE: usize = 64 << 20;
-const SCAN_BUDGET_FACTOR: usize = 8;
 
 #[cfg(test)]
 mod tests {
@@ -187,25 +172,21 @@ mod tests {
     }
 
     #[test]
-    fn finds_intact_frame_after_garbage() {
-        let any = |_| true;
+    fn finds_fixed_frames_anywhere() {
+        let marker = frame(7, b"m12345678");
         let mut buf = vec![0xff, 0x01, 0x02];
-        assert_eq!(look_for_intact_frame(&buf, 7, any), Follows::Nothing);
+        assert!(find_fixed_frames(&buf, 7, 9, b'm').is_empty());
+        buf.extend(&marker);
         buf.extend(frame(7, b"x"));
-        assert_eq!(look_for_intact_frame(&buf, 7, any), Follows::Intact);
-        assert_eq!(look_for_intact_frame(&buf, 9, any), Follows::Nothing);
-        assert_eq!(
-            look_for_intact_frame(&buf, 7, |b| b != b'x'),
-            Follows::Nothing
-        );
-        assert_eq!(look_for_intact_frame(&[0; 4096], 7, any), Follows::Nothing);
-    }
-
-    #[test]
-    fn crafted_lengths_exhaust_the_budget() {
-        // Every fourth position claims a payload of 256 KiB.
-        let pattern = [0x00, 0x00, 0x04, 0x00];
-        let buf: Vec<u8> = pattern.iter().copied().cycle().take(4 << 20).collect();
-        assert_eq!(look_for_intact_frame(&buf, 7, |_| true), Follows::Unknown);
+        buf.extend([0; 5]);
+        buf.extend(&marker);
+        assert_eq!(find_fixed_frames(&buf, 7, 9, b'm'), vec![3, 3 + 17 + 9 + 5]);
+        // Another salt, kind or length finds nothing.
+        assert!(find_fixed_frames(&buf, 9, 9, b'm').is_empty());
+        assert!(find_fixed_frames(&buf, 7, 9, b'x').is_empty());
+        assert!(find_fixed_frames(&buf, 7, 1, b'm').is_empty());
+        // A marker cut short is not found.
+        assert!(find_fixed_frames(&marker[..16], 7, 9, b'm').is_empty());
+        assert!(find_fixed_frames(&[0; 4096], 7, 9, 0).is_empty());
     }
 }

@@ -11,24 +11,58 @@
 //!
 //! # Invariants
 //!
+//! The full contract (what is synced when, what recovery trusts) is
+//! `docs/adr/0006-durability-contract.md`; in short:
+//!
 //! - **Nothing is durable until [`GroupStorage::sync`] returns.** `append`,
 //!   `set_hard_state` and `set_conf_state` only write to the page cache;
 //!   `sync` `fdatasync`s every segment written since the last sync (and the
 //!   directory if a segment was created or removed). The broker persists a
 //!   whole Raft `Ready` (entries, then hard state) and calls `sync` once
 //!   before it sends persisted messages or acknowledges anything.
+//! - **A sync leaves a mark.** Once its `fdatasync` returned, `sync`
+//!   appends a *sync marker* to the active segment: a small record saying
+//!   "the first `upto` bytes of this file are durable". It is not synced
+//!   itself (the next round's sync covers it), so it costs one small
+//!   `pwrite` per sync and no extra `fdatasync`. A suffix truncation (whose
+//!   cut is synced) and open (which syncs what it keeps) write one too. A
+//!   marker only ever claims bytes a completed sync covered, and lies after
+//!   them.
 //! - **Hard state and conf state are records in the log**, so one
 //!   `fdatasync` covers entries and hard state per round. Each record has a
 //!   sequence number; on open the highest wins. A new segment starts with
 //!   copies of the current ones, so unlinking old segments never loses them.
 //! - **Never serve a flipped bit.** Every frame carries a CRC32C, verified
 //!   on every read, and on open for the frames open reads (the last
-//!   segment, and sealed segments without a valid index; see *Opening*).
-//! - **Only the last segment can have a torn tail**: a segment is
-//!   `fdatasync`ed before the next one is created. On open, a bad frame in
-//!   the last segment with no intact frame after it is a torn write and is
-//!   cut off (logged with `tracing::warn!`); any other bad frame, a bad
-//!   header, or a gap between segments is [`StoreError::Corrupt`].
+//!   segment, and sealed segments without a valid index; see *Opening*). A
+//!   read that meets a bad frame returns [`StoreError::Corrupt`] (never
+//!   panics) and marks the group faulted ([`GroupStorage::fault`]).
+//! - **Open makes durable everything it keeps, before it returns**: it
+//!   creates the group directory durably (fsyncing each new directory's
+//!   parent, and the parent of an existing one), fsyncs the directory
+//!   before acting on the names in it (the snapshot file's last rename may
+//!   still be only in the page cache after a `kill -9`), `fdatasync`s the
+//!   last segment (after cutting its tail) and every segment it scanned,
+//!   and fsyncs the directory again after removing or writing files. So a
+//!   node never votes or acknowledges on the strength of writes that only a
+//!   crash-surviving page cache held. [`OpenStats`] counts those syncs.
+//! - **Only a never-synced tail is cut; damage to synced data is
+//!   [`StoreError::Corrupt`].** A sealed segment was `fdatasync`ed whole
+//!   before the next one was created, so any bad frame in it is corruption.
+//!   In the last segment, a bad frame is corruption only if an intact sync
+//!   marker after it claims bytes beyond it (the frame was synced, and
+//!   damaged since). Otherwise nothing proves it was ever synced: it is a
+//!   torn write, or a write that never reached the disk although a later
+//!   one did (unsynced writes reach the disk in any order on XFS, ext4
+//!   `data=writeback`, or through a drive's volatile cache), and open cuts
+//!   the segment there (logged with `tracing::warn!`, counted in
+//!   [`OpenStats::bytes_cut`]). A torn (short or all-zero) header of the
+//!   newest segment is such a tail too: the segment is removed. A cut never
+//!   removes a hard or conf state that was synced: records past the cut
+//!   were not synced (barring the first of the *Known limits*), and every
+//!   older record (earlier in the segment, in
+//!   sealed segments, in the snapshot file) is kept and competes by
+//!   sequence number as before.
 //! - **Truncating a conflicting suffix is durable before new entries land**:
 //!   the current hard/conf state go to the snapshot file first (the cut may
 //!   hold the only copy of the latest ones), later segments are unlinked
@@ -69,10 +103,14 @@
 //!
 //! What is verified when: a sealed segment loaded from its index is not
 //! read on open, so bit rot inside it is found by the first read of the
-//! damaged frame ([`StoreError::Corrupt`]), never served. Terms come from
-//! the index (checked when it was written, and covered by its checksum).
-//! A sealed segment without a valid index, and the last segment, are
-//! verified on open as before: a bad frame in the middle is `Corrupt`.
+//! damaged frame ([`StoreError::Corrupt`], and the group is faulted), never
+//! served. Terms come from the index (checked when it was written, and
+//! covered by its checksum). A sealed segment without a valid index is
+//! verified on open: any bad frame is `Corrupt`. The last segment is
+//! verified on open, and a bad frame in it is either cut (a never-synced
+//! tail) or `Corrupt` (a sync marker after it vouches for it): see
+//! *Invariants*. An index rebuilt from a scanned sealed segment therefore
+//! describes verified, synced bytes.
 //!
 //! Why an index can never be stale:
 //!
@@ -111,6 +149,7 @@
 //!          | 2 | seq u64 | term u64 | vote u64 | commit u64                 (hard state)
 //!          | 3 | seq u64 | auto_leave u8 | 4 × (count u32 | count × u64)   (conf state:
 //!              voters, learners, voters_outgoing, learners_next)
+//!          | 4 | upto u64                                            (sync marker)
 //! snapshot = "COVETSNP" | version u32 | crc u32 | generation u64 | first_index u64
 //!            | prev_term u64 | hard state with seq | conf state with seq
 //!            | snapshot index u64 | snapshot term u64 | snapshot conf state | data
@@ -154,20 +193,32 @@
 //!   index files. There is no time → index index yet.
 //! - Every segment keeps an open file descriptor (for `pread`); a broker
 //!   with many partitions needs a matching descriptor limit.
-//! - A bit flip in the very last frame of the log is indistinguishable from
-//!   a torn write and is cut off rather than reported (losing that one
-//!   entry even if it was synced).
-//! - Telling a torn tail from mid-log damage scans the rest of the last
-//!   segment for intact frames; the checksum work is capped (entry data
-//!   could be crafted to make it quadratic), and past the cap open reports
-//!   `Corrupt` rather than guess.
-//! - Nothing stops two processes from opening the same directory.
+//! - Damage to bytes that the last sync before a crash covered, when that
+//!   sync's marker did not reach the disk (a power cut right after the
+//!   sync), cannot be told from a lost write: the tail is cut from the bad
+//!   frame on, losing synced data. It takes a fault of the medium and a
+//!   power cut within the page cache's writeback delay; `kill -9` alone
+//!   never loses the marker.
+//! - A newest segment whose header holds garbage (not zeros) is reported
+//!   `Corrupt` even if it was never synced: without the header's salt no
+//!   frame in it can be checked. Stale blocks exposed after a power cut
+//!   (ext4 `data=writeback`) could likewise hold an old sync marker of the
+//!   same file (from before a truncation) and make open report `Corrupt`
+//!   for a never-synced tail. Both cost availability (the replica is
+//!   rebuilt from its peers), never safety.
+//! - Finding the sync markers after a bad frame reads the rest of the last
+//!   segment once and checksums only candidates of the marker's fixed
+//!   length: linear in the segment's size.
+//! - A sync marker per sync adds 17 bytes to the log per Raft round.
+//! - Nothing stops two processes from opening the same directory (open
+//!   may write: a cut, a marker, index files).
 //! - Segments hold at most ~4 GiB of frame starts; `segment_bytes` is
 //!   clamped to [`MAX_SEGMENT_BYTES`].
 
 #![warn(missing_docs)]
 
 mod compact;
+mod durable;
 mod error;
 mod frame;
 mod index;
@@ -229,10 +280,12 @@ pub struct SegmentInfo {
 }
 
 /// What [`GroupStorage::open`] read to rebuild the log's in-memory index,
-/// as reported by [`GroupStorage::open_stats`].
+/// and what it synced and cut, as reported by [`GroupStorage::open_stats`].
 ///
 /// A healthy directory opens with `segments_scanned == 1` (the last
-/// segment) and every other segment in `segments_indexed`.
+/// segment), every other segment in `segments_indexed`, `files_synced ==
+/// 1` (the last segment), `dirs_synced == 2` (the group directory's parent
+/// and the group directory) and `bytes_cut == 0`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OpenStats {
     /// Sealed segments loaded from their index file, without reading their
@@ -248,6 +301,30 @@ pub struct OpenStats {
     /// Index files written for scanned sealed segments that had none (or
     /// an invalid one).
     pub indexes_written: usize,
+    /// Segment files open `fdatasync`ed: the last one, sealed ones it
+    /// scanned, and one it created for an empty log.
+    pub files_synced: usize,
+    /// Directory fsyncs open issued: new directories into their parents
+    /// (or the existing group directory into its parent), the group
+    /// directory before recovery relies on its names, and again after
+    /// recovery created or removed files in it.
+    pub dirs_synced: usize,
+    /// Bytes of never-synced tail cut off the last segment (a torn write,
+    /// or writes after one that never reached the disk). Not counting a
+    /// newest segment removed for its torn header.
+    pub bytes_cut: u64,
+}
+
+/// Creates the directory `path` and any missing ancestors so that they
+/// survive a power cut: each new directory's parent is fsynced after it is
+/// created, and if `path` already existed its parent is fsynced anyway (an
+/// earlier run may have crashed before doing so). Nothing in a directory
+/// is durable until the directory itself is, so call it before relying on
+/// anything stored under `path` (the broker: its `state/`, `groups/` and
+/// sled directories). [`GroupStorage::open`] does this for a group's
+/// directory.
+pub fn create_dir_durable(path: &Path) -> Result<(), StoreError> {
+    durable::create_dir_durable_counted(path).map(drop)
 }
 
 /// Removes a group's directory and everything in it (topic deletion).

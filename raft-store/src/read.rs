@@ -112,7 +112,23 @@ impl GroupStorage {
 }
 
 impl Inner {
+    /// Reads entries; a read that meets corruption (or cannot read a
+    /// segment) marks the group faulted before returning the error.
     pub(crate) fn read_entries(
+        &self,
+        low: u64,
+        high: u64,
+        limit: Option<u64>,
+        measure: Measure,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let result = self.read_entries_once(low, high, limit, measure);
+        if let Err(err @ (StoreError::Corrupt { .. } | StoreError::Io { .. })) = &result {
+            self.note_fault(err);
+        }
+        result
+    }
+
+    fn read_entries_once(
         &self,
         low: u64,
         high: u64,
@@ -270,7 +286,7 @@ fn read_chunk(chunk: &Chunk, gathered: &mut Gathered) -> Result<(), StoreError> 
                     meta.index
                 )));
             }
-            Record::HardState(..) | Record::ConfState(..) => {}
+            Record::HardState(..) | Record::ConfState(..) | Record::Synced { .. } => {}
         }
         offset += crate::frame::FRAME_HEADER_LEN + payload.len();
     }

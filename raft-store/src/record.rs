@@ -8,7 +8,16 @@
 //! HardState  2 u8 | seq u64 | term u64 | vote u64 | commit u64
 //! ConfState  3 u8 | seq u64 | auto_leave u8 | voters | learners | voters_outgoing
 //!            | learners_next, where each list is count u32 | count × u64
+//! Synced     4 u8 | upto u64
 //! ```
+//!
+//! A `Synced` record (a *sync marker*) says that the first `upto` bytes of
+//! the segment file holding it were made durable by a completed `sync` (or
+//! by open) before the marker was written; so `upto` never exceeds the
+//! marker's own position. Recovery uses it to tell damage to synced data
+//! from a write that never reached the disk (see [`crate::recover`]). Its
+//! payload has a fixed length, [`SYNCED_PAYLOAD_LEN`], which lets recovery
+//! look for markers past a bad frame in linear time.
 //!
 //! `seq` is a per-group counter that grows with every hard-state or
 //! conf-state record written (here or in the snapshot file). On open, the
@@ -25,6 +34,10 @@ use crate::error::StoreError;
 const KIND_ENTRY: u8 = 1;
 const KIND_HARD_STATE: u8 = 2;
 const KIND_CONF_STATE: u8 = 3;
+pub(crate) const KIND_SYNCED: u8 = 4;
+
+/// Payload bytes of a `Synced` record: kind and `upto`.
+pub(crate) const SYNCED_PAYLOAD_LEN: usize = 1 + 8;
 
 /// A decoded record. Entries keep byte ranges into the payload so the
 /// caller decides whether to copy (recovery scan: never needs data) or
@@ -34,6 +47,10 @@ pub(crate) enum Record {
     Entry(EntryMeta),
     HardState(u64, HardState),
     ConfState(u64, ConfState),
+    /// A sync marker: the file's first `upto` bytes are durable.
+    Synced {
+        upto: u64,
+    },
 }
 
 /// An entry record's fixed fields and where its variable parts lie.
@@ -58,11 +75,6 @@ impl EntryMeta {
         entry.data = payload.slice(self.data.clone());
         entry
     }
-}
-
-/// Whether `kind` is a record kind this version writes.
-pub(crate) fn is_known_kind(kind: u8) -> bool {
-    matches!(kind, KIND_ENTRY | KIND_HARD_STATE | KIND_CONF_STATE)
 }
 
 /// Bytes of an entry record before its context: kind, entry type, term,
@@ -96,6 +108,12 @@ pub(crate) fn put_hard_state(buf: &mut Vec<u8>, seq: u64, hs: &HardState) {
     buf.push(KIND_HARD_STATE);
     buf.extend_from_slice(&seq.to_le_bytes());
     put_hard_state_fields(buf, hs);
+}
+
+/// Appends a sync marker's payload to `buf`.
+pub(crate) fn put_synced(buf: &mut Vec<u8>, upto: u64) {
+    buf.push(KIND_SYNCED);
+    buf.extend_from_slice(&upto.to_le_bytes());
 }
 
 /// Appends a conf-state record to `buf`.
@@ -134,6 +152,7 @@ pub(crate) fn decode(payload: &[u8]) -> Result<Record, String> {
         KIND_ENTRY => Record::Entry(decode_entry(&mut r)?),
         KIND_HARD_STATE => Record::HardState(r.u64()?, read_hard_state_fields(&mut r)?),
         KIND_CONF_STATE => Record::ConfState(r.u64()?, read_conf_state_fields(&mut r)?),
+        KIND_SYNCED => Record::Synced { upto: r.u64()? },
         kind => return Err(format!("unknown record kind {kind}")),
     };
     if !matches!(record, Record::Entry(_)) && r.remaining() != 0 {
@@ -339,6 +358,21 @@ mod tests {
             for cut in 0..cs_buf.len() {
                 prop_assert!(decode(&cs_buf[..cut]).is_err());
             }
+        }
+
+        #[test]
+        fn sync_marker_round_trip(upto: u64) {
+            let mut buf = Vec::new();
+            put_synced(&mut buf, upto);
+            prop_assert_eq!(buf.len(), SYNCED_PAYLOAD_LEN);
+            prop_assert_eq!(buf[0], KIND_SYNCED);
+            prop_assert_eq!(&buf[1..], &upto.to_le_bytes()[..]);
+            prop_assert_eq!(decode(&buf), Ok(Record::Synced { upto }));
+            for cut in 0..buf.len() {
+                prop_assert!(decode(&buf[..cut]).is_err());
+            }
+            buf.push(0);
+            prop_assert!(decode(&buf).is_err());
         }
 
         #[test]

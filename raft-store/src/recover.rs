@@ -19,13 +19,14 @@ use std::sync::Arc;
 
 use raft::prelude::{ConfState, HardState};
 
+use crate::durable::create_dir_durable_counted;
 use crate::error::StoreError;
-use crate::frame::{
-    checksum, look_for_intact_frame, split_header, Follows, FrameError, FRAME_HEADER_LEN,
-};
+use crate::frame::{checksum, find_fixed_frames, split_header, FrameError, FRAME_HEADER_LEN};
 use crate::index::{self, IndexName, SegmentIndex};
-use crate::record::{self, Record};
-use crate::segment::{parse_segment_file_name, Segment, SegmentHeader, SEGMENT_HEADER_LEN};
+use crate::record::{self, Record, KIND_SYNCED, SYNCED_PAYLOAD_LEN};
+use crate::segment::{
+    marker_frame, parse_segment_file_name, Segment, SegmentHeader, SEGMENT_HEADER_LEN,
+};
 use crate::snapfile::{self, sync_dir, SnapshotFile};
 use crate::state::LogState;
 use crate::OpenStats;
@@ -95,8 +96,15 @@ enum HeaderState {
 }
 
 pub(crate) fn recover(dir: &Path) -> Result<Recovered, StoreError> {
-    fs::create_dir_all(dir).map_err(|e| StoreError::io("create directory", dir, e))?;
+    let mut stats = OpenStats::default();
+    stats.dirs_synced += create_dir_durable_counted(dir)?;
     let snap = snapfile::load(dir)?.unwrap_or_else(SnapshotFile::fresh);
+    // After a crash the page cache survived, the names recovery is about
+    // to rely on (the snapshot file's last rename, new segments, index
+    // files) may not be durable yet: make them so before acting on them
+    // (e.g. deleting segments the snapshot file says are stale).
+    sync_dir(dir)?;
+    stats.dirs_synced += 1;
     let mut dir_changed = false;
     let listing = list_files(dir)?;
     for tmp in &listing.temp_indexes {
@@ -113,13 +121,13 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, StoreError> {
     if let Some(last) = candidates.last() {
         if listing.indexes.contains(&last.first_index) && index::remove(&last.path)? {
             sync_dir(dir)?;
+            stats.dirs_synced += 1;
         }
     }
     let mut latest = Latest {
         hard_state: snap.hard_state.clone(),
         conf_state: snap.conf_state.clone(),
     };
-    let mut stats = OpenStats::default();
     let mut segments: Vec<Segment> = Vec::with_capacity(candidates.len());
     let count = candidates.len();
     for (i, candidate) in candidates.into_iter().enumerate() {
@@ -156,11 +164,13 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, StoreError> {
             .file
             .sync_data()
             .map_err(|e| StoreError::io("fsync segment", &segment.path, e))?;
+        stats.files_synced += 1;
         segments.push(segment);
         dir_changed = true;
     }
     if dir_changed {
         sync_dir(dir)?;
+        stats.dirs_synced += 1;
     }
     finish(dir, snap, segments, latest, stats)
 }
@@ -365,7 +375,18 @@ fn open_segment(
         }
     }
     let empty = Segment::new(first_index, path, Arc::new(file), header.salt, len);
-    let segment = scan_segment(empty, !sealed, latest, stats)?;
+    let mut segment = scan_segment(empty, !sealed, latest, stats)?;
+    // What recovery keeps may so far be only in the page cache (a crash
+    // that it survived, e.g. `kill -9`): make it durable before the node
+    // serves or votes on it. This also makes a cut of the tail durable.
+    segment
+        .file
+        .sync_data()
+        .map_err(|e| StoreError::io("fdatasync segment", &segment.path, e))?;
+    stats.files_synced += 1;
+    if !sealed {
+        vouch_for_kept_tail(&mut segment)?;
+    }
     if sealed {
         // Best effort: without it the next open scans this segment again.
         let bytes = index::encode(&segment, header.generation);
@@ -465,7 +486,9 @@ fn scan_segment(
     stats.segments_scanned += 1;
     stats.bytes_scanned += reader.get_ref().bytes;
     if let Some(problem) = torn {
-        stats.bytes_scanned += cut_torn_tail(&segment, position, len, is_last, problem)?;
+        let cut = cut_torn_tail(&segment, position, len, is_last, problem)?;
+        stats.bytes_scanned += cut;
+        stats.bytes_cut += cut;
         segment.end = position;
     }
     Ok(segment)
@@ -523,12 +546,50 @@ fn index_record(
             segment.note_conf_state(seq, &cs);
             Ok(())
         }
+        Record::Synced { upto } => {
+            check_marker(&segment.path, position, upto)?;
+            segment.note_marker(position, upto);
+            Ok(())
+        }
     }
 }
 
-/// A bad frame is a torn tail, cut off, only if it is in the last segment
-/// and no intact frame follows it; anything else is corruption. Returns the
-/// bytes it read.
+/// A marker is written after the bytes it vouches for; one that claims
+/// more was not written by this crate.
+fn check_marker(path: &Path, position: u64, upto: u64) -> Result<(), StoreError> {
+    if upto > position {
+        let reason = format!("sync marker claims {upto} bytes but lies at byte {position}");
+        return Err(StoreError::corrupt(path, position, reason));
+    }
+    Ok(())
+}
+
+/// After open synced the last segment, records that in it with a sync
+/// marker (unless one already vouches for everything), so that damage to
+/// what recovery kept is never mistaken for a lost write by a later open.
+/// Not synced itself: the next `sync` covers it.
+fn vouch_for_kept_tail(segment: &mut Segment) -> Result<(), StoreError> {
+    if segment.vouched >= segment.end {
+        return Ok(());
+    }
+    let upto = segment.end;
+    let frame = marker_frame(segment.salt, upto)?;
+    segment
+        .file
+        .write_all_at(&frame, upto)
+        .map_err(|e| StoreError::io("write segment", &segment.path, e))?;
+    segment.end += frame.len() as u64;
+    segment.note_marker(upto, upto);
+    Ok(())
+}
+
+/// Decides what a bad frame at `position` is. In a sealed segment
+/// (synced whole before the next one was created) it is corruption. In the
+/// last segment it is corruption only if a sync marker after it claims
+/// bytes beyond `position`: then the frame was synced and damaged since.
+/// Otherwise nothing proves it was ever synced: it, and everything after
+/// it, is a never-synced tail (a torn write, or a write that never reached
+/// the disk while a later one did), and is cut. Returns the bytes cut.
 fn cut_torn_tail(
     segment: &Segment,
     position: u64,
@@ -538,7 +599,7 @@ fn cut_torn_tail(
 ) -> Result<u64, StoreError> {
     let path = &segment.path;
     if !is_last {
-        let reason = format!("{problem} in a segment that is not the last");
+        let reason = format!("{problem} in a segment that is not the last (synced data)");
         return Err(StoreError::corrupt(path, position, reason));
     }
     let mut rest = vec![0; (len - position) as usize];
@@ -546,15 +607,17 @@ fn cut_torn_tail(
         .file
         .read_exact_at(&mut rest, position)
         .map_err(|e| StoreError::io("read segment", path, e))?;
-    match look_for_intact_frame(&rest, segment.salt, record::is_known_kind) {
-        Follows::Nothing => {}
-        Follows::Intact => {
-            let reason = format!("{problem}, and intact frames follow it");
-            return Err(StoreError::corrupt(path, position, reason));
-        }
-        Follows::Unknown => {
+    for start in find_fixed_frames(&rest, segment.salt, SYNCED_PAYLOAD_LEN, KIND_SYNCED) {
+        let at = position + start as u64;
+        let payload =
+            &rest[start + FRAME_HEADER_LEN..start + FRAME_HEADER_LEN + SYNCED_PAYLOAD_LEN];
+        let Ok(Record::Synced { upto }) = record::decode(payload) else {
+            continue;
+        };
+        check_marker(path, at, upto)?;
+        if upto > position {
             let reason = format!(
-                "{problem}, and the rest of the segment is too costly to check for intact frames"
+                "{problem} in synced data: a sync marker at byte {at} says the first {upto} bytes were synced"
             );
             return Err(StoreError::corrupt(path, position, reason));
         }
@@ -564,12 +627,11 @@ fn cut_torn_tail(
         position,
         dropped_bytes = len - position,
         %problem,
-        "truncating torn tail of the log"
+        "cutting the never-synced tail of the log"
     );
     segment
         .file
         .set_len(position)
-        .and_then(|()| segment.file.sync_data())
         .map_err(|e| StoreError::io("truncate torn tail", path, e))?;
     Ok(len - position)
 }

@@ -24,11 +24,14 @@ use std::time::SystemTime;
 use raft::prelude::{ConfState, HardState};
 
 use crate::error::StoreError;
-use crate::frame::put_frame;
+use crate::frame::{put_frame, FRAME_HEADER_LEN};
 use crate::index::SegmentIndex;
-use crate::record::{put_conf_state, put_hard_state};
+use crate::record::{put_conf_state, put_hard_state, put_synced, SYNCED_PAYLOAD_LEN};
 
 pub(crate) const SEGMENT_HEADER_LEN: usize = 32;
+
+/// Bytes of a sync marker's frame.
+pub(crate) const MARKER_FRAME_LEN: u64 = (FRAME_HEADER_LEN + SYNCED_PAYLOAD_LEN) as u64;
 const MAGIC: &[u8; 8] = b"COVETLOG";
 const VERSION: u32 = 1;
 
@@ -120,6 +123,10 @@ pub(crate) struct Segment {
     latest_hard_state: Option<(u64, HardState)>,
     /// The conf-state record with the highest sequence number in the file.
     latest_conf_state: Option<(u64, ConfState)>,
+    /// The file's first `vouched` bytes need no new sync marker: a marker
+    /// in the file says they are durable, or they end with a marker that
+    /// vouches for everything before it. Meaningful for the active segment.
+    pub vouched: u64,
 }
 
 impl Segment {
@@ -140,6 +147,7 @@ impl Segment {
             terms: Vec::new(),
             latest_hard_state: None,
             latest_conf_state: None,
+            vouched: 0,
         }
     }
 
@@ -156,6 +164,8 @@ impl Segment {
             terms: index.terms,
             latest_hard_state: index.hard_state,
             latest_conf_state: index.conf_state,
+            // Sealed, hence synced whole.
+            vouched: index.segment_len,
         }
     }
 
@@ -245,6 +255,18 @@ impl Segment {
         }
     }
 
+    /// Notes a sync marker at byte `position` claiming that the first
+    /// `upto` (≤ `position`) bytes are durable.
+    pub(crate) fn note_marker(&mut self, position: u64, upto: u64) {
+        let vouched = if upto == position {
+            // Nothing unvouched lies between the claim and the marker.
+            position + MARKER_FRAME_LEN
+        } else {
+            upto
+        };
+        self.vouched = self.vouched.max(vouched);
+    }
+
     pub(crate) fn entry_count(&self) -> u64 {
         self.offsets.len() as u64
     }
@@ -302,8 +324,19 @@ impl Segment {
         self.end = position;
         self.latest_hard_state = None;
         self.latest_conf_state = None;
+        self.vouched = self.vouched.min(position);
         position
     }
+}
+
+/// The frame of a sync marker claiming `upto`, for a segment salted `salt`.
+pub(crate) fn marker_frame(salt: u32, upto: u64) -> Result<Vec<u8>, StoreError> {
+    let mut buf = Vec::with_capacity(MARKER_FRAME_LEN as usize);
+    put_frame(&mut buf, salt, |b| {
+        put_synced(b, upto);
+        Ok(())
+    })?;
+    Ok(buf)
 }
 
 /// A salt no producer can predict: `RandomState` keys come from the OS.

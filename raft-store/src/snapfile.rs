@@ -22,6 +22,7 @@ use std::path::Path;
 use bytes::Bytes;
 use raft::prelude::{ConfState, HardState, Snapshot};
 
+pub(crate) use crate::durable::sync_dir;
 use crate::error::StoreError;
 use crate::record::{
     put_conf_state_fields, put_hard_state_fields, read_conf_state_fields, read_hard_state_fields,
@@ -151,13 +152,6 @@ pub(crate) fn store(dir: &Path, file: &SnapshotFile) -> Result<(), StoreError> {
     let path = dir.join(SNAPSHOT_FILE);
     fs::rename(&tmp, &path).map_err(|e| StoreError::io("rename", &path, e))?;
     sync_dir(dir)
-}
-
-/// Makes creations, renames and removals of files in `dir` durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| StoreError::io("fsync directory", dir, e))
 }
 
 #[cfg(test)]

@@ -6,7 +6,10 @@
 //! 1. `sync_lock` — serialises `sync` (and compaction), and is held across
 //!    `fdatasync`, so that a `sync` returns only after every write made
 //!    before it was called is durable, even a write whose `fdatasync` a
-//!    concurrent `sync` had already started. Appends never take it.
+//!    concurrent `sync` had already started. Appends never take it. `sync`
+//!    takes the writer twice under it: to collect what to sync (and what
+//!    its sync marker will claim), and after `fdatasync` to write that
+//!    marker.
 //! 2. `writer` — serialises everything that writes (append, hard/conf
 //!    state, compaction, snapshots). Writes to the file happen under it
 //!    alone, beyond the end readers know about.
@@ -18,7 +21,7 @@ use std::fmt;
 use std::fs::File;
 use std::mem;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use raft::prelude::{ConfState, HardState, Snapshot};
 
@@ -26,6 +29,7 @@ use crate::error::StoreError;
 use crate::recover::{recover, Recovered};
 use crate::snapfile::sync_dir;
 use crate::state::LogState;
+use crate::write::SyncClaim;
 use crate::{LogOptions, OpenStats, SegmentInfo};
 
 /// Durable storage for one Raft group, in one directory.
@@ -45,6 +49,9 @@ pub(crate) struct Inner {
     sync_lock: Mutex<()>,
     writer: Mutex<Writer>,
     state: RwLock<LogState>,
+    /// Set (once: the first fault is kept) when a read finds data it
+    /// cannot serve; see [`GroupStorage::fault`].
+    fault: OnceLock<String>,
 }
 
 /// State only writers touch.
@@ -91,9 +98,12 @@ impl Writer {
 }
 
 impl GroupStorage {
-    /// Opens (creating it if missing) the group directory `dir`: recovers
-    /// the log, cutting a torn tail off the last segment and failing with
-    /// [`StoreError::Corrupt`] on any other damage it reads.
+    /// Opens (creating it durably if missing, see [`crate::create_dir_durable`])
+    /// the group directory `dir`: recovers the log, cutting a never-synced
+    /// tail off the last segment and failing with [`StoreError::Corrupt`]
+    /// on damage to synced data it reads. Everything it keeps is durable
+    /// when it returns (directory and last segment synced), so the caller
+    /// may vote and acknowledge on it.
     ///
     /// Sealed segments with a valid index file are not read (see the crate
     /// docs): damage inside them is reported by the reads that meet it.
@@ -118,10 +128,23 @@ impl GroupStorage {
             sync_lock: Mutex::new(()),
             writer: Mutex::new(writer),
             state: RwLock::new(state),
+            fault: OnceLock::new(),
         };
         Ok(GroupStorage {
             inner: Arc::new(inner),
         })
+    }
+
+    /// Why this group must not be served from this directory, if a read
+    /// found a frame that fails its checksum or does not decode (or a
+    /// segment it could not read): the first such error, as text. Reads
+    /// return the error itself ([`StoreError::Corrupt`], or through
+    /// [`raft::Storage`] a `raft::Error::Store(StorageError::Other(_))`);
+    /// this flag lets the caller that catches raft-rs's panic on such an
+    /// error find out why, and take the group out of service. It stays set
+    /// for the life of this handle and its clones; reopening re-verifies.
+    pub fn fault(&self) -> Option<String> {
+        self.inner.fault.get().cloned()
     }
 
     /// The group's directory.
@@ -139,21 +162,38 @@ impl GroupStorage {
     /// if a segment was created or removed. Call it before acknowledging
     /// anything or sending Raft's persisted messages. Syncs of different
     /// groups never wait for each other; appends may continue meanwhile.
+    ///
+    /// Once durable, the active segment's new length is recorded in it by a
+    /// sync marker (one small unsynced write), which is what lets recovery
+    /// tell damage to synced data from a write that never reached the disk.
     pub fn sync(&self) -> Result<(), StoreError> {
         let _syncing = self.inner.lock_sync();
-        let (files, dir_dirty) = {
+        let (files, dir_dirty, claim) = {
             let mut w = self.inner.lock_writer()?;
-            (mem::take(&mut w.unsynced), mem::take(&mut w.dir_dirty))
+            let claim = self.inner.sync_claim();
+            (
+                mem::take(&mut w.unsynced),
+                mem::take(&mut w.dir_dirty),
+                claim,
+            )
         };
         let result = self.inner.sync_files(&files, dir_dirty);
+        let mut w = self
+            .inner
+            .writer
+            .lock()
+            .expect("raft-store writer lock poisoned");
         if result.is_err() {
-            self.inner
-                .writer
-                .lock()
-                .expect("raft-store writer lock poisoned")
-                .poisoned = true;
+            w.poisoned = true;
+            return result;
         }
-        result
+        if w.poisoned {
+            // Another write failed meanwhile; it reported that itself, and
+            // no marker is written to a file in an unknown state.
+            return Ok(());
+        }
+        let result = self.inner.write_marker(&mut w, &claim);
+        w.guard(result)
     }
 
     /// The current hard state (possibly not yet synced).
@@ -207,6 +247,30 @@ impl Inner {
 
     pub(crate) fn write_state(&self) -> RwLockWriteGuard<'_, LogState> {
         self.state.write().expect("raft-store state lock poisoned")
+    }
+
+    /// What a sync that starts now will have made durable. The caller
+    /// holds the writer, so no write is half published.
+    pub(crate) fn sync_claim(&self) -> SyncClaim {
+        let st = self.read_state();
+        let active = st.active();
+        SyncClaim {
+            file: Arc::clone(&active.file),
+            upto: active.end,
+            rewrites: st.rewrites,
+        }
+    }
+
+    /// Records the first fault a read met (see [`GroupStorage::fault`]).
+    pub(crate) fn note_fault(&self, err: &StoreError) {
+        let mut first = false;
+        self.fault.get_or_init(|| {
+            first = true;
+            err.to_string()
+        });
+        if first {
+            tracing::error!(dir = %self.dir.display(), %err, "group storage faulted: a read met data it cannot serve");
+        }
     }
 
     /// `sync` for callers already holding `sync_lock` and the writer.

@@ -9,6 +9,11 @@
 //!
 //! Rolling seals the old segment: it is `fdatasync`ed and its index file
 //! written (see [`crate::index`]) before the new segment is created.
+//!
+//! Sync markers (see [`crate::record`]) are written here too: by `sync`
+//! once its `fdatasync` returned ([`Inner::write_marker`]), and at the
+//! start of the records that follow a suffix truncation, whose cut was
+//! just synced. A marker only ever claims bytes a completed sync covered.
 
 use std::fs::{self, File};
 use std::io::ErrorKind;
@@ -22,10 +27,19 @@ use crate::error::StoreError;
 use crate::frame::put_frame;
 use crate::index;
 use crate::record::{entry_record_len, put_conf_state, put_entry, put_hard_state};
-use crate::segment::Segment;
+use crate::segment::{marker_frame, Segment};
 use crate::snapfile::{self, sync_dir};
 use crate::state::{plain_conf_state, plain_hard_state, same_hard_state};
 use crate::storage::{GroupStorage, Inner, Writer};
+
+/// What a `sync` made durable: the first `upto` bytes of `file`, the
+/// active segment when the sync began, if no rewrite happened since
+/// (`rewrites` is `LogState::rewrites` then).
+pub(crate) struct SyncClaim {
+    pub file: Arc<File>,
+    pub upto: u64,
+    pub rewrites: u64,
+}
 
 /// The active segment as a writer sees it.
 struct Target {
@@ -212,8 +226,24 @@ impl Inner {
         hs: Option<HardState>,
         cs: Option<ConfState>,
     ) -> Result<(), StoreError> {
+        self.write_records(w, false, hs, cs)
+    }
+
+    /// Appends, in one write, a sync marker for everything before it (if
+    /// `synced`: the caller has just made the whole active segment
+    /// durable), then hard-state and/or conf-state records.
+    fn write_records(
+        &self,
+        w: &mut Writer,
+        synced: bool,
+        hs: Option<HardState>,
+        cs: Option<ConfState>,
+    ) -> Result<(), StoreError> {
         let target = self.target();
         w.buf.clear();
+        if synced {
+            w.buf.extend(marker_frame(target.salt, target.end)?);
+        }
         let hs = hs.map(|hs| (w.take_seq(), hs));
         let cs = cs.map(|cs| (w.take_seq(), cs));
         if let Some((seq, hs)) = &hs {
@@ -232,6 +262,9 @@ impl Inner {
         let mut st = self.write_state();
         let active = st.active_mut();
         active.end = end;
+        if synced {
+            active.note_marker(target.end, target.end);
+        }
         if let Some((seq, hs)) = &hs {
             active.note_hard_state(*seq, hs);
         }
@@ -244,6 +277,47 @@ impl Inner {
         if let Some((_, cs)) = cs {
             st.conf_state = cs;
         }
+        Ok(())
+    }
+
+    /// Writes a sync marker claiming `upto` at the end of the active
+    /// segment, for a `sync` that has just made the file's first `upto`
+    /// bytes durable, unless the file changed under it or a marker already
+    /// vouches for them. The marker itself is not synced (it is advisory:
+    /// losing it only makes recovery treat a bad frame before it as part
+    /// of a never-synced tail), so it does not make the segment dirty.
+    pub(crate) fn write_marker(
+        &self,
+        _held: &mut Writer,
+        claim: &SyncClaim,
+    ) -> Result<(), StoreError> {
+        let target = {
+            let st = self.read_state();
+            let active = st.active();
+            // A truncation or a snapshot may have rewritten the bytes the
+            // sync covered, or a roll sealed that segment (synced whole).
+            if st.rewrites != claim.rewrites
+                || !Arc::ptr_eq(&active.file, &claim.file)
+                || claim.upto <= active.vouched
+            {
+                return Ok(());
+            }
+            Target {
+                path: active.path.clone(),
+                file: Arc::clone(&active.file),
+                end: active.end,
+                salt: active.salt,
+            }
+        };
+        let frame = marker_frame(target.salt, claim.upto)?;
+        target
+            .file
+            .write_all_at(&frame, target.end)
+            .map_err(|e| StoreError::io("write segment", &target.path, e))?;
+        let mut st = self.write_state();
+        let active = st.active_mut();
+        active.end = target.end + frame.len() as u64;
+        active.note_marker(target.end, claim.upto);
         Ok(())
     }
 
@@ -314,12 +388,14 @@ impl Inner {
             .map_err(|e| StoreError::io("truncate segment", &path, e))?;
         // Which hard/conf state records survived the cut is not tracked:
         // write fresh copies, so the segment's latest records (which its
-        // index will record when it is sealed) are known again.
+        // index will record when it is sealed) are known again. They
+        // follow a sync marker for the synced cut, so that recovery knows
+        // a bad frame before it is damage, not a lost write.
         let (hs, cs) = {
             let st = self.read_state();
             (st.hard_state.clone(), st.conf_state.clone())
         };
-        self.write_state_records(w, Some(hs), Some(cs))
+        self.write_records(w, true, Some(hs), Some(cs))
     }
 }
 
@@ -351,5 +427,70 @@ pub(crate) fn remove_segment_file(path: &Path) -> Result<(), StoreError> {
     match fs::remove_file(path) {
         Err(e) if e.kind() != ErrorKind::NotFound => Err(StoreError::io("remove segment", path, e)),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use raft::prelude::Entry;
+
+    use super::*;
+    use crate::segment::MARKER_FRAME_LEN;
+    use crate::LogOptions;
+
+    fn entries(first: u64, last: u64, term: u64) -> Vec<Entry> {
+        (first..=last)
+            .map(|index| Entry {
+                index,
+                term,
+                data: b"data".to_vec().into(),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    fn end(store: &GroupStorage) -> u64 {
+        store.segments().last().expect("a segment").bytes
+    }
+
+    /// A marker claims what a sync began with: never after a truncation
+    /// (or roll) overtook the sync, since the bytes it would vouch for may
+    /// then be new and unsynced.
+    #[test]
+    fn a_marker_is_written_only_for_a_claim_nothing_overtook() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let store = GroupStorage::open(dir.path(), LogOptions::default()).expect("open");
+        store.append(&entries(1, 10, 1)).expect("append");
+        let inner = &store.inner;
+
+        let claim = inner.sync_claim();
+        store.append(&entries(5, 5, 2)).expect("conflicting append");
+        let before = end(&store);
+        let mut w = inner.lock_writer().expect("writer");
+        inner.write_marker(&mut w, &claim).expect("marker");
+        assert_eq!(end(&store), before, "a truncation overtook the claim");
+
+        let claim = inner.sync_claim();
+        inner.write_marker(&mut w, &claim).expect("marker");
+        assert_eq!(end(&store), before + MARKER_FRAME_LEN);
+        // Already vouched for: nothing more.
+        let claim = inner.sync_claim();
+        inner.write_marker(&mut w, &claim).expect("marker");
+        assert_eq!(end(&store), before + MARKER_FRAME_LEN);
+        drop(w);
+
+        // A roll overtook it: the old segment was synced whole when sealed.
+        let small = tempfile::TempDir::new().expect("tempdir");
+        let store =
+            GroupStorage::open(small.path(), LogOptions { segment_bytes: 300 }).expect("open");
+        store.append(&entries(1, 3, 1)).expect("append");
+        assert_eq!(store.segments().len(), 1);
+        let claim = store.inner.sync_claim();
+        store.append(&entries(4, 10, 1)).expect("append rolls");
+        assert!(store.segments().len() > 1);
+        let before = end(&store);
+        let mut w = store.inner.lock_writer().expect("writer");
+        store.inner.write_marker(&mut w, &claim).expect("marker");
+        assert_eq!(end(&store), before);
     }
 }

@@ -78,21 +78,28 @@ fn check_contiguous(segments: &[SegmentInfo], first: u64, last: u64) {
     assert_eq!(segments[segments.len() - 1].last_index, last);
 }
 
-/// Writes 10 entries to one segment, syncs, and closes.
-fn ten_entries(dir: &TempDir) -> std::path::PathBuf {
+/// Writes 12 entries to one segment, syncs, and closes. Returns the
+/// segment file and where the last entry ends (the sync marker follows).
+fn twelve_entries(dir: &TempDir) -> (std::path::PathBuf, u64) {
     let store = open(dir.path(), 1 << 20);
     store.append(&entries(1..=10, 1)).expect("append");
     store.set_hard_state(&hard_state(1, 1, 10)).expect("hs");
     store.append(&entries(11..=12, 1)).expect("append");
+    let end = store.segments()[0].bytes;
     store.sync().expect("sync");
-    segment_files(dir.path()).remove(0)
+    (segment_files(dir.path()).remove(0), end)
+}
+
+/// The segment file of `twelve_entries`.
+fn ten_entries(dir: &TempDir) -> std::path::PathBuf {
+    twelve_entries(dir).0
 }
 
 #[test]
 fn torn_last_entry_is_truncated() {
     let dir = TempDir::new().expect("tempdir");
-    let path = ten_entries(&dir);
-    let len = fs::metadata(&path).expect("stat").len();
+    // The marker the sync wrote after entry 12 goes with the first cut.
+    let (path, len) = twelve_entries(&dir);
     for cut in [1, 5, 9, 20] {
         let file = OpenOptions::new().write(true).open(&path).expect("open");
         file.set_len(len - cut).expect("cut");
@@ -100,10 +107,11 @@ fn torn_last_entry_is_truncated() {
         assert_eq!(first_last(&store), (1, 11), "cut {cut}");
         assert_eq!(all_entries(&store), entries(1..=11, 1));
         assert_eq!(store.hard_state(), hard_state(1, 1, 10));
-        // Restore the entry, then cut deeper next time.
+        // Restore the entry (behind the marker open wrote for what it
+        // kept), then cut deeper into it next time.
         store.append(&[entry(12, 1)]).expect("append");
         store.sync().expect("sync");
-        assert_eq!(fs::metadata(&path).expect("stat").len(), len);
+        assert_eq!(all_entries(&store), entries(1..=12, 1));
     }
 }
 

@@ -75,6 +75,7 @@ fn open_reads_only_the_last_segment() {
                 .map(|f| fs::metadata(f).expect("stat").len())
                 .sum(),
             indexes_written: 0,
+            ..stats
         }
     );
     let fast = observe(&store);
