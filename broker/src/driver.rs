@@ -21,11 +21,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use covet_protocol::api::{GroupStatus, TopicConfig};
 use covet_protocol::internal::TopicRecord;
-use covet_raft_store::{GroupStorage, LogOptions};
+use covet_raft_store::{create_dir_durable, sync_dir, GroupStorage, LogOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::catalog::Catalog;
-use crate::durable_dir::{create_dir_durable, sync_dir};
 use crate::error::{BrokerError, Result};
 use crate::faults::{guard, is_vote_request};
 use crate::group::{Applied, Bootstrap, Group, GroupConfig, Machine, Responder};

@@ -19,7 +19,6 @@
 
 pub mod catalog;
 pub mod driver;
-pub mod durable_dir;
 pub mod error;
 mod faults;
 pub mod group;

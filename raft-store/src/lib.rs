@@ -327,6 +327,13 @@ pub fn create_dir_durable(path: &Path) -> Result<(), StoreError> {
     durable::create_dir_durable_counted(path).map(drop)
 }
 
+/// fsyncs directory `dir`, making the names created, renamed or removed in
+/// it durable (for directories whose files another library creates, such
+/// as sled's).
+pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    durable::sync_dir(dir)
+}
+
 /// Removes a group's directory and everything in it (topic deletion).
 /// Drop every [`GroupStorage`] of the group first. A missing directory is
 /// not an error.
