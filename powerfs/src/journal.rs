@@ -1,0 +1,241 @@
+//! The undo journal of directory entries not yet covered by a directory
+//! `fsync`.
+//!
+//! Namespace changes are applied to the backing directory at once (so lookups
+//! stay plain passthrough), and each one is recorded here with what undoes it.
+//! An entry that removes a name (unlink, rmdir, a rename over an existing
+//! name) moves the old object into the hidden trash directory instead of
+//! deleting it, so undoing it is a rename back. An `fsync` of a directory
+//! commits the entries that wait for that directory: a commit empties the
+//! entry's trash slot for good. A power cut undoes the remaining entries
+//! newest first.
+//!
+//! Why per-directory commits undone in reverse order are consistent: two
+//! entries that touch the same name of the same directory wait for that
+//! directory, and an `fsync` commits every entry recorded before it there, so
+//! whenever a later entry on a name is committed the earlier ones are too.
+//! Undoing only uncommitted entries, newest first, therefore never needs a
+//! name that a committed entry still uses. A rename waits for both of its
+//! directories (strict: on ext4 either one's fsync would commit it).
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The name of the trash directory at the backing root, hidden from the mount.
+pub(crate) const TRASH: &str = ".powerfs-trash";
+
+/// A directory an entry lives in: its inode number on the mount (which keys
+/// the `fsync`) and an `O_PATH` handle that stays valid across renames.
+#[derive(Clone, Debug)]
+pub(crate) struct DirRef {
+    pub ino: u64,
+    pub fd: Arc<File>,
+}
+
+impl DirRef {
+    pub fn join(&self, name: &OsStr) -> PathBuf {
+        at(&self.fd, name)
+    }
+}
+
+/// The path of `name` inside the directory open as `fd`, through procfs, so
+/// operations follow the directory wherever it has been renamed to.
+pub(crate) fn at(fd: &File, name: &OsStr) -> PathBuf {
+    let mut p = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    if !name.is_empty() {
+        p.push(name);
+    }
+    p
+}
+
+#[derive(Debug)]
+enum Change {
+    /// A name was created (file, directory, symlink, hard link).
+    Created { dir: DirRef, name: OsString },
+    /// A name was removed; its object waits in the trash.
+    Removed {
+        dir: DirRef,
+        name: OsString,
+        trash: OsString,
+    },
+    /// A name moved; what it replaced waits in the trash.
+    Renamed {
+        from: DirRef,
+        from_name: OsString,
+        to: DirRef,
+        to_name: OsString,
+        displaced: Option<OsString>,
+    },
+}
+
+#[derive(Debug)]
+struct Entry {
+    change: Change,
+    /// Directories (inode numbers) whose fsync this entry still waits for.
+    waits_for: Vec<u64>,
+}
+
+/// Outcome of undoing the journal at a power cut.
+#[derive(Debug, Default)]
+pub(crate) struct Undone {
+    pub entries: u64,
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Journal {
+    entries: Vec<Entry>,
+    trash: Arc<File>,
+    next_trash: u64,
+}
+
+impl Journal {
+    pub fn new(trash: Arc<File>) -> Self {
+        Journal {
+            entries: Vec::new(),
+            trash,
+            next_trash: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// A fresh path in the trash to move a removed object to.
+    pub fn trash_slot(&mut self) -> (OsString, PathBuf) {
+        self.next_trash += 1;
+        let name = OsString::from(self.next_trash.to_string());
+        let path = at(&self.trash, &name);
+        (name, path)
+    }
+
+    pub fn created(&mut self, dir: DirRef, name: &OsStr) {
+        let waits_for = vec![dir.ino];
+        let change = Change::Created {
+            dir,
+            name: name.to_owned(),
+        };
+        self.entries.push(Entry { change, waits_for });
+    }
+
+    pub fn removed(&mut self, dir: DirRef, name: &OsStr, trash: OsString) {
+        let waits_for = vec![dir.ino];
+        let change = Change::Removed {
+            dir,
+            name: name.to_owned(),
+            trash,
+        };
+        self.entries.push(Entry { change, waits_for });
+    }
+
+    pub fn renamed(
+        &mut self,
+        from: (DirRef, &OsStr),
+        to: (DirRef, &OsStr),
+        displaced: Option<OsString>,
+    ) {
+        let mut waits_for = vec![from.0.ino];
+        if to.0.ino != from.0.ino {
+            waits_for.push(to.0.ino);
+        }
+        let change = Change::Renamed {
+            from: from.0,
+            from_name: from.1.to_owned(),
+            to: to.0,
+            to_name: to.1.to_owned(),
+            displaced,
+        };
+        self.entries.push(Entry { change, waits_for });
+    }
+
+    /// An `fsync` of directory `ino`: commits every entry that waited only
+    /// for it, deleting their trash for good.
+    pub fn fsync_dir(&mut self, ino: u64) -> io::Result<()> {
+        let mut first_err = None;
+        let trash = Arc::clone(&self.trash);
+        self.entries.retain_mut(|e| {
+            e.waits_for.retain(|&d| d != ino);
+            if !e.waits_for.is_empty() {
+                return true;
+            }
+            if let Err(err) = commit(&trash, &e.change) {
+                first_err.get_or_insert(err);
+            }
+            false
+        });
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Makes every entry durable (a clean unmount).
+    pub fn commit_all(&mut self) -> io::Result<()> {
+        let mut first_err = None;
+        for e in self.entries.drain(..) {
+            if let Err(err) = commit(&self.trash, &e.change) {
+                first_err.get_or_insert(err);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Reverts every uncommitted entry, newest first (a power cut).
+    pub fn undo_all(&mut self) -> Undone {
+        let mut out = Undone::default();
+        while let Some(e) = self.entries.pop() {
+            out.entries += 1;
+            if let Err(err) = undo(&self.trash, &e.change) {
+                out.errors.push(format!("undo {:?}: {err}", e.change));
+            }
+        }
+        out
+    }
+}
+
+fn commit(trash: &File, change: &Change) -> io::Result<()> {
+    match change {
+        Change::Created { .. } => Ok(()),
+        Change::Removed { trash: slot, .. } => remove_any(&at(trash, slot)),
+        Change::Renamed { displaced, .. } => match displaced {
+            Some(slot) => remove_any(&at(trash, slot)),
+            None => Ok(()),
+        },
+    }
+}
+
+fn undo(trash: &File, change: &Change) -> io::Result<()> {
+    match change {
+        Change::Created { dir, name } => remove_any(&dir.join(name)),
+        Change::Removed {
+            dir,
+            name,
+            trash: slot,
+        } => std::fs::rename(at(trash, slot), dir.join(name)),
+        Change::Renamed {
+            from,
+            from_name,
+            to,
+            to_name,
+            displaced,
+        } => {
+            std::fs::rename(to.join(to_name), from.join(from_name))?;
+            match displaced {
+                Some(slot) => std::fs::rename(at(trash, slot), to.join(to_name)),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+/// Removes a file, symlink or whole directory tree.
+pub(crate) fn remove_any(path: &std::path::Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
