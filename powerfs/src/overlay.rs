@@ -11,6 +11,11 @@
 //!
 //! Appends that follow each other coalesce into one extent without copying,
 //! so a log written by many small appends costs one map entry per sync round.
+//! A file rewritten in place without ever being synced (sled's files: sled
+//! never calls `fsync`) would grow the arena without bound, so once the arena
+//! is mostly overwritten bytes it is compacted: the arena keeps only live
+//! bytes and the history becomes the equivalent coarser one (truncate, write
+//! each extent, set the size), from which faults then choose.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -19,6 +24,9 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use crate::rng::SplitMix64;
+
+/// Arena size below which overwritten bytes are never reclaimed.
+const COMPACT_MIN: u64 = 16 << 20;
 
 /// A run of overlay bytes: `len` bytes at arena offset `apos`.
 #[derive(Clone, Copy, Debug)]
@@ -60,6 +68,8 @@ pub(crate) struct Overlay {
     /// Backing bytes at or past this offset are hidden: a truncate since the
     /// last sync cut them off (a later extension must read zeros there).
     floor: u64,
+    /// Arena size at which to check whether compaction pays.
+    compact_at: u64,
 }
 
 impl Overlay {
@@ -73,6 +83,7 @@ impl Overlay {
             ops: Vec::new(),
             size: backing_len,
             floor: backing_len,
+            compact_at: COMPACT_MIN,
         }
     }
 
@@ -95,6 +106,37 @@ impl Overlay {
         self.ops.push(Op::Write { offset, apos, len });
         self.cover(offset, len, apos);
         self.size = self.size.max(offset + len);
+        if self.arena.len() as u64 >= self.compact_at {
+            let live: u64 = self.extents.values().map(|e| e.len).sum();
+            if live * 2 <= self.arena.len() as u64 {
+                self.compact();
+            }
+            self.compact_at = (2 * self.arena.len() as u64).max(COMPACT_MIN);
+        }
+    }
+
+    /// Keeps only live bytes; the history becomes: truncate to the floor,
+    /// write each extent in offset order, set the size if that differs.
+    fn compact(&mut self) {
+        let mut arena = Vec::new();
+        let mut ops = vec![Op::SetLen(self.floor)];
+        let mut end = self.floor;
+        for (&start, e) in self.extents.iter_mut() {
+            let apos = arena.len() as u64;
+            arena.extend_from_slice(&self.arena[e.apos as usize..(e.apos + e.len) as usize]);
+            e.apos = apos;
+            ops.push(Op::Write {
+                offset: start,
+                apos,
+                len: e.len,
+            });
+            end = end.max(start + e.len);
+        }
+        if end != self.size {
+            ops.push(Op::SetLen(self.size));
+        }
+        self.arena = arena;
+        self.ops = ops;
     }
 
     pub fn set_len(&mut self, len: u64) {
@@ -354,6 +396,35 @@ mod tests {
         assert_eq!(o.read(0, 100).expect("read"), b"0123\0\0\0\0");
         o.write_through().expect("through");
         assert_eq!(backing(&o), b"0123\0\0\0\0");
+    }
+
+    #[test]
+    fn rewriting_in_place_without_sync_keeps_memory_bounded() {
+        let (_d, mut o) = overlay_over(b"");
+        let block = |i: u32| vec![(i % 251) as u8; 4096];
+        for i in 0..20_000u32 {
+            o.write(u64::from(i % 16) * 4096, &block(i));
+        }
+        assert!(
+            o.pending_bytes() <= 2 * COMPACT_MIN,
+            "{}",
+            o.pending_bytes()
+        );
+        for slot in 0..16u32 {
+            let last = 20_000 - 16 + slot;
+            let got = o.read(u64::from(slot) * 4096, 4096).expect("read");
+            assert!(got == block(last), "slot {slot}");
+        }
+        let out = o.cut(&mut SplitMix64::new(5), true, false).expect("cut");
+        assert!(out.torn);
+        // Every slot but the last one written holds its latest block; that
+        // one's last write was torn over its previous content.
+        let b = backing(&o);
+        assert_eq!(b.len(), 16 * 4096);
+        for slot in 0..15 {
+            let want = block(20_000 - 16 + slot as u32);
+            assert!(b[slot * 4096..(slot + 1) * 4096] == want[..], "slot {slot}");
+        }
     }
 
     #[test]
