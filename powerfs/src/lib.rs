@@ -314,7 +314,7 @@ impl PowerFs {
             Err(e) => return Err(unmount_err(e)),
         }
         // With no file left open the kernel ends the connection at once.
-        let _ended = self.done.recv_timeout(Duration::from_secs(2));
+        let _ended = self.done.recv_timeout(Duration::from_millis(500));
         Ok(())
     }
 }
