@@ -1,6 +1,9 @@
 //! The FUSE adapter: each kernel request takes the core's lock, refuses with
 //! EIO once power was cut or the mount closed, delegates to [`Core`], and
 //! converts the answer into fuser's reply. Nothing here decides durability.
+//! Several threads serve requests; the lock orders them, and only the
+//! backing file's own sync runs outside it, so syncs of different files (a
+//! broker's Raft groups) overlap as they would on a disk.
 //!
 //! Every open file is opened with `FOPEN_DIRECT_IO`, and writeback caching is
 //! never requested, so every read and write reaches this process: the kernel
@@ -280,10 +283,17 @@ impl fuser::Filesystem for PowerFsOps {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        empty(
-            reply,
-            self.live().and_then(|mut c| c.fsync(ino.0, datasync)),
-        );
+        let file = match self.live().and_then(|mut c| c.fsync(ino.0)) {
+            Ok(f) => f,
+            Err(e) => return reply.error(e),
+        };
+        // The backing sync runs without the lock (see `Core::fsync`).
+        let synced = match file {
+            Some(f) if datasync => f.sync_data(),
+            Some(f) => f.sync_all(),
+            None => Ok(()),
+        };
+        empty(reply, synced.map_err(Errno::from));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -333,7 +343,14 @@ impl fuser::Filesystem for PowerFsOps {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.live().and_then(|mut c| c.fsyncdir(ino.0)));
+        let dir = match self.live().and_then(|mut c| c.fsyncdir(ino.0)) {
+            Ok(d) => d,
+            Err(e) => return reply.error(e),
+        };
+        empty(
+            reply,
+            dir.map_or(Ok(()), |d| d.sync_all()).map_err(Errno::from),
+        );
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

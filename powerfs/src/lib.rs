@@ -55,9 +55,9 @@
 //! count of its trash name. The backing directory is meaningful only after a
 //! power cut or a clean unmount (while mounted it holds the volatile
 //! namespace and only synced data). Memory grows with the unsynced bytes
-//! between two syncs of a file. All operations run on one thread under one
-//! lock, which keeps the cut atomic and is fast enough for a broker under
-//! test load.
+//! between two syncs of a file (a file rewritten in place is compacted). All
+//! operations run under one lock, which keeps the cut atomic; only the
+//! backing `fsync` itself runs outside it.
 
 mod core;
 mod fs;
@@ -73,6 +73,10 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use crate::core::{Core, Phase};
+
+/// Threads serving FUSE requests. They share one lock; more than one lets
+/// the backing syncs of different files overlap.
+const SESSION_THREADS: usize = 4;
 
 /// How to mount.
 #[derive(Clone, Debug)]
@@ -210,7 +214,7 @@ impl PowerFs {
             fuser::MountOption::DefaultPermissions,
             fuser::MountOption::RW,
         ];
-        config.n_threads = Some(1);
+        config.n_threads = Some(SESSION_THREADS);
         let mount_err = |source| Error::Mount {
             mountpoint: mountpoint.to_owned(),
             source,

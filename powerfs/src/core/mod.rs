@@ -265,7 +265,12 @@ impl Core {
     }
 
     /// `fsync`/`fdatasync` of a file: its overlay reaches the backing file.
-    pub fn fsync(&mut self, ino: u64, datasync: bool) -> Res<()> {
+    /// Returns the backing file for the caller to sync after releasing the
+    /// lock, so syncs of different files overlap. A cut that lands between
+    /// the write-through and that sync keeps the data (the backing file
+    /// already holds it): durable but not yet acknowledged, which a real disk
+    /// allows too.
+    pub fn fsync(&mut self, ino: u64) -> Res<Option<Arc<File>>> {
         let file = match self.overlays.remove(&ino) {
             Some(o) => {
                 o.write_through()?;
@@ -273,23 +278,20 @@ impl Core {
             }
             None => self.data(ino)?,
         };
-        if self.sync_backing {
-            if datasync {
-                file.sync_data()?;
-            } else {
-                file.sync_all()?;
-            }
-        }
-        Ok(())
+        Ok(self.sync_backing.then_some(file))
     }
 
-    /// `fsync` of a directory: its pending entries become durable.
-    pub fn fsyncdir(&mut self, ino: u64) -> Res<()> {
+    /// `fsync` of a directory: its pending entries become durable. Returns
+    /// the backing directory to sync after releasing the lock.
+    pub fn fsyncdir(&mut self, ino: u64) -> Res<Option<File>> {
         self.journal.fsync_dir(ino)?;
-        if self.sync_backing {
-            File::open(at(&self.inode(ino)?.path, OsStr::new("")))?.sync_all()?;
+        if !self.sync_backing {
+            return Ok(None);
         }
-        Ok(())
+        Ok(Some(File::open(at(
+            &self.inode(ino)?.path,
+            OsStr::new(""),
+        ))?))
     }
 
     #[allow(clippy::too_many_arguments)]
