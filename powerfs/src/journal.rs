@@ -18,10 +18,12 @@
 //! name that a committed entry still uses. A rename waits for both of its
 //! directories (strict: on ext4 either one's fsync would commit it).
 
+use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -185,12 +187,18 @@ impl Journal {
     /// Reverts every uncommitted entry, newest first (a power cut).
     pub fn undo_all(&mut self) -> Undone {
         let mut out = Undone::default();
+        let mut undoer = Undoer {
+            trash: &self.trash,
+            limbo: HashMap::new(),
+        };
         while let Some(e) = self.entries.pop() {
             out.entries += 1;
-            if let Err(err) = undo(&self.trash, &e.change) {
+            if let Err(err) = undoer.undo(&e.change) {
                 out.errors.push(format!("undo {:?}: {err}", e.change));
             }
         }
+        // Objects left in limbo belong to directories that are gone for good;
+        // they are deleted with the trash.
         out
     }
 }
@@ -206,28 +214,69 @@ fn commit(trash: &File, change: &Change) -> io::Result<()> {
     }
 }
 
-fn undo(trash: &File, change: &Change) -> io::Result<()> {
-    match change {
-        Change::Created { dir, name } => remove_any(&dir.join(name)),
-        Change::Removed {
-            dir,
-            name,
-            trash: slot,
-        } => std::fs::rename(at(trash, slot), dir.join(name)),
-        Change::Renamed {
-            from,
-            from_name,
-            to,
-            to_name,
-            displaced,
-        } => {
-            std::fs::rename(to.join(to_name), from.join(from_name))?;
-            match displaced {
-                Some(slot) => std::fs::rename(at(trash, slot), to.join(to_name)),
+/// Undoes entries newest first. A directory whose own removal was committed
+/// (fsynced in its parent) is gone for good, yet entries inside it may still
+/// wait for its fsync; their objects are tracked in `limbo` by (directory,
+/// name) so that an older entry can still move them to a directory that
+/// exists (a rename out of a surviving directory into the gone one reverts).
+struct Undoer<'a> {
+    trash: &'a File,
+    limbo: HashMap<(u64, OsString), PathBuf>,
+}
+
+impl Undoer<'_> {
+    fn undo(&mut self, change: &Change) -> io::Result<()> {
+        match change {
+            Change::Created { dir, name } => match self.take(dir, name) {
+                Some(path) => remove_any(&path),
                 None => Ok(()),
+            },
+            Change::Removed {
+                dir,
+                name,
+                trash: slot,
+            } => self.put(at(self.trash, slot), dir, name),
+            Change::Renamed {
+                from,
+                from_name,
+                to,
+                to_name,
+                displaced,
+            } => {
+                if let Some(path) = self.take(to, to_name) {
+                    self.put(path, from, from_name)?;
+                }
+                match displaced {
+                    Some(slot) => self.put(at(self.trash, slot), to, to_name),
+                    None => Ok(()),
+                }
             }
         }
     }
+
+    /// Where the object named `name` in `dir` is now.
+    fn take(&mut self, dir: &DirRef, name: &OsStr) -> Option<PathBuf> {
+        if exists(dir) {
+            Some(dir.join(name))
+        } else {
+            self.limbo.remove(&(dir.ino, name.to_owned()))
+        }
+    }
+
+    /// Gives the object at `path` the name `name` in `dir`.
+    fn put(&mut self, path: PathBuf, dir: &DirRef, name: &OsStr) -> io::Result<()> {
+        if exists(dir) {
+            std::fs::rename(path, dir.join(name))
+        } else {
+            self.limbo.insert((dir.ino, name.to_owned()), path);
+            Ok(())
+        }
+    }
+}
+
+/// Whether a directory still exists (a deleted one has no links).
+fn exists(dir: &DirRef) -> bool {
+    dir.fd.metadata().is_ok_and(|m| m.nlink() > 0)
 }
 
 /// Removes a file, symlink or whole directory tree.

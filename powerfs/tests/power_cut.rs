@@ -469,3 +469,26 @@ fn shared_writable_mmap_is_refused_cleanly() {
         assert_eq!(buf, [1; 4096]);
     });
 }
+
+#[test]
+fn entries_inside_a_directory_removed_for_good_still_revert_cleanly() {
+    bounded(|| {
+        let rig = Rig::new();
+        fs::create_dir(rig.m("d")).expect("mkdir");
+        fs::create_dir(rig.m("e")).expect("mkdir");
+        fsync_dir(&rig.mnt);
+        durable_file(&rig.m("e/moved"), b"M");
+        // Entries in d that wait for an fsync of d, which never comes.
+        fs::write(rig.m("d/f"), b"F").expect("create");
+        fs::remove_file(rig.m("d/f")).expect("unlink");
+        fs::rename(rig.m("e/moved"), rig.m("d/moved")).expect("rename");
+        fs::remove_file(rig.m("d/moved")).expect("unlink");
+        fs::remove_dir(rig.m("d")).expect("rmdir");
+        fsync_dir(&rig.mnt);
+        let stats = rig.cut(CutOptions::default());
+        assert_eq!(stats.dir_changes_reverted, 4);
+        assert_eq!(rig.backing_names(""), ["e"]);
+        // e was never fsynced after the rename out of it: the name is back.
+        assert_eq!(fs::read(rig.b("e/moved")).expect("read"), b"M");
+    });
+}
