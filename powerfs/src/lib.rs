@@ -203,6 +203,7 @@ impl PowerFs {
             source,
         };
         let backing = backing.canonicalize().map_err(backing_err)?;
+        raise_fd_limit();
         let core = Core::new(&backing, opts.sync_backing).map_err(backing_err)?;
         let core = Arc::new(Mutex::new(core));
         let ops = fs::PowerFsOps {
@@ -326,6 +327,22 @@ impl PowerFs {
 impl Drop for PowerFs {
     fn drop(&mut self) {
         let _best_effort = self.shutdown();
+    }
+}
+
+/// Raises this process's soft limit on open files to the hard limit: the
+/// daemon holds a handle per inode the kernel knows (and one more per open
+/// file), which a broker's segments and sled's files can push past a soft
+/// limit of 1024. Best effort: the mount works without it until it runs out.
+fn raise_fd_limit() {
+    // SAFETY: an all-zero rlimit is a valid value of this plain C struct.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `lim` is writable; then it is only read.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
     }
 }
 
