@@ -492,3 +492,29 @@ fn entries_inside_a_directory_removed_for_good_still_revert_cleanly() {
         assert_eq!(fs::read(rig.b("e/moved")).expect("read"), b"M");
     });
 }
+
+#[test]
+fn the_same_backing_can_be_mounted_again_after_a_cut() {
+    bounded(|| {
+        let rig = Rig::new();
+        durable_file(&rig.m("f"), b"one");
+        let held = File::open(rig.m("f")).expect("open");
+        rig.cut(CutOptions::default());
+        // A node restarted on powerfs again, at the same mountpoint, while a
+        // file of the old mount is still open.
+        let again =
+            PowerFs::mount(&rig.backing, &rig.mnt, MountOptions::default()).expect("remount");
+        assert_eq!(fs::read(rig.m("f")).expect("read"), b"one");
+        let f = OpenOptions::new()
+            .append(true)
+            .open(rig.m("f"))
+            .expect("open");
+        (&f).write_all(b"+two").expect("append");
+        f.sync_data().expect("fdatasync");
+        (&f).write_all(b"+lost").expect("append");
+        let stats = again.power_cut(CutOptions::default()).expect("cut");
+        assert_eq!(stats.bytes_discarded, 5);
+        assert_eq!(fs::read(rig.b("f")).expect("read"), b"one+two");
+        drop(held);
+    });
+}
