@@ -47,6 +47,12 @@
 //! SIGINT unmounts cleanly; it prints one line when mounted and one line of
 //! statistics when it ends.
 //!
+//! Mounting needs `/dev/fuse` and either root (fuser then calls `mount(2)`
+//! itself) or the setuid `fusermount3` from Debian's `fuse3` package, which
+//! `scripts/install-test-deps` installs. fuser is built without libfuse, so no
+//! `-dev` package is involved. The same backing directory can be mounted again
+//! after a cut, as a node restarted on powerfs would be.
+//!
 //! Limits: one backing filesystem (inode numbers are the backing ones); no
 //! extended attributes, no locks through the daemon (the kernel keeps local
 //! locks), no `RENAME_EXCHANGE`, only regular files from `mknod`; metadata
