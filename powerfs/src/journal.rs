@@ -16,7 +16,10 @@
 //! whenever a later entry on a name is committed the earlier ones are too.
 //! Undoing only uncommitted entries, newest first, therefore never needs a
 //! name that a committed entry still uses. A rename waits for both of its
-//! directories (strict: on ext4 either one's fsync would commit it).
+//! directories (strict: on ext4 either one's fsync would commit it). The one
+//! case where an uncommitted entry's directory no longer exists — its own
+//! removal was committed in its parent — is handled by keeping such objects
+//! in a limbo keyed by (directory, name) during the undo (see `Undoer`).
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
