@@ -186,8 +186,9 @@ pub struct PowerFs {
     core: Arc<Mutex<Core>>,
     backing: PathBuf,
     mountpoint: PathBuf,
-    /// Receives the session thread's result when the kernel connection ends.
-    done: mpsc::Receiver<io::Result<()>>,
+    /// Receives the session thread's result when the kernel connection ends
+    /// (in a mutex so that the handle is `Sync`: a nemesis thread may cut).
+    done: Mutex<mpsc::Receiver<io::Result<()>>>,
 }
 
 impl std::fmt::Debug for PowerFs {
@@ -245,7 +246,7 @@ impl PowerFs {
             core,
             backing,
             mountpoint: mountpoint.to_owned(),
-            done,
+            done: Mutex::new(done),
         })
     }
 
@@ -325,7 +326,8 @@ impl PowerFs {
             Err(e) => return Err(unmount_err(e)),
         }
         // With no file left open the kernel ends the connection at once.
-        let _ended = self.done.recv_timeout(Duration::from_millis(500));
+        let done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        let _ended = done.recv_timeout(Duration::from_millis(500));
         Ok(())
     }
 }

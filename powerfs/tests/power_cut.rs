@@ -93,6 +93,13 @@ fn durable_file(path: &Path, data: &[u8]) {
     fsync_dir(path.parent().expect("parent"));
 }
 
+/// A nemesis thread can hold the handle and cut while others use the mount.
+#[test]
+fn the_handle_can_be_shared_between_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<PowerFs>();
+}
+
 #[test]
 fn synced_data_survives_and_unsynced_data_is_gone() {
     bounded(|| {
