@@ -568,11 +568,10 @@ fn acknowledged_syncs_survive_a_cut_during_concurrent_writes() {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
-        let stats = rig.cut(CutOptions::default());
+        rig.cut(CutOptions::default());
         for w in writers {
             w.join().expect("writer");
         }
-        assert!(stats.discarded_anything() || stats.files_with_unsynced_data == 0);
         for (w, acked) in acked.iter().enumerate() {
             let got = fs::read(rig.b(&format!("log{w}"))).expect("read");
             let acked = acked.load(Ordering::SeqCst) as usize;
