@@ -79,6 +79,11 @@ pub struct Group {
     /// Set on a replica rebuilt after a fault: it grants no vote until its
     /// log reaches this index (see [`crate::faults`]).
     pub vote_barrier: Option<u64>,
+    /// Highest index this replica acknowledged to a leader (reported by
+    /// `cluster status`; power-loss tests hold a restart to it).
+    pub acked: u64,
+    /// The term `acked` counts in.
+    pub acked_term: u64,
 }
 
 /// Ticks a leader waits for a follower to acknowledge a snapshot before it
@@ -135,6 +140,16 @@ impl Group {
         }
         Self::recover_machine(id, dir, &storage, &mut machine, fresh)?;
         let applied = Self::reconcile_commit(&storage, machine.applied())?;
+        let hs = storage.hard_state();
+        tracing::info!(
+            group = id,
+            term = hs.term,
+            vote = hs.vote,
+            commit = hs.commit,
+            last_index = storage.last_index().unwrap_or(0),
+            applied,
+            "recovered raft state"
+        );
         let config = raft::Config {
             id: cfg.node_id,
             election_tick: cfg.election_tick,
@@ -175,6 +190,8 @@ impl Group {
             role: StateRole::Follower,
             snapshot_waits: HashMap::new(),
             vote_barrier: None,
+            acked: 0,
+            acked_term: 0,
         };
         group.observe_role();
         Ok(group)
@@ -560,6 +577,15 @@ impl Group {
     fn send(&mut self, out: &dyn Outbox, msgs: Vec<Message>) {
         for m in msgs {
             let to = m.to;
+            if m.get_msg_type() == MessageType::MsgAppendResponse && !m.reject {
+                // Per term: a later leader may legitimately cut entries an
+                // earlier one never committed.
+                if self.acked_term != m.term {
+                    self.acked = 0;
+                    self.acked_term = m.term;
+                }
+                self.acked = self.acked.max(m.index);
+            }
             let snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
             if !out.send(self.id, m) {
                 self.node.report_unreachable(to);

@@ -87,5 +87,16 @@ fn group_status(g: &Group, topic: String, partition: u32) -> GroupStatus {
         last_index,
         replicas,
         fault: String::new(),
+        // Status is answered between rounds, when every hard state the
+        // last round wrote is synced.
+        persisted_term: g.storage.hard_state().term,
+        persisted_vote: g.storage.hard_state().vote,
+        acked: if r.state == StateRole::Leader {
+            r.raft_log.persisted
+        } else if g.acked_term == g.storage.hard_state().term {
+            g.acked
+        } else {
+            0
+        },
     }
 }

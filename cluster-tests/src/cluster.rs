@@ -48,6 +48,9 @@ pub struct Cluster {
     links: BTreeMap<(NodeId, NodeId), Proxy>,
     /// Nodes that exited without the test asking them to, with how.
     crashes: Vec<(NodeId, String)>,
+    /// Each node's power-loss filesystem under its data dir, when started
+    /// with [`Cluster::start_powered`] (see [`crate::power`]).
+    pub(crate) disks: BTreeMap<NodeId, covet_powerfs::PowerFs>,
 }
 
 impl Cluster {
@@ -58,6 +61,13 @@ impl Cluster {
 
     /// Like [`Cluster::start`], passing `extra` flags to every node.
     pub async fn start_with(n: usize, extra: &[&str]) -> anyhow::Result<Cluster> {
+        let mut cluster = Self::prepare(n, extra).await?;
+        cluster.restart_many(&cluster.node_ids()).await?;
+        Ok(cluster)
+    }
+
+    /// Everything but starting the nodes.
+    pub(crate) async fn prepare(n: usize, extra: &[&str]) -> anyhow::Result<Cluster> {
         if n == 0 {
             bail!("a cluster needs at least one node");
         }
@@ -92,16 +102,15 @@ impl Cluster {
                 extra_args: extra.iter().map(|s| s.to_string()).collect(),
             })
             .collect();
-        let mut cluster = Cluster {
+        Ok(Cluster {
             root: Some(root),
             bin,
             specs,
             procs: ids.iter().map(|_| None).collect(),
             links,
             crashes: Vec::new(),
-        };
-        cluster.restart_many(&ids).await?;
-        Ok(cluster)
+            disks: BTreeMap::new(),
+        })
     }
 
     /// Node ids, 1..=n.
@@ -127,6 +136,11 @@ impl Cluster {
     /// One node's `--data-dir`.
     pub fn data_dir(&self, id: NodeId) -> anyhow::Result<PathBuf> {
         Ok(self.spec(id)?.data_dir())
+    }
+
+    /// The node's log file (appended across restarts, a marker per start).
+    pub fn stderr_log(&self, id: NodeId) -> anyhow::Result<PathBuf> {
+        Ok(self.spec(id)?.stderr_log())
     }
 
     /// The directory holding every node's directory.
@@ -389,7 +403,7 @@ impl Cluster {
         }
     }
 
-    fn spec(&self, id: NodeId) -> anyhow::Result<&NodeSpec> {
+    pub(crate) fn spec(&self, id: NodeId) -> anyhow::Result<&NodeSpec> {
         Ok(&self.specs[self.index(id)?])
     }
 
@@ -419,6 +433,10 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         for p in self.procs.iter_mut().flatten() {
             let _ = p.child.start_kill();
+        }
+        // Before the directory goes: a mount inside it would keep it.
+        for (_, disk) in std::mem::take(&mut self.disks) {
+            let _ = disk.unmount();
         }
         let keep = std::env::var_os("COVET_KEEP_CLUSTER").is_some();
         if std::thread::panicking() {

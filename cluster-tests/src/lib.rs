@@ -40,6 +40,7 @@ mod bin_path;
 pub mod checker;
 pub mod cluster;
 mod node;
+pub mod power;
 pub mod proxy;
 pub mod read;
 pub mod replicas;
