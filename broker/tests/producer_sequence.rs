@@ -9,6 +9,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::Broker;
 use covet_client::{Client, ProducerConfig, Reason, Record, StartPosition, TopicSpec};
+use covet_protocol::api::covet_client::CovetClient;
+use covet_protocol::api::{InitProducerRequest, ProduceRequest};
+use covet_protocol::batch;
 
 fn record(value: String) -> Record {
     Record {
@@ -111,4 +114,81 @@ async fn a_batch_refused_for_good_does_not_fail_the_batches_behind_it() {
     let offsets: Vec<u64> = acked.iter().map(|(o, _)| *o).collect();
     assert_eq!(offsets, (0..acked.len() as u64).collect::<Vec<_>>());
     assert_eq!(read_all(&client, "seq").await, acked);
+}
+
+/// One produce request on a fresh stream: (base offset, error reason).
+async fn produce_raw(addr: &str, batch: Bytes) -> (u64, Option<String>) {
+    let req = ProduceRequest {
+        request_id: 1,
+        topic: "first".into(),
+        partition: 0,
+        batch,
+    };
+    let mut responses = CovetClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+        .produce(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = responses.message().await.unwrap().expect("one response");
+    (resp.base_offset, resp.error.map(|e| e.reason))
+}
+
+fn sequenced(producer_id: i64, epoch: i16, sequence: i32, n: usize) -> Bytes {
+    let mut b = batch::BatchBuilder::with_producer(producer_id, epoch, sequence);
+    for i in 0..n {
+        b.push(&record(format!("s{}", sequence as usize + i)));
+    }
+    b.build().unwrap()
+}
+
+/// Issue 6, first scenario, as the broker process sees it (the two
+/// leaders themselves need a cluster): a new producer's second batch
+/// arrives before its first, which was sent to a leader since deposed. It
+/// is refused as out of order instead of being taken as the producer's
+/// start; the first batch, and then the second, are stored when they
+/// arrive, and a resend of the first in a later epoch gets its offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_producers_overtaking_batch_waits_for_its_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), &[]);
+    let client = Client::connect(&broker.addr).await.unwrap();
+    client
+        .create_topic(TopicSpec::new("first").partitions(1))
+        .await
+        .unwrap();
+    let pid = CovetClient::connect(format!("http://{}", broker.addr))
+        .await
+        .unwrap()
+        .init_producer(InitProducerRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .producer_id;
+    let ooo = Some(Reason::OutOfOrderSequence.as_str().to_string());
+
+    assert_eq!(
+        produce_raw(&broker.addr, sequenced(pid, 0, 3, 2)).await.1,
+        ooo
+    );
+    assert_eq!(
+        produce_raw(&broker.addr, sequenced(pid, 0, 0, 3)).await,
+        (0, None)
+    );
+    assert_eq!(
+        produce_raw(&broker.addr, sequenced(pid, 0, 3, 2)).await,
+        (3, None)
+    );
+    assert_eq!(
+        produce_raw(&broker.addr, sequenced(pid, 1, 0, 3)).await,
+        (0, None),
+        "a resend in a later epoch is the stored batch"
+    );
+    let stored: Vec<String> = read_all(&client, "first")
+        .await
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(stored, ["s0", "s1", "s2", "s3", "s4"]);
 }
