@@ -46,6 +46,10 @@ const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// How long in-flight batches may go without any answer on their stream.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most batches a partition may have unanswered: the number of recent
+/// batches per producer a partition remembers to answer retries (`RECENT`
+/// in `broker/src/state/producers.rs`).
+pub(crate) const MAX_IN_FLIGHT: usize = 128;
 /// Metadata is refreshed at most this often for retries.
 const REFRESH_EVERY: Duration = Duration::from_millis(100);
 
@@ -153,6 +157,8 @@ struct Partition {
     solo: bool,
     /// Every epoch is used up: the partition's batches fail at once.
     exhausted: bool,
+    /// The node whose stream the batches out (if any) were sent on.
+    node: u64,
 }
 
 pub(crate) struct Sender {
@@ -182,7 +188,7 @@ impl Sender {
         let (freed_tx, freed_rx) = mpsc::unbounded_channel();
         Sender {
             client,
-            max_in_flight: max_in_flight.clamp(1, 1 << 16),
+            max_in_flight: max_in_flight.clamp(1, MAX_IN_FLIGHT),
             buffer,
             streams: HashMap::new(),
             partitions: HashMap::new(),
@@ -307,6 +313,7 @@ impl Sender {
             }
         }
         self.settle(&f.key);
+        self.schedule_probe(&f.key);
         self.fill(&f.key).await;
     }
 
@@ -361,12 +368,14 @@ impl Sender {
         self.schedule_probe(key);
     }
 
-    /// Sends the partition's lowest failed batch alone after a backoff.
+    /// Sends the partition's lowest failed batch alone after a backoff, once
+    /// none of its batches is out on a stream (so the probe is not
+    /// overtaken, and goes to one node at a time).
     fn schedule_probe(&mut self, key: &PartitionKey) {
         let Some(part) = self.partitions.get_mut(key) else {
             return;
         };
-        if part.fenced || part.probing || part.retry.is_empty() {
+        if part.fenced || part.probing || part.retry.is_empty() || part.in_flight > 0 {
             return;
         }
         part.probing = true;
@@ -422,13 +431,36 @@ impl Sender {
     }
 
     /// Sends a batch to its partition's leader, in the partition's current
-    /// epoch.
+    /// epoch; or, if the leader moved while batches of the partition are
+    /// still out on the old leader's stream, holds it in the retry queue
+    /// until they are back.
+    ///
+    /// A partition's batches are out to one node at a time so that a batch
+    /// stored but not answered is always among the partition's last
+    /// `max_in_flight` stored batches (one stream answers in order), which
+    /// the broker remembers: its retry is answered with its offset. Were
+    /// newer batches sent to a new leader while an older one hung on a
+    /// paused one, any number of them could be stored meanwhile, and the
+    /// older one's retry would fall out of the broker's memory.
     async fn send(&mut self, mut flight: InFlight) {
-        flight.sent_at = Instant::now();
-        flight.attempts += 1;
+        let b = &flight.batch;
+        let node = match self.client.router().leader(&b.topic, b.partition).await {
+            Ok((node, _)) => node,
+            Err(e) => return self.requeue(flight, e),
+        };
         let part = self.partitions.entry(flight.key()).or_default();
+        if part.in_flight > 0 && part.node != node {
+            if std::mem::take(&mut flight.probe) {
+                part.probing = false;
+            }
+            part.retry.insert(flight.seq, flight);
+            return;
+        }
+        part.node = node;
         part.in_flight += 1;
         flight.on_stream = true;
+        flight.sent_at = Instant::now();
+        flight.attempts += 1;
         let epoch = part.epoch;
         if let Ok(h) = batch::read_header(&flight.batch.batch) {
             if h.producer_id >= 0 && h.producer_epoch != epoch {
@@ -437,11 +469,6 @@ impl Sender {
                 }
             }
         }
-        let b = &flight.batch;
-        let node = match self.client.router().leader(&b.topic, b.partition).await {
-            Ok((node, _)) => node,
-            Err(e) => return self.requeue(flight, e),
-        };
         let (tx, in_flight) = match self.stream(node).await {
             Ok(s) => s,
             Err(e) => return self.requeue(flight, e),
