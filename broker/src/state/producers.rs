@@ -36,6 +36,11 @@
 //! attempt of one still in a log is applied before the new epoch's first
 //! batch (and stored, in order) or after it (and refused: older epoch).
 //!
+//! Rule 1 answers every retry of a stored batch only if it is among the
+//! last [`RECENT`] stored; the Rust producer keeps at most that many
+//! batches per partition unanswered, out to one node at a time (one stream
+//! answers in order), so its retries always are.
+//!
 //! A refusal is a decision about one log entry; every replica makes the
 //! same one, and the table travels in partition snapshots.
 //!
