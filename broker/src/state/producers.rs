@@ -6,7 +6,7 @@
 //! its records to each partition 0, 1, 2, … without gaps (an `i32` that
 //! wraps), in every epoch alike: a new epoch does not restart the count.
 //! Per producer the table keeps the epoch `E` and next sequence `S` of the
-//! last batch it accepted, and the last [`RECENT`] accepted batches (base
+//! last batch it accepted, and the last 128 (`RECENT`) accepted batches (base
 //! sequence → base offset, record count). A producer not in the table
 //! counts as `E = 0, S = 0`, nothing remembered. A batch `(e, s)` is, in
 //! this order:
@@ -37,7 +37,7 @@
 //! batch (and stored, in order) or after it (and refused: older epoch).
 //!
 //! Rule 1 answers every retry of a stored batch only if it is among the
-//! last [`RECENT`] stored; the Rust producer keeps at most that many
+//! last 128 (`RECENT`) stored; the Rust producer keeps at most that many
 //! batches per partition unanswered, out to one node at a time (one stream
 //! answers in order), so its retries always are.
 //!
