@@ -45,7 +45,9 @@ pub struct ProducerConfig {
     pub linger: Duration,
     /// Largest batch built, in bytes (a single larger record is sent alone).
     pub max_batch_bytes: usize,
-    /// Batches sent and not yet acknowledged, per partition.
+    /// Batches sent and not yet acknowledged, per partition; at most 128,
+    /// the batches per producer a partition remembers to answer a retry
+    /// with the original offset.
     pub max_in_flight: usize,
     /// Bytes of records accepted and not yet acknowledged; `send` waits
     /// beyond it.

@@ -382,7 +382,7 @@ impl PartitionState {
             next_offset: next,
             applied_index: raft_index,
             max_timestamp,
-            producers: self.producers.as_before(&later),
+            producers: self.producers.as_before(&later, next),
         })
     }
 

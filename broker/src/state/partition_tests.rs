@@ -307,3 +307,184 @@ fn a_new_producer_epoch_skips_a_sequence_gap_but_never_goes_back() {
         stored(4, 1)
     );
 }
+
+fn duplicate(base_offset: u64, record_count: u32) -> Accepted {
+    Accepted {
+        base_offset,
+        record_count,
+        duplicate: true,
+    }
+}
+
+fn out_of_order(r: Result<Accepted>) -> bool {
+    matches!(r, Err(BrokerError::OutOfOrderSequence { .. }))
+}
+
+/// Issue 6, first scenario: a new producer's first batch (sequence 0) went
+/// to a leader that was deposed, and its next batch (sequence 3) to the new
+/// leader. The overtaking batch must wait for the first one, not be taken
+/// as the producer's start, which would leave the first one refused as out
+/// of order forever (failed, although healthy).
+#[test]
+fn a_batch_overtaking_a_new_producers_first_batch_waits_for_it() {
+    // The deposed leader's entry did not survive: the new leader's log
+    // holds the overtaking batch first, then the retries.
+    let mut p = PartitionState::open(tree()).unwrap();
+    assert!(out_of_order(
+        p.apply_batch(1, &produced_at(0, 2, 1, Some((7, 3))))
+    ));
+    assert_eq!(
+        p.apply_batch(2, &produced_at(0, 3, 1, Some((7, 0))))
+            .unwrap(),
+        stored(0, 3)
+    );
+    assert_eq!(
+        p.apply_batch(3, &produced_at(3, 2, 1, Some((7, 3))))
+            .unwrap(),
+        stored(3, 2)
+    );
+    p.flush_round().unwrap();
+    let found: Vec<(u64, u64)> = p
+        .index()
+        .batches_from(0, 10)
+        .unwrap()
+        .iter()
+        .map(|l| (l.base_offset, l.raft_index))
+        .collect();
+    assert_eq!(found, vec![(0, 2), (3, 3)], "stored once each, in order");
+
+    // The deposed leader's entry survived and the new leader committed it
+    // first: the overtaking batch follows it, and the first batch's retry
+    // is answered with its original offsets.
+    let mut q = PartitionState::open(tree()).unwrap();
+    assert_eq!(
+        q.apply_batch(1, &produced_at(0, 3, 1, Some((7, 0))))
+            .unwrap(),
+        stored(0, 3)
+    );
+    assert_eq!(
+        q.apply_batch(2, &produced_at(3, 2, 1, Some((7, 3))))
+            .unwrap(),
+        stored(3, 2)
+    );
+    assert_eq!(
+        q.applied_duplicate(&produced_at(5, 3, 1, Some((7, 0)))),
+        Some((0, 3))
+    );
+    assert_eq!(
+        q.apply_batch(3, &produced_at(5, 3, 1, Some((7, 0))))
+            .unwrap(),
+        duplicate(0, 3)
+    );
+}
+
+/// Issue 6, second scenario, as the partition sees it: the batch at
+/// sequence 2 was refused before it was proposed (too large), so the next
+/// one, in flight in the same epoch, is refused as out of order; once the
+/// producer moves to epoch 1 it is accepted, skipping the gap, and the
+/// rest follow in order.
+#[test]
+fn a_new_epoch_skips_a_refused_batch_and_the_next_ones_follow() {
+    let mut p = PartitionState::open(tree()).unwrap();
+    assert_eq!(
+        p.apply_batch(1, &produced_at(0, 2, 1, Some((7, 0))))
+            .unwrap(),
+        stored(0, 2)
+    );
+    assert!(out_of_order(
+        p.apply_batch(2, &produced_at(2, 1, 1, Some((7, 4))))
+    ));
+    assert_eq!(
+        p.apply_batch(3, &produced_in(2, 1, 1, Some((7, 4)), 1))
+            .unwrap(),
+        stored(2, 1)
+    );
+    assert_eq!(
+        p.apply_batch(4, &produced_in(3, 1, 1, Some((7, 5)), 1))
+            .unwrap(),
+        stored(3, 1)
+    );
+    // The refused attempt of sequence 4, still in a log somewhere in epoch
+    // 0, is the stored batch and is answered as such.
+    assert_eq!(
+        p.apply_batch(5, &produced_in(4, 1, 1, Some((7, 4)), 0))
+            .unwrap(),
+        duplicate(2, 1)
+    );
+    // A batch of the old epoch the producer gave up on is refused.
+    assert!(out_of_order(
+        p.apply_batch(6, &produced_in(4, 1, 1, Some((7, 6)), 0))
+    ));
+}
+
+/// A batch whose outcome the producer did not learn (a broken stream) and
+/// that it resends re-stamped in a new epoch is the stored batch: answered
+/// with its offsets, not stored twice.
+#[test]
+fn a_stored_batch_resent_in_a_new_epoch_is_a_duplicate() {
+    let mut p = PartitionState::open(tree()).unwrap();
+    p.apply_batch(1, &produced_at(0, 2, 1, Some((7, 0))))
+        .unwrap();
+    p.apply_batch(2, &produced_at(2, 2, 1, Some((7, 2))))
+        .unwrap();
+    assert_eq!(
+        p.applied_duplicate(&produced_in(4, 2, 1, Some((7, 2)), 1)),
+        Some((2, 2))
+    );
+    assert_eq!(
+        p.apply_batch(3, &produced_in(4, 2, 1, Some((7, 2)), 1))
+            .unwrap(),
+        duplicate(2, 2)
+    );
+    // Not an epoch change: the next batch of epoch 0 is still accepted.
+    assert_eq!(
+        p.apply_batch(4, &produced_at(4, 1, 1, Some((7, 4))))
+            .unwrap(),
+        stored(4, 1)
+    );
+}
+
+/// A producer's first batch in a new epoch may start anywhere: its earlier
+/// batches here were all given up on.
+#[test]
+fn an_unknown_producer_starts_at_zero_or_in_a_new_epoch() {
+    let mut p = PartitionState::open(tree()).unwrap();
+    assert!(out_of_order(
+        p.apply_batch(1, &produced_at(0, 1, 1, Some((7, 5))))
+    ));
+    assert_eq!(
+        p.apply_batch(2, &produced_in(0, 1, 1, Some((7, 5)), 1))
+            .unwrap(),
+        stored(0, 1)
+    );
+    assert_eq!(
+        p.apply_batch(3, &produced_at(1, 1, 1, Some((8, 0))))
+            .unwrap(),
+        stored(1, 1)
+    );
+}
+
+/// A snapshot keeps what answers retries of batches stored before its
+/// point, so a follower restored from it answers them like the leader.
+#[test]
+fn a_restored_snapshot_still_answers_retries_of_earlier_batches() {
+    let mut p = PartitionState::open(tree()).unwrap();
+    p.apply_batch(1, &produced_at(0, 2, 1, Some((7, 0))))
+        .unwrap();
+    p.apply_batch(2, &produced_at(2, 2, 1, Some((7, 2))))
+        .unwrap();
+    p.flush_round().unwrap();
+    let snap = p.snapshot_at(1).unwrap();
+    let mut q = PartitionState::open(tree()).unwrap();
+    q.restore(&snap.encode_to_vec()).unwrap();
+    assert_eq!(
+        q.apply_batch(2, &produced_at(2, 2, 1, Some((7, 2))))
+            .unwrap(),
+        stored(2, 2)
+    );
+    assert_eq!(
+        q.apply_batch(3, &produced_at(4, 2, 1, Some((7, 0))))
+            .unwrap(),
+        duplicate(0, 2)
+    );
+}

@@ -1,16 +1,48 @@
-//! Idempotent producers: the dedup table of one partition.
+//! Idempotent producers: the dedup table of one partition, and the
+//! sequence rules it enforces.
 //!
-//! A batch from an idempotent producer carries its producer id and the
-//! sequence number of its first record; a producer numbers its records to
-//! each partition 0, 1, 2, … A partition accepts a batch only if it starts
-//! at the sequence after the last one it applied from that producer. A
-//! batch starting earlier is a retry of one already applied: it is not
-//! stored again, and is answered with the offset the original got (the
-//! last few batches per producer are remembered for that). A batch starting
-//! later arrived ahead of a predecessor still being retried, and is refused
-//! as out of sequence so the producer retries it after — unless it carries
-//! a higher producer epoch: a producer that gave up on a batch moves the
-//! partition to a new epoch, and the gap it left is skipped.
+//! A batch from an idempotent producer carries its producer id, a producer
+//! epoch and the sequence number of its first record. A producer numbers
+//! its records to each partition 0, 1, 2, … without gaps (an `i32` that
+//! wraps), in every epoch alike: a new epoch does not restart the count.
+//! Per producer the table keeps the epoch `E` and next sequence `S` of the
+//! last batch it accepted, and the last 128 (`RECENT`) accepted batches (base
+//! sequence → base offset, record count). A producer not in the table
+//! counts as `E = 0, S = 0`, nothing remembered. A batch `(e, s)` is, in
+//! this order:
+//!
+//! 1. **a duplicate** if `s` is the base sequence of a remembered batch,
+//!    whatever `e`: it is not stored again and is answered with the
+//!    original base offset and record count (a retry re-stamped in a newer
+//!    epoch, or a stale attempt in an older one, is still the same batch);
+//! 2. **accepted** if `e = E` and `s = S`: the next in sequence;
+//! 3. **accepted** if `e > E` and `s` is at or ahead of `S` (within 2³¹):
+//!    the producer gave up on sequences `S..s` and moved to a new epoch;
+//!    the gap is skipped, never gone back over;
+//! 4. **refused with `OUT_OF_ORDER_SEQUENCE`** otherwise: in the same epoch
+//!    a predecessor has not arrived (or is older than the remembered
+//!    window); in an older epoch the producer has moved on; in a newer
+//!    epoch `s` is behind what was stored.
+//!
+//! So a producer's first batch on a partition must start at sequence 0
+//! unless it is in a new epoch: a batch that overtook the first one (sent
+//! to another leader, say) waits for it instead of being taken as the
+//! start. Rule 3 can skip over a batch still in flight, so it is safe only
+//! because the producer keeps its side of the contract (the Rust producer
+//! does, see `client-rust/src/producer/sender.rs`): it moves a partition to
+//! a new epoch only when none of that partition's batches is out on a
+//! stream, and sends the new epoch's first batch alone until it is
+//! acknowledged. Then every batch the gap covers was given up on, and any
+//! attempt of one still in a log is applied before the new epoch's first
+//! batch (and stored, in order) or after it (and refused: older epoch).
+//!
+//! Rule 1 answers every retry of a stored batch only if it is among the
+//! last 128 (`RECENT`) stored; the Rust producer keeps at most that many
+//! batches per partition unanswered, out to one node at a time (one stream
+//! answers in order), so its retries always are.
+//!
+//! A refusal is a decision about one log entry; every replica makes the
+//! same one, and the table travels in partition snapshots.
 //!
 //! sled layout (in the partition's tree): `q` + producer id (i64 BE,
 //! sign-flipped) → `ProducerState` (protobuf).
@@ -61,34 +93,34 @@ impl ProducerTable {
         Ok(ProducerTable { producers })
     }
 
-    /// Decides on a batch without changing anything.
+    /// Decides on a batch without changing anything (the rules in the
+    /// module documentation).
     pub fn check(&self, h: &BatchHeader) -> Result<SequenceCheck> {
         if h.producer_id < 0 {
             return Ok(SequenceCheck::Accept);
         }
-        let Some(p) = self.producers.get(&h.producer_id) else {
-            // A producer's first batch here; its sequence starts anywhere
-            // (it may have written other partitions, or been forgotten).
-            return Ok(SequenceCheck::Accept);
+        let (epoch, next, recent) = match self.producers.get(&h.producer_id) {
+            Some(p) => (p.epoch, p.next_sequence, &p.recent[..]),
+            None => (0, 0, &[][..]),
         };
-        let epoch = i32::from(h.producer_epoch);
-        if h.base_sequence == p.next_sequence && epoch >= p.epoch {
-            return Ok(SequenceCheck::Accept);
-        }
-        if let Some(b) = p.recent.iter().find(|b| b.base_sequence == h.base_sequence) {
+        if let Some(b) = recent.iter().find(|b| b.base_sequence == h.base_sequence) {
             return Ok(SequenceCheck::Duplicate {
                 base_offset: b.base_offset,
                 record_count: b.record_count,
             });
         }
-        // A new epoch may skip sequence numbers the producer gave up on,
-        // never go back over ones already stored.
-        if epoch > p.epoch && h.base_sequence > p.next_sequence {
+        let ahead = h.base_sequence.wrapping_sub(next);
+        let accepted = match i32::from(h.producer_epoch).cmp(&epoch) {
+            std::cmp::Ordering::Equal => ahead == 0,
+            std::cmp::Ordering::Greater => ahead >= 0,
+            std::cmp::Ordering::Less => false,
+        };
+        if accepted {
             return Ok(SequenceCheck::Accept);
         }
         Err(BrokerError::OutOfOrderSequence {
             producer_id: h.producer_id,
-            expected: p.next_sequence,
+            expected: next,
             got: h.base_sequence,
         })
     }
@@ -120,22 +152,26 @@ impl ProducerTable {
     }
 
     /// The table as it was before the batches in `later` were applied
-    /// (producer id, base sequence and epoch of each batch after a snapshot
-    /// point, in log order): each such producer's next sequence is rolled back to
-    /// its first later batch, and its remembered batches (which may be
-    /// later ones) are dropped. Replaying the later batches on the result
-    /// accepts each of them again, in order.
-    pub fn as_before(&self, later: &[(i64, i32, i16)]) -> Vec<ProducerState> {
+    /// (producer id, base sequence and epoch of each batch stored at or
+    /// after offset `next_offset`, a snapshot point, in log order). Each
+    /// such producer is set to its first later batch's epoch and sequence,
+    /// so replaying the later batches on the result accepts each of them
+    /// again, in order, and refuses what was refused; of its remembered
+    /// batches only those stored before `next_offset` are kept, so a retry
+    /// of one is still answered with its offset.
+    pub fn as_before(&self, later: &[(i64, i32, i16)], next_offset: u64) -> Vec<ProducerState> {
         let mut out: HashMap<i64, ProducerState> = self.producers.clone();
         let mut rolled = std::collections::HashSet::new();
         for &(pid, seq, epoch) in later {
             if rolled.insert(pid) {
                 if let Some(p) = out.get_mut(&pid) {
                     // What that first later batch found: it was accepted as
-                    // the next in sequence, in its epoch or a newer one.
+                    // the next in sequence in its epoch (or as a new epoch
+                    // skipping ahead, which this state also accepts, and
+                    // for the same batches).
                     p.next_sequence = seq;
-                    p.epoch = i32::from(epoch).min(p.epoch);
-                    p.recent.clear();
+                    p.epoch = i32::from(epoch);
+                    p.recent.retain(|b| b.base_offset < next_offset);
                 }
             }
         }

@@ -9,14 +9,24 @@
 //! order.
 //!
 //! Retrying is safe because batches are idempotent: each carries the
-//! producer id and a per-partition sequence number, and a partition applies
-//! a sequence once, answering a repeat with the original offset. A batch
-//! that arrives ahead of a predecessor still being retried is refused as out
-//! of sequence and retried itself, so a partition's records are stored in
-//! the order they were sent. When a batch is given up on (its retries ran
-//! out), the partition moves to a new producer epoch and the batches behind
-//! it are re-stamped with it, so the broker skips the gap instead of
-//! refusing them forever.
+//! producer id, a producer epoch and a per-partition sequence number, and a
+//! partition stores a sequence once, answering a repeat with the original
+//! offset (the broker's rules are in `broker/src/state/producers.rs` and
+//! `docs/protocol.md`). A batch that arrives ahead of a predecessor still
+//! being retried is refused as out of sequence and retried itself, after
+//! the predecessor, so a partition's records are stored in the order they
+//! were sent.
+//!
+//! When a batch fails for good (refused for a reason retrying cannot fix,
+//! or its retries ran out), its sequence numbers leave a gap the broker
+//! would wait for forever. The partition then moves to the next producer
+//! epoch, in which the broker lets a batch skip ahead. Skipping is safe
+//! only over batches that are given up on, never over a healthy one still
+//! in flight, so the move is made in three steps: the partition is
+//! *fenced* (nothing more is sent), every batch of it still out on a stream
+//! comes back (acknowledged, or failed and queued for retry), then the
+//! epoch moves and the lowest batch left goes first and alone; only once it
+//! is acknowledged do the others follow, in order.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -36,6 +46,10 @@ const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// How long in-flight batches may go without any answer on their stream.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most batches a partition may have unanswered: the number of recent
+/// batches per producer a partition remembers to answer retries (`RECENT`
+/// in `broker/src/state/producers.rs`).
+pub(crate) const MAX_IN_FLIGHT: usize = 128;
 /// Metadata is refreshed at most this often for retries.
 const REFRESH_EVERY: Duration = Duration::from_millis(100);
 
@@ -62,7 +76,7 @@ struct InFlight {
     sent_at: Instant,
     buffer: Arc<Semaphore>,
     freed: mpsc::UnboundedSender<Freed>,
-    /// Whether the batch was given up on (moves the partition's epoch).
+    /// Whether the batch was given up on (fences its partition).
     failed: bool,
     /// Whether it is out on a stream (and holds a slot of its partition).
     on_stream: bool,
@@ -101,10 +115,6 @@ impl InFlight {
     fn key(&self) -> PartitionKey {
         (self.batch.topic.clone(), self.batch.partition)
     }
-
-    fn sequence(&self) -> i32 {
-        batch::read_header(&self.batch.batch).map_or(0, |h| h.base_sequence)
-    }
 }
 
 /// Batches awaiting an answer on one stream, by request id (so a broken
@@ -121,23 +131,34 @@ struct Stream {
 /// One partition's window.
 ///
 /// After a failure the partition *recovers*: its failed batches wait in
-/// sequence order, the lowest is sent alone (the probe), and only when it
-/// is acknowledged do the rest follow, in order, on one stream. Sending
-/// them all at once after a leader change would have most of them refused
-/// as out of sequence, again and again.
+/// the order they were sent, the first is sent alone (the probe), and only
+/// when it is acknowledged do the rest follow, in order, on one stream.
+/// Sending them all at once after a leader change would have most of them
+/// refused as out of sequence, again and again.
 #[derive(Default)]
 struct Partition {
     /// Batches out on a stream.
     in_flight: usize,
     /// New batches not sent yet.
     waiting: VecDeque<InFlight>,
-    /// Failed batches to send again, by base sequence.
-    retry: BTreeMap<i32, InFlight>,
+    /// Failed batches to send again, by arrival number (the order they
+    /// were sent in, and their sequence order).
+    retry: BTreeMap<u64, InFlight>,
     /// A probe is scheduled or out.
     probing: bool,
     probe_attempts: u32,
     /// The producer epoch batches of this partition are sent with.
     epoch: i16,
+    /// A batch was given up on: nothing is sent until every batch out on a
+    /// stream is back, then the epoch moves.
+    fenced: bool,
+    /// The epoch just moved and no batch has gone out in it: the next one
+    /// goes alone, as a probe.
+    solo: bool,
+    /// Every epoch is used up: the partition's batches fail at once.
+    exhausted: bool,
+    /// The node whose stream the batches out (if any) were sent on.
+    node: u64,
 }
 
 pub(crate) struct Sender {
@@ -167,7 +188,7 @@ impl Sender {
         let (freed_tx, freed_rx) = mpsc::unbounded_channel();
         Sender {
             client,
-            max_in_flight: max_in_flight.clamp(1, 1 << 16),
+            max_in_flight: max_in_flight.clamp(1, MAX_IN_FLIGHT),
             buffer,
             streams: HashMap::new(),
             partitions: HashMap::new(),
@@ -230,27 +251,39 @@ impl Sender {
             probe: false,
         };
         let key = flight.key();
-        self.partitions
-            .entry(key.clone())
-            .or_default()
-            .waiting
-            .push_back(flight);
+        let part = self.partitions.entry(key.clone()).or_default();
+        if part.exhausted {
+            return flight.complete(Err(epochs_exhausted()));
+        }
+        part.waiting.push_back(flight);
         self.fill(&key).await;
     }
 
     /// Sends waiting batches while the partition has free slots and is not
-    /// recovering.
+    /// recovering or fenced.
     async fn fill(&mut self, key: &PartitionKey) {
         loop {
             let Some(part) = self.partitions.get_mut(key) else {
                 return;
             };
-            if part.probing || !part.retry.is_empty() || part.in_flight >= self.max_in_flight {
+            if part.fenced
+                || part.probing
+                || !part.retry.is_empty()
+                || part.in_flight >= self.max_in_flight
+            {
                 return;
             }
-            let Some(next) = part.waiting.pop_front() else {
+            let Some(mut next) = part.waiting.pop_front() else {
                 return;
             };
+            if std::mem::take(&mut part.solo) {
+                // The first batch of a new epoch: if others went with it
+                // and it were held up (sent to a stale leader), they would
+                // skip over it.
+                part.probing = true;
+                next.probe = true;
+                return self.send(next).await;
+            }
             self.send(next).await;
         }
     }
@@ -263,30 +296,30 @@ impl Sender {
         if f.on_stream {
             part.in_flight = part.in_flight.saturating_sub(1);
         }
+        if f.probe {
+            part.probing = false;
+        }
         if f.failed {
             // The broker will never see this batch's sequence numbers; the
             // partition's next batches skip them in a new epoch.
-            part.epoch = part.epoch.wrapping_add(1);
-        }
-        if f.probe {
-            part.probing = false;
-            if f.failed {
-                self.schedule_probe(&f.key);
-            } else {
-                // The leader answers: send what failed, in order, then the
-                // rest.
-                part.probe_attempts = 0;
-                let retry = std::mem::take(&mut part.retry);
-                for (_, flight) in retry {
-                    self.send(flight).await;
-                }
+            part.fenced = true;
+        } else if f.probe && !part.fenced {
+            // The leader answers: send what failed, in order, then the
+            // rest.
+            part.probe_attempts = 0;
+            let retry = std::mem::take(&mut part.retry);
+            for (_, flight) in retry {
+                self.send(flight).await;
             }
         }
+        self.settle(&f.key);
+        self.schedule_probe(&f.key);
         self.fill(&f.key).await;
     }
 
-    /// A batch came back with an error: it fails for good, or waits in its
-    /// partition's retry queue for the probe.
+    /// A batch came back with an error: it fails for good (and the
+    /// partition is fenced when its end is heard of, in `freed`), or waits
+    /// in its partition's retry queue for the probe.
     fn failed(&mut self, mut flight: InFlight, error: Error) {
         let key = flight.key();
         let part = self.partitions.entry(key.clone()).or_default();
@@ -294,29 +327,55 @@ impl Sender {
             flight.on_stream = false;
             part.in_flight = part.in_flight.saturating_sub(1);
         }
-        let probe = std::mem::take(&mut flight.probe);
-        if !error.is_retriable() || flight.since.elapsed() > RETRY_DEADLINE {
-            flight.complete(Err(error));
-            if probe {
-                part.probing = false;
-                self.schedule_probe(&key);
-            }
-            return;
-        }
-        tracing::debug!(topic = %key.0, partition = key.1, error = %error, "batch will be retried");
-        part.retry.insert(flight.sequence(), flight);
-        if probe {
+        if std::mem::take(&mut flight.probe) {
             part.probing = false;
         }
+        if !error.is_retriable() || flight.since.elapsed() > RETRY_DEADLINE {
+            return flight.complete(Err(error));
+        }
+        tracing::debug!(topic = %key.0, partition = key.1, error = %error, "batch will be retried");
+        part.retry.insert(flight.seq, flight);
+        self.settle(&key);
         self.schedule_probe(&key);
     }
 
-    /// Sends the partition's lowest failed batch alone after a backoff.
+    /// Moves a fenced partition to its next epoch once none of its batches
+    /// is out on a stream: every sequence number below the lowest batch it
+    /// still holds is then acknowledged or given up on, so that batch may
+    /// skip the gap, and it goes first and alone.
+    fn settle(&mut self, key: &PartitionKey) {
+        let Some(part) = self.partitions.get_mut(key) else {
+            return;
+        };
+        if !part.fenced || part.in_flight > 0 {
+            return;
+        }
+        part.fenced = false;
+        let Some(epoch) = part.epoch.checked_add(1) else {
+            // 32,767 batches of this partition given up on: the broker
+            // would refuse a wrapped (lower) epoch, so fail openly.
+            part.exhausted = true;
+            let held = std::mem::take(&mut part.retry).into_values();
+            for f in held.chain(std::mem::take(&mut part.waiting)) {
+                f.complete(Err(epochs_exhausted()));
+            }
+            return;
+        };
+        tracing::debug!(topic = %key.0, partition = key.1, epoch, "moving to a new producer epoch");
+        part.epoch = epoch;
+        part.solo = true;
+        part.probe_attempts = 0;
+        self.schedule_probe(key);
+    }
+
+    /// Sends the partition's lowest failed batch alone after a backoff, once
+    /// none of its batches is out on a stream (so the probe is not
+    /// overtaken, and goes to one node at a time).
     fn schedule_probe(&mut self, key: &PartitionKey) {
         let Some(part) = self.partitions.get_mut(key) else {
             return;
         };
-        if part.probing || part.retry.is_empty() {
+        if part.fenced || part.probing || part.retry.is_empty() || part.in_flight > 0 {
             return;
         }
         part.probing = true;
@@ -342,8 +401,14 @@ impl Sender {
         let Some(part) = self.partitions.get_mut(&key) else {
             return;
         };
+        if part.fenced {
+            // Scheduled before the fence; the epoch move schedules another.
+            part.probing = false;
+            return;
+        }
         match part.retry.pop_first() {
             Some((_, mut flight)) => {
+                part.solo = false;
                 flight.probe = true;
                 self.send(flight).await;
             }
@@ -366,13 +431,36 @@ impl Sender {
     }
 
     /// Sends a batch to its partition's leader, in the partition's current
-    /// epoch.
+    /// epoch; or, if the leader moved while batches of the partition are
+    /// still out on the old leader's stream, holds it in the retry queue
+    /// until they are back.
+    ///
+    /// A partition's batches are out to one node at a time so that a batch
+    /// stored but not answered is always among the partition's last
+    /// `max_in_flight` stored batches (one stream answers in order), which
+    /// the broker remembers: its retry is answered with its offset. Were
+    /// newer batches sent to a new leader while an older one hung on a
+    /// paused one, any number of them could be stored meanwhile, and the
+    /// older one's retry would fall out of the broker's memory.
     async fn send(&mut self, mut flight: InFlight) {
-        flight.sent_at = Instant::now();
-        flight.attempts += 1;
+        let b = &flight.batch;
+        let node = match self.client.router().leader(&b.topic, b.partition).await {
+            Ok((node, _)) => node,
+            Err(e) => return self.requeue(flight, e),
+        };
         let part = self.partitions.entry(flight.key()).or_default();
+        if part.in_flight > 0 && part.node != node {
+            if std::mem::take(&mut flight.probe) {
+                part.probing = false;
+            }
+            part.retry.insert(flight.seq, flight);
+            return;
+        }
+        part.node = node;
         part.in_flight += 1;
         flight.on_stream = true;
+        flight.sent_at = Instant::now();
+        flight.attempts += 1;
         let epoch = part.epoch;
         if let Ok(h) = batch::read_header(&flight.batch.batch) {
             if h.producer_id >= 0 && h.producer_epoch != epoch {
@@ -381,11 +469,6 @@ impl Sender {
                 }
             }
         }
-        let b = &flight.batch;
-        let node = match self.client.router().leader(&b.topic, b.partition).await {
-            Ok((node, _)) => node,
-            Err(e) => return self.requeue(flight, e),
-        };
         let (tx, in_flight) = match self.stream(node).await {
             Ok(s) => s,
             Err(e) => return self.requeue(flight, e),
@@ -524,6 +607,10 @@ async fn read_responses(
         // retry is deduplicated by its sequence number.
         hand_back(&retry, f, end.clone());
     }
+}
+
+fn epochs_exhausted() -> Error {
+    Error::Protocol("producer epochs of this partition are used up; start a new producer".into())
 }
 
 fn hand_back(retry: &mpsc::UnboundedSender<(InFlight, Error)>, f: InFlight, e: Error) {
