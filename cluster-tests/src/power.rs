@@ -68,16 +68,18 @@ impl Cluster {
         Ok(())
     }
 
-    /// Cuts the power of `ids` at once: SIGKILL, then every unsynced write
-    /// and directory entry is lost (torn when `tear`), then the
-    /// filesystems are mounted again on what survived. The nodes stay
+    /// Cuts the power of `ids` at once: SIGKILL, then every unsynced
+    /// directory entry is lost, and every unsynced write too — unless the
+    /// seed picks one of the other faults: the unsynced writes of a file
+    /// land in order with the last one torn, or a random subset of them
+    /// lands (a later write without an earlier one), its last torn. Then
+    /// the filesystems are mounted again on what survived. The nodes stay
     /// down until [`Cluster::restart_many`]. Fails if a cut could not
     /// restore the synced state exactly.
     pub async fn power_cut(
         &mut self,
         ids: &[NodeId],
         seed: u64,
-        tear: bool,
     ) -> anyhow::Result<Vec<(NodeId, CutStats)>> {
         self.kill9_many(ids).await?;
         let mut out = Vec::new();
@@ -86,10 +88,11 @@ impl Cluster {
                 .disks
                 .remove(&id)
                 .ok_or_else(|| anyhow!("node {id} has no power-loss filesystem"))?;
+            let seed = seed ^ id;
             let opts = CutOptions {
-                seed: seed ^ id,
-                tear,
-                reorder: false,
+                seed,
+                tear: seed % 3 != 0,
+                reorder: seed % 3 == 2,
             };
             let stats = tokio::task::spawn_blocking(move || {
                 let stats = fs.power_cut(opts);

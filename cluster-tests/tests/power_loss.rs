@@ -1,6 +1,7 @@
 //! Power cuts, on real nodes whose data dirs sit on the power-loss
-//! filesystem (`covet-powerfs`): at a cut every write a node had not synced
-//! is gone, and its last unsynced write per file torn. Each scenario runs
+//! filesystem (`covet-powerfs`): at a cut every directory entry a node had
+//! not synced is gone, and its unsynced writes are lost, or land torn, or
+//! land in part and out of order (chosen by a printed seed). Each scenario runs
 //! under steady produce load with a consumer per partition and ends with
 //! the checker (lost, duplicated, out of order, replica identity). After
 //! every restart each cut node's recovered Raft state is held to what it
@@ -99,7 +100,7 @@ impl PowerScenario {
         let before: Vec<_> = ids.iter().map(|&id| (id, self.witness.of(id))).collect();
         self.cuts += 1;
         let seed = self.seed.wrapping_add(self.cuts);
-        let stats = match self.cluster.power_cut(ids, seed, true).await {
+        let stats = match self.cluster.power_cut(ids, seed).await {
             Ok(s) => s,
             Err(e) => self.fail("power cut", e),
         };
