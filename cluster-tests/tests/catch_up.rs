@@ -118,7 +118,10 @@ async fn a_follower_that_missed_the_retained_log_catches_up_from_a_snapshot() {
         "follower {follower} replayed the trimmed log from offset 0 instead of \
          installing a snapshot: (start, end) went {seen:?}"
     );
-    assert!(start > 0, "follower {follower} caught up with start offset 0");
+    assert!(
+        start > 0,
+        "follower {follower} caught up with start offset 0"
+    );
     let mut stream = client
         .open_replica(follower, TOPIC, 0, StartPosition::Earliest, 10_000)
         .await
