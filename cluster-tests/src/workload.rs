@@ -74,7 +74,7 @@ impl Default for LoadConfig {
             replication_factor: 3,
             producers: 3,
             rate_per_producer: 100,
-            max_per_producer: 3_000,
+            max_per_producer: 10_000,
             window: 100,
         }
     }
