@@ -14,6 +14,9 @@
 //! - **consumer mismatches**: a record a consumer was given that the final
 //!   log does not hold at that offset (it saw uncommitted or divergent
 //!   data);
+//! - **consumer gaps / repeats**: a consumer following a partition was
+//!   handed an offset past the one it expected next (records skipped) or
+//!   before it (records delivered twice) — see [`Contiguity`];
 //! - **fault to first produce**: after a fault, the time until every
 //!   partition has acknowledged a record *sent* after the fault (so an
 //!   untouched partition acknowledging at once does not hide a stalled one).
@@ -144,6 +147,48 @@ pub fn recovery_time(fault: Instant, partitions: u32, acks: &[AckTiming]) -> Opt
         .map(|t| t.saturating_duration_since(fault))
 }
 
+/// Checks that one consumer's offsets follow each other with no gap or
+/// repeat, across batches and stream reopenings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Contiguity {
+    expected: Option<u64>,
+    pub gaps: u64,
+    pub repeats: u64,
+    /// The first anomaly, for the report.
+    pub first: Option<String>,
+}
+
+impl Contiguity {
+    /// Starts expecting `offset` next (where a stream was opened); keeps
+    /// the current expectation if there is one, so a reopened stream must
+    /// continue where the last one stopped.
+    pub fn expect(&mut self, offset: u64) {
+        self.expected.get_or_insert(offset);
+    }
+
+    /// Notes one record handed to the consumer.
+    pub fn saw(&mut self, offset: u64) {
+        let expected = *self.expected.get_or_insert(offset);
+        if offset != expected {
+            let what = if offset > expected { "gap" } else { "repeat" };
+            if offset > expected {
+                self.gaps += 1;
+            } else {
+                self.repeats += 1;
+            }
+            self.first
+                .get_or_insert_with(|| format!("{what}: offset {offset} where {expected} was due"));
+        }
+        // After a gap, go on from the record seen; after a repeat, still
+        // expect the one that was due.
+        self.expected = Some(if offset >= expected {
+            offset + 1
+        } else {
+            expected
+        });
+    }
+}
+
 /// Compares replicas' logs: `Ok` if all equal, else which replica first
 /// differs from the first one, and where.
 pub fn compare_replicas<K: std::fmt::Display, T: PartialEq>(
@@ -191,6 +236,11 @@ pub struct Report {
     pub records: u64,
     pub consumed: u64,
     pub consumer_mismatches: u64,
+    /// Offsets consumers were handed past (gap) or before (repeat) the one
+    /// due next, and the first such anomaly per partition.
+    pub consumer_gaps: u64,
+    pub consumer_repeats: u64,
+    pub consumer_anomalies: Vec<String>,
     /// Recovery time after each fault, in order.
     pub recoveries: Vec<Option<Duration>>,
     /// How replicas were compared (`reads` or `disk`) and what was found.
@@ -198,6 +248,8 @@ pub struct Report {
     pub replica_detail: Vec<String>,
     /// Nodes that exited on their own.
     pub crashes: Vec<String>,
+    /// `panicked at` lines found in any node's log.
+    pub panics: Vec<String>,
     pub elapsed: Duration,
 }
 
@@ -230,15 +282,23 @@ impl Report {
             "records": self.records,
             "consumed": self.consumed,
             "consumer_mismatches": self.consumer_mismatches,
+            "consumer_gaps": self.consumer_gaps,
+            "consumer_repeats": self.consumer_repeats,
+            "consumer_anomalies": self.consumer_anomalies,
             "recoveries_ms": self.recoveries.iter().map(ms).collect::<Vec<_>>(),
             "replica_check": self.replica_check,
             "replica_detail": self.replica_detail,
             "crashes": self.crashes,
+            "panics": self.panics,
             "elapsed_ms": self.elapsed.as_millis() as u64,
         })
     }
 
-    /// What the scenario requires and this run broke; empty when clean.
+    /// What every scenario requires and this run broke; empty when clean:
+    /// something was acknowledged; nothing lost, duplicated or out of
+    /// order; replicas identical; consumers saw only committed records,
+    /// contiguously; every send answered; a produce succeeded after every
+    /// fault; no node crashed or panicked.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
         let mut check = |bad: bool, what: String| {
@@ -262,6 +322,17 @@ impl Report {
             format!("consumer mismatches = {}", self.consumer_mismatches),
         );
         check(
+            self.consumer_gaps > 0 || self.consumer_repeats > 0,
+            format!(
+                "consumers saw {} gaps and {} repeats: {:?}",
+                self.consumer_gaps, self.consumer_repeats, self.consumer_anomalies
+            ),
+        );
+        check(
+            self.unresolved > 0,
+            format!("{} sends never answered (unresolved)", self.unresolved),
+        );
+        check(
             self.recoveries.iter().any(Option::is_none),
             "no produce succeeded after some fault".into(),
         );
@@ -269,12 +340,16 @@ impl Report {
             !self.crashes.is_empty(),
             format!("crashes: {:?}", self.crashes),
         );
+        check(
+            !self.panics.is_empty(),
+            format!("panics in node logs: {:?}", self.panics),
+        );
         p
     }
 
-    /// Prints the report as one JSON line, then panics if it has problems.
-    pub fn print_and_assert(&self) {
-        println!("{}", self.to_json());
+    /// Panics, naming every problem and printing the report, unless the run
+    /// is clean (see [`Report::problems`]).
+    pub fn assert_clean(&self) {
         let problems = self.problems();
         assert!(
             problems.is_empty(),
@@ -283,5 +358,11 @@ impl Report {
             problems.join("; "),
             self.to_json()
         );
+    }
+
+    /// Prints the report as one JSON line, then [`Report::assert_clean`].
+    pub fn print_and_assert(&self) {
+        println!("{}", self.to_json());
+        self.assert_clean();
     }
 }

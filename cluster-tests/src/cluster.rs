@@ -374,6 +374,30 @@ impl Cluster {
         std::mem::take(&mut self.crashes)
     }
 
+    /// Every `panicked at` line in any node's log (stderr, across all its
+    /// restarts), prefixed with the node: a panic is a finding even when
+    /// the process survived it (a panicking tokio task does not end the
+    /// process).
+    pub fn panics(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for spec in &self.specs {
+            let text = match std::fs::read(spec.stderr_log()) {
+                Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    out.push(format!("node {}: cannot read its log: {e}", spec.id));
+                    continue;
+                }
+            };
+            out.extend(
+                text.lines()
+                    .filter(|l| l.contains("panicked at"))
+                    .map(|l| format!("node {}: {l}", spec.id)),
+            );
+        }
+        out
+    }
+
     /// The last `lines` lines of a node's log (stderr).
     pub fn log_tail(&self, id: NodeId, lines: usize) -> String {
         match self.spec(id) {

@@ -13,9 +13,13 @@
 //! - [`workload`]: [`Load`], rate-paced producers of unique,
 //!   sequence-numbered values and a consumer per partition, all recorded;
 //! - [`checker`]: pure functions from that record to a [`Report`] (acked,
-//!   lost, duplicated, out of order, consumer mismatches, time from fault
-//!   to first produce), printed as one JSON line per scenario;
-//! - [`replicas`]: the byte-for-byte comparison of replicas' committed logs.
+//!   lost, duplicated, out of order, consumer mismatches, gaps and repeats,
+//!   unanswered sends, crashes and panics in node logs, time from fault to
+//!   first produce), printed as one JSON line per scenario;
+//!   [`Report::assert_clean`] is the one verdict every scenario uses;
+//! - [`replicas`]: the byte-for-byte comparison of replicas' committed logs
+//!   (every assigned replica must serve its partition, reach lag 0 and hold
+//!   everything up to the highest commit).
 //!
 //! The scenarios live in `tests/scenarios.rs`; the proxy and the checker
 //! have their own tests in `tests/`.

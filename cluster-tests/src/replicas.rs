@@ -5,14 +5,21 @@
 //!    replica (`Client::open_replica`, served by that node even if it does
 //!    not lead) up to the committed end the final read reached, and the
 //!    records (offset, timestamp, key, value, headers) are compared byte
-//!    for byte. A replica that lags is given time to catch up.
-//! 2. **Disk** ([`compare_disk_logs`]): every node is killed, each node's
+//!    for byte. A replica that lags is given time to catch up; one that
+//!    refuses (`NOT_LEADER` for a partition it is assigned) or cannot
+//!    serve the whole range is a failure.
+//! 2. **Caught up** ([`wait_caught_up`]): every group's leader must report
+//!    every replica at lag 0 within a deadline, so the disk comparison
+//!    below can demand complete logs.
+//! 3. **Disk** ([`compare_disk_logs`]): every node is killed, each node's
 //!    Raft group directories are copied and opened with
 //!    `covet-raft-store`, and every group's entries (index, term, type,
-//!    data) are compared over the range every replica holds and has
-//!    persisted as committed. That covers the metadata group too, and the
-//!    Raft log itself rather than what the broker serves from it. It
-//!    leaves the cluster stopped, so it runs last.
+//!    data) are compared from the highest first index any replica kept
+//!    (retention trims each replica on its own schedule) up to the highest
+//!    commit any replica persisted: a replica whose log ends before that
+//!    commit is a failure, not a shorter overlap. That covers the metadata
+//!    group too, and the Raft log itself rather than what the broker serves
+//!    from it. It leaves the cluster stopped, so it runs last.
 //!
 //! The on-disk path relies on the broker's layout, `<data-dir>/groups/<id>`
 //! holding one group's log; `group_dirs` is the only place that knows it.
@@ -34,12 +41,14 @@ use crate::CLIENT_CALL_TIMEOUT;
 
 /// How long a replica may take to serve a partition up to the end.
 const REPLICA_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long every replica of every group may take to reach lag 0.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The outcome of the replica comparison.
 #[derive(Debug, Clone)]
 pub struct ReplicaCheck {
     pub identical: bool,
-    /// `reads+disk`, or `disk` when replicas refused follower reads.
+    /// Always `reads+disk`: both comparisons ran.
     pub method: &'static str,
     pub detail: Vec<String>,
 }
@@ -47,8 +56,9 @@ pub struct ReplicaCheck {
 /// Why [`replica_logs`] could not read every replica.
 #[derive(Debug)]
 pub enum ReplicaLogsError {
-    /// This node refused to serve a read it does not lead.
-    FollowerReadsRefused(NodeId),
+    /// This node holds a replica of the partition but refused to serve it
+    /// (`NOT_LEADER`): a failure, since follower reads are served.
+    FollowerReadsRefused(NodeId, Option<String>),
     Other(anyhow::Error),
 }
 
@@ -73,10 +83,11 @@ pub async fn check(cluster: &mut Cluster, topic: &str, ends: &BTreeMap<u32, u64>
                     out.detail.push(format!("{topic}/{partition}: {e}"));
                 }
             },
-            Err(ReplicaLogsError::FollowerReadsRefused(node)) => {
-                out.method = "disk";
+            Err(ReplicaLogsError::FollowerReadsRefused(node, error)) => {
+                out.identical = false;
                 out.detail.push(format!(
-                    "{topic}/{partition}: node {node} refused a follower read (NOT_LEADER)"
+                    "{topic}/{partition}: node {node} is an assigned replica but refused to \
+                     serve it (NOT_LEADER): {error:?}"
                 ));
             }
             Err(ReplicaLogsError::Other(e)) => {
@@ -85,10 +96,70 @@ pub async fn check(cluster: &mut Cluster, topic: &str, ends: &BTreeMap<u32, u64>
             }
         }
     }
+    if let Err(e) = wait_caught_up(cluster, CATCH_UP_TIMEOUT).await {
+        out.identical = false;
+        out.detail.push(format!("{e:#}"));
+    }
     let disk = disk_check(cluster).await;
     out.identical &= disk.identical;
     out.detail.extend(disk.detail);
     out
+}
+
+/// Waits until, in every group some node holds, a leader reports every
+/// replica at lag 0 (matched = its last index); the error names the groups
+/// still behind.
+pub async fn wait_caught_up(cluster: &Cluster, timeout: Duration) -> anyhow::Result<()> {
+    let client = tokio::time::timeout(
+        CLIENT_CALL_TIMEOUT,
+        Client::connect(&cluster.client_addrs()),
+    )
+    .await
+    .map_err(|_| anyhow!("connecting timed out"))??;
+    let last = std::sync::Mutex::new(String::from("no status answered"));
+    let caught_up = crate::wait_until(timeout, || async {
+        let views = tokio::time::timeout(CLIENT_CALL_TIMEOUT, client.cluster_status())
+            .await
+            .ok()?
+            .ok()?;
+        let behind = groups_behind(&views);
+        let done = behind.is_empty();
+        *last.lock().expect("status lock") = behind.join("; ");
+        done.then_some(())
+    })
+    .await;
+    caught_up.map_err(|_| {
+        anyhow!(
+            "replicas not caught up within {timeout:?}: {}",
+            last.lock().expect("status lock")
+        )
+    })
+}
+
+/// Groups without a leader, or whose leader reports a replica behind it.
+fn groups_behind(views: &[covet_client::ClusterStatusResponse]) -> Vec<String> {
+    let mut groups: BTreeMap<u64, Option<&covet_client::GroupStatus>> = BTreeMap::new();
+    for g in views.iter().flat_map(|v| v.groups.iter()) {
+        let slot = groups.entry(g.group).or_default();
+        if g.role == "leader" && slot.is_none_or(|l| l.term < g.term) {
+            *slot = Some(g);
+        }
+    }
+    groups
+        .into_iter()
+        .filter_map(|(group, leader)| match leader {
+            None => Some(format!("group {group}: no leader")),
+            Some(l) => {
+                let lagging: Vec<String> = l
+                    .replicas
+                    .iter()
+                    .filter(|r| r.lag > 0)
+                    .map(|r| format!("node {} lag {} ({})", r.node, r.lag, r.state))
+                    .collect();
+                (!lagging.is_empty()).then(|| format!("group {group}: {}", lagging.join(", ")))
+            }
+        })
+        .collect()
 }
 
 /// Every replica's log of one partition, records `[0, end)`, each read
@@ -114,7 +185,12 @@ pub async fn replica_logs(
         let read = read_partition(&client, source, topic, partition, end, deadline).await;
         let mut records = read.records;
         match read.end {
-            ReadEnd::NotLeader => return Err(ReplicaLogsError::FollowerReadsRefused(node)),
+            ReadEnd::NotLeader => {
+                return Err(ReplicaLogsError::FollowerReadsRefused(
+                    node,
+                    read.last_error,
+                ))
+            }
             ReadEnd::TimedOut => {
                 return Err(ReplicaLogsError::Other(anyhow!(
                     "node {node} served {} of {end} records within {REPLICA_READ_TIMEOUT:?} ({:?})",
@@ -124,8 +200,8 @@ pub async fn replica_logs(
             }
             ReadEnd::Complete => {}
         }
-        // Compare the common committed prefix only: a replica may already
-        // hold records committed after the final read.
+        // Every replica served all of [0, end) (`Complete`); what it holds
+        // beyond was committed after the final read and is compared on disk.
         records.retain(|r| r.offset < end);
         logs.push((node, records));
     }
@@ -181,7 +257,7 @@ async fn disk_check(cluster: &mut Cluster) -> ReplicaCheck {
     detail.extend(found);
     ReplicaCheck {
         identical,
-        method: "disk",
+        method: "reads+disk",
         detail,
     }
 }
@@ -217,17 +293,36 @@ pub fn compare_disk_logs(data_dirs: &[(NodeId, PathBuf)]) -> anyhow::Result<(boo
     Ok((identical, lines))
 }
 
-/// Compares one group's committed entries across its replicas.
+/// Compares one group's committed entries across its replicas, up to the
+/// highest commit any of them persisted: every replica must hold it.
 fn compare_group(group: u64, stores: &[(NodeId, GroupStorage)]) -> anyhow::Result<(String, bool)> {
     let mut low = 0;
-    let mut high = u64::MAX;
+    let mut high = 0;
     for (_, s) in stores {
         low = low.max(s.first_index()?);
-        high = high.min(s.hard_state().commit.min(s.last_index()?));
+        high = high.max(s.hard_state().commit.min(s.last_index()?));
+    }
+    let mut short = Vec::new();
+    for (node, s) in stores {
+        let last = s.last_index()?;
+        if last < high {
+            short.push(format!("node {node} ends at {last}"));
+        }
+    }
+    if !short.is_empty() {
+        return Ok((
+            format!(
+                "group {group}: committed up to {high} but {}",
+                short.join(", ")
+            ),
+            false,
+        ));
     }
     if low > high {
+        // Every replica trimmed past the commit some replica persisted
+        // (retention); nothing committed is left to compare.
         return Ok((
-            format!("group {group}: no committed entries in common"),
+            format!("group {group}: no committed entries left to compare ({low} > {high})"),
             true,
         ));
     }

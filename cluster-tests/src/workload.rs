@@ -16,7 +16,9 @@
 //!
 //! Consumers reopen their stream after any failure, or after
 //! [`CONSUMER_IDLE`] without a batch (the node they read from may be
-//! paused), resuming after the last record they got.
+//! paused), resuming after the last record they got. Each checks that the
+//! offsets it is handed follow each other with no gap or repeat, across
+//! reopenings ([`checker::Contiguity`]).
 //!
 //! [`checker`]: crate::checker
 
@@ -32,7 +34,7 @@ use tokio::task::JoinHandle;
 
 mod tasks;
 
-use crate::checker::{self, Ack, AckTiming, Logs, Report, Stored};
+use crate::checker::{self, Ack, AckTiming, Contiguity, Logs, Report, Stored};
 use crate::cluster::Cluster;
 use crate::read::{read_partition, ReadEnd, Source};
 use crate::replicas;
@@ -72,7 +74,7 @@ impl Default for LoadConfig {
             replication_factor: 3,
             producers: 3,
             rate_per_producer: 100,
-            max_per_producer: 3_000,
+            max_per_producer: 10_000,
             window: 100,
         }
     }
@@ -90,6 +92,8 @@ struct Shared {
     errors: Mutex<std::collections::BTreeMap<String, u64>>,
     unresolved: AtomicU64,
     consumed: Mutex<Logs>,
+    /// Per partition, whether its consumer saw contiguous offsets.
+    contiguity: Mutex<BTreeMap<u32, Contiguity>>,
     faults: Mutex<Vec<Instant>>,
 }
 
@@ -169,6 +173,7 @@ impl Load {
             errors: Mutex::default(),
             unresolved: AtomicU64::new(0),
             consumed: Mutex::default(),
+            contiguity: Mutex::default(),
             faults: Mutex::default(),
         });
         let (stop, _) = watch::channel(false);
@@ -294,6 +299,7 @@ impl Load {
         let replica = replicas::check(cluster, &config.topic, &ends).await;
         let mut detail = notes;
         detail.extend(replica.detail);
+        let contiguity = shared.contiguity.lock().expect("contiguity lock").clone();
         Ok(Report {
             scenario: scenario.to_string(),
             replicas_identical: replica.identical,
@@ -312,6 +318,13 @@ impl Load {
             crashes: crashes
                 .into_iter()
                 .map(|(id, status)| format!("node {id}: {status}"))
+                .collect(),
+            panics: cluster.panics(),
+            consumer_gaps: contiguity.values().map(|c| c.gaps).sum(),
+            consumer_repeats: contiguity.values().map(|c| c.repeats).sum(),
+            consumer_anomalies: contiguity
+                .iter()
+                .filter_map(|(p, c)| Some(format!("partition {p}: {}", c.first.as_ref()?)))
                 .collect(),
             elapsed: self.started.elapsed(),
             ..Report::default()

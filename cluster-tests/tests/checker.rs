@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use covet_cluster_tests::checker::{
-    analyse, compare_replicas, parse_value, recovery_time, value_for, Ack, AckTiming, Findings,
-    Logs, Report, Stored,
+    analyse, compare_replicas, parse_value, recovery_time, value_for, Ack, AckTiming, Contiguity,
+    Findings, Logs, Report, Stored,
 };
 
 fn stored(offset: u64, value: Bytes) -> Stored {
@@ -201,6 +201,36 @@ fn replicas_are_compared_element_by_element() {
 }
 
 #[test]
+fn consumers_must_see_contiguous_offsets() {
+    let mut c = Contiguity::default();
+    c.expect(0);
+    for o in 0..5 {
+        c.saw(o);
+    }
+    // A reopened stream must continue at 5, not where it says it starts.
+    c.expect(9);
+    c.saw(5);
+    assert_eq!((c.gaps, c.repeats), (0, 0));
+    c.saw(7);
+    assert_eq!((c.gaps, c.repeats), (1, 0));
+    c.saw(7);
+    c.saw(3);
+    assert_eq!((c.gaps, c.repeats), (1, 2));
+    assert_eq!(c.first.as_deref(), Some("gap: offset 7 where 6 was due"));
+    // After a gap the consumer goes on from the highest offset seen.
+    c.saw(8);
+    assert_eq!((c.gaps, c.repeats), (1, 2));
+
+    let mut late = Contiguity::default();
+    late.expect(0);
+    late.saw(1);
+    assert_eq!(
+        late.gaps, 1,
+        "the first record must be the one the stream opened at"
+    );
+}
+
+#[test]
 fn a_report_names_every_problem() {
     let clean = Report {
         acked: 10,
@@ -218,6 +248,27 @@ fn a_report_names_every_problem() {
         ..clean.clone()
     };
     assert_eq!(bad.problems().len(), 5, "{:?}", bad.problems());
+    let worse = Report {
+        consumer_gaps: 1,
+        consumer_repeats: 1,
+        unresolved: 2,
+        crashes: vec!["node 1: signal 6".into()],
+        panics: vec!["node 2: thread 'x' panicked at src/a.rs:1:1".into()],
+        ..clean.clone()
+    };
+    let problems = worse.problems();
+    assert_eq!(problems.len(), 4, "{problems:?}");
+    assert!(
+        problems.iter().any(|p| p.contains("unresolved")),
+        "{problems:?}"
+    );
+    assert!(
+        problems.iter().any(|p| p.contains("panicked at")),
+        "{problems:?}"
+    );
+    let caught = std::panic::catch_unwind(|| worse.assert_clean());
+    assert!(caught.is_err(), "assert_clean passed a run with problems");
+    clean.assert_clean();
     let line = bad.to_json().to_string();
     assert!(!line.contains('\n'));
     assert!(line.contains("\"lost\":1"), "{line}");

@@ -151,6 +151,13 @@ pub(super) async fn consume(shared: Arc<Shared>, partition: u32, mut stop: watch
             pause(&mut stop).await;
             continue;
         };
+        shared
+            .contiguity
+            .lock()
+            .expect("contiguity lock")
+            .entry(partition)
+            .or_default()
+            .expect(stream.position());
         loop {
             let batch = tokio::select! {
                 _ = stop.changed() => return,
@@ -159,6 +166,13 @@ pub(super) async fn consume(shared: Arc<Shared>, partition: u32, mut stop: watch
             let Ok(Ok(Some(records))) = batch else { break };
             next = stream.position();
             let n = records.len() as u64;
+            {
+                let mut contiguity = shared.contiguity.lock().expect("contiguity lock");
+                let c = contiguity.entry(partition).or_default();
+                for r in &records {
+                    c.saw(r.offset);
+                }
+            }
             shared
                 .consumed
                 .lock()
