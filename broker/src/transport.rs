@@ -5,10 +5,14 @@
 //! messages on it, each encoded with raft-rs's own protobuf codec and
 //! tagged with its group. Messages for a peer wait in a queue bounded in
 //! messages and in bytes of entry data (64 MiB): when
-//! the peer is slow or gone the queue fills and further messages are
-//! dropped, which Raft tolerates (it retries by its own timers), so a dead
+//! the peer is slow the queue fills and further messages are
+//! dropped, which Raft tolerates (it retries by its own timers), so a slow
 //! peer never makes this node's memory grow. A broken stream is redialed
-//! with exponential backoff. A message larger than [`CHUNK_BYTES`] once
+//! with exponential backoff; from the failure until a dial succeeds again
+//! the peer counts as down and messages for it are refused at once, so
+//! the caller reports it unreachable (a leader stops pipelining appends to
+//! it and probes instead) and nothing queued while it was gone is
+//! delivered, stale, when it comes back. A message larger than [`CHUNK_BYTES`] once
 //! encoded (a snapshot, in practice) travels in chunks of that size, so no
 //! gRPC message grows with the state it carries; the receiver reassembles
 //! the chunks of one stream in order, bounded by [`MAX_CHUNKED_BYTES`].
@@ -19,7 +23,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -87,6 +91,8 @@ pub struct Transport {
 struct PeerQueue {
     tx: mpsc::Sender<(u64, Message)>,
     bytes: Arc<AtomicUsize>,
+    /// False from a failed stream or dial until the next dial succeeds.
+    up: Arc<AtomicBool>,
 }
 
 /// Entry bytes a message carries (what dominates its size).
@@ -120,16 +126,20 @@ impl Transport {
             }
             let (tx, rx) = mpsc::channel(PEER_QUEUE);
             let bytes = Arc::new(AtomicUsize::new(0));
+            // Up until a dial fails: what is sent before the first dial
+            // completes waits for it.
+            let up = Arc::new(AtomicBool::new(true));
             let peer = PeerSender {
                 me,
                 client_address: client_address.clone(),
                 addr,
                 rx,
                 bytes: bytes.clone(),
+                up: up.clone(),
                 pending: VecDeque::new(),
             };
             runtime.spawn(peer.run());
-            queues.insert(id, PeerQueue { tx, bytes });
+            queues.insert(id, PeerQueue { tx, bytes, up });
         }
         Transport {
             peers: Arc::new(queues),
@@ -137,12 +147,15 @@ impl Transport {
     }
 
     /// Queues a message for its destination. Returns false if it was
-    /// dropped (unknown peer or full queue), so the caller can tell Raft
-    /// the peer is unreachable.
+    /// dropped (unknown peer, peer down, or full queue), so the caller can
+    /// tell Raft the peer is unreachable.
     pub fn send(&self, group: u64, message: Message) -> bool {
         let Some(q) = self.peers.get(&message.to) else {
             return false;
         };
+        if !q.up.load(Ordering::Relaxed) {
+            return false;
+        }
         let w = weight(&message);
         let queued = q.bytes.load(Ordering::Relaxed);
         // One message alone may exceed the bound (a batch near the largest
@@ -166,6 +179,8 @@ struct PeerSender {
     rx: mpsc::Receiver<(u64, Message)>,
     /// Bytes queued for this peer, shared with the senders.
     bytes: Arc<AtomicUsize>,
+    /// Whether the peer counts as reachable, shared with the senders.
+    up: Arc<AtomicBool>,
     /// Encoded messages (or chunks of one) taken from the queue and not
     /// sent yet, in order; about one batch's worth at most.
     pending: VecDeque<GroupMessage>,
@@ -181,6 +196,7 @@ impl PeerSender {
                 Ok(true) => return,
                 Ok(false) => backoff = BACKOFF_MIN,
                 Err(e) => {
+                    self.up.store(false, Ordering::Relaxed);
                     tracing::debug!(peer = %self.addr, error = %e, "raft transport down");
                     // A link that was up for a while starts over; one that
                     // keeps failing at once backs off further.
@@ -192,7 +208,9 @@ impl PeerSender {
                 }
             }
             // While down, drop what is queued: it is stale by the time the
-            // peer is back, and Raft resends what matters.
+            // peer is back, and Raft resends what matters. New messages are
+            // refused until a dial succeeds (`up`), so the queue stays empty
+            // through the backoff.
             while let Ok((_, m)) = self.rx.try_recv() {
                 self.bytes.fetch_sub(weight(&m), Ordering::Relaxed);
             }
@@ -211,6 +229,7 @@ impl PeerSender {
             .initial_stream_window_size(crate::server::STREAM_WINDOW)
             .initial_connection_window_size(crate::server::CONNECTION_WINDOW);
         let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+        self.up.store(true, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel::<RaftBatch>(16);
         let mut client = RaftTransportClient::new(channel)
             .max_encoding_message_size(crate::server::MAX_MESSAGE_BYTES)
