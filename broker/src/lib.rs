@@ -19,6 +19,8 @@
 
 pub mod catalog;
 pub mod driver;
+#[cfg(test)]
+mod durability_tests;
 pub mod error;
 mod faults;
 pub mod group;

@@ -486,3 +486,27 @@ async fn a_cut_during_snapshot_install() {
     assert!(s.discarded > 0, "no cut discarded anything");
     s.assert_no_panic();
 }
+
+/// A node loses power moments after it started and acknowledged its first
+/// records: the directories it created (its data dir, `groups/`, `state/`,
+/// each group's) must already be durable in their parents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_right_after_the_first_records() {
+    let _serial = SERIAL.lock().await;
+    let mut s = PowerScenario::start("power_fresh_node", 1, &[]).await;
+    let client = Client::connect(&s.cluster.client_addrs())
+        .await
+        .expect("client");
+    let mut spec = TopicSpec::new("fresh").partitions(1);
+    spec.replication_factor = 1;
+    client.create_topic(spec).await.expect("create");
+    let acked = write_trimmed(&client, "fresh", 0, 50).await;
+    drop(client);
+    s.cut_and_restart(&[1]).await;
+    let client = Client::connect(&s.cluster.client_addrs())
+        .await
+        .expect("client");
+    check_retained(&s.cluster, &client, "fresh", &acked).await;
+    assert!(s.discarded > 0, "no cut discarded anything");
+    s.assert_no_panic();
+}
