@@ -367,7 +367,10 @@ impl Driver {
         if let Some(barrier) = g.vote_barrier {
             if g.node.raft.raft_log.persisted >= barrier {
                 tracing::info!(group = m.group, "rebuilt replica caught up; it votes again");
-                g.vote_barrier = None;
+                match crate::faults::clear_barrier(g.storage.dir()) {
+                    Ok(()) => g.vote_barrier = None,
+                    Err(e) => tracing::warn!(group = m.group, error = %e, "vote barrier stays"),
+                }
             } else if is_vote_request(m.message.get_msg_type()) {
                 return;
             }

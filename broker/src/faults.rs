@@ -14,15 +14,18 @@
 //! empty replica with the same voters, keeping its term and vote so it
 //! never votes twice in a term. Until its log reaches the last index it held
 //! before (every entry it may have acknowledged), it refuses to vote
-//! (`vote_barrier`): with an empty log it would otherwise help elect a
-//! leader that lacks entries it had helped commit. A replica without peers
+//! (`vote_barrier`, kept in a `vote-barrier` file of the group directory
+//! so a restart during the rebuild keeps it): with an empty log it would
+//! otherwise help elect a leader that lacks entries it had helped commit. A replica without peers
 //! (replication factor 1) cannot be rebuilt and stays out of service; its
 //! data needs an operator.
 //!
 //! A failed `fdatasync` is not handled here: after one, the page cache can
 //! no longer be trusted, and the node stops (as PostgreSQL does).
 
+use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
 
 use raft::prelude::{HardState, MessageType};
 
@@ -155,8 +158,8 @@ impl Driver {
             voters: voters.to_vec(),
             preferred_leader: 0,
         };
-        let mut group = self.open_group(id, Machine::Partition(state), &bootstrap)?;
-        group.vote_barrier = Some(barrier);
+        write_barrier(&dir, barrier)?;
+        let group = self.open_group(id, Machine::Partition(state), &bootstrap)?;
         let local = LocalReplica {
             storage: group.storage.clone(),
             index,
@@ -165,6 +168,36 @@ impl Driver {
         };
         self.groups.insert(id, group);
         Ok(local)
+    }
+}
+
+/// The file that keeps a rebuilt replica's vote barrier across restarts.
+const BARRIER_FILE: &str = "vote-barrier";
+
+/// Makes `barrier` durable in the group directory (temp, fsync, rename,
+/// directory fsync) before the replica can hear from anyone.
+fn write_barrier(dir: &Path, barrier: u64) -> Result<()> {
+    let tmp = dir.join(format!("{BARRIER_FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&barrier.to_le_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(BARRIER_FILE))?;
+    covet_raft_store::sync_dir(dir)?;
+    Ok(())
+}
+
+/// The vote barrier of a replica rebuilt earlier and not yet caught up.
+pub(crate) fn read_barrier(dir: &Path) -> Option<u64> {
+    let bytes = std::fs::read(dir.join(BARRIER_FILE)).ok()?;
+    Some(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?))
+}
+
+/// Lifts the barrier once the replica caught up.
+pub(crate) fn clear_barrier(dir: &Path) -> Result<()> {
+    match std::fs::remove_file(dir.join(BARRIER_FILE)) {
+        Ok(()) => covet_raft_store::sync_dir(dir).map_err(Into::into),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -193,6 +193,7 @@ impl Group {
             acked: 0,
             acked_term: 0,
         };
+        group.vote_barrier = crate::faults::read_barrier(dir);
         group.observe_role();
         Ok(group)
     }
