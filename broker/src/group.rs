@@ -77,7 +77,7 @@ pub struct Group {
     /// Ticks each follower has been waiting for a snapshot (leader only).
     snapshot_waits: HashMap<u64, u32>,
     /// Set on a replica rebuilt after a fault: it grants no vote until its
-    /// log reaches this index (see [`crate::faults`]).
+    /// log reaches this index (see the `faults` module).
     pub vote_barrier: Option<u64>,
     /// Highest index this replica acknowledged to a leader (reported by
     /// `cluster status`; power-loss tests hold a restart to it).
