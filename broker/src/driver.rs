@@ -554,7 +554,7 @@ impl Driver {
                         // `handle`): hand over to a replica that stays,
                         // which then removes this node.
                         Some(&remove) if remove == me && !desired.is_empty() => {
-                            if let Some(t) = g.transfer_target_among(&desired) {
+                            if let Some(t) = g.transfer_target_among(Some(&desired)) {
                                 g.node.transfer_leader(t);
                             }
                             continue;

@@ -328,32 +328,19 @@ impl Group {
     /// most caught-up other voter. `None` unless this node leads and has a
     /// follower.
     pub fn transfer_target(&self) -> Option<u64> {
-        if !self.is_leader() {
-            return None;
-        }
-        let me = self.node.raft.id;
-        self.node
-            .raft
-            .prs()
-            .iter()
-            .filter(|(&id, _)| id != me)
-            .filter(|(&id, _)| self.node.raft.prs().conf().voters().contains(id))
-            .max_by_key(|(_, pr)| pr.matched)
-            .map(|(&id, _)| id)
+        self.transfer_target_among(None)
     }
 
-    /// Like [`Group::transfer_target`], restricted to `candidates`.
-    pub fn transfer_target_among(&self, candidates: &[u64]) -> Option<u64> {
+    /// Like [`Group::transfer_target`], restricted to `candidates` if given.
+    pub fn transfer_target_among(&self, candidates: Option<&[u64]>) -> Option<u64> {
         if !self.is_leader() {
             return None;
         }
         let me = self.node.raft.id;
-        self.node
-            .raft
-            .prs()
-            .iter()
-            .filter(|(&id, _)| id != me && candidates.contains(&id))
-            .filter(|(&id, _)| self.node.raft.prs().conf().voters().contains(id))
+        let prs = self.node.raft.prs();
+        prs.iter()
+            .filter(|(&id, _)| id != me && candidates.is_none_or(|c| c.contains(&id)))
+            .filter(|(&id, _)| prs.conf().voters().contains(id))
             .max_by_key(|(_, pr)| pr.matched)
             .map(|(&id, _)| id)
     }

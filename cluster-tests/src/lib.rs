@@ -86,3 +86,21 @@ where
         tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
+
+/// `Some(())` when every group any node reports has a leader view and every
+/// leader view (a stale one included) satisfies `ok`: for polling with
+/// [`wait_until`] until a membership change reached every group.
+pub fn every_group(
+    views: &[covet_client::ClusterStatusResponse],
+    ok: impl Fn(&covet_client::GroupStatus) -> bool,
+) -> Option<()> {
+    let all = || views.iter().flat_map(|v| v.groups.iter());
+    let leader_views: Vec<&covet_client::GroupStatus> =
+        all().filter(|g| g.role == "leader").collect();
+    let groups: std::collections::BTreeSet<u64> = all()
+        .filter(|g| g.role != "faulted")
+        .map(|g| g.group)
+        .collect();
+    let led: std::collections::BTreeSet<u64> = leader_views.iter().map(|g| g.group).collect();
+    (led == groups && leader_views.iter().all(|g| ok(g))).then_some(())
+}

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use covet_client::{
     Client, ClusterStatusResponse, GroupStatus, ProducerConfig, Reason, Record, TopicSpec,
 };
-use covet_cluster_tests::{wait_until, Cluster, NodeId};
+use covet_cluster_tests::{every_group, wait_until, Cluster, NodeId};
 use tokio::sync::Mutex;
 
 /// One cluster at a time: two on two cores slow each other past their
@@ -34,18 +34,6 @@ async fn setup() -> (Cluster, Client) {
         .await
         .expect("create topic");
     (cluster, client)
-}
-
-/// Every group has a leader view (from any node) and each satisfies `ok`.
-fn every_group(views: &[ClusterStatusResponse], ok: impl Fn(&GroupStatus) -> bool) -> Option<()> {
-    let mut groups = std::collections::BTreeMap::new();
-    for g in views.iter().flat_map(|v| v.groups.iter()) {
-        groups.entry(g.group).or_insert(false);
-        if g.role == "leader" && ok(g) {
-            groups.insert(g.group, true);
-        }
-    }
-    (!groups.is_empty() && groups.values().all(|&v| v)).then_some(())
 }
 
 /// Publishes one record to each partition, each acknowledged in time.

@@ -14,10 +14,10 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use covet_client::{Client, ClusterStatusResponse, GroupStatus, ProducerConfig, Record, TopicSpec};
+use covet_client::{Client, ProducerConfig, Record, TopicSpec};
 use covet_cluster_tests::power::Witness;
 use covet_cluster_tests::read::{read_partition, ReadEnd, Source};
-use covet_cluster_tests::{wait_until, Cluster, Load, LoadConfig, NodeId};
+use covet_cluster_tests::{every_group, wait_until, Cluster, Load, LoadConfig, NodeId};
 use tokio::sync::Mutex;
 
 static SERIAL: Mutex<()> = Mutex::const_new(());
@@ -215,18 +215,6 @@ async fn all_three_cut_at_once() {
     s.finish().await;
 }
 
-/// Every group has a leader view and each satisfies `ok`.
-fn every_group(views: &[ClusterStatusResponse], ok: impl Fn(&GroupStatus) -> bool) -> Option<()> {
-    let mut groups = std::collections::BTreeMap::new();
-    for g in views.iter().flat_map(|v| v.groups.iter()) {
-        groups.entry(g.group).or_insert(false);
-        if g.role == "leader" && ok(g) {
-            groups.insert(g.group, true);
-        }
-    }
-    (!groups.is_empty() && groups.values().all(|&v| v)).then_some(())
-}
-
 /// A membership change is applied, then every node loses power. The
 /// change must hold after the restart: its conf state was synced before
 /// the applied index that covers it could reach sled.
@@ -387,21 +375,30 @@ async fn check_retained(cluster: &Cluster, client: &Client, topic: &str, acked: 
     }
 }
 
-/// Retention compacts the log every 100 ms while nodes lose power: a cut
-/// during a compaction must leave a log that opens and holds every
-/// acknowledged record still retained.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cuts_during_retention_compaction() {
-    let _serial = SERIAL.lock().await;
-    let extra = ["--segment-bytes", "16384", "--retention-check-ms", "20"];
-    let mut s = PowerScenario::start("power_retention", 3, &extra).await;
-    let client = Client::connect(&s.cluster.client_addrs())
+/// Powered nodes compacting often: small segments, retention checked every
+/// 20 ms.
+const TRIMMING: [&str; 4] = ["--segment-bytes", "16384", "--retention-check-ms", "20"];
+
+/// A client, and topic `trimmed`: one partition on every node, 64 KiB kept.
+async fn trimmed_topic(cluster: &Cluster) -> Client {
+    let client = Client::connect(&cluster.client_addrs())
         .await
         .expect("client");
     let mut spec = TopicSpec::new("trimmed").partitions(1);
     spec.replication_factor = 3;
     spec.retention_bytes = Some(64 * 1024);
     client.create_topic(spec).await.expect("create");
+    client
+}
+
+/// Retention compacts the log every 100 ms while nodes lose power: a cut
+/// during a compaction must leave a log that opens and holds every
+/// acknowledged record still retained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cuts_during_retention_compaction() {
+    let _serial = SERIAL.lock().await;
+    let mut s = PowerScenario::start("power_retention", 3, &TRIMMING).await;
+    let client = trimmed_topic(&s.cluster).await;
     let mut acked = write_trimmed(&client, "trimmed", 0, 400).await;
     for round in 0..3u64 {
         let leader = s
@@ -441,15 +438,8 @@ async fn cuts_during_retention_compaction() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_during_snapshot_install() {
     let _serial = SERIAL.lock().await;
-    let extra = ["--segment-bytes", "16384", "--retention-check-ms", "20"];
-    let mut s = PowerScenario::start("power_snapshot", 3, &extra).await;
-    let client = Client::connect(&s.cluster.client_addrs())
-        .await
-        .expect("client");
-    let mut spec = TopicSpec::new("trimmed").partitions(1);
-    spec.replication_factor = 3;
-    spec.retention_bytes = Some(64 * 1024);
-    client.create_topic(spec).await.expect("create");
+    let mut s = PowerScenario::start("power_snapshot", 3, &TRIMMING).await;
+    let client = trimmed_topic(&s.cluster).await;
     let mut acked = write_trimmed(&client, "trimmed", 0, 100).await;
     let leader = s
         .cluster

@@ -311,7 +311,9 @@ async fn wiped_node_is_re_added_and_caught_up() {
             client.change_membership(false, victim).await?;
             covet_cluster_tests::wait_until(RECOVERY_TIMEOUT, || async {
                 let views = client.cluster_status().await.ok()?;
-                every_group(&views, |g| g.replicas.iter().all(|r| r.node != victim))
+                covet_cluster_tests::every_group(&views, |g| {
+                    g.replicas.iter().all(|r| r.node != victim)
+                })
             })
             .await
             .map_err(|e| e.context(format!("node {victim} still a replica somewhere")))?;
@@ -324,7 +326,7 @@ async fn wiped_node_is_re_added_and_caught_up() {
             // required once the load stops (`Load::finish`).
             covet_cluster_tests::wait_until(RECOVERY_TIMEOUT, || async {
                 let views = client.cluster_status().await.ok()?;
-                every_group(&views, |g| {
+                covet_cluster_tests::every_group(&views, |g| {
                     g.replicas.iter().any(|r| {
                         r.node == victim && r.state == "replicate" && r.matched >= g.commit
                     })
@@ -345,23 +347,4 @@ async fn wiped_node_is_re_added_and_caught_up() {
     })
     .await;
     s.finish().await;
-}
-
-/// `Some(())` when every group's leader view satisfies `ok`.
-fn every_group(
-    views: &[covet_client::ClusterStatusResponse],
-    ok: impl Fn(&covet_client::GroupStatus) -> bool,
-) -> Option<()> {
-    let leader_views: Vec<&covet_client::GroupStatus> = views
-        .iter()
-        .flat_map(|v| v.groups.iter())
-        .filter(|g| g.role == "leader")
-        .collect();
-    let groups: std::collections::BTreeSet<u64> = views
-        .iter()
-        .flat_map(|v| v.groups.iter())
-        .map(|g| g.group)
-        .collect();
-    let led: std::collections::BTreeSet<u64> = leader_views.iter().map(|g| g.group).collect();
-    (led == groups && leader_views.iter().all(|g| ok(g))).then_some(())
 }
