@@ -39,6 +39,7 @@
 mod bin_path;
 pub mod checker;
 pub mod cluster;
+pub mod nemesis;
 mod node;
 pub mod proxy;
 pub mod read;
