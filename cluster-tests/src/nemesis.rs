@@ -111,7 +111,10 @@ pub enum Target {
     Node(NodeId),
     /// The group's leader when the step starts, or `fallback` if the
     /// cluster names none then.
-    LeaderOf { group: Group, fallback: NodeId },
+    LeaderOf {
+        group: Group,
+        fallback: NodeId,
+    },
 }
 
 /// One fault; each is healed by its step (see [`Step`]).
@@ -219,7 +222,13 @@ fn random_step(rng: &mut Rng, nodes: u64, partitions: u32) -> Step {
         5 => (Fault::Mute(target), rng.millis(1_000, 6_000)),
         6 => {
             let delay = rng.millis(10, 400);
-            (Fault::Delay { node: target, delay }, rng.millis(2_000, 8_000))
+            (
+                Fault::Delay {
+                    node: target,
+                    delay,
+                },
+                rng.millis(2_000, 8_000),
+            )
         }
         7 => (Fault::Membership(target), rng.millis(500, 5_000)),
         _ => (Fault::Quiet, rng.millis(3_000, 8_000)),
@@ -259,7 +268,10 @@ impl fmt::Display for Fault {
             Fault::Pause(t) => write!(f, "Pause (SIGSTOP) {t}"),
             Fault::Isolate(t) => write!(f, "Isolate {t}"),
             Fault::OneWay { from, skip } => {
-                write!(f, "OneWay: drop the link from {from} to the node {skip} after it")
+                write!(
+                    f,
+                    "OneWay: drop the link from {from} to the node {skip} after it"
+                )
             }
             Fault::Mute(t) => write!(f, "Mute: drop every link out of {t}"),
             Fault::Delay { node, delay } => {
@@ -287,7 +299,11 @@ impl fmt::Display for Step {
 pub trait PowerSupply: Send + Sync {
     /// Stops the node as a power cut would: the process dies at once and
     /// every write it had not synced is lost.
-    fn cut<'a>(&'a self, cluster: &'a mut Cluster, node: NodeId) -> BoxFuture<'a, anyhow::Result<()>>;
+    fn cut<'a>(
+        &'a self,
+        cluster: &'a mut Cluster,
+        node: NodeId,
+    ) -> BoxFuture<'a, anyhow::Result<()>>;
     /// Makes the node's data dir usable again; the runner restarts the node
     /// right after.
     fn restore<'a>(
@@ -304,7 +320,11 @@ pub trait PowerSupply: Send + Sync {
 pub struct KillPower;
 
 impl PowerSupply for KillPower {
-    fn cut<'a>(&'a self, cluster: &'a mut Cluster, node: NodeId) -> BoxFuture<'a, anyhow::Result<()>> {
+    fn cut<'a>(
+        &'a self,
+        cluster: &'a mut Cluster,
+        node: NodeId,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(cluster.kill9(node))
     }
 
@@ -448,7 +468,10 @@ impl Runner<'_> {
             Fault::Kill9(t) | Fault::PowerCut(t) => {
                 let node = self.resolve(t).await;
                 let power = matches!(step.fault, Fault::PowerCut(_));
-                self.say(format!("  {} node {node}", if power { "power cut" } else { "kill -9" }));
+                self.say(format!(
+                    "  {} node {node}",
+                    if power { "power cut" } else { "kill -9" }
+                ));
                 if power {
                     self.power.cut(&mut self.cluster, node).await?;
                 } else {
@@ -555,7 +578,6 @@ impl Runner<'_> {
     /// back (retrying while the broker refuses), and waits until it is a
     /// caught-up replica of every group again.
     async fn membership(&mut self, node: NodeId, hold: Duration) -> anyhow::Result<()> {
-        let groups = self.config.load.partitions as usize + 1;
         let others: Vec<NodeId> = self
             .cluster
             .node_ids()
@@ -567,7 +589,7 @@ impl Runner<'_> {
         let client = &client;
         let voters = bounded(client.change_membership(false, node)).await?;
         self.say(format!("  removed; metadata voters {voters:?}"));
-        wait_members(client, &others, groups)
+        self.wait_groups(&others, false)
             .await
             .with_context(|| format!("waiting for node {node} to leave every group"))?;
         self.say(format!("  node {node} left every group"));
@@ -588,10 +610,12 @@ impl Runner<'_> {
             }
         }
         let all = self.cluster.node_ids();
-        wait_caught_up(client, &all, groups)
+        self.wait_groups(&all, true)
             .await
             .with_context(|| format!("waiting for node {node} to rejoin every group"))?;
-        self.say(format!("  node {node} is back in every group and caught up"));
+        self.say(format!(
+            "  node {node} is back in every group and caught up"
+        ));
         Ok(())
     }
 
@@ -615,8 +639,7 @@ impl Runner<'_> {
             self.power.restore(&mut self.cluster, n).await?;
         }
         self.cluster.restart_many(&stopped).await?;
-        let groups = self.config.load.partitions as usize + 1;
-        wait_caught_up(self.client()?, &ids, groups).await?;
+        self.wait_groups(&ids, true).await?;
         let load = self.load()?;
         load.mark_fault();
         load.wait_recovered(RECOVERY_TIMEOUT)
@@ -658,25 +681,75 @@ impl Runner<'_> {
         report
     }
 
-    /// Nodes whose log has a Rust panic in it.
+    /// Waits until every group has a leader whose replicas are exactly
+    /// `members` and, if `caught_up`, each of them has matched at least the
+    /// commit index its group had when this wait first saw it (caught up
+    /// with the moment of asking, which a steady load cannot spoil). Fails
+    /// at once if a node crashes meanwhile.
+    async fn wait_groups(&mut self, members: &[NodeId], caught_up: bool) -> anyhow::Result<()> {
+        let client = self.client()?.clone();
+        let groups = self.config.load.partitions as usize + 1;
+        let want: BTreeSet<NodeId> = members.iter().copied().collect();
+        let mut targets: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut last = String::from("no status answered");
+        let deadline = tokio::time::Instant::now() + RECOVERY_TIMEOUT;
+        loop {
+            self.check_crashes()?;
+            if let Some((leaders, held)) = group_leaders(&client).await {
+                let mut wrong = Vec::new();
+                for g in leaders.values() {
+                    let target = *targets.entry(g.group).or_insert(g.commit);
+                    let have: BTreeSet<NodeId> = g.replicas.iter().map(|r| r.node).collect();
+                    if have != want {
+                        let (group, leader) = (g.group, g.leader);
+                        wrong.push(format!("group {group} (leader {leader}) has {have:?}"));
+                    }
+                    let behind = g.replicas.iter().filter(|r| r.matched < target);
+                    for r in behind.filter(|_| caught_up) {
+                        let (group, node, matched) = (g.group, r.node, r.matched);
+                        wrong.push(format!(
+                            "group {group}: node {node} at {matched} < {target}"
+                        ));
+                    }
+                }
+                if wrong.is_empty() && leaders.len() == groups.max(held) {
+                    return Ok(());
+                }
+                let led = leaders.len();
+                last = format!("{led} of {groups} groups led; {}", wrong.join("; "));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("not within {RECOVERY_TIMEOUT:?}: {last}");
+            }
+            tokio::time::sleep(PROBE_EVERY).await;
+        }
+    }
+
+    /// The first panic in each node's log, with its message line.
     fn panics_in_logs(&self) -> Vec<String> {
         self.cluster
             .node_ids()
             .into_iter()
             .filter_map(|id| {
                 let log = std::fs::read_to_string(node_log(&self.cluster, id)?).ok()?;
-                let line = log.lines().find(|l| l.contains("panicked at"))?;
-                Some(format!("node {id} panicked: {line}"))
+                let mut lines = log.lines().skip_while(|l| !l.contains("panicked at"));
+                let at = lines.next()?;
+                let what = lines.next().unwrap_or_default();
+                Some(format!("node {id}: {at} {what}"))
             })
             .collect()
     }
 
+    /// Fails if a node exited without being told to.
     fn check_crashes(&mut self) -> anyhow::Result<()> {
         let crashes = self.cluster.take_crashes();
         if crashes.is_empty() {
             return Ok(());
         }
-        bail!("nodes exited on their own: {crashes:?}")
+        bail!(
+            "nodes exited on their own: {crashes:?}; panics: {:?}",
+            self.panics_in_logs()
+        )
     }
 
     /// Prints a line stamped with the run's elapsed and wall-clock time,
@@ -699,10 +772,17 @@ impl Runner<'_> {
         self.lines.lock().expect("lines lock").push(stamped);
     }
 
-    /// Panics with the seed, the error, the load's progress and the steps
-    /// so far. The cluster is still alive, so its drop prints the nodes'
-    /// logs and keeps its directory.
-    fn fail(&self, e: anyhow::Error) -> ! {
+    /// Panics with the seed, the error, crashes and panics found, the
+    /// load's progress and the steps so far. The cluster is still alive, so
+    /// its drop prints the nodes' logs and keeps its directory.
+    fn fail(&mut self, e: anyhow::Error) -> ! {
+        let e = match self.check_crashes() {
+            Err(crashes) => e.context(crashes),
+            Ok(()) => match self.panics_in_logs() {
+                p if p.is_empty() => e,
+                p => e.context(format!("panics: {p:?}")),
+            },
+        };
         let progress = self
             .load
             .as_ref()
@@ -744,70 +824,6 @@ async fn group_leaders(client: &Client) -> Option<(BTreeMap<u64, GroupStatus>, u
         }
     }
     Some((leaders, all.len()))
-}
-
-/// Waits until every one of `groups` groups has a leader whose replicas are
-/// exactly `members`.
-async fn wait_members(client: &Client, members: &[NodeId], groups: usize) -> anyhow::Result<()> {
-    let want: BTreeSet<NodeId> = members.iter().copied().collect();
-    let mut last = String::from("no status answered");
-    let deadline = tokio::time::Instant::now() + RECOVERY_TIMEOUT;
-    loop {
-        if let Some((leaders, held)) = group_leaders(client).await {
-            let wrong: Vec<String> = leaders
-                .values()
-                .filter_map(|g| {
-                    let have: BTreeSet<NodeId> = g.replicas.iter().map(|r| r.node).collect();
-                    (have != want).then(|| {
-                        format!("group {} (leader {}) has {have:?}", g.group, g.leader)
-                    })
-                })
-                .collect();
-            if wrong.is_empty() && leaders.len() == groups.max(held) {
-                return Ok(());
-            }
-            last = format!("{} of {groups} groups led; {}", leaders.len(), wrong.join("; "));
-        }
-        if tokio::time::Instant::now() >= deadline {
-            bail!("not within {RECOVERY_TIMEOUT:?}: {last}");
-        }
-        tokio::time::sleep(PROBE_EVERY).await;
-    }
-}
-
-/// Waits until every one of `groups` groups has a leader, exactly
-/// `members` as replicas, and each replica matched at least the commit
-/// index its group had when this wait first saw it (so "caught up" means
-/// caught up with the moment of asking, which a steady load cannot spoil).
-async fn wait_caught_up(client: &Client, members: &[NodeId], groups: usize) -> anyhow::Result<()> {
-    let want: BTreeSet<NodeId> = members.iter().copied().collect();
-    let mut targets: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut last = String::from("no status answered");
-    let deadline = tokio::time::Instant::now() + RECOVERY_TIMEOUT;
-    loop {
-        if let Some((leaders, held)) = group_leaders(client).await {
-            let mut behind = Vec::new();
-            for g in leaders.values() {
-                let target = *targets.entry(g.group).or_insert(g.commit);
-                let have: BTreeSet<NodeId> = g.replicas.iter().map(|r| r.node).collect();
-                if have != want {
-                    behind.push(format!("group {} has replicas {have:?}", g.group));
-                }
-                for r in g.replicas.iter().filter(|r| r.matched < target) {
-                    let (group, node, matched) = (g.group, r.node, r.matched);
-                    behind.push(format!("group {group}: node {node} at {matched} < {target}"));
-                }
-            }
-            if behind.is_empty() && leaders.len() == groups.max(held) {
-                return Ok(());
-            }
-            last = format!("{} of {groups} groups led; {}", leaders.len(), behind.join("; "));
-        }
-        if tokio::time::Instant::now() >= deadline {
-            bail!("not within {RECOVERY_TIMEOUT:?}: {last}");
-        }
-        tokio::time::sleep(PROBE_EVERY).await;
-    }
 }
 
 /// A node's log file: `stderr.log` beside its data dir (see `node`).

@@ -14,7 +14,9 @@
 
 use std::time::Duration;
 
-use covet_cluster_tests::nemesis::{self, Fault, Group, KillPower, NemesisConfig, Schedule, Target};
+use covet_cluster_tests::nemesis::{
+    self, Fault, Group, KillPower, NemesisConfig, Schedule, Target,
+};
 use covet_cluster_tests::Cluster;
 
 const NODES: u64 = 3;
@@ -29,7 +31,10 @@ async fn nemesis_against_three_nodes() {
     assert_eq!(config.load.partitions, PARTITIONS);
     let cluster = match Cluster::start(NODES as usize).await {
         Ok(c) => c,
-        Err(e) => panic!("nemesis seed = {}: starting the cluster: {e:#}", config.seed),
+        Err(e) => panic!(
+            "nemesis seed = {}: starting the cluster: {e:#}",
+            config.seed
+        ),
     };
     let report = nemesis::run(cluster, config, &KillPower).await;
     assert!(report.acked > 0);
@@ -50,9 +55,15 @@ fn the_schedule_covers_the_budget_and_names_only_real_nodes_and_groups() {
     for seed in 0..200 {
         let s = schedule(seed);
         let planned: Duration = s.steps.iter().map(|st| st.hold + st.gap).sum();
-        assert!(planned >= Duration::from_secs(120), "seed {seed}: {planned:?}");
+        assert!(
+            planned >= Duration::from_secs(120),
+            "seed {seed}: {planned:?}"
+        );
         let last = s.steps.last().map_or(Duration::ZERO, |st| st.hold + st.gap);
-        assert!(planned - last < Duration::from_secs(120), "seed {seed}: too many steps");
+        assert!(
+            planned - last < Duration::from_secs(120),
+            "seed {seed}: too many steps"
+        );
         for step in &s.steps {
             assert!(step.hold <= Duration::from_secs(8), "seed {seed}: {step}");
             assert!(step.gap <= Duration::from_secs(3), "seed {seed}: {step}");
