@@ -56,7 +56,7 @@ use crate::CLIENT_CALL_TIMEOUT;
 
 /// Default fault-injection time in seconds; with setup and the final check
 /// a run takes about two minutes.
-pub const DEFAULT_SECS: u64 = 60;
+pub const DEFAULT_SECS: u64 = 90;
 /// Bound on every recovery: progress after a heal, a membership change
 /// taking effect, a node catching up.
 pub const RECOVERY_TIMEOUT: Duration = Duration::from_secs(45);
