@@ -155,6 +155,29 @@ impl Catalog {
         self.generation.send_modify(|g| *g += 1);
     }
 
+    /// Replaces this node's replica of partition group `group` (rebuilt
+    /// after a fault).
+    pub(crate) fn set_local(&self, group: u64, local: LocalReplica) {
+        let mut topics = self.topics.write().expect("catalog lock poisoned");
+        let Some(t) = topics
+            .values()
+            .find(|t| t.partitions.iter().any(|p| p.group == group))
+        else {
+            return;
+        };
+        let mut partitions = t.partitions.clone();
+        for p in partitions.iter_mut().filter(|p| p.group == group) {
+            p.local = Some(local.clone());
+        }
+        let updated = TopicHandle {
+            record: t.record.clone(),
+            partitions,
+        };
+        topics.insert(updated.record.name.clone(), Arc::new(updated));
+        drop(topics);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
     pub(crate) fn remove(&self, name: &str) {
         self.topics
             .write()

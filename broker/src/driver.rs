@@ -25,7 +25,9 @@ use covet_raft_store::{GroupStorage, LogOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::catalog::Catalog;
+use crate::durable_dir::{create_dir_durable, sync_dir};
 use crate::error::{BrokerError, Result};
+use crate::faults::{guard, is_vote_request};
 use crate::group::{Applied, Bootstrap, Group, GroupConfig, Machine, Responder};
 use crate::logging::raft_logger;
 use crate::state::meta::{MetaEffect, MetaState};
@@ -232,6 +234,8 @@ pub(crate) struct Driver {
     /// Retention settings of each partition group.
     pub(crate) retention: HashMap<u64, (u64, u64)>,
     pub(crate) catalog: Arc<Catalog>,
+    /// Groups out of service on this node, and why (see [`crate::faults`]).
+    pub(crate) faulted: std::collections::BTreeMap<u64, String>,
     logger: slog::Logger,
     channels: Channels,
     ready: watch::Sender<bool>,
@@ -244,17 +248,15 @@ impl Driver {
         channels: Channels,
         ready: watch::Sender<bool>,
     ) -> Result<Driver> {
-        let db = sled::Config::new()
-            .path(config.data_dir.join("state"))
-            .cache_capacity(8 << 20)
-            .flush_every_ms(Some(200))
-            .open()?;
+        let db = open_sled(&config.data_dir.join("state"))?;
+        create_dir_durable(&config.data_dir.join("groups"))?;
         let mut driver = Driver {
             config,
             db,
             groups: HashMap::new(),
             retention: HashMap::new(),
             catalog,
+            faulted: Default::default(),
             logger: raft_logger(),
             channels,
             ready,
@@ -360,10 +362,25 @@ impl Driver {
     /// Steps a peer's message into its group. Messages for groups this node
     /// does not have (yet) are dropped; Raft resends.
     fn step(&mut self, m: Inbound) {
-        if let Some(g) = self.groups.get_mut(&m.group) {
+        let Some(g) = self.groups.get_mut(&m.group) else {
+            return;
+        };
+        if let Some(barrier) = g.vote_barrier {
+            if g.node.raft.raft_log.persisted >= barrier {
+                tracing::info!(group = m.group, "rebuilt replica caught up; it votes again");
+                g.vote_barrier = None;
+            } else if is_vote_request(m.message.get_msg_type()) {
+                return;
+            }
+        }
+        let outcome = guard(|| {
             if let Err(e) = g.node.step(m.message) {
                 tracing::debug!(group = m.group, error = %e, "raft step failed");
             }
+            Ok(())
+        });
+        if let Err(reason) = outcome {
+            self.quarantine(m.group, reason);
         }
     }
 
@@ -410,10 +427,24 @@ impl Driver {
                 batch,
                 tx,
             } => match self.groups.get_mut(&group) {
-                Some(g) => g.propose_batch(batch, tx),
-                // Deleted between validation and proposal.
+                Some(g) => {
+                    if let Err(reason) = guard(|| {
+                        g.propose_batch(batch, tx);
+                        Ok(())
+                    }) {
+                        self.quarantine(group, reason);
+                    }
+                }
                 None => {
-                    let _ = tx.send(Err(BrokerError::UnknownTopic(topic)));
+                    let err = match self.faulted.get(&group) {
+                        Some(reason) => BrokerError::ReplicaFaulted {
+                            group,
+                            reason: reason.clone(),
+                        },
+                        // Deleted between validation and proposal.
+                        None => BrokerError::UnknownTopic(topic),
+                    };
+                    let _ = tx.send(Err(err));
                 }
             },
             Request::CreateTopic { name, config, tx } => {
@@ -423,6 +454,20 @@ impl Driver {
             Request::ChangeMembership { add, node, tx } => {
                 let change = membership_change(add, node);
                 match self.groups.get_mut(&META_GROUP) {
+                    // A leader that removed itself would go on leading a
+                    // group it is not a voter of (raft-rs does not step it
+                    // down), and nothing would commit: it hands over first
+                    // and the new leader, where the client retries, removes
+                    // it.
+                    Some(g) if !add && node == g.node.raft.id && g.is_leader() => {
+                        let target = g.transfer_target();
+                        if let Some(t) = target {
+                            g.node.transfer_leader(t);
+                        }
+                        let _ = tx.send(Err(BrokerError::NotLeader {
+                            leader_hint: target.unwrap_or(0),
+                        }));
+                    }
                     Some(g) => {
                         g.propose_membership(change, tx);
                     }
@@ -450,8 +495,27 @@ impl Driver {
     }
 
     fn tick_all(&mut self) {
-        for g in self.groups.values_mut() {
-            g.node.tick();
+        let mut failed = Vec::new();
+        for (&id, g) in self.groups.iter_mut() {
+            let outcome = guard(|| {
+                g.node.tick();
+                g.check_snapshots();
+                // A leader that is no longer a voter (removed by a change it
+                // proposed itself, e.g. by an older version) would stall its
+                // group for good: hand over.
+                if g.is_leader() && !g.voters().contains(&g.node.raft.id) {
+                    if let Some(t) = g.transfer_target() {
+                        g.node.transfer_leader(t);
+                    }
+                }
+                Ok(())
+            });
+            if let Err(reason) = outcome {
+                failed.push((id, reason));
+            }
+        }
+        for (id, reason) in failed {
+            self.quarantine(id, reason);
         }
         self.reconcile_replicas();
     }
@@ -480,9 +544,19 @@ impl Driver {
                     .filter(|n| members.contains(n))
                     .collect();
                 let voters = g.voters();
+                let me = g.node.raft.id;
                 let change = match desired.iter().find(|n| !voters.contains(n)) {
                     Some(&add) => membership_change(true, add),
                     None => match voters.iter().find(|n| !desired.contains(n)) {
+                        // Never remove itself while leading (see
+                        // `handle`): hand over to a replica that stays,
+                        // which then removes this node.
+                        Some(&remove) if remove == me && !desired.is_empty() => {
+                            if let Some(t) = g.transfer_target_among(&desired) {
+                                g.node.transfer_leader(t);
+                            }
+                            continue;
+                        }
                         Some(&remove) if !desired.is_empty() => membership_change(false, remove),
                         _ => continue,
                     },
@@ -509,11 +583,19 @@ impl Driver {
         let _span = tracing::debug_span!("raft_round").entered();
         let mut effects = Vec::new();
         let mut pending = Vec::new();
+        let mut failed = Vec::new();
         for (&id, g) in self.groups.iter_mut() {
-            if let Some(rd) = g.write_ready(&self.channels.transport, &mut effects)? {
-                pending.push((id, rd));
+            let transport = &self.channels.transport;
+            match guard(|| g.write_ready(transport, &mut effects)) {
+                Ok(Some(rd)) => pending.push((id, rd)),
+                Ok(None) => {}
+                Err(reason) => failed.push((id, reason)),
             }
         }
+        for (id, reason) in failed.drain(..) {
+            self.quarantine(id, reason);
+        }
+        pending.retain(|(id, _)| self.groups.contains_key(id));
         if pending.is_empty() {
             return Ok(());
         }
@@ -524,8 +606,14 @@ impl Driver {
         sync_all(&storages)?;
         for (id, rd) in pending {
             if let Some(g) = self.groups.get_mut(&id) {
-                g.finish_ready(rd, &self.channels.transport, &mut effects)?;
+                let transport = &self.channels.transport;
+                if let Err(reason) = guard(|| g.finish_ready(rd, transport, &mut effects)) {
+                    failed.push((id, reason));
+                }
             }
+        }
+        for (id, reason) in failed {
+            self.quarantine(id, reason);
         }
         for (_, effect) in effects {
             match effect {
@@ -552,6 +640,35 @@ impl Driver {
             let _ = self.ready.send(true);
         }
     }
+}
+
+/// Opens the applied state. sled is never the only copy of a fact (the
+/// Raft logs are), so a sled that cannot be opened — after a power cut it
+/// may hold any mix of its unsynced writes — is moved aside and rebuilt by
+/// replaying the logs.
+fn open_sled(dir: &std::path::Path) -> Result<sled::Db> {
+    let open = || {
+        sled::Config::new()
+            .path(dir)
+            .cache_capacity(8 << 20)
+            .flush_every_ms(Some(200))
+            .open()
+    };
+    create_dir_durable(dir)?;
+    let db = match open() {
+        Ok(db) => db,
+        Err(e) => {
+            let aside = dir.with_extension(format!("broken-{}", crate::now_ms()));
+            tracing::warn!(error = %e, moved_to = %aside.display(),
+                "applied state unreadable; moving it aside and replaying the logs");
+            std::fs::rename(dir, &aside)?;
+            create_dir_durable(dir)?;
+            open()?
+        }
+    };
+    // sled creates its files without syncing their directory entries.
+    sync_dir(dir)?;
+    Ok(db)
 }
 
 /// Syncs every log touched in a round, concurrently: the round's latency is

@@ -41,6 +41,10 @@ pub enum BrokerError {
     Timeout(String),
     #[error("the broker is shutting down")]
     ShuttingDown,
+    #[error("membership change refused: {0}")]
+    MembershipConflict(String),
+    #[error("this node's replica of group {group} is out of service: {reason}")]
+    ReplicaFaulted { group: u64, reason: String },
     #[error("storage failure: {0}")]
     Storage(String),
     #[error("internal error: {0}")]
@@ -64,6 +68,8 @@ impl BrokerError {
             BrokerError::OutOfOrderSequence { .. } => Reason::OutOfOrderSequence,
             BrokerError::Timeout(_) => Reason::Timeout,
             BrokerError::ShuttingDown => Reason::ShuttingDown,
+            BrokerError::MembershipConflict(_) => Reason::MembershipConflict,
+            BrokerError::ReplicaFaulted { .. } => Reason::ReplicaFaulted,
             BrokerError::Storage(_) => Reason::StorageError,
             BrokerError::Internal(_) => Reason::Internal,
         }
@@ -103,6 +109,12 @@ impl From<BrokerError> for tonic::Status {
 
 impl From<covet_raft_store::StoreError> for BrokerError {
     fn from(e: covet_raft_store::StoreError) -> Self {
+        BrokerError::Storage(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for BrokerError {
+    fn from(e: std::io::Error) -> Self {
         BrokerError::Storage(e.to_string())
     }
 }

@@ -1,7 +1,7 @@
 //! One Raft group on this node: its `RawNode`, its durable storage, its
 //! state machine, and the proposals waiting to be applied.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use bytes::{Bytes, BytesMut};
@@ -11,7 +11,7 @@ use raft::prelude::{
     ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot,
     SnapshotMetadata,
 };
-use raft::{RawNode, Ready, StateRole, Storage};
+use raft::{ProgressState, RawNode, Ready, SnapshotStatus, StateRole, Storage};
 use tokio::sync::{oneshot, watch};
 
 use crate::error::{BrokerError, Result};
@@ -74,7 +74,16 @@ pub struct Group {
     /// the current term; recomputed from the log tail when unknown.
     proposed_next: Option<u64>,
     role: StateRole,
+    /// Ticks each follower has been waiting for a snapshot (leader only).
+    snapshot_waits: HashMap<u64, u32>,
+    /// Set on a replica rebuilt after a fault: it grants no vote until its
+    /// log reaches this index (see [`crate::faults`]).
+    pub vote_barrier: Option<u64>,
 }
+
+/// Ticks a leader waits for a follower to acknowledge a snapshot before it
+/// counts the snapshot as lost: long enough for a big one to travel.
+pub const SNAPSHOT_TIMEOUT_TICKS: u32 = 100;
 
 /// Index and term of the snapshot every group's log starts after.
 pub const INIT_INDEX: u64 = 5;
@@ -164,6 +173,8 @@ impl Group {
             answers: Vec::new(),
             proposed_next: None,
             role: StateRole::Follower,
+            snapshot_waits: HashMap::new(),
+            vote_barrier: None,
         };
         group.observe_role();
         Ok(group)
@@ -195,6 +206,31 @@ impl Group {
         };
         storage.set_hard_state(&hs)?;
         storage.sync()?;
+        Ok(())
+    }
+
+    /// Starts the empty log of a replica rebuilt after a fault: the same
+    /// bootstrap snapshot as every replica's, with the term and vote the
+    /// replica had (so it never votes twice in a term). Durable when it
+    /// returns.
+    pub fn bootstrap_replica(
+        dir: &Path,
+        options: LogOptions,
+        voters: &[u64],
+        previous: &HardState,
+    ) -> Result<()> {
+        let storage = GroupStorage::open(dir, options)?;
+        Self::bootstrap(&storage, voters)?;
+        if previous.term > INIT_TERM {
+            let hs = HardState {
+                term: previous.term,
+                vote: previous.vote,
+                commit: INIT_INDEX,
+                ..Default::default()
+            };
+            storage.set_hard_state(&hs)?;
+            storage.sync()?;
+        }
         Ok(())
     }
 
@@ -283,6 +319,22 @@ impl Group {
             .prs()
             .iter()
             .filter(|(&id, _)| id != me)
+            .filter(|(&id, _)| self.node.raft.prs().conf().voters().contains(id))
+            .max_by_key(|(_, pr)| pr.matched)
+            .map(|(&id, _)| id)
+    }
+
+    /// Like [`Group::transfer_target`], restricted to `candidates`.
+    pub fn transfer_target_among(&self, candidates: &[u64]) -> Option<u64> {
+        if !self.is_leader() {
+            return None;
+        }
+        let me = self.node.raft.id;
+        self.node
+            .raft
+            .prs()
+            .iter()
+            .filter(|(&id, _)| id != me && candidates.contains(&id))
             .filter(|(&id, _)| self.node.raft.prs().conf().voters().contains(id))
             .max_by_key(|(_, pr)| pr.matched)
             .map(|(&id, _)| id)
@@ -508,8 +560,48 @@ impl Group {
     fn send(&mut self, out: &dyn Outbox, msgs: Vec<Message>) {
         for m in msgs {
             let to = m.to;
+            let snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
             if !out.send(self.id, m) {
                 self.node.report_unreachable(to);
+                if snapshot {
+                    // Otherwise the leader waits for this snapshot to land
+                    // for as long as it leads, and never sends to the
+                    // follower again.
+                    self.node.report_snapshot(to, SnapshotStatus::Failure);
+                }
+            }
+        }
+    }
+
+    /// Called every tick: a follower that has been waiting for a snapshot
+    /// for [`SNAPSHOT_TIMEOUT_TICKS`] lost it on the way (a broken stream, a
+    /// restart), so the send is reported failed and Raft sends a new one.
+    /// A snapshot that lands ends the wait through the follower's answer.
+    pub fn check_snapshots(&mut self) {
+        if !self.is_leader() {
+            self.snapshot_waits.clear();
+            return;
+        }
+        let waiting: Vec<u64> = self
+            .node
+            .raft
+            .prs()
+            .iter()
+            .filter(|(_, pr)| pr.state == ProgressState::Snapshot)
+            .map(|(&id, _)| id)
+            .collect();
+        self.snapshot_waits.retain(|id, _| waiting.contains(id));
+        for id in waiting {
+            let ticks = self.snapshot_waits.entry(id).or_insert(0);
+            *ticks += 1;
+            if *ticks >= SNAPSHOT_TIMEOUT_TICKS {
+                *ticks = 0;
+                tracing::info!(
+                    group = self.id,
+                    follower = id,
+                    "snapshot not acknowledged; resending"
+                );
+                self.node.report_snapshot(id, SnapshotStatus::Failure);
             }
         }
     }
@@ -607,7 +699,24 @@ impl Group {
             .apply_conf_change(&cc)
             .map_err(|err| BrokerError::Internal(format!("conf change: {err}")))?;
         self.storage.set_conf_state(&cs)?;
+        // The applied index may reach sled (which syncs on its own
+        // schedule) before this round's log sync: were the conf state still
+        // in the page cache then, a power cut would leave a node that
+        // restarts with the old voters and never re-applies the change.
+        // Membership changes are rare; one extra sync each is cheap.
+        self.storage.sync()?;
+        self.record_conf_state(e.index, &cs)?;
         self.mark_applied(e.index)
+    }
+
+    /// Notes the voters a membership change at `index` produced, so a
+    /// later compaction can tell the voters as of its own index.
+    fn record_conf_state(&self, index: u64, cs: &ConfState) -> Result<()> {
+        match &self.machine {
+            Machine::Partition(p) => crate::state::confs::record(p.tree(), index, cs),
+            // The metadata log is never compacted.
+            Machine::Meta(_) => Ok(()),
+        }
     }
 
     /// Answers the waiter of `index` (if its proposal is the entry that was

@@ -19,14 +19,19 @@
 
 pub mod catalog;
 pub mod driver;
+pub mod durable_dir;
 pub mod error;
+mod faults;
 pub mod group;
 mod logging;
+pub mod membership;
 pub mod retention;
 pub mod server;
 pub mod service;
 #[cfg(test)]
 mod sim_tests;
+#[cfg(test)]
+mod snapshot_tests;
 pub mod state;
 mod status;
 pub mod subscribe;

@@ -16,6 +16,7 @@ use raft::Storage;
 
 use crate::error::{BrokerError, Result};
 use crate::group::{Group, Machine};
+use crate::state::confs;
 
 impl Group {
     /// Trims the log to honour `retention_ms` (records whose batch's
@@ -98,12 +99,24 @@ impl Group {
             term,
             ..Default::default()
         };
-        meta.set_conf_state(self.node.raft.prs().conf().to_conf_state());
+        // The voters as of `index`, not now: a change applied after it is
+        // replayed from the log by whoever installs this snapshot.
+        let conf_state = match confs::at(p.tree(), index)? {
+            Some(cs) => cs,
+            None => self
+                .storage
+                .stored_snapshot()
+                .get_metadata()
+                .get_conf_state()
+                .clone(),
+        };
+        meta.set_conf_state(conf_state);
         let mut snapshot = Snapshot::default();
         snapshot.set_metadata(meta);
         snapshot.data = snap.encode_to_vec().into();
         self.storage.compact(snapshot)?;
         p.trim_to(snap.start_offset)?;
+        confs::forget_through(p.tree(), index)?;
         tracing::info!(
             group = self.id,
             index,

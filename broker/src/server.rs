@@ -66,7 +66,7 @@ pub async fn run(
     config: BrokerConfig,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
+    crate::durable_dir::create_dir_durable(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     // Bind first: the client address is announced to peers.

@@ -412,6 +412,9 @@ impl Covet for CovetService {
             ))
             .into());
         }
+        if add {
+            crate::membership::check_can_add(&self.node, &self.directory, node).await?;
+        }
         let voters = self.node.change_membership(add, node).await?;
         Ok(Response::new(ChangeMembershipResponse { voters }))
     }

@@ -18,6 +18,17 @@ impl Driver {
                 group_status(g, topic, partition)
             })
             .collect();
+        for (&group, reason) in &self.faulted {
+            let (topic, partition) = names.get(&group).cloned().unwrap_or_default();
+            out.push(GroupStatus {
+                group,
+                topic,
+                partition,
+                role: "faulted".into(),
+                fault: reason.clone(),
+                ..Default::default()
+            });
+        }
         out.sort_by_key(|s| s.group);
         out
     }
@@ -75,5 +86,6 @@ fn group_status(g: &Group, topic: String, partition: u32) -> GroupStatus {
         applied: r.raft_log.applied,
         last_index,
         replicas,
+        fault: String::new(),
     }
 }

@@ -8,6 +8,7 @@ use covet_protocol::internal::{Replicas, TopicRecord};
 use crate::catalog::{LocalReplica, PartitionHandle, TopicHandle};
 use crate::driver::{Driver, META_GROUP};
 use crate::error::{BrokerError, Result};
+use crate::faults::guard;
 use crate::group::{Bootstrap, Machine, Responder};
 use crate::state::meta::create_topic_command;
 use crate::state::partition::PartitionState;
@@ -80,7 +81,18 @@ impl Driver {
                     preferred_leader: replicas[0],
                     voters: replicas,
                 };
-                let group = self.open_group(gid, Machine::Partition(state), &bootstrap)?;
+                let opened = guard(|| self.open_group(gid, Machine::Partition(state), &bootstrap));
+                let group = match opened {
+                    Ok(g) => g,
+                    // One unreadable log takes its replica out of service,
+                    // not the node (see `crate::faults`).
+                    Err(reason) => {
+                        tracing::error!(group = gid, %reason, "replica out of service");
+                        self.faulted.insert(gid, reason);
+                        partitions.push(handle);
+                        continue;
+                    }
+                };
                 handle.local = Some(LocalReplica {
                     storage: group.storage.clone(),
                     index,

@@ -8,13 +8,16 @@
 //! the peer is slow or gone the queue fills and further messages are
 //! dropped, which Raft tolerates (it retries by its own timers), so a dead
 //! peer never makes this node's memory grow. A broken stream is redialed
-//! with exponential backoff.
+//! with exponential backoff. A message larger than [`CHUNK_BYTES`] once
+//! encoded (a snapshot, in practice) travels in chunks of that size, so no
+//! gRPC message grows with the state it carries; the receiver reassembles
+//! the chunks of one stream in order, bounded by [`MAX_CHUNKED_BYTES`].
 //!
 //! The receiving side hands decoded messages to the Raft driver over its
 //! own channel, ahead of client requests, so heartbeats are not stuck
 //! behind a produce backlog.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -38,6 +41,10 @@ const PEER_QUEUE_BYTES: usize = 64 << 20;
 const MAX_BATCH_MESSAGES: usize = 512;
 /// Bytes of encoded messages in one batch, roughly at most.
 const MAX_BATCH_BYTES: usize = 4 << 20;
+/// Largest piece of one encoded message in a `GroupMessage`.
+pub const CHUNK_BYTES: usize = 1 << 20;
+/// Largest message the receiver reassembles from chunks.
+pub const MAX_CHUNKED_BYTES: usize = 256 << 20;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -119,7 +126,7 @@ impl Transport {
                 addr,
                 rx,
                 bytes: bytes.clone(),
-                carry: None,
+                pending: VecDeque::new(),
             };
             runtime.spawn(peer.run());
             queues.insert(id, PeerQueue { tx, bytes });
@@ -159,8 +166,9 @@ struct PeerSender {
     rx: mpsc::Receiver<(u64, Message)>,
     /// Bytes queued for this peer, shared with the senders.
     bytes: Arc<AtomicUsize>,
-    /// A message taken from the queue that starts the next batch.
-    carry: Option<(u64, Message)>,
+    /// Encoded messages (or chunks of one) taken from the queue and not
+    /// sent yet, in order; about one batch's worth at most.
+    pending: VecDeque<GroupMessage>,
 }
 
 impl PeerSender {
@@ -213,15 +221,16 @@ impl PeerSender {
                 .await
         });
         tracing::debug!(peer = %self.addr, "raft transport up");
+        // Chunks left from a broken stream cannot be completed on this one.
+        self.pending.clear();
         loop {
-            let first = match self.carry.take() {
-                Some(m) => Some(m),
-                None => self.rx.recv().await,
-            };
-            let Some(first) = first else {
-                return Ok(true);
-            };
-            let batch = self.batch(first);
+            if self.pending.is_empty() {
+                let Some(first) = self.rx.recv().await else {
+                    return Ok(true);
+                };
+                self.fill(first);
+            }
+            let batch = self.take_batch();
             if tx.send(batch).await.is_err() {
                 let outcome = call.await.map_err(|e| e.to_string())?;
                 return Err(match outcome {
@@ -232,9 +241,9 @@ impl PeerSender {
         }
     }
 
-    /// Encodes `first` and whatever else is queued, within the limits.
-    fn batch(&mut self, first: (u64, Message)) -> RaftBatch {
-        let mut messages = Vec::new();
+    /// Encodes `first` and whatever else is queued into `pending`, until
+    /// about one batch's worth is there.
+    fn fill(&mut self, first: (u64, Message)) {
         let mut bytes = 0;
         let mut next = Some(first);
         while let Some((group, m)) = next.take() {
@@ -242,33 +251,106 @@ impl PeerSender {
             match m.write_to_bytes() {
                 Ok(encoded) => {
                     bytes += encoded.len();
-                    messages.push(GroupMessage {
-                        group,
-                        message: Bytes::from(encoded),
-                    });
+                    self.pending.extend(chunked(group, Bytes::from(encoded)));
                 }
                 Err(e) => tracing::error!(error = %e, "cannot encode raft message"),
             }
-            if messages.len() >= MAX_BATCH_MESSAGES {
+            if bytes >= MAX_BATCH_BYTES || self.pending.len() >= MAX_BATCH_MESSAGES {
                 break;
             }
-            match self.rx.try_recv() {
-                // A message that would take the batch past its size waits
-                // for the next one, so a batch never exceeds the gRPC
-                // message limit by more than one message.
-                Ok(m) if bytes + weight(&m.1) > MAX_BATCH_BYTES => {
-                    self.carry = Some(m);
-                    break;
-                }
-                Ok(m) => next = Some(m),
-                Err(_) => break,
+            next = self.rx.try_recv().ok();
+        }
+    }
+
+    /// The next batch from `pending`: as many messages as fit the limits,
+    /// and at least one, so a batch never exceeds the gRPC message limit by
+    /// more than one chunk or message.
+    fn take_batch(&mut self) -> RaftBatch {
+        let mut messages = Vec::new();
+        let mut bytes = 0;
+        while let Some(m) = self.pending.front() {
+            let len = m.message.len();
+            if !messages.is_empty()
+                && (bytes + len > MAX_BATCH_BYTES || messages.len() >= MAX_BATCH_MESSAGES)
+            {
+                break;
             }
+            bytes += len;
+            messages.extend(self.pending.pop_front());
         }
         RaftBatch {
             from: self.me,
             client_address: self.client_address.clone(),
             messages,
         }
+    }
+}
+
+/// One encoded message as it goes on the wire: whole, or in chunks of
+/// [`CHUNK_BYTES`].
+fn chunked(group: u64, encoded: Bytes) -> Vec<GroupMessage> {
+    if encoded.len() <= CHUNK_BYTES {
+        return vec![GroupMessage {
+            group,
+            message: encoded,
+            chunk: 0,
+            chunks: 0,
+        }];
+    }
+    let chunks = encoded.len().div_ceil(CHUNK_BYTES);
+    (0..chunks)
+        .map(|i| GroupMessage {
+            group,
+            message: encoded.slice(i * CHUNK_BYTES..((i + 1) * CHUNK_BYTES).min(encoded.len())),
+            chunk: i as u32,
+            chunks: chunks as u32,
+        })
+        .collect()
+}
+
+/// Reassembles chunked messages of one stream. Chunks of one message
+/// arrive consecutively and in order (one sender, one stream); anything
+/// else is dropped, and Raft resends what matters.
+#[derive(Default)]
+struct Reassembly {
+    /// Group, chunks expected, chunks seen, bytes so far.
+    partial: Option<(u64, u32, u32, Vec<u8>)>,
+}
+
+impl Reassembly {
+    /// Offers one `GroupMessage`; returns the whole encoded message once
+    /// complete, or an error saying why a chunk was dropped.
+    fn offer(&mut self, gm: GroupMessage) -> Result<Option<Bytes>, String> {
+        if gm.chunks <= 1 {
+            self.partial = None;
+            return Ok(Some(gm.message));
+        }
+        if gm.chunk == 0 {
+            let bound = (gm.chunks as usize).saturating_mul(CHUNK_BYTES);
+            if bound > MAX_CHUNKED_BYTES + CHUNK_BYTES {
+                self.partial = None;
+                return Err(format!("message of {} chunks is too large", gm.chunks));
+            }
+            self.partial = Some((gm.group, gm.chunks, 0, Vec::new()));
+        }
+        let Some((group, chunks, seen, buf)) = self.partial.as_mut() else {
+            return Err(format!("chunk {} without its first chunk", gm.chunk));
+        };
+        if *group != gm.group || *chunks != gm.chunks || *seen != gm.chunk {
+            self.partial = None;
+            return Err("chunk out of sequence".into());
+        }
+        if buf.len() + gm.message.len() > MAX_CHUNKED_BYTES || gm.message.len() > CHUNK_BYTES {
+            self.partial = None;
+            return Err("chunked message too large".into());
+        }
+        buf.extend_from_slice(&gm.message);
+        *seen += 1;
+        if *seen < *chunks {
+            return Ok(None);
+        }
+        let whole = self.partial.take().map(|(_, _, _, b)| Bytes::from(b));
+        Ok(whole)
     }
 }
 
@@ -285,12 +367,22 @@ impl RaftTransport for TransportService {
         request: Request<Streaming<RaftBatch>>,
     ) -> Result<Response<RaftAck>, Status> {
         let mut stream = request.into_inner();
+        let mut reassembly = Reassembly::default();
         while let Some(batch) = stream.message().await? {
             if !batch.client_address.is_empty() {
                 self.directory.set(batch.from, &batch.client_address);
             }
             for gm in batch.messages {
-                let message = match Message::parse_from_carllerche_bytes(&gm.message) {
+                let group = gm.group;
+                let encoded = match reassembly.offer(gm) {
+                    Ok(Some(encoded)) => encoded,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(from = batch.from, group, error = %e, "chunk dropped");
+                        continue;
+                    }
+                };
+                let message = match Message::parse_from_carllerche_bytes(&encoded) {
                     Ok(m) => m,
                     Err(e) => {
                         tracing::warn!(from = batch.from, error = %e, "undecodable raft message");
@@ -305,19 +397,67 @@ impl RaftTransport for TransportService {
                     );
                     continue;
                 }
-                if self
-                    .inbound
-                    .send(Inbound {
-                        group: gm.group,
-                        message,
-                    })
-                    .await
-                    .is_err()
-                {
+                if self.inbound.send(Inbound { group, message }).await.is_err() {
                     return Err(Status::unavailable("node is shutting down"));
                 }
             }
         }
         Ok(Response::new(RaftAck {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reassemble(parts: Vec<GroupMessage>) -> Vec<Result<Option<Bytes>, String>> {
+        let mut r = Reassembly::default();
+        parts.into_iter().map(|p| r.offer(p)).collect()
+    }
+
+    #[test]
+    fn small_messages_travel_whole() {
+        let parts = chunked(3, Bytes::from(vec![7u8; CHUNK_BYTES]));
+        assert_eq!(parts.len(), 1);
+        assert_eq!(parts[0].chunks, 0);
+    }
+
+    #[test]
+    fn large_messages_are_chunked_and_reassembled() {
+        let data: Vec<u8> = (0..(2 * CHUNK_BYTES + 17)).map(|i| i as u8).collect();
+        let parts = chunked(9, Bytes::from(data.clone()));
+        assert_eq!(parts.len(), 3);
+        assert!(parts.iter().all(|p| p.message.len() <= CHUNK_BYTES));
+        let out = reassemble(parts);
+        assert_eq!(out[0], Ok(None));
+        assert_eq!(out[1], Ok(None));
+        assert_eq!(out[2], Ok(Some(Bytes::from(data))));
+    }
+
+    #[test]
+    fn chunks_out_of_sequence_are_dropped_and_the_next_message_still_decodes() {
+        let data = Bytes::from(vec![1u8; 2 * CHUNK_BYTES + 1]);
+        let mut parts = chunked(9, data.clone());
+        parts.remove(1);
+        parts.extend(chunked(9, Bytes::from_static(b"whole")));
+        let out = reassemble(parts);
+        assert_eq!(out[0], Ok(None));
+        assert!(out[1].is_err(), "{:?}", out[1]);
+        assert_eq!(out[2], Ok(Some(Bytes::from_static(b"whole"))));
+        // A lone middle chunk is refused too.
+        let mut r = Reassembly::default();
+        let middle = chunked(9, data).remove(1);
+        assert!(r.offer(middle).is_err());
+    }
+
+    #[test]
+    fn a_claimed_size_beyond_the_bound_is_refused_before_buffering() {
+        let gm = GroupMessage {
+            group: 1,
+            message: Bytes::from_static(b"x"),
+            chunk: 0,
+            chunks: u32::MAX,
+        };
+        assert!(Reassembly::default().offer(gm).is_err());
     }
 }

@@ -60,6 +60,8 @@ reasons! {
     ShuttingDown => "SHUTTING_DOWN", Unavailable;
     StorageError => "STORAGE_ERROR", Internal;
     Internal => "INTERNAL", Internal;
+    MembershipConflict => "MEMBERSHIP_CONFLICT", FailedPrecondition;
+    ReplicaFaulted => "REPLICA_FAULTED", Unavailable;
 }
 
 impl Reason {
@@ -73,6 +75,7 @@ impl Reason {
                 | Reason::ShuttingDown
                 | Reason::UnknownPartition
                 | Reason::OutOfOrderSequence
+                | Reason::ReplicaFaulted
         )
     }
 }

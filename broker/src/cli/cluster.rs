@@ -70,6 +70,12 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
     let views = client.cluster_status().await?;
     let up: Vec<u64> = views.iter().map(|v| v.node_id).collect();
     let groups = merge(&views);
+    // Replicas out of service, from every node's own view.
+    let faults: Vec<(u64, &GroupStatus)> = views
+        .iter()
+        .flat_map(|v| v.groups.iter().map(move |g| (v.node_id, g)))
+        .filter(|(_, g)| g.role == "faulted")
+        .collect();
     match TableFormat::resolve(a.format) {
         TableFormat::Json => {
             let nodes: Vec<_> = meta
@@ -78,7 +84,14 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
                 .map(|n| json!({ "id": n.id, "address": n.address, "up": up.contains(&n.id) }))
                 .collect();
             let groups: Vec<_> = groups.iter().map(group_json).collect();
-            println!("{}", json!({ "nodes": nodes, "groups": groups }));
+            let faults: Vec<_> = faults
+                .iter()
+                .map(|(n, g)| json!({ "node": n, "group": g.group, "topic": g.topic, "partition": g.partition, "fault": g.fault }))
+                .collect();
+            println!(
+                "{}",
+                json!({ "nodes": nodes, "groups": groups, "faulted": faults })
+            );
         }
         TableFormat::Table => {
             let rows: Vec<Vec<String>> = meta
@@ -108,6 +121,14 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
                 ],
                 &rows,
             );
+            if !faults.is_empty() {
+                println!();
+                let rows: Vec<Vec<String>> = faults
+                    .iter()
+                    .map(|(n, g)| vec![n.to_string(), g.group.to_string(), g.fault.clone()])
+                    .collect();
+                print_table(&["FAULTED_ON_NODE", "GROUP", "REASON"], &rows);
+            }
         }
     }
     Ok(())

@@ -9,6 +9,7 @@
 //! synced) is re-applied from the index sled recorded. sled is never the
 //! only copy of an acknowledged fact.
 
+pub mod confs;
 pub mod meta;
 pub mod partition;
 pub mod producers;

@@ -17,7 +17,9 @@
 //! - `q` + producer id → the idempotent-producer dedup entry
 //!   ([`crate::state::producers`]);
 //! - `s` → applied index, next offset, start offset, max
-//!   timestamp.
+//!   timestamp;
+//! - `c` + raft index → the conf state a membership change produced
+//!   ([`crate::state::confs`]).
 
 use bytes::Bytes;
 use covet_protocol::batch;
@@ -227,6 +229,12 @@ impl PartitionState {
 
     pub fn subscribe(&self) -> watch::Receiver<Progress> {
         self.progress.subscribe()
+    }
+
+    /// The partition's sled tree, for the membership history
+    /// ([`crate::state::confs`]) kept beside the offsets.
+    pub fn tree(&self) -> &sled::Tree {
+        &self.tree
     }
 
     pub fn index(&self) -> OffsetIndex {
