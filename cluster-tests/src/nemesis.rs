@@ -193,7 +193,7 @@ fn random_target(rng: &mut Rng, nodes: u64, partitions: u32) -> Target {
     Target::LeaderOf { group, fallback }
 }
 
-/// One step; the weights favour the faults that most often find bugs.
+/// One step, its fault drawn by weight (kills and pauses most often).
 fn random_step(rng: &mut Rng, nodes: u64, partitions: u32) -> Step {
     let target = random_target(rng, nodes, partitions);
     // Weights of the faults below, in order.
@@ -746,10 +746,7 @@ impl Runner<'_> {
         if crashes.is_empty() {
             return Ok(());
         }
-        bail!(
-            "nodes exited on their own: {crashes:?}; panics: {:?}",
-            self.panics_in_logs()
-        )
+        bail!("nodes exited on their own: {crashes:?}")
     }
 
     /// Prints a line stamped with the run's elapsed and wall-clock time,
@@ -778,10 +775,13 @@ impl Runner<'_> {
     fn fail(&mut self, e: anyhow::Error) -> ! {
         let e = match self.check_crashes() {
             Err(crashes) => e.context(crashes),
-            Ok(()) => match self.panics_in_logs() {
-                p if p.is_empty() => e,
-                p => e.context(format!("panics: {p:?}")),
-            },
+            Ok(()) => e,
+        };
+        let panics = self.panics_in_logs();
+        let e = if panics.is_empty() {
+            e
+        } else {
+            e.context(format!("panics in node logs: {panics:?}"))
         };
         let progress = self
             .load
