@@ -295,7 +295,13 @@ impl fmt::Display for Step {
     }
 }
 
-/// How a `PowerCut` step cuts a node's power and brings it back.
+/// How a `PowerCut` step cuts a node's power and brings it back. On the
+/// power-loss filesystem, with each node's data dir a mount of its own,
+/// `cut` drops the mount's unsynced writes (after which every file
+/// operation of the node fails) and then SIGKILLs the node; `restore`
+/// mounts the backing directory again on the data dir. The runner calls
+/// `restore` before restarting a node it cut, in the step or in the final
+/// heal.
 pub trait PowerSupply: Send + Sync {
     /// Stops the node as a power cut would: the process dies at once and
     /// every write it had not synced is lost.
@@ -395,6 +401,7 @@ pub async fn run(cluster: Cluster, config: NemesisConfig, power: &dyn PowerSuppl
         config,
         power,
         started: Instant::now(),
+        unpowered: BTreeSet::new(),
         lines: Mutex::default(),
     };
     run.say(format!(
@@ -428,6 +435,8 @@ struct Runner<'a> {
     config: NemesisConfig,
     power: &'a dyn PowerSupply,
     started: Instant,
+    /// Nodes whose power is cut and not restored yet.
+    unpowered: BTreeSet<NodeId>,
     /// Every line printed so far, repeated in the failure message (behind
     /// a lock so that printing needs only `&self`).
     lines: Mutex<Vec<String>>,
@@ -473,6 +482,7 @@ impl Runner<'_> {
                     if power { "power cut" } else { "kill -9" }
                 ));
                 if power {
+                    self.unpowered.insert(node);
                     self.power.cut(&mut self.cluster, node).await?;
                 } else {
                     self.cluster.kill9(node).await?;
@@ -480,6 +490,7 @@ impl Runner<'_> {
                 tokio::time::sleep(hold).await;
                 if power {
                     self.power.restore(&mut self.cluster, node).await?;
+                    self.unpowered.remove(&node);
                 }
                 self.cluster.restart(node).await?;
                 self.say(format!("  node {node} restarted and ready"));
@@ -635,7 +646,7 @@ impl Runner<'_> {
                 self.cluster.cont(n).await?;
             }
         }
-        for &n in &stopped {
+        for n in std::mem::take(&mut self.unpowered) {
             self.power.restore(&mut self.cluster, n).await?;
         }
         self.cluster.restart_many(&stopped).await?;
