@@ -606,7 +606,11 @@ impl Runner<'_> {
         self.say(format!("  node {node} left every group"));
         tokio::time::sleep(hold).await;
         self.say(format!("  add-node {node}"));
+        // The broker refuses to add a node that some group still lists (a
+        // removal not yet applied everywhere): retried until the deadline,
+        // printing each new reason once.
         let deadline = tokio::time::Instant::now() + RECOVERY_TIMEOUT;
+        let mut refused = String::new();
         loop {
             match bounded(client.change_membership(true, node)).await {
                 Ok(voters) => {
@@ -614,7 +618,11 @@ impl Runner<'_> {
                     break;
                 }
                 Err(e) if tokio::time::Instant::now() < deadline => {
-                    self.say(format!("  add-node {node} refused, retrying: {e:#}"));
+                    let why = format!("{e:#}");
+                    if why != refused {
+                        self.say(format!("  add-node {node} refused, retrying: {why}"));
+                        refused = why;
+                    }
                     tokio::time::sleep(PROBE_EVERY).await;
                 }
                 Err(e) => return Err(e.context(format!("add-node {node}"))),
