@@ -43,6 +43,7 @@
 mod bin_path;
 pub mod checker;
 pub mod cluster;
+pub mod nemesis;
 mod node;
 pub mod power;
 pub mod proxy;
