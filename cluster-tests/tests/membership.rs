@@ -4,9 +4,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use covet_client::{
-    Client, ClusterStatusResponse, GroupStatus, ProducerConfig, Reason, Record, TopicSpec,
-};
+use covet_client::{Client, ProducerConfig, Reason, Record, TopicSpec};
 use covet_cluster_tests::{every_group, wait_until, Cluster, NodeId};
 use tokio::sync::Mutex;
 

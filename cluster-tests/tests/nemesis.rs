@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use covet_cluster_tests::nemesis::{
-    self, Fault, Group, KillPower, NemesisConfig, Schedule, Target,
+    self, Fault, FusePower, Group, NemesisConfig, Schedule, Target,
 };
 use covet_cluster_tests::Cluster;
 
@@ -29,14 +29,15 @@ async fn nemesis_against_three_nodes() {
         Err(e) => panic!("nemesis configuration: {e:#}"),
     };
     assert_eq!(config.load.partitions, PARTITIONS);
-    let cluster = match Cluster::start(NODES as usize).await {
+    let cluster = match Cluster::start_powered(NODES as usize, &[]).await {
         Ok(c) => c,
         Err(e) => panic!(
             "nemesis seed = {}: starting the cluster: {e:#}",
             config.seed
         ),
     };
-    let report = nemesis::run(cluster, config, &KillPower).await;
+    let power = FusePower::new(config.seed);
+    let report = nemesis::run(cluster, config, &power).await;
     assert!(report.acked > 0);
 }
 
