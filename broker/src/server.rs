@@ -129,11 +129,11 @@ pub async fn run(
         config.started.elapsed().as_millis()
     );
     tracing::info!(%address, "ready");
-    let outcome = tokio::select! {
-        _ = &mut stop => Ok(()),
+    let (outcome, driver_done) = tokio::select! {
+        _ = &mut stop => (Ok(()), false),
         r = &mut running.done => match r {
-            Ok(Err(e)) => Err(anyhow::anyhow!("raft driver failed: {e}")),
-            _ => Err(anyhow::anyhow!("raft driver stopped")),
+            Ok(Err(e)) => (Err(anyhow::anyhow!("raft driver failed: {e}")), true),
+            _ => (Err(anyhow::anyhow!("raft driver stopped")), true),
         },
     };
     tracing::info!("shutting down");
@@ -141,8 +141,11 @@ pub async fn run(
     if tokio::time::timeout(DRAIN_TIMEOUT, server).await.is_err() {
         tracing::warn!("calls still open after {DRAIN_TIMEOUT:?}; closing them");
     }
-    if let Ok(Ok(Err(e))) = tokio::time::timeout(DRAIN_TIMEOUT, running.done).await {
-        tracing::error!(error = %e, "raft driver failed while stopping");
+    // A receiver that already answered must not be polled again.
+    if !driver_done {
+        if let Ok(Ok(Err(e))) = tokio::time::timeout(DRAIN_TIMEOUT, running.done).await {
+            tracing::error!(error = %e, "raft driver failed while stopping");
+        }
     }
     println!("covet broker stopped");
     outcome

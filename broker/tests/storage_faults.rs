@@ -109,3 +109,40 @@ async fn a_corrupt_entry_takes_its_replica_out_of_service_not_the_node() {
     assert_eq!(read, 200);
     fill(&client, "good", 10).await;
 }
+
+/// When the Raft driver stops on an error it cannot isolate (here: a topic
+/// whose log directory cannot be removed), the process exits with the error,
+/// not a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_driver_ends_the_process_with_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start(dir.path(), &[]);
+    let client = Client::connect(&broker.addr).await.unwrap();
+    client
+        .create_topic(TopicSpec::new("stuck").partitions(1))
+        .await
+        .unwrap();
+    let group = group_of(&client, "stuck").await;
+    let gdir = dir.path().join("groups").join(group.to_string());
+    // Immutable: not even root can rename it away (ext4's chattr +i).
+    let chattr = |flag: &str| {
+        std::process::Command::new("chattr")
+            .arg(flag)
+            .arg(&gdir)
+            .status()
+            .expect("chattr runs")
+    };
+    assert!(
+        chattr("+i").success(),
+        "chattr +i needs an ext4-like filesystem"
+    );
+    let _ = client.delete_topic("stuck").await;
+    let status = broker.wait_exit(Duration::from_secs(20));
+    assert!(chattr("-i").success());
+    let status = status.expect("the broker exits once its driver stopped");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "exit status {status}: an error, not a panic (101)"
+    );
+}
