@@ -61,7 +61,7 @@ pub enum Fault {
     /// SIGKILL, then a restart on the same data dir.
     Kill9(Target),
     /// A power cut (the process dies and what it had not synced is lost),
-    /// then a restart; see [`PowerSupply`].
+    /// then a restart; see [`super::PowerSupply`].
     PowerCut(Target),
     /// SIGSTOP, then SIGCONT.
     Pause(Target),
