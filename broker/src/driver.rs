@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::catalog::Catalog;
 use crate::error::{BrokerError, Result};
-use crate::faults::{guard, is_vote_request};
+use crate::faults::{barrier_admits, guard, is_rebuild_report};
 use crate::group::{Applied, Bootstrap, Group, GroupConfig, Machine, Responder};
 use crate::logging::raft_logger;
 use crate::state::meta::{MetaEffect, MetaState};
@@ -360,20 +360,16 @@ impl Driver {
 
     /// Steps a peer's message into its group. Messages for groups this node
     /// does not have (yet) are dropped; Raft resends.
-    fn step(&mut self, m: Inbound) {
+    fn step(&mut self, mut m: Inbound) {
+        if is_rebuild_report(&m.message) {
+            self.on_rebuild_report(m.group, &m.message);
+            return;
+        }
         let Some(g) = self.groups.get_mut(&m.group) else {
             return;
         };
-        if let Some(barrier) = g.vote_barrier {
-            if g.node.raft.raft_log.persisted >= barrier {
-                tracing::info!(group = m.group, "rebuilt replica caught up; it votes again");
-                match crate::faults::clear_barrier(g.storage.dir()) {
-                    Ok(()) => g.vote_barrier = None,
-                    Err(e) => tracing::warn!(group = m.group, error = %e, "vote barrier stays"),
-                }
-            } else if is_vote_request(m.message.get_msg_type()) {
-                return;
-            }
+        if g.vote_barrier.is_some() && !barrier_admits(g, &mut m.message) {
+            return;
         }
         let outcome = guard(|| {
             if let Err(e) = g.node.step(m.message) {
@@ -502,6 +498,7 @@ impl Driver {
             let outcome = guard(|| {
                 g.node.tick();
                 g.check_snapshots();
+                crate::faults::report_rebuild(g, &self.channels.transport);
                 // A leader that is no longer a voter (removed by a change it
                 // proposed itself, e.g. by an older version) would stall its
                 // group for good: hand over.

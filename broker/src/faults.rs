@@ -27,12 +27,12 @@ use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
-use raft::prelude::{HardState, MessageType};
+use raft::prelude::{HardState, Message, MessageType};
 
 use crate::catalog::LocalReplica;
 use crate::driver::{Driver, META_GROUP};
 use crate::error::{BrokerError, Result};
-use crate::group::{Bootstrap, Group, Machine};
+use crate::group::{Bootstrap, Group, Machine, Outbox};
 use crate::state::partition::PartitionState;
 
 /// Runs `f`, turning an error or a panic into the reason a group failed.
@@ -64,11 +64,11 @@ impl Driver {
         let facts = guard(|| {
             g.fail_all(err);
             let _ = g.leader.send((0, 0));
-            Ok((
-                g.voters(),
-                g.storage.hard_state(),
-                g.node.raft.raft_log.last_index(),
-            ))
+            // A replica faulted again while rebuilding keeps its first
+            // barrier: its old log's end is what it may have acknowledged.
+            let last = g.node.raft.raft_log.last_index();
+            let last = last.max(g.vote_barrier.unwrap_or(0));
+            Ok((g.voters(), g.storage.hard_state(), last))
         });
         drop(g);
         self.faulted.insert(id, reason);
@@ -201,10 +201,102 @@ pub(crate) fn clear_barrier(dir: &Path) -> Result<()> {
     }
 }
 
-/// Whether a message asks for a vote.
-pub(crate) fn is_vote_request(t: MessageType) -> bool {
-    matches!(
-        t,
-        MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
-    )
+/// Marks the message a rebuilt replica sends its leader (see
+/// [`report_rebuild`]); raft-rs never sets a context on append responses.
+const REBUILD_REPORT: &[u8] = b"covet:replica-rebuilt";
+/// Ticks between two reports of a rebuilt replica.
+const REPORT_EVERY_TICKS: u64 = 10;
+
+/// Called every tick. A rebuilt replica tells its group's leader that its
+/// log now ends at `last_index`, far behind what the leader may believe it
+/// holds: a leader never lowers a follower's matched index, ignores its
+/// rejections as stale, and sends heartbeats committing entries it does not
+/// have, so the replica would never catch up. The leader answers by
+/// removing it from the group, and its reconciliation adds it back at once
+/// with fresh progress (the same path as a wiped node, ADR 0005).
+pub(crate) fn report_rebuild(g: &mut Group, out: &dyn Outbox) {
+    if g.vote_barrier.is_none() {
+        return;
+    }
+    let r = &g.node.raft;
+    if r.leader_id == 0 || r.leader_id == r.id {
+        return;
+    }
+    g.rebuild_ticks += 1;
+    if g.rebuild_ticks % REPORT_EVERY_TICKS != 1 {
+        return;
+    }
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgAppendResponse);
+    m.to = r.leader_id;
+    m.from = r.id;
+    m.term = r.term;
+    m.reject = true;
+    m.reject_hint = r.raft_log.last_index();
+    m.context = REBUILD_REPORT.to_vec().into();
+    out.send(g.id, m);
+}
+
+/// Whether `m` is a rebuilt replica's report.
+pub(crate) fn is_rebuild_report(m: &Message) -> bool {
+    m.get_msg_type() == MessageType::MsgAppendResponse && m.context.as_ref() == REBUILD_REPORT
+}
+
+/// What a replica behind a vote barrier lets through to raft-rs. It drops
+/// vote requests until its log reaches the barrier (then lifts it), and it
+/// takes no commit index from heartbeats: a leader whose progress for it
+/// predates the rebuild would name entries it does not hold (raft-rs
+/// panics on that), and only an append that matched its log proves which
+/// entries are committed.
+pub(crate) fn barrier_admits(g: &mut Group, m: &mut Message) -> bool {
+    let Some(barrier) = g.vote_barrier else {
+        return true;
+    };
+    if g.node.raft.raft_log.persisted >= barrier {
+        tracing::info!(group = g.id, "rebuilt replica caught up; it votes again");
+        match clear_barrier(g.storage.dir()) {
+            Ok(()) => g.vote_barrier = None,
+            Err(e) => tracing::warn!(group = g.id, error = %e, "vote barrier stays"),
+        }
+        return true;
+    }
+    match m.get_msg_type() {
+        MessageType::MsgRequestVote | MessageType::MsgRequestPreVote => false,
+        MessageType::MsgHeartbeat => {
+            m.commit = m.commit.min(g.node.raft.raft_log.committed);
+            true
+        }
+        _ => true,
+    }
+}
+
+impl Driver {
+    /// A leader hears that a follower was rebuilt: unless its progress
+    /// already starts afresh (the follower was added back), it removes the
+    /// follower, and `reconcile_replicas` adds it back.
+    pub(crate) fn on_rebuild_report(&mut self, group: u64, m: &Message) {
+        let Some(g) = self.groups.get_mut(&group) else {
+            return;
+        };
+        if !g.is_leader() || g.membership_pending() || !g.voters().contains(&m.from) {
+            return;
+        }
+        let matched = g.node.raft.prs().get(m.from).map_or(0, |pr| pr.matched);
+        if matched <= m.reject_hint {
+            return;
+        }
+        tracing::warn!(
+            group,
+            follower = m.from,
+            matched,
+            its_last_index = m.reject_hint,
+            "follower was rebuilt; removing it so that it is added back afresh"
+        );
+        let mut cc = raft::prelude::ConfChangeV2::default();
+        let remove =
+            raft_proto::new_conf_change_single(m.from, raft::prelude::ConfChangeType::RemoveNode);
+        cc.set_changes(vec![remove].into());
+        let (tx, _) = tokio::sync::oneshot::channel();
+        g.propose_membership(cc, tx);
+    }
 }

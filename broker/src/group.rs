@@ -79,6 +79,8 @@ pub struct Group {
     /// Set on a replica rebuilt after a fault: it grants no vote until its
     /// log reaches this index (see the `faults` module).
     pub vote_barrier: Option<u64>,
+    /// Ticks since the replica was rebuilt (paces its reports).
+    pub rebuild_ticks: u64,
     /// Highest index this replica acknowledged to a leader (reported by
     /// `cluster status`; power-loss tests hold a restart to it).
     pub acked: u64,
@@ -190,6 +192,7 @@ impl Group {
             role: StateRole::Follower,
             snapshot_waits: HashMap::new(),
             vote_barrier: None,
+            rebuild_ticks: 0,
             acked: 0,
             acked_term: 0,
         };

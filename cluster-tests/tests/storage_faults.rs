@@ -27,6 +27,10 @@ async fn a_follower_with_a_corrupt_log_is_rebuilt_from_its_peers() {
         })
         .await
         .expect("create topic");
+    cluster
+        .wait_leader(TOPIC, 0, Duration::from_secs(20), |_| true)
+        .await
+        .expect("leader");
     let producer = client.producer(ProducerConfig {
         linger: Duration::ZERO,
         ..Default::default()
