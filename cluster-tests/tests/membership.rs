@@ -31,6 +31,13 @@ async fn setup() -> (Cluster, Client) {
         })
         .await
         .expect("create topic");
+    // Every node must know the topic before the producer asks any of them.
+    for p in 0..PARTITIONS {
+        cluster
+            .wait_leader(TOPIC, p, CONVERGE, |_| true)
+            .await
+            .expect("partition leader");
+    }
     (cluster, client)
 }
 

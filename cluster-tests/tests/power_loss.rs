@@ -388,6 +388,10 @@ async fn trimmed_topic(cluster: &Cluster) -> Client {
     spec.replication_factor = 3;
     spec.retention_bytes = Some(64 * 1024);
     client.create_topic(spec).await.expect("create");
+    cluster
+        .wait_leader("trimmed", 0, TIMEOUT, |_| true)
+        .await
+        .expect("leader");
     client
 }
 
@@ -490,6 +494,10 @@ async fn a_cut_right_after_the_first_records() {
     let mut spec = TopicSpec::new("fresh").partitions(1);
     spec.replication_factor = 1;
     client.create_topic(spec).await.expect("create");
+    s.cluster
+        .wait_leader("fresh", 0, TIMEOUT, |_| true)
+        .await
+        .expect("leader");
     let acked = write_trimmed(&client, "fresh", 0, 50).await;
     drop(client);
     s.cut_and_restart(&[1]).await;
