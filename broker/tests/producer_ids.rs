@@ -170,3 +170,69 @@ async fn unallocated_producer_ids_are_refused_and_store_nothing() {
     );
     assert_eq!(read_all(&client).await, ["ok"]);
 }
+
+/// The partition's producer table is bounded: with 1024 producers written
+/// (the documented limit), the 1025th is refused with PRODUCER_TABLE_FULL
+/// and stores nothing, while a producer already there keeps writing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_producer_table_refuses_a_new_producer_clearly() {
+    const LIMIT: i64 = 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), &[]);
+    let client = Client::connect(&broker.addr).await.unwrap();
+    client
+        .create_topic(TopicSpec::new("ids").partitions(1))
+        .await
+        .unwrap();
+    let run = async {
+        let mut api = CovetClient::connect(format!("http://{}", broker.addr))
+            .await
+            .unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..=LIMIT {
+            let id = api
+                .init_producer(InitProducerRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .producer_id;
+            ids.push(id);
+        }
+        // One stream, one request per producer, answered in order.
+        let requests: Vec<ProduceRequest> = ids
+            .iter()
+            .map(|&id| ProduceRequest {
+                request_id: id as u64,
+                topic: "ids".into(),
+                partition: 0,
+                batch: sequenced(id, 0, 0, "x"),
+            })
+            .collect();
+        let mut responses = api
+            .produce(tokio_stream::iter(requests))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut outcomes = Vec::new();
+        while let Some(r) = responses.message().await.unwrap() {
+            outcomes.push((r.base_offset, r.error.map(|e| e.reason)));
+        }
+        (ids, outcomes)
+    };
+    let (ids, outcomes) = tokio::time::timeout(Duration::from_secs(240), run)
+        .await
+        .expect("bounded");
+    assert_eq!(outcomes.len(), ids.len());
+    for (i, o) in outcomes[..LIMIT as usize].iter().enumerate() {
+        assert_eq!(*o, (i as u64, None), "producer {i}");
+    }
+    assert_eq!(
+        outcomes[LIMIT as usize].1.as_deref(),
+        Some("PRODUCER_TABLE_FULL")
+    );
+    assert_eq!(
+        produce_raw(&broker.addr, sequenced(ids[0], 0, 1, "again")).await,
+        (LIMIT as u64, None),
+        "a producer already there keeps writing"
+    );
+}
