@@ -5,9 +5,15 @@
 //! The driver is the only writer: it publishes a topic after creating its
 //! partitions' groups and withdraws it before destroying them. Handlers take
 //! the read lock just long enough to clone an `Arc`.
+//!
+//! It also shows how far the metadata group has allocated producer ids
+//! (as this node has applied it), so a produce with an id the cluster never
+//! handed out is refused before it is proposed
+//! ([`Catalog::check_producer`]).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use covet_protocol::api::{PartitionInfo, TopicConfig, TopicInfo};
 use covet_protocol::internal::TopicRecord;
@@ -108,12 +114,20 @@ impl TopicHandle {
     }
 }
 
+/// How long a produce waits for this node's metadata to show its producer
+/// id allocated before it is refused: long enough for a replica of the
+/// metadata group that lags its leader by a few rounds to catch up.
+pub const PRODUCER_ID_WAIT: Duration = Duration::from_secs(2);
+
 /// The topics this node serves.
 pub struct Catalog {
     topics: RwLock<BTreeMap<String, Arc<TopicHandle>>>,
     /// Bumped on every change, so handlers can wait for a topic to appear
     /// or go without polling.
     generation: watch::Sender<u64>,
+    /// The next producer id the metadata group will allocate, as this node
+    /// has applied it: every id below has been handed out.
+    producer_ids: Arc<watch::Sender<i64>>,
 }
 
 impl Default for Catalog {
@@ -121,6 +135,7 @@ impl Default for Catalog {
         Catalog {
             topics: RwLock::default(),
             generation: watch::channel(0).0,
+            producer_ids: Arc::new(watch::channel(0).0),
         }
     }
 }
@@ -146,6 +161,40 @@ impl Catalog {
     /// A receiver that sees every change to the catalog.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
+    }
+
+    /// Where the metadata state machine publishes its producer id
+    /// allocation mark ([`crate::state::meta::MetaState::publish_producer_ids`]).
+    pub(crate) fn producer_ids(&self) -> Arc<watch::Sender<i64>> {
+        self.producer_ids.clone()
+    }
+
+    /// Refuses a batch whose producer id the cluster never allocated
+    /// (`UNKNOWN_PRODUCER_ID`). Batches without a producer id (negative)
+    /// pass. The check is made on the node handling the produce, against
+    /// the allocations its replica of the metadata group has applied; that
+    /// replica may lag the metadata leader that just handed the id out, so
+    /// an id not yet seen is waited for, up to `wait`, before it is
+    /// refused. The refusal is retriable for the same reason.
+    pub async fn check_producer(&self, batch: &[u8], wait: Duration) -> Result<()> {
+        let Ok(h) = covet_protocol::batch::read_header(batch) else {
+            return Ok(()); // validation refuses it with the reason why
+        };
+        let id = h.producer_id;
+        if id < 0 || id < *self.producer_ids.borrow() {
+            return Ok(());
+        }
+        let mut rx = self.producer_ids.subscribe();
+        let seen = tokio::time::timeout(wait, rx.wait_for(|&next| id < next))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if seen {
+            return Ok(());
+        }
+        Err(BrokerError::UnknownProducerId {
+            producer_id: id,
+            allocated: *self.producer_ids.borrow(),
+        })
     }
 
     pub(crate) fn insert(&self, topic: TopicHandle) {

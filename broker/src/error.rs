@@ -45,6 +45,20 @@ pub enum BrokerError {
     MembershipConflict(String),
     #[error("this node's replica of group {group} is out of service: {reason}")]
     ReplicaFaulted { group: u64, reason: String },
+    /// A batch reuses a sequence number a different batch of the same
+    /// producer already holds (two clients share a producer id).
+    #[error("producer {producer_id} sent a different batch with sequence {sequence}, already used by the batch stored at offset {stored_at}")]
+    DuplicateSequence {
+        producer_id: i64,
+        sequence: i32,
+        stored_at: u64,
+    },
+    /// A batch carries a producer id the cluster never handed out.
+    #[error("producer id {producer_id} was never allocated by this cluster (ids below {allocated} were); call InitProducer for one")]
+    UnknownProducerId { producer_id: i64, allocated: i64 },
+    /// The partition remembers as many producers as it may.
+    #[error("partition remembers {limit} idempotent producers, its limit; a new one may write once an idle producer expires")]
+    ProducerTableFull { limit: usize },
     #[error("storage failure: {0}")]
     Storage(String),
     #[error("internal error: {0}")]
@@ -70,6 +84,9 @@ impl BrokerError {
             BrokerError::ShuttingDown => Reason::ShuttingDown,
             BrokerError::MembershipConflict(_) => Reason::MembershipConflict,
             BrokerError::ReplicaFaulted { .. } => Reason::ReplicaFaulted,
+            BrokerError::DuplicateSequence { .. } => Reason::DuplicateSequence,
+            BrokerError::UnknownProducerId { .. } => Reason::UnknownProducerId,
+            BrokerError::ProducerTableFull { .. } => Reason::ProducerTableFull,
             BrokerError::Storage(_) => Reason::StorageError,
             BrokerError::Internal(_) => Reason::Internal,
         }

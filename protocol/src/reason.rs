@@ -62,6 +62,9 @@ reasons! {
     Internal => "INTERNAL", Internal;
     MembershipConflict => "MEMBERSHIP_CONFLICT", FailedPrecondition;
     ReplicaFaulted => "REPLICA_FAULTED", Unavailable;
+    DuplicateSequence => "DUPLICATE_SEQUENCE", FailedPrecondition;
+    UnknownProducerId => "UNKNOWN_PRODUCER_ID", FailedPrecondition;
+    ProducerTableFull => "PRODUCER_TABLE_FULL", ResourceExhausted;
 }
 
 impl Reason {
@@ -76,6 +79,7 @@ impl Reason {
                 | Reason::UnknownPartition
                 | Reason::OutOfOrderSequence
                 | Reason::ReplicaFaulted
+                | Reason::UnknownProducerId
         )
     }
 }

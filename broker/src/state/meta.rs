@@ -7,12 +7,14 @@
 //! never reuses a partition's directory or sled tree.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use covet_protocol::api::TopicConfig;
 use covet_protocol::internal::{
     meta_command, AllocateProducerId, CreateTopic, DeleteTopic, MetaCommand, Replicas, TopicRecord,
 };
 use prost::Message as _;
+use tokio::sync::watch;
 
 use crate::error::{BrokerError, Result};
 
@@ -37,6 +39,9 @@ pub struct MetaState {
     next_group: u64,
     next_producer_id: i64,
     topics: BTreeMap<String, TopicRecord>,
+    /// Where the allocation mark is shown to request handlers (the
+    /// catalog), if anyone listens.
+    producer_ids: Option<Arc<watch::Sender<i64>>>,
 }
 
 impl MetaState {
@@ -59,7 +64,20 @@ impl MetaState {
             next_group,
             next_producer_id,
             topics,
+            producer_ids: None,
         })
+    }
+
+    /// The next producer id to be allocated: every id below it was.
+    pub fn next_producer_id(&self) -> i64 {
+        self.next_producer_id
+    }
+
+    /// Shows the producer id allocation mark on `to` from now on (the
+    /// catalog's, see [`crate::catalog::Catalog::check_producer`]).
+    pub fn publish_producer_ids(&mut self, to: Arc<watch::Sender<i64>>) {
+        to.send_replace(self.next_producer_id);
+        self.producer_ids = Some(to);
     }
 
     pub fn applied(&self) -> u64 {
@@ -100,6 +118,9 @@ impl MetaState {
             Some(meta_command::Kind::AllocateProducerId(_)) => {
                 let id = self.next_producer_id;
                 self.next_producer_id += 1;
+                if let Some(to) = &self.producer_ids {
+                    to.send_replace(self.next_producer_id);
+                }
                 Ok(MetaEffect::ProducerId(id))
             }
             None => Err(BrokerError::Internal(format!(

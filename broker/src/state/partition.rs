@@ -250,10 +250,12 @@ impl PartitionState {
         self.mark_applied(index);
         let header =
             batch::read_header(data).map_err(|e| BrokerError::CorruptBatch(e.to_string()))?;
+        // The partition's time before this batch: the producer table's clock.
+        let clock = self.durable.max_timestamp;
         if let SequenceCheck::Duplicate {
             base_offset,
             record_count,
-        } = self.producers.check(&header)?
+        } = self.producers.check(&header, data, clock)?
         {
             return Ok(Accepted {
                 base_offset,
@@ -283,7 +285,7 @@ impl PartitionState {
             );
         }
         self.producers
-            .record(&header, header.base_offset, &mut self.pending);
+            .record(&header, data, header.base_offset, clock, &mut self.pending);
         self.durable.next_offset = header.next_offset();
         Ok(Accepted {
             base_offset: header.base_offset,
@@ -296,7 +298,10 @@ impl PartitionState {
     /// offset it got: the leader answers such a retry without proposing it.
     pub fn applied_duplicate(&self, data: &[u8]) -> Option<(u64, u32)> {
         let header = batch::read_header(data).ok()?;
-        match self.producers.check(&header) {
+        match self
+            .producers
+            .check(&header, data, self.durable.max_timestamp)
+        {
             Ok(SequenceCheck::Duplicate {
                 base_offset,
                 record_count,
@@ -382,7 +387,7 @@ impl PartitionState {
             next_offset: next,
             applied_index: raft_index,
             max_timestamp,
-            producers: self.producers.as_before(&later, next),
+            producers: self.producers.as_before(&later, next, max_timestamp),
         })
     }
 
@@ -410,6 +415,11 @@ impl PartitionState {
             }
         }
         if let Some(k) = last_removed {
+            // The partition's time at the new start: producers expired by
+            // then can be in no snapshot taken from now on.
+            if let Some(clock) = decode_time_key(&k) {
+                self.producers.forget_expired(clock, &mut batch);
+            }
             batch.insert(k, &start_offset.to_le_bytes()[..]);
         }
         self.durable.start_offset = start_offset;

@@ -488,3 +488,134 @@ fn a_restored_snapshot_still_answers_retries_of_earlier_batches() {
         duplicate(0, 2)
     );
 }
+
+/// Issue 7: a batch from a producer id nobody owned yet (a stranger's)
+/// is stored; the real producer later handed that id sends a different
+/// batch with the same sequence. It must be refused (every time it is
+/// retried), never acknowledged at the stranger's offset, where it was
+/// never stored. Before the fix it was answered as a duplicate of the
+/// stranger's batch. The stranger's own resend, even re-stamped in a new
+/// epoch, is still the stored batch. Snapshots keep the identities.
+#[test]
+fn a_different_batch_with_a_remembered_sequence_is_refused_not_acknowledged() {
+    let mut p = PartitionState::open(tree()).unwrap();
+    let stranger = produced_at(0, 1, 5, Some((0, 0)));
+    assert_eq!(p.apply_batch(1, &stranger).unwrap(), stored(0, 1));
+    let real = produced_at(1, 1, 6, Some((0, 0)));
+    assert_eq!(p.applied_duplicate(&real), None, "not answered at once");
+    for index in 2..5 {
+        let refused = p.apply_batch(index, &real).unwrap_err();
+        assert_eq!(refused.reason().as_str(), "DUPLICATE_SEQUENCE");
+    }
+    assert_eq!(
+        p.apply_batch(5, &produced_in(1, 1, 5, Some((0, 0)), 1))
+            .unwrap(),
+        duplicate(0, 1)
+    );
+    p.flush_round().unwrap();
+    assert_eq!(p.next_offset(), 1, "nothing stored after the stranger");
+
+    let snap = p.snapshot_at(5).unwrap();
+    let mut q = PartitionState::open(tree()).unwrap();
+    q.restore(&snap.encode_to_vec()).unwrap();
+    assert_eq!(q.applied_duplicate(&real), None);
+    assert_eq!(
+        q.apply_batch(6, &real).unwrap_err().reason().as_str(),
+        "DUPLICATE_SEQUENCE"
+    );
+    assert_eq!(q.applied_duplicate(&stranger), Some((0, 1)));
+}
+
+const EXPIRY: i64 = crate::state::producers::PRODUCER_IDLE_EXPIRY_MS;
+const T0: i64 = 1_700_000_000_000;
+
+/// The log of the cap-and-expiry scenario below: (raft index, batch).
+fn cap_and_expiry_log() -> Vec<(u64, Bytes)> {
+    vec![
+        (1, produced_at(0, 1, T0, Some((1, 0)))),
+        (2, produced_at(1, 1, T0, Some((2, 0)))),
+        // A third producer does not fit.
+        (3, produced_at(2, 1, T0, Some((3, 0)))),
+        // Producer 2 writes again a little later.
+        (4, produced_at(2, 1, T0 + 1, Some((2, 1)))),
+        // The partition's time moves 7 days (and 1 ms) past producer 1's
+        // last batch, not past producer 2's.
+        (5, batch_at(3, 1, T0 + EXPIRY + 1)),
+        // Producer 1 expired: producer 3 fits now.
+        (6, produced_at(4, 1, T0 + EXPIRY + 1, Some((3, 0)))),
+        // Producer 1's next batch is judged as a new producer's: out of
+        // order in epoch 0, and refused for room in a new epoch.
+        (7, produced_at(5, 1, T0, Some((1, 1)))),
+        (8, produced_in(5, 1, T0, Some((1, 1)), 1)),
+        (9, produced_at(5, 1, T0, Some((2, 2)))),
+    ]
+}
+
+fn capped(t: sled::Tree) -> PartitionState {
+    let mut p = PartitionState::open(t).unwrap();
+    p.producers.limits.max_producers = 2;
+    p
+}
+
+fn outcome(r: Result<Accepted>) -> String {
+    match r {
+        Ok(a) => format!("{a:?}"),
+        Err(e) => e.reason().as_str().to_string(),
+    }
+}
+
+/// Issue 7: the producer table is bounded (a new producer beyond the cap
+/// is refused with PRODUCER_TABLE_FULL, the ones there keep going) and an
+/// idle producer expires when the partition's time is 7 days past its last
+/// batch, making room. Expired entries go when the log is compacted past
+/// their expiry. A replica restored from a snapshot taken before all this
+/// decides every later entry alike.
+#[test]
+fn the_producer_table_is_capped_and_idle_producers_expire() {
+    let mut p = capped(tree());
+    let outcomes: Vec<String> = cap_and_expiry_log()
+        .into_iter()
+        .map(|(i, b)| outcome(p.apply_batch(i, &b)))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            format!("{:?}", stored(0, 1)),
+            format!("{:?}", stored(1, 1)),
+            "PRODUCER_TABLE_FULL".into(),
+            format!("{:?}", stored(2, 1)),
+            format!("{:?}", stored(3, 1)),
+            format!("{:?}", stored(4, 1)),
+            "OUT_OF_ORDER_SEQUENCE".into(),
+            "PRODUCER_TABLE_FULL".into(),
+            format!("{:?}", stored(5, 1)),
+        ]
+    );
+    // Producer 1's retry is no longer answered from the table.
+    assert_eq!(
+        p.applied_duplicate(&produced_at(6, 1, T0, Some((1, 0)))),
+        None
+    );
+    p.flush_round().unwrap();
+    assert_eq!(p.producers.entries(), 3, "expired, not yet forgotten");
+
+    // Snapshots before each entry, restored and replayed: the same
+    // decisions.
+    for at in 1..=9u64 {
+        let snap = p.snapshot_at(at - 1).unwrap();
+        let mut q = capped(tree());
+        q.restore(&snap.encode_to_vec()).unwrap();
+        let replayed: Vec<String> = cap_and_expiry_log()
+            .into_iter()
+            .filter(|(i, _)| *i >= at)
+            .map(|(i, b)| outcome(q.apply_batch(i, &b)))
+            .collect();
+        assert_eq!(replayed, outcomes[at as usize - 1..], "snapshot at {at}");
+    }
+
+    // Compaction past the time producer 1 expired forgets it.
+    p.trim_to(4).unwrap();
+    assert_eq!(p.producers.entries(), 2);
+    let reopened = PartitionState::open(p.tree().clone()).unwrap();
+    assert_eq!(reopened.producers.entries(), 2);
+}
