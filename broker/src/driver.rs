@@ -261,7 +261,8 @@ impl Driver {
             ready,
         };
         covet_raft_store::remove_leftovers(&driver.config.data_dir.join("groups"))?;
-        let meta = MetaState::open(driver.db.open_tree("meta")?)?;
+        let mut meta = MetaState::open(driver.db.open_tree("meta")?)?;
+        meta.publish_producer_ids(driver.catalog.producer_ids());
         let topics: Vec<TopicRecord> = meta.topics().cloned().collect();
         let mut voters = driver.config.initial_nodes.clone();
         voters.sort_unstable();

@@ -88,6 +88,12 @@ impl CovetService {
     /// yields its outcome once applied.
     async fn submit(&self, req: &ProduceRequest) -> Result<oneshot::Receiver<Result<Applied>>> {
         let group = self.validate_produce(req)?;
+        // Only ids the metadata group handed out (waiting briefly for this
+        // node's metadata to catch up with a just-allocated one).
+        self.node
+            .catalog
+            .check_producer(&req.batch, crate::catalog::PRODUCER_ID_WAIT)
+            .await?;
         self.node
             .submit_batch(&req.topic, group, req.batch.clone())
             .await
