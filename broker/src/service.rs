@@ -200,6 +200,14 @@ struct Pending {
     _memory: OwnedSemaphorePermit,
 }
 
+/// What the reader of a produce stream hands its writer, in stream order.
+enum Step {
+    /// A request to answer once its outcome is known.
+    Answer(Pending),
+    /// The stream broke; answer the requests before it, then fail the call.
+    Fail(BrokerError),
+}
+
 #[tonic::async_trait]
 impl Covet for CovetService {
     async fn metadata(
@@ -237,7 +245,7 @@ impl Covet for CovetService {
         request: Request<Streaming<ProduceRequest>>,
     ) -> std::result::Result<Response<Self::ProduceStream>, Status> {
         let mut inbound = request.into_inner();
-        let (pending_tx, mut pending_rx) = mpsc::channel::<Pending>(MAX_IN_FLIGHT_PER_STREAM);
+        let (pending_tx, mut pending_rx) = mpsc::channel::<Step>(MAX_IN_FLIGHT_PER_STREAM);
         let (out_tx, out_rx) = mpsc::channel(64);
         let svc = self.clone();
         // Reader: submits requests in stream order, so batches of one
@@ -248,12 +256,22 @@ impl Covet for CovetService {
                 // On shutdown the reader stops taking requests; the writer
                 // answers what was taken and ends the stream, so clients
                 // move to another node instead of holding this one open.
-                let req = tokio::select! {
-                    msg = inbound.message() => match msg {
-                        Ok(Some(req)) => req,
-                        _ => break,
-                    },
+                let msg = tokio::select! {
+                    msg = inbound.message() => msg,
                     _ = shutdown.wait_for(|s| *s) => break,
+                };
+                let req = match msg {
+                    Ok(Some(req)) => req,
+                    Ok(None) => break,
+                    // An undecodable or oversized message ends the stream:
+                    // the writer answers what came before it, then fails
+                    // the call with the reason, so the client never
+                    // mistakes the end for success.
+                    Err(status) => {
+                        let failure = Step::Fail(BrokerError::from_inbound(&status));
+                        let _ = pending_tx.send(failure).await;
+                        break;
+                    }
                 };
                 // Batches received and not yet answered count against one
                 // node-wide budget; when it is spent the reader stops
@@ -268,20 +286,26 @@ impl Covet for CovetService {
                     submitted: svc.submit(&req).await,
                     _memory: memory,
                 };
-                if pending_tx.send(pending).await.is_err() {
+                if pending_tx.send(Step::Answer(pending)).await.is_err() {
                     break;
                 }
             }
         });
         // Writer: answers in the same order, as each entry is applied.
         tokio::spawn(async move {
-            while let Some(Pending {
-                id,
-                partition,
-                submitted,
-                _memory,
-            }) = pending_rx.recv().await
-            {
+            while let Some(step) = pending_rx.recv().await {
+                let Pending {
+                    id,
+                    partition,
+                    submitted,
+                    _memory,
+                } = match step {
+                    Step::Answer(pending) => pending,
+                    Step::Fail(e) => {
+                        let _ = out_tx.send(Err(e.to_status())).await;
+                        break;
+                    }
+                };
                 let outcome = match submitted {
                     Ok(rx) => match tokio::time::timeout(APPLY_TIMEOUT, rx).await {
                         Ok(Ok(r)) => r,
@@ -309,7 +333,11 @@ impl Covet for CovetService {
         request: Request<Streaming<SubscribeRequest>>,
     ) -> std::result::Result<Response<Self::SubscribeStream>, Status> {
         let mut inbound = request.into_inner();
-        let open = match inbound.message().await? {
+        let first = inbound
+            .message()
+            .await
+            .map_err(|s| BrokerError::from_inbound(&s))?;
+        let open = match first {
             Some(SubscribeRequest {
                 kind: Some(subscribe_request::Kind::Open(open)),
             }) => open,

@@ -139,7 +139,10 @@ impl Session {
                     Ok(Some(_)) => {
                         return Err(BrokerError::InvalidRequest("only credit may follow open".into()).to_status());
                     }
-                    Ok(None) | Err(_) => return Ok(()),
+                    Ok(None) => return Ok(()),
+                    // Say why the stream ends rather than ending it as if
+                    // the client had closed it.
+                    Err(status) => return Err(BrokerError::from_inbound(&status).to_status()),
                 },
                 // Watched even without credit, so a deleted topic ends the
                 // stream at once.

@@ -1,0 +1,171 @@
+//! Hostile and careless clients on the public gRPC API: every refusal is
+//! an error status the client can read, never a silent end of stream.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{raw, Broker};
+use covet_client::{Client, Record, TopicSpec};
+use covet_protocol::api::covet_client::CovetClient;
+use covet_protocol::api::{DescribeTopicRequest, ProduceRequest, ProduceResponse};
+use covet_protocol::batch;
+use covet_protocol::reason::{reason_of, Reason};
+use prost::Message;
+use tonic::transport::Channel;
+
+/// Bounds every network step of these tests.
+const STEP: Duration = Duration::from_secs(20);
+
+async fn channel(addr: &str) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn batch_of(n: usize) -> Bytes {
+    let records: Vec<Record> = (0..n)
+        .map(|i| Record {
+            value: Bytes::from(format!("value {i}")),
+            ..Default::default()
+        })
+        .collect();
+    batch::encode(&records).unwrap()
+}
+
+fn produce_bytes(id: u64, topic: &str, batch: Bytes) -> Bytes {
+    ProduceRequest {
+        request_id: id,
+        topic: topic.into(),
+        partition: 0,
+        batch,
+    }
+    .encode_to_vec()
+    .into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_produce_message_fails_the_stream_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), &[]);
+    let client = Client::connect(&broker.addr).await.unwrap();
+    client.create_topic(TopicSpec::new("t")).await.unwrap();
+
+    // A good request, bytes that are no protobuf message (an unterminated
+    // varint), then another good request.
+    let messages = vec![
+        produce_bytes(1, "t", batch_of(2)),
+        Bytes::from_static(&[0xff; 6]),
+        produce_bytes(3, "t", batch_of(2)),
+    ];
+    let mut responses = tokio::time::timeout(
+        STEP,
+        raw::stream::<ProduceResponse, _>(
+            channel(&broker.addr).await,
+            "/covet.v1.Covet/Produce",
+            futures::stream::iter(messages),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let first = tokio::time::timeout(STEP, responses.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the request before the bad one is answered");
+    assert_eq!((first.request_id, first.error), (1, None));
+    let end = tokio::time::timeout(STEP, responses.message())
+        .await
+        .unwrap();
+    let status = end.expect_err("the stream must fail, not end with OK");
+    assert_eq!(
+        reason_of(&status),
+        Some(Reason::InvalidRequest),
+        "{status:?}"
+    );
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("undecodable"), "{status:?}");
+    // Only the first batch was written.
+    let t = client.describe_topic("t").await.unwrap();
+    assert_eq!(t.partitions[0].high_watermark, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_produce_message_fails_the_stream_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), &[]);
+    let client = Client::connect(&broker.addr).await.unwrap();
+    client.create_topic(TopicSpec::new("t")).await.unwrap();
+
+    // 66 MiB: past the 65 MiB message limit. Its content never matters:
+    // the length prefix alone is refused.
+    let huge = Bytes::from(vec![0u8; 66 << 20]);
+    let messages = vec![produce_bytes(1, "t", batch_of(1)), huge];
+    let mut responses = tokio::time::timeout(
+        STEP,
+        raw::stream::<ProduceResponse, _>(
+            channel(&broker.addr).await,
+            "/covet.v1.Covet/Produce",
+            futures::stream::iter(messages),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let first = tokio::time::timeout(STEP, responses.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the request before the huge one is answered");
+    assert_eq!((first.request_id, first.error), (1, None));
+    let status = tokio::time::timeout(STEP, responses.message())
+        .await
+        .unwrap()
+        .expect_err("the stream must fail, not end with OK");
+    assert_eq!(
+        reason_of(&status),
+        Some(Reason::BatchTooLarge),
+        "{status:?}"
+    );
+    assert!(status.message().contains("too large"), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_unknown_topic_name_gives_a_short_readable_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), &[]);
+    let name = "n".repeat(20_000);
+
+    let status = CovetClient::new(channel(&broker.addr).await)
+        .describe_topic(DescribeTopicRequest { name: name.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(reason_of(&status), Some(Reason::UnknownTopic));
+    assert!(
+        status.message().len() <= 1024,
+        "{} bytes of message",
+        status.message().len()
+    );
+    assert!(status.message().starts_with("unknown topic 'nnn"));
+
+    // The in-stream error of a produce request is cut the same way.
+    let mut responses = raw::stream::<ProduceResponse, _>(
+        channel(&broker.addr).await,
+        "/covet.v1.Covet/Produce",
+        futures::stream::iter(vec![produce_bytes(5, &name, batch_of(1))]),
+    )
+    .await
+    .unwrap();
+    let resp = tokio::time::timeout(STEP, responses.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let error = resp.error.expect("an error");
+    assert_eq!(error.reason, "UNKNOWN_TOPIC");
+    assert!(error.message.len() <= 1024, "{}", error.message.len());
+}
