@@ -7,17 +7,17 @@ use covet_protocol::reason::{self, Reason};
 /// C-core clients refuse a status whose metadata passes 8 KiB, reporting
 /// `RESOURCE_EXHAUSTED` instead of the reason; 1 KiB keeps every message
 /// readable with room for the reason and leader hint.
-pub const MAX_MESSAGE_BYTES: usize = 1024;
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
 
-/// Cuts `text` to at most [`MAX_MESSAGE_BYTES`] on a character boundary,
+/// Cuts `text` to at most [`MAX_ERROR_MESSAGE_BYTES`] on a character boundary,
 /// saying how much was cut.
 fn bounded(mut text: String) -> String {
-    if text.len() <= MAX_MESSAGE_BYTES {
+    if text.len() <= MAX_ERROR_MESSAGE_BYTES {
         return text;
     }
     let total = text.len();
     // Room for the marker, which is under 48 bytes.
-    let mut keep = MAX_MESSAGE_BYTES - 48;
+    let mut keep = MAX_ERROR_MESSAGE_BYTES - 48;
     while !text.is_char_boundary(keep) {
         keep -= 1;
     }
@@ -119,7 +119,7 @@ impl BrokerError {
     }
 
     /// The message sent to clients: the error's text, cut to
-    /// [`MAX_MESSAGE_BYTES`] so an echoed name can never make the status
+    /// [`MAX_ERROR_MESSAGE_BYTES`] so an echoed name can never make the status
     /// too large for a client to read.
     pub fn message(&self) -> String {
         bounded(self.to_string())
@@ -186,10 +186,10 @@ mod tests {
     fn long_messages_are_cut_on_a_char_boundary_and_keep_their_reason() {
         let e = BrokerError::UnknownTopic("é".repeat(20_000));
         let status = e.to_status();
-        assert!(status.message().len() <= MAX_MESSAGE_BYTES);
+        assert!(status.message().len() <= MAX_ERROR_MESSAGE_BYTES);
         assert!(status.message().ends_with("bytes cut)"));
         assert_eq!(reason::reason_of(&status), Some(Reason::UnknownTopic));
-        assert!(e.to_api().message.len() <= MAX_MESSAGE_BYTES);
+        assert!(e.to_api().message.len() <= MAX_ERROR_MESSAGE_BYTES);
         let short = BrokerError::UnknownTopic("t".into());
         assert_eq!(short.message(), "unknown topic 't'");
     }

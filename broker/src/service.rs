@@ -2,6 +2,7 @@
 //! requests, hands them to the Raft driver or the catalog, and converts
 //! results. Errors become statuses only through `BrokerError::to_status`.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 
@@ -10,7 +11,7 @@ use covet_protocol::api::*;
 use covet_protocol::batch;
 use covet_protocol::topic::validate_topic_name;
 use futures::Stream;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -34,6 +35,17 @@ const MAX_IN_FLIGHT_PER_STREAM: usize = 1024;
 /// Bytes of produce requests the node holds at once, over all streams:
 /// the bound on the broker's memory under produce load.
 const PRODUCE_MEMORY_BYTES: u32 = 256 << 20;
+/// Bytes of produce requests one stream holds, received and not yet
+/// answered to the client. A stream whose client does not read its
+/// responses stops being read when this is spent, so it can never pin more
+/// than this much of the node's budget. A larger request counts as this
+/// much, so any request the message limit lets through still fits.
+const PRODUCE_STREAM_BYTES: u32 = 32 << 20;
+/// Bytes of produce requests one connection holds over all its streams:
+/// a client cannot take the node's budget by opening many streams. With
+/// the node's budget four times as large, three such clients leave every
+/// other client room.
+const PRODUCE_CONNECTION_BYTES: u32 = 64 << 20;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send>>;
 
@@ -42,6 +54,9 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + 
 pub struct CovetService {
     node: NodeHandle,
     produce_memory: Arc<Semaphore>,
+    /// The produce budget of each client connection (by peer address),
+    /// alive while one of its streams is.
+    connection_memory: Arc<ConnectionBudgets>,
     address: SocketAddr,
     /// Every node of the cluster, and the client addresses peers announced.
     cluster_nodes: Arc<Vec<u64>>,
@@ -60,6 +75,7 @@ impl CovetService {
         CovetService {
             node,
             produce_memory: Arc::new(Semaphore::new(PRODUCE_MEMORY_BYTES as usize)),
+            connection_memory: Arc::default(),
             address,
             cluster_nodes: Arc::new(cluster_nodes),
             directory,
@@ -197,7 +213,63 @@ struct Pending {
     id: u64,
     partition: u32,
     submitted: Result<oneshot::Receiver<Result<Applied>>>,
-    _memory: OwnedSemaphorePermit,
+    /// Its share of the node's budget, given back once its outcome is
+    /// known: the batch is in the log by then (or refused).
+    node: OwnedSemaphorePermit,
+    /// Its share of its stream's and connection's budgets, given back once
+    /// its answer is handed to the client's stream.
+    _stream: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
+/// Produce budgets of the client connections, by peer address. An entry
+/// lives while a stream of that connection holds its semaphore; dead ones
+/// are dropped as new connections arrive, so the map grows only with the
+/// number of live connections.
+#[derive(Default)]
+struct ConnectionBudgets(std::sync::Mutex<HashMap<SocketAddr, Weak<Semaphore>>>);
+
+impl ConnectionBudgets {
+    /// The budget of the connection from `peer`; a stream whose peer is
+    /// unknown gets a budget of its own.
+    fn of(&self, peer: Option<SocketAddr>) -> Arc<Semaphore> {
+        let fresh = || Arc::new(Semaphore::new(PRODUCE_CONNECTION_BYTES as usize));
+        let Some(peer) = peer else { return fresh() };
+        // A poisoned lock only means another stream panicked mid-insert;
+        // the map is still a valid cache.
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(budget) = map.get(&peer).and_then(Weak::upgrade) {
+            return budget;
+        }
+        map.retain(|_, b| b.strong_count() > 0);
+        let budget = fresh();
+        map.insert(peer, Arc::downgrade(&budget));
+        budget
+    }
+}
+
+/// Takes a request's share of its stream's, its connection's and the
+/// node's produce budgets, in that order (always the same order, so two
+/// streams never wait on each other crosswise); `None` once the node
+/// closes its budget.
+async fn reserve(
+    size: usize,
+    stream: &Arc<Semaphore>,
+    connection: &Arc<Semaphore>,
+    node: &Arc<Semaphore>,
+) -> Option<(
+    OwnedSemaphorePermit,
+    (OwnedSemaphorePermit, OwnedSemaphorePermit),
+)> {
+    let size = u32::try_from(size).unwrap_or(u32::MAX).max(1);
+    let local = size.min(PRODUCE_STREAM_BYTES);
+    let s = stream.clone().acquire_many_owned(local).await.ok()?;
+    let c = connection.clone().acquire_many_owned(local).await.ok()?;
+    let n = node
+        .clone()
+        .acquire_many_owned(size.min(PRODUCE_MEMORY_BYTES))
+        .await
+        .ok()?;
+    Some((n, (s, c)))
 }
 
 /// What the reader of a produce stream hands its writer, in stream order.
@@ -244,6 +316,8 @@ impl Covet for CovetService {
         &self,
         request: Request<Streaming<ProduceRequest>>,
     ) -> std::result::Result<Response<Self::ProduceStream>, Status> {
+        let connection = self.connection_memory.of(request.remote_addr());
+        let stream = Arc::new(Semaphore::new(PRODUCE_STREAM_BYTES as usize));
         let mut inbound = request.into_inner();
         let (pending_tx, mut pending_rx) = mpsc::channel::<Step>(MAX_IN_FLIGHT_PER_STREAM);
         let (out_tx, out_rx) = mpsc::channel(64);
@@ -273,18 +347,22 @@ impl Covet for CovetService {
                         break;
                     }
                 };
-                // Batches received and not yet answered count against one
-                // node-wide budget; when it is spent the reader stops
-                // reading and HTTP/2 flow control holds the client back.
-                let size = (req.batch.len() as u32).clamp(1, PRODUCE_MEMORY_BYTES);
-                let Ok(memory) = svc.produce_memory.clone().acquire_many_owned(size).await else {
+                // Batches received and not yet answered count against
+                // their stream's, their connection's and the node's
+                // budgets; when one is spent the reader stops reading and
+                // HTTP/2 flow control holds the client back. A client that
+                // never reads its answers stalls only itself.
+                let Some((node, local)) =
+                    reserve(req.batch.len(), &stream, &connection, &svc.produce_memory).await
+                else {
                     break;
                 };
                 let pending = Pending {
                     id: req.request_id,
                     partition: req.partition,
                     submitted: svc.submit(&req).await,
-                    _memory: memory,
+                    node,
+                    _stream: local,
                 };
                 if pending_tx.send(Step::Answer(pending)).await.is_err() {
                     break;
@@ -298,7 +376,8 @@ impl Covet for CovetService {
                     id,
                     partition,
                     submitted,
-                    _memory,
+                    node,
+                    _stream,
                 } = match step {
                     Step::Answer(pending) => pending,
                     Step::Fail(e) => {
@@ -314,6 +393,7 @@ impl Covet for CovetService {
                     },
                     Err(e) => Err(e),
                 };
+                drop(node);
                 if out_tx
                     .send(Ok(produce_response(id, partition, outcome)))
                     .await
