@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 
+use bytes::Bytes;
 use covet_protocol::api::covet_server::Covet;
 use covet_protocol::api::*;
 use covet_protocol::batch;
@@ -83,9 +84,10 @@ impl CovetService {
         }
     }
 
-    /// Checks a produce request and returns the partition's Raft group.
+    /// Checks a produce request and returns the partition's Raft group and
+    /// the batch to propose.
     #[tracing::instrument(level = "debug", skip_all, fields(topic = %req.topic, partition = req.partition, bytes = req.batch.len()))]
-    fn validate_produce(&self, req: &ProduceRequest) -> Result<u64> {
+    fn validate_produce(&self, req: &ProduceRequest) -> Result<(u64, Bytes)> {
         let topic = self.node.catalog.topic(&req.topic)?;
         let partition = topic.partition(req.partition)?;
         partition.local()?;
@@ -96,17 +98,16 @@ impl CovetService {
                 limit,
             });
         }
-        batch::validate(&req.batch).map_err(|e| BrokerError::CorruptBatch(e.to_string()))?;
-        Ok(partition.group)
+        let batch = ignore_base_offset(&req.batch);
+        batch::validate(&batch).map_err(|e| BrokerError::CorruptBatch(e.to_string()))?;
+        Ok((partition.group, batch))
     }
 
     /// Validates and submits one produce request; the receiver (if any)
     /// yields its outcome once applied.
     async fn submit(&self, req: &ProduceRequest) -> Result<oneshot::Receiver<Result<Applied>>> {
-        let group = self.validate_produce(req)?;
-        self.node
-            .submit_batch(&req.topic, group, req.batch.clone())
-            .await
+        let (group, batch) = self.validate_produce(req)?;
+        self.node.submit_batch(&req.topic, group, batch).await
     }
 
     fn topic_config(req: &CreateTopicRequest) -> Result<TopicConfig> {
@@ -127,6 +128,20 @@ impl CovetService {
                 "max batch bytes must be between {} and {MAX_MAX_BATCH_BYTES}",
                 batch::HEADER_LEN
             )));
+        }
+        // Protobuf encodes int64 and uint64 alike, so a client that thinks
+        // of retention as signed sends -1 as 2^64 - 1: refuse what would be
+        // negative as a signed value rather than read it as "forever".
+        for (field, value) in [
+            ("retention_ms", req.retention_ms),
+            ("retention_bytes", req.retention_bytes),
+        ] {
+            if let Some(v) = value.filter(|&v| i64::try_from(v).is_err()) {
+                return Err(BrokerError::InvalidConfig(format!(
+                    "{field} must not be negative: {v} is {} as a signed 64-bit value; use 0 for no limit",
+                    v as i64
+                )));
+            }
         }
         Ok(TopicConfig {
             partitions,
@@ -177,6 +192,22 @@ impl CovetService {
         tokio::time::timeout(APPLY_TIMEOUT, wait)
             .await
             .map_err(|_| BrokerError::Timeout("waiting for the topic to open".into()))?
+    }
+}
+
+/// The batch with its base offset field zeroed. The leader stamps the real
+/// offset at propose time, so what the client put there means nothing; it
+/// must not make validation fail either (a base offset near `u64::MAX`
+/// would overflow the batch's offsets). The copy is made only for a client
+/// that sent a non-zero value: every Covet client sends 0.
+fn ignore_base_offset(sent: &Bytes) -> Bytes {
+    match batch::read_header(sent) {
+        Ok(h) if h.base_offset != 0 => {
+            let mut copy = sent.to_vec();
+            batch::stamp_base_offset(&mut copy, 0);
+            Bytes::from(copy)
+        }
+        _ => sent.clone(),
     }
 }
 

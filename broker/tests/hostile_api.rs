@@ -9,7 +9,9 @@ use bytes::Bytes;
 use common::{raw, Broker};
 use covet_client::{Client, Record, TopicSpec};
 use covet_protocol::api::covet_client::CovetClient;
-use covet_protocol::api::{DescribeTopicRequest, ProduceRequest, ProduceResponse};
+use covet_protocol::api::{
+    CreateTopicRequest, DescribeTopicRequest, ProduceRequest, ProduceResponse,
+};
 use covet_protocol::batch;
 use covet_protocol::reason::{reason_of, Reason};
 use prost::Message;
@@ -168,4 +170,76 @@ async fn a_huge_unknown_topic_name_gives_a_short_readable_error() {
     let error = resp.error.expect("an error");
     assert_eq!(error.reason, "UNKNOWN_TOPIC");
     assert!(error.message.len() <= 1024, "{}", error.message.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_that_would_be_negative_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), &[]);
+    let mut raw_client = CovetClient::new(channel(&broker.addr).await);
+    // -1 from a client that declares the field signed arrives as 2^64 - 1.
+    for (ms, bytes) in [(Some(u64::MAX), None), (None, Some(1u64 << 63))] {
+        let status = raw_client
+            .create_topic(CreateTopicRequest {
+                name: "r".into(),
+                retention_ms: ms,
+                retention_bytes: bytes,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            reason_of(&status),
+            Some(Reason::InvalidConfig),
+            "{status:?}"
+        );
+        assert!(status.message().contains("negative"), "{status:?}");
+    }
+    let client = Client::connect(&broker.addr).await.unwrap();
+    assert!(client.list_topics().await.unwrap().is_empty());
+    // The largest value that is not negative is a valid "practically
+    // forever".
+    let info = raw_client
+        .create_topic(CreateTopicRequest {
+            name: "r".into(),
+            retention_ms: Some(i64::MAX as u64),
+            retention_bytes: Some(i64::MAX as u64),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.config.unwrap().retention_ms, i64::MAX as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_base_offset_is_ignored_whatever_its_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), &[]);
+    let client = Client::connect(&broker.addr).await.unwrap();
+    client.create_topic(TopicSpec::new("t")).await.unwrap();
+    let mut expected = 0;
+    for sent in [u64::MAX, u64::MAX - 1, 1 << 40, 0] {
+        let mut b = batch_of(3).to_vec();
+        batch::stamp_base_offset(&mut b, sent);
+        let mut responses = raw::stream::<ProduceResponse, _>(
+            channel(&broker.addr).await,
+            "/covet.v1.Covet/Produce",
+            futures::stream::iter(vec![produce_bytes(1, "t", b.into())]),
+        )
+        .await
+        .unwrap();
+        let resp = tokio::time::timeout(STEP, responses.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.error, None, "base offset {sent} sent");
+        assert_eq!(resp.base_offset, expected, "stamped by the leader");
+        expected += 3;
+    }
+    assert_eq!(
+        client.describe_topic("t").await.unwrap().partitions[0].high_watermark,
+        12
+    );
 }
