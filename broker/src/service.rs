@@ -467,7 +467,8 @@ impl Covet for CovetService {
             &open,
             inbound,
             self.shutdown.clone(),
-        )?;
+        )
+        .await?;
         Ok(Response::new(Box::pin(session.spawn())))
     }
 
