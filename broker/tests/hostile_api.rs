@@ -14,6 +14,7 @@ use covet_protocol::api::{
 };
 use covet_protocol::batch;
 use covet_protocol::reason::{reason_of, Reason};
+use futures::StreamExt;
 use prost::Message;
 use tonic::transport::Channel;
 
@@ -241,5 +242,52 @@ async fn a_clients_base_offset_is_ignored_whatever_its_value() {
     assert_eq!(
         client.describe_topic("t").await.unwrap().partitions[0].high_watermark,
         12
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_subscribe_message_fails_the_stream_with_a_reason() {
+    use covet_protocol::api::{subscribe_request, SubscribeOpen, SubscribeRequest};
+    use covet_protocol::api::{subscribe_response, SubscribeResponse};
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), &[]);
+    let client = Client::connect(&broker.addr).await.unwrap();
+    client.create_topic(TopicSpec::new("t")).await.unwrap();
+    let open = SubscribeRequest {
+        kind: Some(subscribe_request::Kind::Open(SubscribeOpen {
+            topic: "t".into(),
+            ..Default::default()
+        })),
+    };
+    let messages = vec![
+        Bytes::from(open.encode_to_vec()),
+        Bytes::from_static(&[0xff; 6]),
+    ];
+    let mut responses = raw::stream::<SubscribeResponse, _>(
+        channel(&broker.addr).await,
+        "/covet.v1.Covet/Subscribe",
+        // The request side stays open after the junk, as a live client's
+        // would: the end of the stream must come from the broker.
+        futures::stream::iter(messages).chain(futures::stream::pending()),
+    )
+    .await
+    .unwrap();
+    let opened = tokio::time::timeout(STEP, responses.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        opened.kind,
+        Some(subscribe_response::Kind::Opened(_))
+    ));
+    let status = tokio::time::timeout(STEP, responses.message())
+        .await
+        .unwrap()
+        .expect_err("the stream must fail, not end with OK");
+    assert_eq!(
+        reason_of(&status),
+        Some(Reason::InvalidRequest),
+        "{status:?}"
     );
 }
