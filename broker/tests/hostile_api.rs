@@ -291,3 +291,114 @@ async fn an_undecodable_subscribe_message_fails_the_stream_with_a_reason() {
         "{status:?}"
     );
 }
+
+/// Opens a subscription with `open` and returns its first answer: the
+/// `Opened` offset, or the status that refused it.
+async fn open_at(
+    addr: &str,
+    open: covet_protocol::api::SubscribeOpen,
+) -> Result<u64, tonic::Status> {
+    use covet_protocol::api::{subscribe_request, subscribe_response, SubscribeRequest};
+    let first = SubscribeRequest {
+        kind: Some(subscribe_request::Kind::Open(open)),
+    };
+    let mut stream = CovetClient::new(channel(addr).await)
+        .subscribe(futures::stream::iter(vec![first]).chain(futures::stream::pending()))
+        .await?
+        .into_inner();
+    let msg = tokio::time::timeout(STEP, stream.message())
+        .await
+        .expect("an answer in time")?;
+    match msg.and_then(|m| m.kind) {
+        Some(subscribe_response::Kind::Opened(o)) => Ok(o.offset),
+        other => panic!("expected opened, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_numeric_field_at_its_extremes_is_answered_cleanly() {
+    use covet_protocol::api::{position, Position, SubscribeOpen};
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), &[]);
+    let mut raw_client = CovetClient::new(channel(&broker.addr).await);
+    let create = |f: fn(&mut CreateTopicRequest)| {
+        let mut req = CreateTopicRequest {
+            name: "x".into(),
+            ..Default::default()
+        };
+        f(&mut req);
+        req
+    };
+    for req in [
+        create(|r| r.partitions = u32::MAX),
+        create(|r| r.replication_factor = u32::MAX),
+        create(|r| r.max_batch_bytes = Some(u32::MAX)),
+        create(|r| r.max_batch_bytes = Some(0)),
+    ] {
+        let status = raw_client.create_topic(req.clone()).await.unwrap_err();
+        assert_eq!(reason_of(&status), Some(Reason::InvalidConfig), "{req:?}");
+    }
+
+    let client = Client::connect(&broker.addr).await.unwrap();
+    client.create_topic(TopicSpec::new("t")).await.unwrap();
+    // Request ids and partitions at their extremes.
+    let messages = vec![
+        ProduceRequest {
+            request_id: u64::MAX,
+            topic: "t".into(),
+            partition: 0,
+            batch: batch_of(2),
+        },
+        ProduceRequest {
+            request_id: 0,
+            topic: "t".into(),
+            partition: u32::MAX,
+            batch: batch_of(2),
+        },
+    ]
+    .into_iter()
+    .map(|r| Bytes::from(r.encode_to_vec()))
+    .collect::<Vec<_>>();
+    let mut responses = raw::stream::<ProduceResponse, _>(
+        channel(&broker.addr).await,
+        "/covet.v1.Covet/Produce",
+        futures::stream::iter(messages),
+    )
+    .await
+    .unwrap();
+    let a = responses.message().await.unwrap().unwrap();
+    assert_eq!((a.request_id, a.error, a.base_offset), (u64::MAX, None, 0));
+    let b = responses.message().await.unwrap().unwrap();
+    assert_eq!(b.request_id, 0);
+    assert_eq!(b.error.unwrap().reason, "UNKNOWN_PARTITION");
+    assert!(responses.message().await.unwrap().is_none());
+
+    // Subscribe positions and credit at their extremes.
+    let at = |kind| SubscribeOpen {
+        topic: "t".into(),
+        partition: 0,
+        from: Some(Position { kind: Some(kind) }),
+        credit: u64::MAX,
+        allow_follower: false,
+    };
+    let status = open_at(&broker.addr, at(position::Kind::Offset(u64::MAX)))
+        .await
+        .unwrap_err();
+    assert_eq!(reason_of(&status), Some(Reason::OffsetOutOfRange));
+    assert_eq!(
+        open_at(&broker.addr, at(position::Kind::TimestampMs(i64::MIN)))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        open_at(&broker.addr, at(position::Kind::TimestampMs(i64::MAX)))
+            .await
+            .unwrap(),
+        2
+    );
+    let mut bad_partition = at(position::Kind::Offset(0));
+    bad_partition.partition = u32::MAX;
+    let status = open_at(&broker.addr, bad_partition).await.unwrap_err();
+    assert_eq!(reason_of(&status), Some(Reason::UnknownPartition));
+}
