@@ -2,6 +2,30 @@
 
 use covet_protocol::reason::{self, Reason};
 
+/// Longest error message sent to a client, in bytes. Errors echo what the
+/// client sent (a topic name may be any length on the wire), and gRPC
+/// C-core clients refuse a status whose metadata passes 8 KiB, reporting
+/// `RESOURCE_EXHAUSTED` instead of the reason; 1 KiB keeps every message
+/// readable with room for the reason and leader hint.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
+
+/// Cuts `text` to at most [`MAX_ERROR_MESSAGE_BYTES`] on a character boundary,
+/// saying how much was cut.
+fn bounded(mut text: String) -> String {
+    if text.len() <= MAX_ERROR_MESSAGE_BYTES {
+        return text;
+    }
+    let total = text.len();
+    // Room for the marker, which is under 48 bytes.
+    let mut keep = MAX_ERROR_MESSAGE_BYTES - 48;
+    while !text.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    text.truncate(keep);
+    text.push_str(&format!("… ({} bytes cut)", total - keep));
+    text
+}
+
 /// What can go wrong serving a request. Each variant maps to one stable
 /// [`Reason`]; the conversion to `tonic::Status` lives only in
 /// [`BrokerError::to_status`].
@@ -23,6 +47,8 @@ pub enum BrokerError {
     InvalidRequest(String),
     #[error("batch of {size} bytes exceeds the topic's limit of {limit} bytes")]
     BatchTooLarge { size: usize, limit: usize },
+    #[error("request too large: {0}")]
+    RequestTooLarge(String),
     #[error("corrupt batch: {0}")]
     CorruptBatch(String),
     #[error("offset {requested} is out of range: the partition holds [{start}, {end})")]
@@ -76,7 +102,9 @@ impl BrokerError {
             BrokerError::InvalidTopicName(_) => Reason::InvalidTopicName,
             BrokerError::InvalidConfig(_) => Reason::InvalidConfig,
             BrokerError::InvalidRequest(_) => Reason::InvalidRequest,
-            BrokerError::BatchTooLarge { .. } => Reason::BatchTooLarge,
+            BrokerError::BatchTooLarge { .. } | BrokerError::RequestTooLarge(_) => {
+                Reason::BatchTooLarge
+            }
             BrokerError::CorruptBatch(_) => Reason::CorruptBatch,
             BrokerError::OffsetOutOfRange { .. } => Reason::OffsetOutOfRange,
             BrokerError::OutOfOrderSequence { .. } => Reason::OutOfOrderSequence,
@@ -92,9 +120,31 @@ impl BrokerError {
         }
     }
 
+    /// Why a client's request stream broke: a message over the size limit,
+    /// or bytes that do not decode. Transport failures land here too; the
+    /// client is gone then and never sees the answer.
+    pub fn from_inbound(status: &tonic::Status) -> BrokerError {
+        match status.code() {
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => {
+                BrokerError::RequestTooLarge(status.message().to_string())
+            }
+            _ => BrokerError::InvalidRequest(format!(
+                "undecodable message in the request stream: {}",
+                status.message()
+            )),
+        }
+    }
+
+    /// The message sent to clients: the error's text, cut to
+    /// [`MAX_ERROR_MESSAGE_BYTES`] so an echoed name can never make the status
+    /// too large for a client to read.
+    pub fn message(&self) -> String {
+        bounded(self.to_string())
+    }
+
     /// The gRPC status for a failed call.
     pub fn to_status(&self) -> tonic::Status {
-        let mut status = reason::status(self.reason(), self.to_string());
+        let mut status = reason::status(self.reason(), self.message());
         if let BrokerError::NotLeader { leader_hint } = self {
             if let Ok(v) = leader_hint.to_string().parse() {
                 status
@@ -109,7 +159,7 @@ impl BrokerError {
     pub fn to_api(&self) -> covet_protocol::api::Error {
         covet_protocol::api::Error {
             reason: self.reason().as_str().to_string(),
-            message: self.to_string(),
+            message: self.message(),
             leader_hint: match self {
                 BrokerError::NotLeader { leader_hint } => *leader_hint,
                 _ => 0,
@@ -144,3 +194,20 @@ impl From<sled::Error> for BrokerError {
 
 /// Result of broker operations.
 pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_cut_on_a_char_boundary_and_keep_their_reason() {
+        let e = BrokerError::UnknownTopic("é".repeat(20_000));
+        let status = e.to_status();
+        assert!(status.message().len() <= MAX_ERROR_MESSAGE_BYTES);
+        assert!(status.message().ends_with("bytes cut)"));
+        assert_eq!(reason::reason_of(&status), Some(Reason::UnknownTopic));
+        assert!(e.to_api().message.len() <= MAX_ERROR_MESSAGE_BYTES);
+        let short = BrokerError::UnknownTopic("t".into());
+        assert_eq!(short.message(), "unknown topic 't'");
+    }
+}

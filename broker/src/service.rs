@@ -2,20 +2,23 @@
 //! requests, hands them to the Raft driver or the catalog, and converts
 //! results. Errors become statuses only through `BrokerError::to_status`.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 
+use bytes::Bytes;
 use covet_protocol::api::covet_server::Covet;
 use covet_protocol::api::*;
 use covet_protocol::batch;
 use covet_protocol::topic::validate_topic_name;
 use futures::Stream;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::driver::{NodeHandle, APPLY_TIMEOUT};
+use crate::driver::{NodeHandle, APPLY_TIMEOUT, META_GROUP};
 use crate::error::{BrokerError, Result};
 use crate::group::Applied;
 use crate::state::meta::{allocate_producer_id_command, delete_topic_command, MetaEffect};
@@ -34,6 +37,23 @@ const MAX_IN_FLIGHT_PER_STREAM: usize = 1024;
 /// Bytes of produce requests the node holds at once, over all streams:
 /// the bound on the broker's memory under produce load.
 const PRODUCE_MEMORY_BYTES: u32 = 256 << 20;
+/// Bytes of produce requests one stream holds, received and not yet
+/// answered to the client. A stream whose client does not read its
+/// responses stops being read when this is spent, so it can never pin more
+/// than this much of the node's budget. A larger request counts as this
+/// much, so any request the message limit lets through still fits.
+const PRODUCE_STREAM_BYTES: u32 = 32 << 20;
+/// Bytes of produce requests one connection holds over all its streams:
+/// a client cannot take the node's budget by opening many streams. With
+/// the node's budget four times as large, three such clients leave every
+/// other client room.
+const PRODUCE_CONNECTION_BYTES: u32 = 64 << 20;
+
+/// How long a `Metadata` answer's controller may be reused.
+const CONTROLLER_FRESH: Duration = Duration::from_millis(100);
+
+/// The metadata leader and term last learned, and when.
+type ControllerCache = tokio::sync::Mutex<Option<(Instant, (u64, u64))>>;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send>>;
 
@@ -42,11 +62,17 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + 
 pub struct CovetService {
     node: NodeHandle,
     produce_memory: Arc<Semaphore>,
+    /// The produce budget of each client connection (by peer address),
+    /// alive while one of its streams is.
+    connection_memory: Arc<ConnectionBudgets>,
     address: SocketAddr,
     /// Every node of the cluster, and the client addresses peers announced.
     cluster_nodes: Arc<Vec<u64>>,
     directory: Arc<Directory>,
     shutdown: watch::Receiver<bool>,
+    /// The metadata leader as last asked of the driver, and when; see
+    /// [`CovetService::controller`].
+    controller: Arc<ControllerCache>,
 }
 
 impl CovetService {
@@ -60,16 +86,19 @@ impl CovetService {
         CovetService {
             node,
             produce_memory: Arc::new(Semaphore::new(PRODUCE_MEMORY_BYTES as usize)),
+            connection_memory: Arc::default(),
             address,
             cluster_nodes: Arc::new(cluster_nodes),
             directory,
             shutdown,
+            controller: Arc::default(),
         }
     }
 
-    /// Checks a produce request and returns the partition's Raft group.
+    /// Checks a produce request and returns the partition's Raft group and
+    /// the batch to propose.
     #[tracing::instrument(level = "debug", skip_all, fields(topic = %req.topic, partition = req.partition, bytes = req.batch.len()))]
-    fn validate_produce(&self, req: &ProduceRequest) -> Result<u64> {
+    fn validate_produce(&self, req: &ProduceRequest) -> Result<(u64, Bytes)> {
         let topic = self.node.catalog.topic(&req.topic)?;
         let partition = topic.partition(req.partition)?;
         partition.local()?;
@@ -80,23 +109,22 @@ impl CovetService {
                 limit,
             });
         }
-        batch::validate(&req.batch).map_err(|e| BrokerError::CorruptBatch(e.to_string()))?;
-        Ok(partition.group)
+        let batch = ignore_base_offset(&req.batch);
+        batch::validate(&batch).map_err(|e| BrokerError::CorruptBatch(e.to_string()))?;
+        Ok((partition.group, batch))
     }
 
     /// Validates and submits one produce request; the receiver (if any)
     /// yields its outcome once applied.
     async fn submit(&self, req: &ProduceRequest) -> Result<oneshot::Receiver<Result<Applied>>> {
-        let group = self.validate_produce(req)?;
+        let (group, batch) = self.validate_produce(req)?;
         // Only ids the metadata group handed out (waiting briefly for this
         // node's metadata to catch up with a just-allocated one).
         self.node
             .catalog
-            .check_producer(&req.batch, crate::catalog::PRODUCER_ID_WAIT)
+            .check_producer(&batch, crate::catalog::PRODUCER_ID_WAIT)
             .await?;
-        self.node
-            .submit_batch(&req.topic, group, req.batch.clone())
-            .await
+        self.node.submit_batch(&req.topic, group, batch).await
     }
 
     fn topic_config(req: &CreateTopicRequest) -> Result<TopicConfig> {
@@ -118,6 +146,20 @@ impl CovetService {
                 batch::HEADER_LEN
             )));
         }
+        // Protobuf encodes int64 and uint64 alike, so a client that thinks
+        // of retention as signed sends -1 as 2^64 - 1: refuse what would be
+        // negative as a signed value rather than read it as "forever".
+        for (field, value) in [
+            ("retention_ms", req.retention_ms),
+            ("retention_bytes", req.retention_bytes),
+        ] {
+            if let Some(v) = value.filter(|&v| i64::try_from(v).is_err()) {
+                return Err(BrokerError::InvalidConfig(format!(
+                    "{field} must not be negative: {v} is {} as a signed 64-bit value; use 0 for no limit",
+                    v as i64
+                )));
+            }
+        }
         Ok(TopicConfig {
             partitions,
             replication_factor: req.replication_factor,
@@ -127,12 +169,10 @@ impl CovetService {
         })
     }
 
-    /// The cluster's nodes with the client addresses known here, and the
-    /// metadata leader.
-    async fn nodes(&self) -> (Vec<NodeInfo>, (u64, u64)) {
+    /// The cluster's nodes with the client addresses known here.
+    fn nodes(&self) -> Vec<NodeInfo> {
         let me = self.node.node_id;
-        let nodes = self
-            .cluster_nodes
+        self.cluster_nodes
             .iter()
             .map(|&id| NodeInfo {
                 id,
@@ -142,15 +182,31 @@ impl CovetService {
                     self.directory.get(id).unwrap_or_default()
                 },
             })
-            .collect();
-        let controller = match self.node.status().await {
-            Ok(groups) => groups
-                .iter()
-                .find(|g| g.group == 0)
-                .map_or((0, 0), |g| (g.leader, g.term)),
-            Err(_) => (0, 0),
+            .collect()
+    }
+
+    /// The metadata leader and its term, (0, 0) if unknown.
+    ///
+    /// Stop-gap until the catalog exposes group 0's leader watch: the
+    /// driver is asked for every group's status, which costs its thread
+    /// work per group, so the answer is shared by every `Metadata` call
+    /// for [`CONTROLLER_FRESH`] and only one call at a time asks. A flood
+    /// of `Metadata` requests costs the driver at most one status round
+    /// per interval. The controller is a hint (clients follow `NOT_LEADER`
+    /// and compare terms), so an answer that old is good enough.
+    async fn controller(&self) -> (u64, u64) {
+        let mut cached = self.controller.lock().await;
+        if let Some((at, controller)) = *cached {
+            if at.elapsed() < CONTROLLER_FRESH {
+                return controller;
+            }
+        }
+        let controller = match tokio::time::timeout(APPLY_TIMEOUT, self.node.status()).await {
+            Ok(Ok(groups)) => controller_of(&groups),
+            _ => (0, 0),
         };
-        (nodes, controller)
+        *cached = Some((Instant::now(), controller));
+        controller
     }
 
     /// Waits until the catalog shows the topic `name` present (or absent).
@@ -168,6 +224,30 @@ impl CovetService {
             .await
             .map_err(|_| BrokerError::Timeout("waiting for the topic to open".into()))?
     }
+}
+
+/// The batch with its base offset field zeroed. The leader stamps the real
+/// offset at propose time, so what the client put there means nothing; it
+/// must not make validation fail either (a base offset near `u64::MAX`
+/// would overflow the batch's offsets). The copy is made only for a client
+/// that sent a non-zero value: every Covet client sends 0.
+fn ignore_base_offset(sent: &Bytes) -> Bytes {
+    match batch::read_header(sent) {
+        Ok(h) if h.base_offset != 0 => {
+            let mut copy = sent.to_vec();
+            batch::stamp_base_offset(&mut copy, 0);
+            Bytes::from(copy)
+        }
+        _ => sent.clone(),
+    }
+}
+
+/// Group 0's leader and term in a status report.
+fn controller_of(groups: &[GroupStatus]) -> (u64, u64) {
+    groups
+        .iter()
+        .find(|g| g.group == META_GROUP)
+        .map_or((0, 0), |g| (g.leader, g.term))
 }
 
 fn produce_response(id: u64, partition: u32, outcome: Result<Applied>) -> ProduceResponse {
@@ -203,7 +283,71 @@ struct Pending {
     id: u64,
     partition: u32,
     submitted: Result<oneshot::Receiver<Result<Applied>>>,
-    _memory: OwnedSemaphorePermit,
+    /// Its share of the node's budget, given back once its outcome is
+    /// known: the batch is in the log by then (or refused).
+    node: OwnedSemaphorePermit,
+    /// Its share of its stream's and connection's budgets, given back once
+    /// its answer is handed to the client's stream.
+    _stream: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
+/// Produce budgets of the client connections, by peer address. An entry
+/// lives while a stream of that connection holds its semaphore; dead ones
+/// are dropped as new connections arrive, so the map grows only with the
+/// number of live connections.
+#[derive(Default)]
+struct ConnectionBudgets(std::sync::Mutex<HashMap<SocketAddr, Weak<Semaphore>>>);
+
+impl ConnectionBudgets {
+    /// The budget of the connection from `peer`; a stream whose peer is
+    /// unknown gets a budget of its own.
+    fn of(&self, peer: Option<SocketAddr>) -> Arc<Semaphore> {
+        let fresh = || Arc::new(Semaphore::new(PRODUCE_CONNECTION_BYTES as usize));
+        let Some(peer) = peer else { return fresh() };
+        // A poisoned lock only means another stream panicked mid-insert;
+        // the map is still a valid cache.
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(budget) = map.get(&peer).and_then(Weak::upgrade) {
+            return budget;
+        }
+        map.retain(|_, b| b.strong_count() > 0);
+        let budget = fresh();
+        map.insert(peer, Arc::downgrade(&budget));
+        budget
+    }
+}
+
+/// Takes a request's share of its stream's, its connection's and the
+/// node's produce budgets, in that order (always the same order, so two
+/// streams never wait on each other crosswise); `None` once the node
+/// closes its budget.
+async fn reserve(
+    size: usize,
+    stream: &Arc<Semaphore>,
+    connection: &Arc<Semaphore>,
+    node: &Arc<Semaphore>,
+) -> Option<(
+    OwnedSemaphorePermit,
+    (OwnedSemaphorePermit, OwnedSemaphorePermit),
+)> {
+    let size = u32::try_from(size).unwrap_or(u32::MAX).max(1);
+    let local = size.min(PRODUCE_STREAM_BYTES);
+    let s = stream.clone().acquire_many_owned(local).await.ok()?;
+    let c = connection.clone().acquire_many_owned(local).await.ok()?;
+    let n = node
+        .clone()
+        .acquire_many_owned(size.min(PRODUCE_MEMORY_BYTES))
+        .await
+        .ok()?;
+    Some((n, (s, c)))
+}
+
+/// What the reader of a produce stream hands its writer, in stream order.
+enum Step {
+    /// A request to answer once its outcome is known.
+    Answer(Pending),
+    /// The stream broke; answer the requests before it, then fail the call.
+    Fail(BrokerError),
 }
 
 #[tonic::async_trait]
@@ -226,7 +370,8 @@ impl Covet for CovetService {
                 .map(|n| self.node.catalog.topic(n).map(|t| t.info()))
                 .collect::<Result<_>>()?
         };
-        let (nodes, (controller, controller_term)) = self.nodes().await;
+        let nodes = self.nodes();
+        let (controller, controller_term) = self.controller().await;
         Ok(Response::new(MetadataResponse {
             nodes,
             topics,
@@ -242,8 +387,10 @@ impl Covet for CovetService {
         &self,
         request: Request<Streaming<ProduceRequest>>,
     ) -> std::result::Result<Response<Self::ProduceStream>, Status> {
+        let connection = self.connection_memory.of(request.remote_addr());
+        let stream = Arc::new(Semaphore::new(PRODUCE_STREAM_BYTES as usize));
         let mut inbound = request.into_inner();
-        let (pending_tx, mut pending_rx) = mpsc::channel::<Pending>(MAX_IN_FLIGHT_PER_STREAM);
+        let (pending_tx, mut pending_rx) = mpsc::channel::<Step>(MAX_IN_FLIGHT_PER_STREAM);
         let (out_tx, out_rx) = mpsc::channel(64);
         let svc = self.clone();
         // Reader: submits requests in stream order, so batches of one
@@ -254,40 +401,61 @@ impl Covet for CovetService {
                 // On shutdown the reader stops taking requests; the writer
                 // answers what was taken and ends the stream, so clients
                 // move to another node instead of holding this one open.
-                let req = tokio::select! {
-                    msg = inbound.message() => match msg {
-                        Ok(Some(req)) => req,
-                        _ => break,
-                    },
+                let msg = tokio::select! {
+                    msg = inbound.message() => msg,
                     _ = shutdown.wait_for(|s| *s) => break,
                 };
-                // Batches received and not yet answered count against one
-                // node-wide budget; when it is spent the reader stops
-                // reading and HTTP/2 flow control holds the client back.
-                let size = (req.batch.len() as u32).clamp(1, PRODUCE_MEMORY_BYTES);
-                let Ok(memory) = svc.produce_memory.clone().acquire_many_owned(size).await else {
+                let req = match msg {
+                    Ok(Some(req)) => req,
+                    Ok(None) => break,
+                    // An undecodable or oversized message ends the stream:
+                    // the writer answers what came before it, then fails
+                    // the call with the reason, so the client never
+                    // mistakes the end for success.
+                    Err(status) => {
+                        let failure = Step::Fail(BrokerError::from_inbound(&status));
+                        let _ = pending_tx.send(failure).await;
+                        break;
+                    }
+                };
+                // Batches received and not yet answered count against
+                // their stream's, their connection's and the node's
+                // budgets; when one is spent the reader stops reading and
+                // HTTP/2 flow control holds the client back. A client that
+                // never reads its answers stalls only itself.
+                let Some((node, local)) =
+                    reserve(req.batch.len(), &stream, &connection, &svc.produce_memory).await
+                else {
                     break;
                 };
                 let pending = Pending {
                     id: req.request_id,
                     partition: req.partition,
                     submitted: svc.submit(&req).await,
-                    _memory: memory,
+                    node,
+                    _stream: local,
                 };
-                if pending_tx.send(pending).await.is_err() {
+                if pending_tx.send(Step::Answer(pending)).await.is_err() {
                     break;
                 }
             }
         });
         // Writer: answers in the same order, as each entry is applied.
         tokio::spawn(async move {
-            while let Some(Pending {
-                id,
-                partition,
-                submitted,
-                _memory,
-            }) = pending_rx.recv().await
-            {
+            while let Some(step) = pending_rx.recv().await {
+                let Pending {
+                    id,
+                    partition,
+                    submitted,
+                    node,
+                    _stream,
+                } = match step {
+                    Step::Answer(pending) => pending,
+                    Step::Fail(e) => {
+                        let _ = out_tx.send(Err(e.to_status())).await;
+                        break;
+                    }
+                };
                 let outcome = match submitted {
                     Ok(rx) => match tokio::time::timeout(APPLY_TIMEOUT, rx).await {
                         Ok(Ok(r)) => r,
@@ -296,6 +464,7 @@ impl Covet for CovetService {
                     },
                     Err(e) => Err(e),
                 };
+                drop(node);
                 if out_tx
                     .send(Ok(produce_response(id, partition, outcome)))
                     .await
@@ -315,7 +484,11 @@ impl Covet for CovetService {
         request: Request<Streaming<SubscribeRequest>>,
     ) -> std::result::Result<Response<Self::SubscribeStream>, Status> {
         let mut inbound = request.into_inner();
-        let open = match inbound.message().await? {
+        let first = inbound
+            .message()
+            .await
+            .map_err(|s| BrokerError::from_inbound(&s))?;
+        let open = match first {
             Some(SubscribeRequest {
                 kind: Some(subscribe_request::Kind::Open(open)),
             }) => open,
@@ -334,7 +507,8 @@ impl Covet for CovetService {
             &open,
             inbound,
             self.shutdown.clone(),
-        )?;
+        )
+        .await?;
         Ok(Response::new(Box::pin(session.spawn())))
     }
 
@@ -430,7 +604,7 @@ impl Covet for CovetService {
         _: Request<ClusterStatusRequest>,
     ) -> std::result::Result<Response<ClusterStatusResponse>, Status> {
         let groups = self.node.status().await?;
-        let (nodes, _) = self.nodes().await;
+        let nodes = self.nodes();
         Ok(Response::new(ClusterStatusResponse {
             node_id: self.node.node_id,
             nodes,

@@ -12,13 +12,14 @@ use covet_protocol::api::{SubscribeOpen, SubscribeRequest, SubscribeResponse};
 use covet_protocol::batch;
 use futures::Stream;
 use raft::prelude::Entry;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 use crate::catalog::{LocalReplica, PartitionHandle};
 use crate::error::{BrokerError, Result};
-use crate::state::partition::BatchLocation;
+use crate::state::partition::{BatchLocation, OffsetIndex};
+use covet_raft_store::GroupStorage;
 
 /// Batches looked up in the offset index per read.
 const BATCHES_PER_READ: usize = 32;
@@ -42,7 +43,7 @@ pub struct Session {
 impl Session {
     /// Resolves the starting position; errors (e.g. past the end) fail the
     /// call before any stream is set up.
-    pub fn open(
+    pub async fn open(
         partition: &PartitionHandle,
         me: u64,
         open: &SubscribeOpen,
@@ -68,11 +69,14 @@ impl Session {
                 });
             }
             Some(position::Kind::Offset(o)) => (*o).max(start),
-            Some(position::Kind::TimestampMs(ts)) => replica
-                .index
-                .offset_for_time(*ts)?
-                .unwrap_or(end)
-                .clamp(start, end),
+            Some(position::Kind::TimestampMs(ts)) => {
+                let (index, ts) = (replica.index.clone(), *ts);
+                blocking(move || index.offset_for_time(ts))
+                    .await
+                    .map_err(|s| BrokerError::Internal(s.message().to_string()))??
+                    .unwrap_or(end)
+                    .clamp(start, end)
+            }
         };
         let opened = Opened {
             partition: partition.partition,
@@ -139,7 +143,10 @@ impl Session {
                     Ok(Some(_)) => {
                         return Err(BrokerError::InvalidRequest("only credit may follow open".into()).to_status());
                     }
-                    Ok(None) | Err(_) => return Ok(()),
+                    Ok(None) => return Ok(()),
+                    // Say why the stream ends rather than ending it as if
+                    // the client had closed it.
+                    Err(status) => return Err(BrokerError::from_inbound(&status).to_status()),
                 },
                 // Watched even without credit, so a deleted topic ends the
                 // stream at once.
@@ -168,30 +175,15 @@ impl Session {
         &mut self,
         tx: &mpsc::Sender<std::result::Result<SubscribeResponse, Status>>,
     ) -> std::result::Result<Flow, Status> {
-        let locations = self
-            .replica
-            .index
-            .batches_from(self.next, BATCHES_PER_READ)?;
-        let Some(first) = locations.first() else {
-            return Err(BrokerError::Internal(format!(
-                "offset {} is committed but not indexed",
-                self.next
-            ))
-            .into());
+        let (index, storage, next) = (
+            self.replica.index.clone(),
+            self.replica.storage.clone(),
+            self.next,
+        );
+        let read = blocking(move || read_batches(&index, &storage, next)).await??;
+        let Read::Found(entries, locations) = read else {
+            return Ok(Flow::Stale);
         };
-        let last = locations[locations.len() - 1];
-        let entries =
-            match self
-                .replica
-                .storage
-                .read(first.raft_index, last.raft_index + 1, BYTES_PER_READ)
-            {
-                Ok(e) => e,
-                // Retention removed the entries while we looked them up; the
-                // next pass starts from the new start offset.
-                Err(covet_raft_store::StoreError::Compacted { .. }) => return Ok(Flow::Stale),
-                Err(e) => return Err(BrokerError::from(e).into()),
-            };
         for (entry, loc) in matching(&entries, &locations) {
             let end = loc.base_offset + u64::from(loc.record_count);
             if end <= self.next {
@@ -219,6 +211,52 @@ impl Session {
         }
         Ok(Flow::Sent)
     }
+}
+
+/// What one read of the log found.
+enum Read {
+    /// Entries from `next` on, and the index locations that name them.
+    Found(Vec<Entry>, Vec<BatchLocation>),
+    /// Retention removed the entries while we looked them up; the next
+    /// pass starts from the new start offset.
+    Stale,
+}
+
+/// Looks up the batches from offset `next` in the sled index and reads
+/// them from the log (up to [`BYTES_PER_READ`]): blocking I/O, run by
+/// [`blocking`].
+fn read_batches(index: &OffsetIndex, storage: &GroupStorage, next: u64) -> Result<Read> {
+    let locations = index.batches_from(next, BATCHES_PER_READ)?;
+    let (Some(first), Some(last)) = (locations.first(), locations.last()) else {
+        return Err(BrokerError::Internal(format!(
+            "offset {next} is committed but not indexed"
+        )));
+    };
+    match storage.read(first.raft_index, last.raft_index + 1, BYTES_PER_READ) {
+        Ok(entries) => Ok(Read::Found(entries, locations)),
+        Err(covet_raft_store::StoreError::Compacted { .. }) => Ok(Read::Stale),
+        Err(e) => Err(BrokerError::from(e)),
+    }
+}
+
+/// Log reads running at once, over all sessions. Each may hold up to
+/// [`BYTES_PER_READ`] of entries; the bound keeps many subscribers from
+/// filling tokio's blocking pool (512 threads) and memory at once.
+static LOG_READS: Semaphore = Semaphore::const_new(16);
+
+/// Runs `read` (sled lookups, `pread` of up to 4 MiB) on tokio's blocking
+/// pool, so a slow disk stalls the sessions waiting on it, never the
+/// runtime's workers that serve every other client.
+async fn blocking<T: Send + 'static>(
+    read: impl FnOnce() -> Result<T> + Send + 'static,
+) -> std::result::Result<Result<T>, Status> {
+    let _turn = LOG_READS
+        .acquire()
+        .await
+        .map_err(|_| BrokerError::ShuttingDown.to_status())?;
+    tokio::task::spawn_blocking(read)
+        .await
+        .map_err(|e| BrokerError::Internal(format!("log read task failed: {e}")).to_status())
 }
 
 /// What a send pass ended with.
