@@ -128,6 +128,9 @@ pub struct Catalog {
     /// The next producer id the metadata group will allocate, as this node
     /// has applied it: every id below has been handed out.
     producer_ids: Arc<watch::Sender<i64>>,
+    /// The metadata group's leader and term as this node last heard, set
+    /// once when the driver opens group 0 (which is never rebuilt).
+    meta_leader: std::sync::OnceLock<watch::Receiver<(u64, u64)>>,
 }
 
 impl Default for Catalog {
@@ -136,6 +139,7 @@ impl Default for Catalog {
             topics: RwLock::default(),
             generation: watch::channel(0).0,
             producer_ids: Arc::new(watch::channel(0).0),
+            meta_leader: std::sync::OnceLock::new(),
         }
     }
 }
@@ -156,6 +160,16 @@ impl Catalog {
             .values()
             .cloned()
             .collect()
+    }
+
+    /// The metadata leader and its term, (0, 0) if unknown: read from a
+    /// watch, with no call to the driver thread.
+    pub fn meta_leader(&self) -> (u64, u64) {
+        self.meta_leader.get().map_or((0, 0), |rx| *rx.borrow())
+    }
+
+    pub(crate) fn set_meta_leader(&self, leader: watch::Receiver<(u64, u64)>) {
+        let _ = self.meta_leader.set(leader);
     }
 
     /// A receiver that sees every change to the catalog.

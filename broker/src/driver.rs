@@ -271,6 +271,7 @@ impl Driver {
             voters,
         };
         let group = driver.open_group(META_GROUP, Machine::Meta(meta), &bootstrap)?;
+        driver.catalog.set_meta_leader(group.leader.subscribe());
         driver.groups.insert(META_GROUP, group);
         for topic in topics {
             driver.open_topic(topic)?;

@@ -13,12 +13,11 @@ use covet_protocol::batch;
 use covet_protocol::topic::validate_topic_name;
 use futures::Stream;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::driver::{NodeHandle, APPLY_TIMEOUT, META_GROUP};
+use crate::driver::{NodeHandle, APPLY_TIMEOUT};
 use crate::error::{BrokerError, Result};
 use crate::group::Applied;
 use crate::state::meta::{allocate_producer_id_command, delete_topic_command, MetaEffect};
@@ -49,12 +48,6 @@ const PRODUCE_STREAM_BYTES: u32 = 32 << 20;
 /// other client room.
 const PRODUCE_CONNECTION_BYTES: u32 = 64 << 20;
 
-/// How long a `Metadata` answer's controller may be reused.
-const CONTROLLER_FRESH: Duration = Duration::from_millis(100);
-
-/// The metadata leader and term last learned, and when.
-type ControllerCache = tokio::sync::Mutex<Option<(Instant, (u64, u64))>>;
-
 type BoxStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send>>;
 
 /// The service; cheap to clone.
@@ -70,9 +63,6 @@ pub struct CovetService {
     cluster_nodes: Arc<Vec<u64>>,
     directory: Arc<Directory>,
     shutdown: watch::Receiver<bool>,
-    /// The metadata leader as last asked of the driver, and when; see
-    /// [`CovetService::controller`].
-    controller: Arc<ControllerCache>,
 }
 
 impl CovetService {
@@ -91,7 +81,6 @@ impl CovetService {
             cluster_nodes: Arc::new(cluster_nodes),
             directory,
             shutdown,
-            controller: Arc::default(),
         }
     }
 
@@ -186,27 +175,8 @@ impl CovetService {
     }
 
     /// The metadata leader and its term, (0, 0) if unknown.
-    ///
-    /// Stop-gap until the catalog exposes group 0's leader watch: the
-    /// driver is asked for every group's status, which costs its thread
-    /// work per group, so the answer is shared by every `Metadata` call
-    /// for [`CONTROLLER_FRESH`] and only one call at a time asks. A flood
-    /// of `Metadata` requests costs the driver at most one status round
-    /// per interval. The controller is a hint (clients follow `NOT_LEADER`
-    /// and compare terms), so an answer that old is good enough.
-    async fn controller(&self) -> (u64, u64) {
-        let mut cached = self.controller.lock().await;
-        if let Some((at, controller)) = *cached {
-            if at.elapsed() < CONTROLLER_FRESH {
-                return controller;
-            }
-        }
-        let controller = match tokio::time::timeout(APPLY_TIMEOUT, self.node.status()).await {
-            Ok(Ok(groups)) => controller_of(&groups),
-            _ => (0, 0),
-        };
-        *cached = Some((Instant::now(), controller));
-        controller
+    fn controller(&self) -> (u64, u64) {
+        self.node.catalog.meta_leader()
     }
 
     /// Waits until the catalog shows the topic `name` present (or absent).
@@ -240,14 +210,6 @@ fn ignore_base_offset(sent: &Bytes) -> Bytes {
         }
         _ => sent.clone(),
     }
-}
-
-/// Group 0's leader and term in a status report.
-fn controller_of(groups: &[GroupStatus]) -> (u64, u64) {
-    groups
-        .iter()
-        .find(|g| g.group == META_GROUP)
-        .map_or((0, 0), |g| (g.leader, g.term))
 }
 
 fn produce_response(id: u64, partition: u32, outcome: Result<Applied>) -> ProduceResponse {
@@ -371,7 +333,7 @@ impl Covet for CovetService {
                 .collect::<Result<_>>()?
         };
         let nodes = self.nodes();
-        let (controller, controller_term) = self.controller().await;
+        let (controller, controller_term) = self.controller();
         Ok(Response::new(MetadataResponse {
             nodes,
             topics,
