@@ -119,7 +119,7 @@ fn tune_allocator() {
 /// it (the rest is for connections, sled, and operations in flight, each
 /// of which holds its segment open while it runs), between 16 and
 /// raft-store's default.
-fn default_open_segments(fd_limit: Option<u64>) -> usize {
+fn default_open_segments(fd_limit: Option<libc::rlim_t>) -> usize {
     let default = covet_raft_store::DEFAULT_MAX_OPEN_FILES;
     fd_limit.map_or(default, |limit| {
         usize::try_from(limit / 4).map_or(default, |quarter| quarter.clamp(16, default))
@@ -135,7 +135,7 @@ fn default_open_segments(fd_limit: Option<u64>) -> usize {
 /// [`covet_raft_store::set_max_open_files`]) and per sled file, so it takes
 /// all it may. Failing to raise it is logged, not fatal: the broker runs
 /// with what it has.
-fn raise_fd_limit() -> Option<u64> {
+fn raise_fd_limit() -> Option<libc::rlim_t> {
     let (soft, hard) = match fd_limits() {
         Ok(limits) => limits,
         Err(err) => {
@@ -169,7 +169,7 @@ fn raise_fd_limit() -> Option<u64> {
 }
 
 /// `RLIMIT_NOFILE` as (soft, hard).
-fn fd_limits() -> std::io::Result<(u64, u64)> {
+fn fd_limits() -> std::io::Result<(libc::rlim_t, libc::rlim_t)> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -179,15 +179,15 @@ fn fd_limits() -> std::io::Result<(u64, u64)> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok((lim.rlim_cur as u64, lim.rlim_max as u64))
+    Ok((lim.rlim_cur, lim.rlim_max))
 }
 
 /// Sets the soft `RLIMIT_NOFILE` to `soft`, keeping the hard limit.
-fn set_fd_soft_limit(soft: u64) -> std::io::Result<()> {
+fn set_fd_soft_limit(soft: libc::rlim_t) -> std::io::Result<()> {
     let (_, hard) = fd_limits()?;
     let lim = libc::rlimit {
-        rlim_cur: soft as libc::rlim_t,
-        rlim_max: hard as libc::rlim_t,
+        rlim_cur: soft,
+        rlim_max: hard,
     };
     // SAFETY: setrlimit only reads the struct it is given.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
