@@ -78,7 +78,12 @@ impl Inner {
             let mut st = self.write_state();
             st.prev_term = prev_term;
             st.snapshot = file.snapshot;
-            st.segments.drain(..removable).collect()
+            let removed: Vec<Segment> = st.segments.drain(..removable).collect();
+            // Before the files go: readers that planned on them retry.
+            for segment in &removed {
+                segment.file.retire();
+            }
+            removed
         };
         for segment in &removed {
             remove_segment_file(&segment.path)?;
@@ -147,12 +152,20 @@ impl Inner {
         // The commit point: from here recovery treats the old log as stale.
         snapfile::store(&self.dir, &file)?;
 
-        let old: Vec<_> = self
-            .read_state()
-            .segments
-            .iter()
-            .map(|s| s.path.clone())
-            .collect();
+        let old: Vec<_> = {
+            // Readers that located entries in the old log retry from here
+            // on, and never open its files again (their names may be
+            // reused by the new log).
+            let mut st = self.write_state();
+            st.rewrites += 1;
+            st.segments
+                .iter()
+                .map(|s| {
+                    s.file.retire();
+                    s.path.clone()
+                })
+                .collect()
+        };
         for path in old.iter().rev() {
             remove_segment_file(path)?;
         }
@@ -167,13 +180,13 @@ impl Inner {
         )?;
         segment
             .file
-            .sync_data()
+            .get()
+            .and_then(|f| f.sync_data())
             .map_err(|e| StoreError::io("fdatasync segment", &segment.path, e))?;
         sync_dir(&self.dir)?;
         w.forget_unsynced();
 
         let mut st = self.write_state();
-        st.rewrites += 1;
         st.segments = vec![segment];
         st.hard_state = file.hard_state.1;
         st.conf_state = file.conf_state.1;

@@ -313,13 +313,13 @@ pub(crate) fn remove_file(path: &Path) -> Result<bool, StoreError> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
+    use crate::fdcache::SegmentFile;
 
     fn sample(dir: &Path) -> Segment {
         let path = dir.join("00000000000000000007.log");
-        let file = Arc::new(File::create(&path).expect("create"));
+        File::create(&path).expect("create");
+        let file = SegmentFile::new(path.clone());
         let mut segment = Segment::new(7, path, file, 0xfeed, 32);
         let hs = HardState {
             term: 3,
@@ -374,7 +374,8 @@ mod tests {
     fn empty_segment_round_trips() {
         let dir = tempfile::TempDir::new().expect("tempdir");
         let path = dir.path().join("00000000000000000001.log");
-        let file = Arc::new(File::create(&path).expect("create"));
+        File::create(&path).expect("create");
+        let file = SegmentFile::new(path.clone());
         let segment = Segment::new(1, path, file, 9, 32);
         let index = decode(&encode(&segment, 0)).expect("decodes");
         assert!(index.offsets.is_empty() && index.terms.is_empty());

@@ -171,7 +171,10 @@
 //! group; [`GroupStorage::read`] may run on any thread concurrently with
 //! appends: it holds a read lock only to locate files and positions, then
 //! reads with `pread` outside it (if a suffix truncation rewrote what it was
-//! reading, it retries, and after a few retries reads under the lock).
+//! reading, or a segment it located was removed, it retries, and after a
+//! few retries reads under the lock). The descriptor cache has one lock,
+//! held only to look a file up or insert it, never across an `open` or an
+//! I/O call.
 //! Each write call issues one `pwrite`, with no user-space buffer across
 //! calls, so whatever `append` returned from is readable at once. Syncs of
 //! different groups are independent; within a group, appends go on while
@@ -191,8 +194,14 @@
 //! - The index keeps 4 bytes per entry in memory (plus term runs): about
 //!   0.4 % of the log for 1 KiB entries, and as much again on disk in the
 //!   index files. There is no time → index index yet.
-//! - Every segment keeps an open file descriptor (for `pread`); a broker
-//!   with many partitions needs a matching descriptor limit.
+//! - Segment files are opened through a process-wide cache of at most
+//!   [`max_open_files`] descriptors (default [`DEFAULT_MAX_OPEN_FILES`],
+//!   set with [`set_max_open_files`]), least recently used closed first;
+//!   an operation holds its file open while it runs, so the process may
+//!   briefly hold one more per operation in flight. A group whose file was
+//!   evicted pays an `open` on its next read or write; a working set
+//!   larger than the cache (many groups read and written at once) reopens
+//!   files often. Directories are opened only to be fsynced.
 //! - Damage to bytes that the last sync before a crash covered, when that
 //!   sync's marker did not reach the disk (a power cut right after the
 //!   sync), cannot be told from a lost write: the tail is cut from the bad
@@ -220,6 +229,7 @@
 mod compact;
 mod durable;
 mod error;
+mod fdcache;
 mod frame;
 mod index;
 mod raft_storage;
@@ -237,6 +247,7 @@ use std::io::ErrorKind;
 use std::path::Path;
 
 pub use error::StoreError;
+pub use fdcache::{max_open_files, open_files, set_max_open_files, DEFAULT_MAX_OPEN_FILES};
 pub use storage::GroupStorage;
 
 /// Default [`LogOptions::segment_bytes`]: 64 MiB.

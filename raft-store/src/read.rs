@@ -1,23 +1,28 @@
 //! The read path, shared by `GroupStorage::read` and `Storage::entries`.
 //!
 //! A read holds the state's read lock only to plan: which segment files
-//! (`Arc<File>`) and byte ranges hold the wanted entries. It then reads each
+//! (`Arc<SegmentFile>`) and byte ranges hold the wanted entries. It then
+//! gets each file from the descriptor cache (opening it if it was evicted;
+//! see [`crate::fdcache`]) and reads each
 //! range with one `pread` into one buffer, verifies every frame's checksum,
 //! and slices entries' data and context out of that buffer as `Bytes`
 //! without copying. If a truncation rewrote bytes while it read (the
-//! state's `rewrites` counter moved), it retries; after a few such races it
-//! holds the read lock for the whole read.
+//! state's `rewrites` counter moved), or a segment it planned was removed
+//! (compacted, or discarded by a snapshot) before it could open it, it
+//! retries; after a few such races it holds the read lock for the whole
+//! read.
 
-use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use protobuf::Message as _;
 use raft::prelude::Entry;
 
 use crate::error::StoreError;
+use crate::fdcache::{self, SegmentFile};
 use crate::frame::parse_frame;
 use crate::record::{self, Record};
 use crate::state::LogState;
@@ -25,6 +30,12 @@ use crate::storage::{GroupStorage, Inner};
 
 /// Optimistic attempts before a read holds the lock throughout.
 const OPTIMISTIC_ATTEMPTS: usize = 4;
+
+/// Attempts with the lock held, each a millisecond apart. Only
+/// `apply_snapshot` can make one fail: it removes the old segments (after
+/// retiring them) before it publishes the new log, a few fsyncs later. If
+/// it never does (an I/O error poisoned the group), the read fails.
+const HELD_ATTEMPTS: usize = 2_000;
 
 /// What a size limit counts.
 #[derive(Debug, Clone, Copy)]
@@ -47,7 +58,7 @@ impl Measure {
 /// A contiguous byte range of one segment holding `count` entries from `first`.
 struct Chunk {
     path: PathBuf,
-    file: Arc<File>,
+    file: Arc<SegmentFile>,
     salt: u32,
     start: u64,
     end: u64,
@@ -142,14 +153,28 @@ impl Inner {
                 Err(Failure::Failed(err)) => return Err(err),
             }
         }
-        let st = self.read_state();
-        match self.try_read(low, high, limit, measure, Some(&st)) {
-            Ok(entries) => Ok(entries),
-            Err(Failure::Failed(err)) => Err(err),
-            Err(Failure::Raced) => {
-                unreachable!("no rewrite can happen while the read lock is held")
+        for _ in 0..HELD_ATTEMPTS {
+            let st = self.read_state();
+            match self.try_read(low, high, limit, measure, Some(&st)) {
+                Ok(entries) => return Ok(entries),
+                Err(Failure::Failed(err)) => return Err(err),
+                // No rewrite can happen while the read lock is held, but
+                // `apply_snapshot` retires the old segments before it
+                // replaces them: wait for it, without the lock.
+                Err(Failure::Raced) => {
+                    drop(st);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
             }
         }
+        Err(StoreError::io(
+            "read segment",
+            &self.dir,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the segments being read were removed and never replaced",
+            ),
+        ))
     }
 
     /// One read attempt. With `held`, the caller holds the read lock
@@ -193,8 +218,10 @@ impl Inner {
                 read_chunk(chunk, &mut gathered)
             });
             let raced = || held.is_none() && rewrites != Some(self.read_state().rewrites);
-            if let Err(err) = result {
-                return Err(if raced() { Failure::Raced } else { err.into() });
+            match result {
+                Err(Failure::Failed(err)) if !raced() => return Err(Failure::Failed(err)),
+                Err(_) => return Err(Failure::Raced),
+                Ok(()) => {}
             }
             let next = low + gathered.entries.len() as u64;
             if chunks.is_empty() || gathered.full || next >= high {
@@ -258,12 +285,17 @@ fn plan(st: &LogState, next: u64, high: u64, budget: Option<u64>) -> Vec<Chunk> 
 }
 
 /// Reads one chunk with one `pread` and offers its entries to `gathered`.
-fn read_chunk(chunk: &Chunk, gathered: &mut Gathered) -> Result<(), StoreError> {
+/// A segment removed since the read planned it is a race.
+fn read_chunk(chunk: &Chunk, gathered: &mut Gathered) -> Result<(), Failure> {
     let mut buf = vec![0; (chunk.end - chunk.start) as usize];
-    chunk
-        .file
-        .read_exact_at(&mut buf, chunk.start)
+    let file = match chunk.file.get() {
+        Ok(file) => file,
+        Err(e) if fdcache::is_retired(&e) => return Err(Failure::Raced),
+        Err(e) => return Err(StoreError::io("open segment", &chunk.path, e).into()),
+    };
+    file.read_exact_at(&mut buf, chunk.start)
         .map_err(|e| StoreError::io("read segment", &chunk.path, e))?;
+    drop(file);
     let buf = Bytes::from(buf);
     let mut offset = 0;
     let mut index = chunk.first;
@@ -284,7 +316,8 @@ fn read_chunk(chunk: &Chunk, gathered: &mut Gathered) -> Result<(), StoreError> 
                 return Err(corrupt(format!(
                     "entry index {} where {index} was expected",
                     meta.index
-                )));
+                ))
+                .into());
             }
             Record::HardState(..) | Record::ConfState(..) | Record::Synced { .. } => {}
         }

@@ -15,12 +15,12 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, ErrorKind, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use raft::prelude::{ConfState, HardState};
 
 use crate::durable::create_dir_durable_counted;
 use crate::error::StoreError;
+use crate::fdcache::SegmentFile;
 use crate::frame::{checksum, find_fixed_frames, split_header, FrameError, FRAME_HEADER_LEN};
 use crate::index::{self, IndexName, SegmentIndex};
 use crate::record::{self, Record, KIND_SYNCED, SYNCED_PAYLOAD_LEN};
@@ -80,11 +80,13 @@ struct Listing {
     temp_indexes: Vec<PathBuf>,
 }
 
-/// A segment file whose header has been read.
+/// A segment file whose header has been read. Its descriptor is closed
+/// again: a group may have any number of segments, and open holds at most
+/// one of them open at a time outside the descriptor cache.
 struct Candidate {
     first_index: u64,
     path: PathBuf,
-    file: File,
+    len: u64,
     header: HeaderState,
 }
 
@@ -162,7 +164,8 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, StoreError> {
         )?;
         segment
             .file
-            .sync_data()
+            .get()
+            .and_then(|f| f.sync_data())
             .map_err(|e| StoreError::io("fsync segment", &segment.path, e))?;
         stats.files_synced += 1;
         segments.push(segment);
@@ -221,7 +224,7 @@ fn open_candidates(
             remove_stale(&path, "below the log's first index", dir_changed)?;
             continue;
         }
-        let (file, header) = read_header(&path)?;
+        let (len, header) = read_header(&path)?;
         match header {
             HeaderState::Valid(h) if h.generation < snap.generation => {
                 remove_stale(&path, "from an older log generation", dir_changed)?;
@@ -236,7 +239,7 @@ fn open_candidates(
             header => found.push(Candidate {
                 first_index,
                 path,
-                file,
+                len,
                 header,
             }),
         }
@@ -323,7 +326,8 @@ fn remove_stale(path: &Path, why: &str, dir_changed: &mut bool) -> Result<(), St
     }
 }
 
-fn read_header(path: &Path) -> Result<(File, HeaderState), StoreError> {
+/// The file's length and header.
+fn read_header(path: &Path) -> Result<(u64, HeaderState), StoreError> {
     let io_err = |e| StoreError::io("read segment header", path, e);
     let file = OpenOptions::new()
         .read(true)
@@ -332,7 +336,7 @@ fn read_header(path: &Path) -> Result<(File, HeaderState), StoreError> {
         .map_err(io_err)?;
     let len = file.metadata().map_err(io_err)?.len();
     if len < SEGMENT_HEADER_LEN as u64 {
-        return Ok((file, HeaderState::Torn));
+        return Ok((len, HeaderState::Torn));
     }
     let mut buf = [0; SEGMENT_HEADER_LEN];
     file.read_exact_at(&mut buf, 0).map_err(io_err)?;
@@ -341,7 +345,7 @@ fn read_header(path: &Path) -> Result<(File, HeaderState), StoreError> {
     } else {
         SegmentHeader::decode(&buf).map_or_else(HeaderState::Bad, HeaderState::Valid)
     };
-    Ok((file, state))
+    Ok((len, state))
 }
 
 /// Loads a sealed segment from its index if it has a valid one; otherwise
@@ -357,31 +361,30 @@ fn open_segment(
     let Candidate {
         first_index,
         path,
-        file,
+        len,
         header,
     } = candidate;
     let HeaderState::Valid(header) = header else {
         return Err(StoreError::corrupt(path, 0, "invalid segment header"));
     };
-    let len = file
-        .metadata()
-        .map_err(|e| StoreError::io("stat segment", &path, e))?
-        .len();
     if has_index {
         if let Some(index) = load_index(&path, first_index, &header, len, stats) {
             latest.offer_index(&index);
             stats.segments_indexed += 1;
-            return Ok(Segment::from_index(index, path, Arc::new(file)));
+            let file = SegmentFile::new(path.clone());
+            return Ok(Segment::from_index(index, path, file));
         }
     }
-    let empty = Segment::new(first_index, path, Arc::new(file), header.salt, len);
+    let file = SegmentFile::new(path.clone());
+    let empty = Segment::new(first_index, path, file, header.salt, len);
     let mut segment = scan_segment(empty, !sealed, latest, stats)?;
     // What recovery keeps may so far be only in the page cache (a crash
     // that it survived, e.g. `kill -9`): make it durable before the node
     // serves or votes on it. This also makes a cut of the tail durable.
     segment
         .file
-        .sync_data()
+        .get()
+        .and_then(|f| f.sync_data())
         .map_err(|e| StoreError::io("fdatasync segment", &segment.path, e))?;
     stats.files_synced += 1;
     if !sealed {
@@ -453,13 +456,9 @@ fn scan_segment(
     latest: &mut Latest,
     stats: &mut OpenStats,
 ) -> Result<Segment, StoreError> {
-    let (path, file, salt, len) = (
-        segment.path.clone(),
-        Arc::clone(&segment.file),
-        segment.salt,
-        segment.end,
-    );
+    let (path, salt, len) = (segment.path.clone(), segment.salt, segment.end);
     let io_err = |e| StoreError::io("read segment", &path, e);
+    let file = segment.file.get().map_err(io_err)?;
     let mut reader = BufReader::with_capacity(
         SCAN_BUFFER_BYTES,
         CountingReader {
@@ -576,7 +575,8 @@ fn vouch_for_kept_tail(segment: &mut Segment) -> Result<(), StoreError> {
     let frame = marker_frame(segment.salt, upto)?;
     segment
         .file
-        .write_all_at(&frame, upto)
+        .get()
+        .and_then(|f| f.write_all_at(&frame, upto))
         .map_err(|e| StoreError::io("write segment", &segment.path, e))?;
     segment.end += frame.len() as u64;
     segment.note_marker(upto, upto);
@@ -602,10 +602,12 @@ fn cut_torn_tail(
         let reason = format!("{problem} in a segment that is not the last (synced data)");
         return Err(StoreError::corrupt(path, position, reason));
     }
-    let mut rest = vec![0; (len - position) as usize];
-    segment
+    let file = segment
         .file
-        .read_exact_at(&mut rest, position)
+        .get()
+        .map_err(|e| StoreError::io("read segment", path, e))?;
+    let mut rest = vec![0; (len - position) as usize];
+    file.read_exact_at(&mut rest, position)
         .map_err(|e| StoreError::io("read segment", path, e))?;
     for start in find_fixed_frames(&rest, segment.salt, SYNCED_PAYLOAD_LEN, KIND_SYNCED) {
         let at = position + start as u64;
@@ -629,9 +631,7 @@ fn cut_torn_tail(
         %problem,
         "cutting the never-synced tail of the log"
     );
-    segment
-        .file
-        .set_len(position)
+    file.set_len(position)
         .map_err(|e| StoreError::io("truncate torn tail", path, e))?;
     Ok(len - position)
 }

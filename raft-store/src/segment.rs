@@ -14,7 +14,7 @@
 //! [`crate::index`]).
 
 use std::collections::hash_map::RandomState;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::hash::{BuildHasher, Hasher};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -24,6 +24,7 @@ use std::time::SystemTime;
 use raft::prelude::{ConfState, HardState};
 
 use crate::error::StoreError;
+use crate::fdcache::SegmentFile;
 use crate::frame::{put_frame, FRAME_HEADER_LEN};
 use crate::index::SegmentIndex;
 use crate::record::{put_conf_state, put_hard_state, put_synced, SYNCED_PAYLOAD_LEN};
@@ -113,7 +114,9 @@ pub(crate) fn parse_numbered_name(name: &str, suffix: &str) -> Option<u64> {
 pub(crate) struct Segment {
     pub first_index: u64,
     pub path: PathBuf,
-    pub file: Arc<File>,
+    /// Opened on demand through the process-wide cache (see
+    /// [`crate::fdcache`]); compared by pointer to tell segments apart.
+    pub file: Arc<SegmentFile>,
     pub salt: u32,
     /// File length: where the next frame goes.
     pub end: u64,
@@ -133,7 +136,7 @@ impl Segment {
     pub(crate) fn new(
         first_index: u64,
         path: PathBuf,
-        file: Arc<File>,
+        file: Arc<SegmentFile>,
         salt: u32,
         end: u64,
     ) -> Self {
@@ -153,7 +156,7 @@ impl Segment {
 
     /// A sealed segment as its index file describes it. The caller has
     /// checked that the index matches the file (see [`crate::index`]).
-    pub(crate) fn from_index(index: SegmentIndex, path: PathBuf, file: Arc<File>) -> Self {
+    pub(crate) fn from_index(index: SegmentIndex, path: PathBuf, file: Arc<SegmentFile>) -> Self {
         Segment {
             first_index: index.first_index,
             path,
@@ -203,8 +206,8 @@ impl Segment {
             .map_err(|e| StoreError::io("write segment", &path, e))?;
         let mut segment = Segment::new(
             first_index,
-            path,
-            Arc::new(file),
+            path.clone(),
+            SegmentFile::with_open(path, file),
             header.salt,
             buf.len() as u64,
         );

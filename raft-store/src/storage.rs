@@ -18,7 +18,6 @@
 //!    long enough to locate files and positions, then `pread` outside it.
 
 use std::fmt;
-use std::fs::File;
 use std::mem;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -26,6 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLoc
 use raft::prelude::{ConfState, HardState, Snapshot};
 
 use crate::error::StoreError;
+use crate::fdcache::SegmentFile;
 use crate::recover::{recover, Recovered};
 use crate::snapfile::sync_dir;
 use crate::state::LogState;
@@ -61,8 +61,10 @@ pub(crate) struct Writer {
     /// Reused: the file position of each entry in `buf`.
     pub positions: Vec<u64>,
     next_seq: u64,
-    /// Segment files written since the last sync.
-    unsynced: Vec<(PathBuf, Arc<File>)>,
+    /// Segment files written since the last sync. Their descriptors may
+    /// have been evicted since: `sync` reopens them, which is sound (see
+    /// [`crate::fdcache`]).
+    unsynced: Vec<Arc<SegmentFile>>,
     /// Whether a segment file was created or removed since the last sync.
     pub dir_dirty: bool,
     poisoned: bool,
@@ -76,9 +78,9 @@ impl Writer {
         seq
     }
 
-    pub(crate) fn note_unsynced(&mut self, path: &Path, file: &Arc<File>) {
-        if !self.unsynced.iter().any(|(_, f)| Arc::ptr_eq(f, file)) {
-            self.unsynced.push((path.to_path_buf(), Arc::clone(file)));
+    pub(crate) fn note_unsynced(&mut self, file: &Arc<SegmentFile>) {
+        if !self.unsynced.iter().any(|f| Arc::ptr_eq(f, file)) {
+            self.unsynced.push(Arc::clone(file));
         }
     }
 
@@ -280,14 +282,18 @@ impl Inner {
         self.sync_files(&files, dir_dirty)
     }
 
-    fn sync_files(
-        &self,
-        files: &[(PathBuf, Arc<File>)],
-        dir_dirty: bool,
-    ) -> Result<(), StoreError> {
-        for (path, file) in files {
-            file.sync_data()
-                .map_err(|e| StoreError::io("fdatasync segment", path, e))?;
+    fn sync_files(&self, files: &[Arc<SegmentFile>], dir_dirty: bool) -> Result<(), StoreError> {
+        for file in files {
+            // A segment removed since it was written (a truncated suffix)
+            // holds nothing to make durable.
+            if file.is_retired() {
+                continue;
+            }
+            match file.get().and_then(|f| f.sync_data()) {
+                Ok(()) => {}
+                Err(e) if crate::fdcache::is_retired(&e) => {}
+                Err(e) => return Err(StoreError::io("fdatasync segment", file.path(), e)),
+            }
         }
         if dir_dirty {
             sync_dir(&self.dir)?;

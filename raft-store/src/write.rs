@@ -24,6 +24,7 @@ use std::sync::Arc;
 use raft::prelude::{ConfState, Entry, HardState};
 
 use crate::error::StoreError;
+use crate::fdcache::SegmentFile;
 use crate::frame::put_frame;
 use crate::index;
 use crate::record::{entry_record_len, put_conf_state, put_entry, put_hard_state};
@@ -36,7 +37,7 @@ use crate::storage::{GroupStorage, Inner, Writer};
 /// active segment when the sync began, if no rewrite happened since
 /// (`rewrites` is `LogState::rewrites` then).
 pub(crate) struct SyncClaim {
-    pub file: Arc<File>,
+    pub file: Arc<SegmentFile>,
     pub upto: u64,
     pub rewrites: u64,
 }
@@ -44,7 +45,7 @@ pub(crate) struct SyncClaim {
 /// The active segment as a writer sees it.
 struct Target {
     path: PathBuf,
-    file: Arc<File>,
+    file: Arc<SegmentFile>,
     end: u64,
     salt: u32,
 }
@@ -197,14 +198,17 @@ impl Inner {
         };
         // Older segments are always fully synced, so only the last segment
         // can ever have a torn tail; see recovery.
-        old.1
-            .sync_data()
+        let old_file = old
+            .1
+            .get()
+            .and_then(|f| f.sync_data().map(|()| f))
             .map_err(|e| StoreError::io("fdatasync segment", &old.0, e))?;
         // The index describes synced bytes that will not change (a
         // truncation into this segment removes the index first). Its rename
         // becomes durable with the directory fsync the new segment needs.
         let (first_index, end, bytes) = old_index;
-        write_index(&self.dir, &old.0, &old.1, first_index, end, &bytes);
+        write_index(&self.dir, &old.0, &old_file, first_index, end, &bytes);
+        drop(old_file);
         let (hs_seq, cs_seq) = (w.take_seq(), w.take_seq());
         let segment = Segment::create(
             &self.dir,
@@ -213,7 +217,7 @@ impl Inner {
             (hs_seq, &hs),
             (cs_seq, &cs),
         )?;
-        w.note_unsynced(&segment.path, &segment.file);
+        w.note_unsynced(&segment.file);
         w.dir_dirty = true;
         self.write_state().segments.push(segment);
         Ok(())
@@ -312,7 +316,8 @@ impl Inner {
         let frame = marker_frame(target.salt, claim.upto)?;
         target
             .file
-            .write_all_at(&frame, target.end)
+            .get()
+            .and_then(|f| f.write_all_at(&frame, target.end))
             .map_err(|e| StoreError::io("write segment", &target.path, e))?;
         let mut st = self.write_state();
         let active = st.active_mut();
@@ -336,9 +341,10 @@ impl Inner {
     fn write_buffer(&self, w: &mut Writer, target: &Target) -> Result<u64, StoreError> {
         target
             .file
-            .write_all_at(&w.buf, target.end)
+            .get()
+            .and_then(|f| f.write_all_at(&w.buf, target.end))
             .map_err(|e| StoreError::io("write segment", &target.path, e))?;
-        w.note_unsynced(&target.path, &target.file);
+        w.note_unsynced(&target.file);
         Ok(target.end + w.buf.len() as u64)
     }
 
@@ -358,6 +364,11 @@ impl Inner {
                 .segment_for(index)
                 .ok_or(StoreError::Unavailable { index, last_index })?;
             let removed = st.segments.split_off(slot + 1);
+            // Before the files go: no reader opens them again (their names
+            // may be reused).
+            for segment in &removed {
+                segment.file.retire();
+            }
             let segment = &mut st.segments[slot];
             let position = segment.truncate_from(index);
             (
@@ -383,8 +394,8 @@ impl Inner {
         }
         // The cut is durable before new frames land there, so a crash can
         // never leave old and new frames mixed in one file.
-        file.set_len(position)
-            .and_then(|()| file.sync_data())
+        file.get()
+            .and_then(|f| f.set_len(position).and_then(|()| f.sync_data()))
             .map_err(|e| StoreError::io("truncate segment", &path, e))?;
         // Which hard/conf state records survived the cut is not tracked:
         // write fresh copies, so the segment's latest records (which its

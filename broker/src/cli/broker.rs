@@ -35,6 +35,11 @@ pub struct BrokerArgs {
     /// How often retention is enforced, in milliseconds.
     #[arg(long, default_value_t = 5_000)]
     retention_check_ms: u64,
+    /// Most log segment files kept open at once, across all partitions
+    /// (least recently used closed first). Default: a quarter of the
+    /// open-file limit, at most 512, at least 16.
+    #[arg(long)]
+    max_open_segments: Option<usize>,
 }
 
 pub async fn run(args: BrokerArgs, started: std::time::Instant) -> anyhow::Result<()> {
@@ -45,6 +50,15 @@ pub async fn run(args: BrokerArgs, started: std::time::Instant) -> anyhow::Resul
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    let fd_limit = raise_fd_limit();
+    let max_open_segments = args
+        .max_open_segments
+        .unwrap_or_else(|| default_open_segments(fd_limit));
+    covet_raft_store::set_max_open_files(max_open_segments);
+    tracing::info!(
+        max_open_segments = covet_raft_store::max_open_files(),
+        "segment file cache"
+    );
     if args.node_id == 0 {
         anyhow::bail!("--node-id must be at least 1");
     }
@@ -99,6 +113,87 @@ fn tune_allocator() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 20);
     }
+}
+
+/// The segment cache's default size for an open-file limit: a quarter of
+/// it (the rest is for connections, sled, and operations in flight, each
+/// of which holds its segment open while it runs), between 16 and
+/// raft-store's default.
+fn default_open_segments(fd_limit: Option<libc::rlim_t>) -> usize {
+    let default = covet_raft_store::DEFAULT_MAX_OPEN_FILES;
+    fd_limit.map_or(default, |limit| {
+        usize::try_from(limit / 4).map_or(default, |quarter| quarter.clamp(16, default))
+    })
+}
+
+/// Raises the soft limit on open files to the hard limit and logs both;
+/// returns the soft limit in force, if it can be read.
+///
+/// The soft limit is often 1,024 while the hard limit is far higher; a
+/// broker holds a descriptor per client connection, per cached segment
+/// file (bounded by raft-store's cache, see
+/// [`covet_raft_store::set_max_open_files`]) and per sled file, so it takes
+/// all it may. Failing to raise it is logged, not fatal: the broker runs
+/// with what it has.
+fn raise_fd_limit() -> Option<libc::rlim_t> {
+    let (soft, hard) = match fd_limits() {
+        Ok(limits) => limits,
+        Err(err) => {
+            tracing::warn!(%err, "cannot read the open-file limit");
+            return None;
+        }
+    };
+    if soft >= hard {
+        tracing::info!(soft, hard, "open-file limit");
+        return Some(soft);
+    }
+    if let Err(err) = set_fd_soft_limit(hard) {
+        tracing::warn!(soft, hard, %err, "cannot raise the open-file limit");
+        return Some(soft);
+    }
+    match fd_limits() {
+        Ok((now, hard)) => {
+            tracing::info!(
+                soft = now,
+                hard,
+                was = soft,
+                "open-file limit raised to the hard limit"
+            );
+            Some(now)
+        }
+        Err(err) => {
+            tracing::warn!(%err, "cannot read the open-file limit");
+            Some(soft)
+        }
+    }
+}
+
+/// `RLIMIT_NOFILE` as (soft, hard).
+fn fd_limits() -> std::io::Result<(libc::rlim_t, libc::rlim_t)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given, which lives
+    // on this stack frame for the whole call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((lim.rlim_cur, lim.rlim_max))
+}
+
+/// Sets the soft `RLIMIT_NOFILE` to `soft`, keeping the hard limit.
+fn set_fd_soft_limit(soft: libc::rlim_t) -> std::io::Result<()> {
+    let (_, hard) = fd_limits()?;
+    let lim = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit only reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// `--peers`: node id → address peers dial.
