@@ -3,18 +3,23 @@
 //! and shut down cleanly on SIGINT/SIGTERM.
 
 use std::collections::HashMap;
+use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use covet_protocol::api::covet_server::CovetServer;
 use covet_protocol::internal::raft_transport_server::RaftTransportServer;
 use covet_raft_store::LogOptions;
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::TcpListenerStream;
+use futures::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::driver::{self, DriverConfig};
 use crate::service::{CovetService, MAX_MAX_BATCH_BYTES};
@@ -31,6 +36,18 @@ pub const MAX_MESSAGE_BYTES: usize = MAX_MAX_BATCH_BYTES as usize + (1 << 20);
 const INBOUND_QUEUE: usize = 16_384;
 /// How long in-flight calls get to finish after a shutdown signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Peer connections served at once: each peer keeps one or two (plus
+/// reconnects), so this covers clusters far larger than Covet's, and a
+/// flood on the peer port takes at most this many descriptors. Counted
+/// beside the client limit and the segment cache in the descriptor
+/// budget (`covet broker --max-connections`).
+const MAX_PEER_CONNECTIONS: usize = 64;
+/// How long accepting pauses when the process is out of descriptors: the
+/// pending connection stays in the backlog, and accepting again at once
+/// would fail again at once (a busy loop).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// At most one warning per this interval about refused connections.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A broker node's settings.
 #[derive(Debug, Clone)]
@@ -46,6 +63,9 @@ pub struct BrokerConfig {
     pub peers: HashMap<u64, SocketAddr>,
     pub segment_bytes: u64,
     pub retention_interval: Duration,
+    /// Client connections served at once; more are accepted and closed at
+    /// once. Keeps sockets from taking the descriptors storage needs.
+    pub max_connections: usize,
     /// When the process started, for the start-to-ready figure.
     pub started: std::time::Instant,
 }
@@ -108,7 +128,13 @@ pub async fn run(
         directory.clone(),
         shutdown_rx.clone(),
     );
-    let server = tokio::spawn(serve_clients(listener, service, shutdown_rx.clone()));
+    let client_slots = Arc::new(Semaphore::new(config.max_connections));
+    let server = tokio::spawn(serve_clients(
+        listener,
+        client_slots,
+        service,
+        shutdown_rx.clone(),
+    ));
     if let Some(peer_listener) = peer_listener {
         let peers = TransportService {
             inbound: inbound_tx,
@@ -163,6 +189,7 @@ fn server_builder() -> tonic::transport::Server {
 
 async fn serve_clients(
     listener: TcpListener,
+    slots: Arc<Semaphore>,
     service: CovetService,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
@@ -172,7 +199,7 @@ async fn serve_clients(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(limited_incoming(listener, slots, "client"), async move {
             let _ = shutdown.wait_for(|s| *s).await;
         })
         .await
@@ -191,6 +218,131 @@ async fn serve_peers(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming(TcpListenerStream::new(listener))
+        .serve_with_incoming(limited_incoming(
+            listener,
+            Arc::new(Semaphore::new(MAX_PEER_CONNECTIONS)),
+            "peer",
+        ))
         .await
+}
+
+/// An accepted connection holding one of its listener's slots until it
+/// closes (when the server drops it).
+struct Limited {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+/// Accepted connections, each with a slot from `slots`.
+///
+/// Every connection costs a descriptor, and so does every segment file
+/// storage opens; a process out of descriptors fails storage writes (a
+/// segment roll, a directory fsync). So connections beyond the slots are
+/// accepted and closed at once (the client gets a prompt error rather than
+/// a hang), keeping descriptors for storage. If accepting fails because
+/// the process or the system is out of descriptors anyway, accepting
+/// pauses for [`ACCEPT_BACKOFF`] and resumes: tonic would otherwise retry
+/// at once, spinning on a connection it cannot accept. `TCP_NODELAY` is
+/// set here, as the server builder's setting does not apply to a custom
+/// stream of connections.
+fn limited_incoming(
+    listener: TcpListener,
+    slots: Arc<Semaphore>,
+    what: &'static str,
+) -> impl Stream<Item = io::Result<Limited>> {
+    let state = (listener, slots, None::<Instant>);
+    futures::stream::unfold(state, move |(listener, slots, mut warned)| async move {
+        loop {
+            let (stream, addr) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) if is_out_of_descriptors(&e) => {
+                    if should_log(&mut warned) {
+                        tracing::warn!(error = %e, "out of file descriptors: not accepting {what} connections for a moment");
+                    }
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+                // Tonic logs it and asks for the next one.
+                Err(e) => return Some((Err(e), (listener, slots, warned))),
+            };
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                if should_log(&mut warned) {
+                    tracing::warn!(%addr, "too many {what} connections: refusing new ones");
+                }
+                drop(stream);
+                continue;
+            };
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+            let conn = Limited {
+                stream,
+                _slot: slot,
+            };
+            return Some((Ok(conn), (listener, slots, warned)));
+        }
+    })
+}
+
+/// Whether a rate-limited warning is due (at most one per
+/// [`REFUSAL_LOG_INTERVAL`]), noting it if so.
+fn should_log(last: &mut Option<Instant>) -> bool {
+    let now = Instant::now();
+    if last.is_some_and(|t| now.duration_since(t) < REFUSAL_LOG_INTERVAL) {
+        return false;
+    }
+    *last = Some(now);
+    true
+}
+
+fn is_out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+impl Connected for Limited {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for Limited {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Limited {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
 }

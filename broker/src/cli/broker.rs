@@ -40,6 +40,11 @@ pub struct BrokerArgs {
     /// open-file limit, at most 512, at least 16.
     #[arg(long)]
     max_open_segments: Option<usize>,
+    /// Most client connections served at once; more are accepted and
+    /// closed at once. Default: half the open-file limit, at most 10,000,
+    /// at least 16.
+    #[arg(long)]
+    max_connections: Option<usize>,
 }
 
 pub async fn run(args: BrokerArgs, started: std::time::Instant) -> anyhow::Result<()> {
@@ -55,9 +60,14 @@ pub async fn run(args: BrokerArgs, started: std::time::Instant) -> anyhow::Resul
         .max_open_segments
         .unwrap_or_else(|| default_open_segments(fd_limit));
     covet_raft_store::set_max_open_files(max_open_segments);
+    let max_connections = args
+        .max_connections
+        .unwrap_or_else(|| default_connections(fd_limit))
+        .max(1);
     tracing::info!(
         max_open_segments = covet_raft_store::max_open_files(),
-        "segment file cache"
+        max_connections,
+        "descriptor budget"
     );
     if args.node_id == 0 {
         anyhow::bail!("--node-id must be at least 1");
@@ -78,6 +88,7 @@ pub async fn run(args: BrokerArgs, started: std::time::Instant) -> anyhow::Resul
         peers: args.peers.0,
         segment_bytes: args.segment_bytes.max(4096),
         retention_interval: Duration::from_millis(args.retention_check_ms.max(10)),
+        max_connections,
         started,
     };
     server::run(config, shutdown_signal()).await
@@ -123,6 +134,16 @@ fn default_open_segments(fd_limit: Option<libc::rlim_t>) -> usize {
     let default = covet_raft_store::DEFAULT_MAX_OPEN_FILES;
     fd_limit.map_or(default, |limit| {
         usize::try_from(limit / 4).map_or(default, |quarter| quarter.clamp(16, default))
+    })
+}
+
+/// The default client connection limit for an open-file limit: half of
+/// it (a quarter goes to segment files, the rest to sled, peers and
+/// operations in flight), between 16 and 10,000.
+fn default_connections(fd_limit: Option<libc::rlim_t>) -> usize {
+    const MAX: usize = 10_000;
+    fd_limit.map_or(MAX, |limit| {
+        usize::try_from(limit / 2).map_or(MAX, |half| half.clamp(16, MAX))
     })
 }
 
