@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::catalog::Catalog;
 use crate::error::{BrokerError, Result};
-use crate::faults::{barrier_admits, guard, is_rebuild_report};
+use crate::faults::{barrier_admits, clamp_heartbeat, guard, implausible, is_rebuild_report};
 use crate::group::{Applied, Bootstrap, Group, GroupConfig, Machine, Responder};
 use crate::logging::raft_logger;
 use crate::state::meta::{MetaEffect, MetaState};
@@ -371,6 +371,22 @@ impl Driver {
         if g.vote_barrier.is_some() && !barrier_admits(g, &mut m.message) {
             return;
         }
+        if let Some(why) = implausible(g, &m.message) {
+            tracing::debug!(
+                group = m.group,
+                from = m.message.from,
+                why,
+                "peer message dropped"
+            );
+            return;
+        }
+        if clamp_heartbeat(g, &mut m.message) {
+            tracing::debug!(
+                group = m.group,
+                from = m.message.from,
+                "heartbeat commit index past the log ignored"
+            );
+        }
         let outcome = guard(|| {
             if let Err(e) = g.node.step(m.message) {
                 tracing::debug!(group = m.group, error = %e, "raft step failed");
@@ -452,6 +468,16 @@ impl Driver {
             Request::ChangeMembership { add, node, tx } => {
                 let change = membership_change(add, node);
                 match self.groups.get_mut(&META_GROUP) {
+                    // Checked before anything else (a lone leader removing
+                    // itself would otherwise be told to retry elsewhere):
+                    // raft-rs refuses to apply such a change, so proposing
+                    // it could only fail.
+                    Some(g) if !add && removes_last_voter(&g.voters(), node) => {
+                        let _ = tx.send(Err(BrokerError::MembershipConflict(format!(
+                            "node {node} is the metadata group's last voter; a cluster cannot \
+                             remove its last node"
+                        ))));
+                    }
                     // A leader that removed itself would go on leading a
                     // group it is not a voter of (raft-rs does not step it
                     // down), and nothing would commit: it hands over first
@@ -693,6 +719,11 @@ fn sync_all(storages: &[&GroupStorage]) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// Whether removing `node` would leave `voters` empty.
+fn removes_last_voter(voters: &[u64], node: u64) -> bool {
+    voters.contains(&node) && voters.iter().all(|&v| v == node)
 }
 
 /// A single-node membership change.

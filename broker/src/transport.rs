@@ -19,7 +19,23 @@
 //!
 //! The receiving side hands decoded messages to the Raft driver over its
 //! own channel, ahead of client requests, so heartbeats are not stuck
-//! behind a produce backlog.
+//! behind a produce backlog. That channel is bounded in messages and, by
+//! a semaphore of [`INBOUND_BYTES`] whose permits travel with each message
+//! until the driver has stepped it, in bytes: a peer flooding large
+//! messages is slowed down (HTTP/2 flow control stops it) instead of
+//! pinning memory.
+//!
+//! **Who may send.** The service accepts batches only from the node ids
+//! of the configuration (`--peers`, this node excluded); any other `from`
+//! ends the stream with `PERMISSION_DENIED`, logged once per stream. The
+//! client address a peer announces must be a socket address of at most
+//! [`MAX_ADDRESS_BYTES`] bytes, and the directory holds one per configured
+//! node, so it cannot grow. Each message must be from the batch's sender,
+//! and messages no legitimate peer sends are dropped before raft-rs sees
+//! them (see `faults::implausible`). Until mutual TLS lands, nothing proves
+//! a sender *is* the node it names: anyone who reaches the peer port can
+//! still speak as a configured node (disrupt elections, redirect clients to
+//! another valid address). Keep the peer port on a private network.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -33,7 +49,7 @@ use covet_protocol::internal::raft_transport_server::RaftTransport;
 use covet_protocol::internal::{GroupMessage, RaftAck, RaftBatch};
 use protobuf::Message as _;
 use raft::prelude::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status, Streaming};
 
 /// Messages queued per peer before new ones are dropped.
@@ -52,10 +68,18 @@ pub const MAX_CHUNKED_BYTES: usize = 256 << 20;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
+/// Longest client address a peer may announce.
+pub const MAX_ADDRESS_BYTES: usize = 256;
+/// Bytes of peer messages received and not yet stepped by the driver.
+pub const INBOUND_BYTES: usize = 256 << 20;
+
 /// A message from a peer, for the driver.
 pub struct Inbound {
     pub group: u64,
     pub message: Message,
+    /// This message's share of [`INBOUND_BYTES`], released when the driver
+    /// drops it.
+    pub permit: Option<OwnedSemaphorePermit>,
 }
 
 /// Client addresses peers announced, by node id.
@@ -65,17 +89,33 @@ pub struct Directory {
 }
 
 impl Directory {
+    /// Records `node`'s client address. The caller admits only configured
+    /// nodes, so the directory holds at most one entry per node of the
+    /// configuration.
     pub fn set(&self, node: u64, address: &str) {
-        let mut map = self.addresses.write().expect("directory lock");
+        let mut map = self.addresses.write().unwrap_or_else(|e| e.into_inner());
         if map.get(&node).map(String::as_str) != Some(address) {
             map.insert(node, address.to_string());
         }
     }
 
+    /// How many addresses are known.
+    pub fn len(&self) -> usize {
+        self.addresses
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// Whether no address is known.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn get(&self, node: u64) -> Option<String> {
         self.addresses
             .read()
-            .expect("directory lock")
+            .unwrap_or_else(|e| e.into_inner())
             .get(&node)
             .cloned()
     }
@@ -377,6 +417,52 @@ impl Reassembly {
 pub struct TransportService {
     pub inbound: mpsc::Sender<Inbound>,
     pub directory: Arc<Directory>,
+    /// The node ids allowed to send: the configured peers, not this node.
+    pub peers: std::collections::HashSet<u64>,
+    /// Bytes of messages waiting for the driver (see [`INBOUND_BYTES`]).
+    pub inbound_bytes: Arc<Semaphore>,
+}
+
+impl TransportService {
+    pub fn new(
+        me: u64,
+        peers: &HashMap<u64, SocketAddr>,
+        inbound: mpsc::Sender<Inbound>,
+        directory: Arc<Directory>,
+    ) -> TransportService {
+        TransportService {
+            inbound,
+            directory,
+            peers: peers.keys().copied().filter(|&id| id != me).collect(),
+            inbound_bytes: Arc::new(Semaphore::new(INBOUND_BYTES)),
+        }
+    }
+
+    /// Refuses a batch no configured peer sends; records its address.
+    fn admit(&self, batch: &RaftBatch) -> Result<(), Status> {
+        if !self.peers.contains(&batch.from) {
+            tracing::warn!(from = batch.from, "raft batch from an unknown node refused");
+            return Err(Status::permission_denied(format!(
+                "node {} is not a peer of this node",
+                batch.from
+            )));
+        }
+        if !batch.client_address.is_empty() {
+            let address = &batch.client_address;
+            if address.len() > MAX_ADDRESS_BYTES || address.parse::<SocketAddr>().is_err() {
+                tracing::warn!(
+                    from = batch.from,
+                    len = address.len(),
+                    "raft batch with a bad client address refused"
+                );
+                return Err(Status::invalid_argument(format!(
+                    "client address must be HOST:PORT of at most {MAX_ADDRESS_BYTES} bytes"
+                )));
+            }
+            self.directory.set(batch.from, address);
+        }
+        Ok(())
+    }
 }
 
 #[tonic::async_trait]
@@ -387,36 +473,56 @@ impl RaftTransport for TransportService {
     ) -> Result<Response<RaftAck>, Status> {
         let mut stream = request.into_inner();
         let mut reassembly = Reassembly::default();
-        while let Some(batch) = stream.message().await? {
-            if !batch.client_address.is_empty() {
-                self.directory.set(batch.from, &batch.client_address);
+        // Dropped messages are logged once per stream, at the first: a
+        // flood of bad ones must not become a flood of log lines.
+        let mut dropped = 0u64;
+        let mut drop_message = |from: u64, group: u64, why: String| {
+            if dropped == 0 {
+                tracing::warn!(
+                    from,
+                    group,
+                    why,
+                    "raft message dropped (logged once per stream)"
+                );
             }
+            dropped += 1;
+        };
+        while let Some(batch) = stream.message().await? {
+            self.admit(&batch)?;
             for gm in batch.messages {
                 let group = gm.group;
                 let encoded = match reassembly.offer(gm) {
                     Ok(Some(encoded)) => encoded,
                     Ok(None) => continue,
                     Err(e) => {
-                        tracing::warn!(from = batch.from, group, error = %e, "chunk dropped");
+                        drop_message(batch.from, group, format!("chunk dropped: {e}"));
                         continue;
                     }
                 };
                 let message = match Message::parse_from_carllerche_bytes(&encoded) {
                     Ok(m) => m,
                     Err(e) => {
-                        tracing::warn!(from = batch.from, error = %e, "undecodable raft message");
+                        drop_message(batch.from, group, format!("undecodable: {e}"));
                         continue;
                     }
                 };
                 if message.from != batch.from {
-                    tracing::warn!(
-                        from = batch.from,
-                        claimed = message.from,
-                        "raft message with a forged sender"
-                    );
+                    let why = format!("claims to be from node {}", message.from);
+                    drop_message(batch.from, group, why);
                     continue;
                 }
-                if self.inbound.send(Inbound { group, message }).await.is_err() {
+                // Waits while the driver holds its byte budget: the stream
+                // stops being read, and flow control stops the sender.
+                let weight = encoded.len().clamp(1, INBOUND_BYTES) as u32;
+                let Ok(permit) = self.inbound_bytes.clone().acquire_many_owned(weight).await else {
+                    return Err(Status::unavailable("node is shutting down"));
+                };
+                let inbound = Inbound {
+                    group,
+                    message,
+                    permit: Some(permit),
+                };
+                if self.inbound.send(inbound).await.is_err() {
                     return Err(Status::unavailable("node is shutting down"));
                 }
             }
