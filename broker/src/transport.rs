@@ -575,6 +575,85 @@ mod tests {
         assert!(r.offer(middle).is_err());
     }
 
+    /// A peer sending large messages while the driver takes none can pin
+    /// only the byte budget; the rest waits in the peer's own stream (flow
+    /// control), and flows once the driver catches up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_inbound_queue_is_bounded_in_bytes() {
+        use covet_protocol::internal::raft_transport_server::RaftTransportServer;
+        const BUDGET: usize = 8 << 20;
+        const SENT: usize = 24;
+        let (tx, mut rx) = mpsc::channel(16_384);
+        let mut peers = HashMap::new();
+        peers.insert(2, "127.0.0.1:1".parse().unwrap());
+        let mut service = TransportService::new(1, &peers, tx, Arc::default());
+        service.inbound_bytes = Arc::new(Semaphore::new(BUDGET));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftTransportServer::new(service))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut m = Message::default();
+        m.from = 2;
+        m.to = 1;
+        m.set_entries(
+            vec![raft::prelude::Entry {
+                data: vec![1u8; 900 << 10].into(),
+                ..Default::default()
+            }]
+            .into(),
+        );
+        let encoded = Bytes::from(m.write_to_bytes().unwrap());
+        let batches: Vec<RaftBatch> = (0..SENT)
+            .map(|_| RaftBatch {
+                from: 2,
+                client_address: String::new(),
+                messages: chunked(9, encoded.clone()),
+            })
+            .collect();
+        let mut client = RaftTransportClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let call =
+            tokio::spawn(async move { client.send(tokio_stream::iter(batches)).await.is_ok() });
+        let most = BUDGET / encoded.len();
+        // The queue fills up to the budget...
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while rx.len() < most && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            rx.len() <= most,
+            "{} messages queued past the budget",
+            rx.len()
+        );
+        assert_eq!(rx.len(), most, "queue never reached the budget");
+        // ...and goes no further while nothing is taken.
+        let over = tokio::time::timeout(Duration::from_millis(500), async {
+            while rx.len() <= most {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(
+            over.is_err(),
+            "{} messages queued past the budget",
+            rx.len()
+        );
+        assert!(!call.is_finished());
+        // Taking them (dropping their permits) lets the rest through.
+        let mut got = 0;
+        while got < SENT {
+            let taken = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await;
+            assert!(matches!(taken, Ok(Some(_))), "only {got} messages arrived");
+            got += 1;
+        }
+        let ok = tokio::time::timeout(Duration::from_secs(20), call).await;
+        assert!(matches!(ok, Ok(Ok(true))), "{ok:?}");
+    }
+
     #[test]
     fn a_claimed_size_beyond_the_bound_is_refused_before_buffering() {
         let gm = GroupMessage {
