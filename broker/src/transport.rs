@@ -595,9 +595,11 @@ mod tests {
                 .add_service(RaftTransportServer::new(service))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        let mut m = Message::default();
-        m.from = 2;
-        m.to = 1;
+        let mut m = Message {
+            from: 2,
+            to: 1,
+            ..Default::default()
+        };
         m.set_entries(
             vec![raft::prelude::Entry {
                 data: vec![1u8; 900 << 10].into(),
