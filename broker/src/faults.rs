@@ -286,7 +286,7 @@ pub(crate) fn barrier_admits(g: &mut Group, m: &mut Message) -> bool {
 ///   leader would commit entries it does not hold);
 /// - a snapshot whose configuration raft-rs cannot restore (no voters, a
 ///   node both voter and learner, or a joint configuration, which Covet
-///   never uses).
+///   never uses), or any snapshot of the metadata group.
 ///
 /// A heartbeat whose commit index lies past this replica's log is not
 /// dropped but loses its commit index (see [`clamp_heartbeat`]).
@@ -308,6 +308,12 @@ pub(crate) fn implausible(g: &Group, m: &Message) -> Option<&'static str> {
         }
         MessageType::MsgAppendResponse if !m.reject && m.index > log.last_index() => {
             Some("append response past the log")
+        }
+        // The metadata log is never compacted and every replica starts at
+        // the same bootstrap snapshot, so no leader sends one; installing
+        // it would fail and take the node's metadata out of service.
+        MessageType::MsgSnapshot if matches!(g.machine, Machine::Meta(_)) => {
+            Some("snapshot for the metadata group")
         }
         MessageType::MsgSnapshot => {
             let cs = m.get_snapshot().get_metadata().get_conf_state();

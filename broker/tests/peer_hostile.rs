@@ -170,7 +170,21 @@ async fn the_peer_port_refuses_strangers_and_forged_messages() {
         ..Default::default()
     };
     app.set_entries(vec![e].into());
+    // A snapshot for the metadata group (whose log is never compacted: no
+    // leader sends one, and installing it fails).
+    let mut snap = Message::default();
+    snap.set_msg_type(MessageType::MsgSnapshot);
+    snap.from = 2;
+    snap.to = 1;
+    snap.term = 1_002;
+    let meta = snap.mut_snapshot().mut_metadata();
+    meta.index = 1_000;
+    meta.term = 1_002;
+    meta.mut_conf_state().voters = vec![1, 2];
+    // The snapshot goes first: the heartbeat's term showing up below proves
+    // the snapshot was stepped (or dropped) before it.
     let messages = vec![
+        whole(0, encoded(&snap)),
         whole(0, Bytes::from_static(b"\xff\xff\xff garbage")),
         whole(0, encoded(&hb)),
         whole(0, encoded(&app)),
