@@ -288,6 +288,9 @@ pub(crate) fn barrier_admits(g: &mut Group, m: &mut Message) -> bool {
 ///   node both voter and learner, or a joint configuration, which Covet
 ///   never uses), or any snapshot of the metadata group.
 ///
+/// - proposals, leadership transfers and read-index requests, which only
+///   ever come from this node itself.
+///
 /// A heartbeat whose commit index lies past this replica's log is not
 /// dropped but loses its commit index (see [`clamp_heartbeat`]).
 pub(crate) fn implausible(g: &Group, m: &Message) -> Option<&'static str> {
@@ -306,6 +309,15 @@ pub(crate) fn implausible(g: &Group, m: &Message) -> Option<&'static str> {
             }
             None
         }
+        // Covet proposes, transfers leadership and reads only on the
+        // leader itself, so raft-rs never forwards these to a peer. From a
+        // peer, a proposal would put unvalidated entries in the log (an
+        // empty one panics raft-rs), and a transfer names a sender that
+        // may have no progress in the group (raft-rs unwraps it).
+        MessageType::MsgPropose
+        | MessageType::MsgTransferLeader
+        | MessageType::MsgReadIndex
+        | MessageType::MsgReadIndexResp => Some("a message type peers do not send"),
         MessageType::MsgAppendResponse if !m.reject && m.index > log.last_index() => {
             Some("append response past the log")
         }
@@ -504,6 +516,20 @@ mod tests {
         let mut backwards = app.clone();
         backwards.set_entries(vec![entry(6, 7), entry(7, 6)].into());
         assert!(implausible(&g, &backwards).is_some());
+
+        for ty in [
+            MessageType::MsgPropose,
+            MessageType::MsgTransferLeader,
+            MessageType::MsgReadIndex,
+        ] {
+            let mut m = Message::default();
+            m.set_msg_type(ty);
+            m.from = 2;
+            assert!(implausible(&g, &m).is_some(), "{ty:?}");
+        }
+        let mut heartbeat_response = Message::default();
+        heartbeat_response.set_msg_type(MessageType::MsgHeartbeatResponse);
+        assert!(implausible(&g, &heartbeat_response).is_none());
 
         let mut resp = Message::default();
         resp.set_msg_type(MessageType::MsgAppendResponse);

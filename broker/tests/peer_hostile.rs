@@ -181,10 +181,17 @@ async fn the_peer_port_refuses_strangers_and_forged_messages() {
     meta.index = 1_000;
     meta.term = 1_002;
     meta.mut_conf_state().voters = vec![1, 2];
+    // A proposal from a peer (only a node's own leader proposes; an empty
+    // one panics raft-rs on the leader, node 1 as a rule).
+    let mut propose = Message::default();
+    propose.set_msg_type(MessageType::MsgPropose);
+    propose.from = 2;
+    propose.to = 1;
     // The snapshot goes first: the heartbeat's term showing up below proves
     // the snapshot was stepped (or dropped) before it.
     let messages = vec![
         whole(0, encoded(&snap)),
+        whole(0, encoded(&propose)),
         whole(0, Bytes::from_static(b"\xff\xff\xff garbage")),
         whole(0, encoded(&hb)),
         whole(0, encoded(&app)),
