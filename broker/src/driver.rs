@@ -478,6 +478,13 @@ impl Driver {
                              remove its last node"
                         ))));
                     }
+                    Some(g) if !add && g.is_leader() && !leaves_live_quorum(g, node) => {
+                        let _ = tx.send(Err(BrokerError::MembershipConflict(format!(
+                            "removing node {node} would leave a metadata group whose reachable \
+                             voters are not a majority; remove an unreachable node first, or \
+                             retry once the others are back"
+                        ))));
+                    }
                     // A leader that removed itself would go on leading a
                     // group it is not a voter of (raft-rs does not step it
                     // down), and nothing would commit: it hands over first
@@ -724,6 +731,28 @@ fn sync_all(storages: &[&GroupStorage]) -> Result<()> {
 /// Whether removing `node` would leave `voters` empty.
 fn removes_last_voter(voters: &[u64], node: u64) -> bool {
     voters.contains(&node) && voters.iter().all(|&v| v == node)
+}
+
+/// Whether the voters left after removing `node` include a majority that
+/// this leader currently replicates to (itself included). A removal that
+/// left a majority of unreachable voters would stop the metadata group
+/// until they came back. A follower counts as reachable while its progress
+/// is in the replicate state: the transport reports a broken link at once
+/// and raft-rs then probes instead.
+fn leaves_live_quorum(g: &Group, node: u64) -> bool {
+    let me = g.node.raft.id;
+    let prs = g.node.raft.prs();
+    let remaining: Vec<u64> = g.voters().into_iter().filter(|&v| v != node).collect();
+    let live = remaining
+        .iter()
+        .filter(|&&v| {
+            v == me
+                || prs
+                    .get(v)
+                    .is_some_and(|pr| pr.state == raft::ProgressState::Replicate)
+        })
+        .count();
+    live > remaining.len() / 2
 }
 
 /// A single-node membership change.

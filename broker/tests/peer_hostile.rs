@@ -29,36 +29,42 @@ fn free_port() -> u16 {
     l.local_addr().expect("addr").port()
 }
 
-/// A two-node cluster on loopback, both nodes started together (each is
-/// ready only once the other is up). Returns the brokers and the peer port
-/// of node 1.
-fn two_nodes(dir: &std::path::Path) -> (Broker, Broker, u16) {
-    let ports = [free_port(), free_port()];
-    let peers = format!("1=127.0.0.1:{},2=127.0.0.1:{}", ports[0], ports[1]);
-    let start = |id: u64| {
-        let dir = dir.join(format!("n{id}"));
-        let peers = peers.clone();
-        let listen = format!("127.0.0.1:{}", ports[id as usize - 1]);
-        std::thread::spawn(move || {
-            Broker::start(
-                &dir,
-                &[
-                    "--node-id",
-                    &id.to_string(),
-                    "--peer-listen",
-                    &listen,
-                    "--peers",
-                    &peers,
-                ],
-            )
+/// A cluster of `n` nodes on loopback, all started together (each is
+/// ready only once a majority is up). Returns the brokers and their peer
+/// ports.
+fn cluster(dir: &std::path::Path, n: u64) -> (Vec<Broker>, Vec<u16>) {
+    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let peers: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+        .collect();
+    let peers = peers.join(",");
+    let starts: Vec<_> = (1..=n)
+        .map(|id| {
+            let dir = dir.join(format!("n{id}"));
+            let peers = peers.clone();
+            let listen = format!("127.0.0.1:{}", ports[id as usize - 1]);
+            std::thread::spawn(move || {
+                Broker::start(
+                    &dir,
+                    &[
+                        "--node-id",
+                        &id.to_string(),
+                        "--peer-listen",
+                        &listen,
+                        "--peers",
+                        &peers,
+                    ],
+                )
+            })
         })
-    };
-    let (a, b) = (start(1), start(2));
-    (
-        a.join().expect("node 1 started"),
-        b.join().expect("node 2 started"),
-        ports[0],
-    )
+        .collect();
+    let brokers = starts
+        .into_iter()
+        .map(|s| s.join().expect("node started"))
+        .collect();
+    (brokers, ports)
 }
 
 /// Sends `batches` on one `RaftTransport.Send` stream; the call's outcome.
@@ -130,7 +136,8 @@ async fn removing_the_last_voter_is_refused_and_the_node_restarts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_peer_port_refuses_strangers_and_forged_messages() {
     let dir = tempfile::tempdir().unwrap();
-    let (n1, _n2, peer_port) = two_nodes(dir.path());
+    let (nodes, ports) = cluster(dir.path(), 2);
+    let (n1, peer_port) = (&nodes[0], ports[0]);
 
     // A node id outside the configuration.
     let err = send_batches(peer_port, vec![batch(99, "127.0.0.1:1", vec![])])
@@ -246,4 +253,63 @@ async fn the_peer_port_refuses_strangers_and_forged_messages() {
     c.cluster_status(ClusterStatusRequest {})
         .await
         .expect("serves");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_that_leaves_no_reachable_majority_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut nodes, _) = cluster(dir.path(), 3);
+    // The metadata leader, as node 1 sees it.
+    let addr = nodes[0].addr.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let leader = loop {
+        let groups = group_views(&addr).await.unwrap_or_default();
+        if let Some(g) = groups.iter().find(|g| g.group == 0 && g.leader != 0) {
+            break g.leader;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no metadata leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let others: Vec<u64> = (1..=3).filter(|&n| n != leader).collect();
+    let (down, live) = (others[0], others[1]);
+    nodes[down as usize - 1].kill9();
+    let leader_addr = nodes[leader as usize - 1].addr.clone();
+    // Once the leader has noticed the dead node...
+    let noticed = wait_until(Duration::from_secs(20), || {
+        let addr = leader_addr.clone();
+        async move {
+            group_views(&addr).await.is_some_and(|groups| {
+                groups.iter().any(|g| {
+                    g.group == 0
+                        && g.replicas
+                            .iter()
+                            .any(|r| r.node == down && r.state != "replicate")
+                })
+            })
+        }
+    })
+    .await;
+    assert!(noticed, "the leader never saw node {down} go");
+    // ...removing the live follower is refused: the dead node and the
+    // leader would be the voters, and only one of them answers.
+    let mut c = client(&leader_addr).await;
+    let err = c
+        .change_membership(ChangeMembershipRequest {
+            add_node: 0,
+            remove_node: live,
+        })
+        .await
+        .expect_err("a removal leaving no reachable majority must be refused");
+    assert_eq!(reason_of(&err), Some(Reason::MembershipConflict), "{err:?}");
+    // Removing the dead node is fine: the two live nodes remain.
+    let voters = c
+        .change_membership(ChangeMembershipRequest {
+            add_node: 0,
+            remove_node: down,
+        })
+        .await
+        .expect("removing the dead node")
+        .into_inner()
+        .voters;
+    assert!(!voters.contains(&down), "{voters:?}");
 }
