@@ -20,10 +20,11 @@
 //! The receiving side hands decoded messages to the Raft driver over its
 //! own channel, ahead of client requests, so heartbeats are not stuck
 //! behind a produce backlog. That channel is bounded in messages and, by
-//! a semaphore of [`INBOUND_BYTES`] whose permits travel with each message
-//! until the driver has stepped it, in bytes: a peer flooding large
-//! messages is slowed down (HTTP/2 flow control stops it) instead of
-//! pinning memory.
+//! a semaphore of [`INBOUND_BYTES`] whose permits travel with the messages
+//! of each received batch until the driver has stepped them, in bytes: a
+//! peer flooding large messages is slowed down (HTTP/2 flow control stops
+//! it) instead of pinning memory. Not counted: a chunked message being
+//! reassembled (at most [`MAX_CHUNKED_BYTES`] per stream).
 //!
 //! **Who may send.** The service accepts batches only from the node ids
 //! of the configuration (`--peers`, this node excluded); any other `from`
@@ -77,9 +78,11 @@ pub const INBOUND_BYTES: usize = 256 << 20;
 pub struct Inbound {
     pub group: u64,
     pub message: Message,
-    /// This message's share of [`INBOUND_BYTES`], released when the driver
-    /// drops it.
-    pub permit: Option<OwnedSemaphorePermit>,
+    /// The bytes of [`INBOUND_BYTES`] this message pins: those of the gRPC
+    /// batch it was decoded from (its fields share that buffer), released
+    /// when the driver has dropped every message of the batch; plus its own
+    /// size when it was reassembled from chunks into a buffer of its own.
+    pub permit: Vec<Arc<OwnedSemaphorePermit>>,
 }
 
 /// Client addresses peers announced, by node id.
@@ -438,6 +441,19 @@ impl TransportService {
         }
     }
 
+    /// Takes `bytes` of the inbound budget, waiting until the driver has
+    /// released enough. One claim takes half the budget at most: a stream
+    /// holds at most two at once (its batch's, and a reassembled message's),
+    /// so it never waits for bytes it holds itself.
+    async fn reserve(&self, bytes: usize) -> Result<OwnedSemaphorePermit, Status> {
+        let n = bytes.clamp(1, INBOUND_BYTES / 2) as u32;
+        self.inbound_bytes
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .map_err(|_| Status::unavailable("node is shutting down"))
+    }
+
     /// Refuses a batch no configured peer sends; records its address.
     fn admit(&self, batch: &RaftBatch) -> Result<(), Status> {
         if !self.peers.contains(&batch.from) {
@@ -489,8 +505,15 @@ impl RaftTransport for TransportService {
         };
         while let Some(batch) = stream.message().await? {
             self.admit(&batch)?;
+            // Decoded messages share the batch's buffer, which lives until
+            // the last of them is dropped: the batch is what they pin.
+            // Waits while the driver holds the byte budget: the stream stops
+            // being read, and HTTP/2 flow control stops the sender.
+            let size: usize = batch.messages.iter().map(|m| m.message.len()).sum();
+            let frame = Arc::new(self.reserve(size).await?);
             for gm in batch.messages {
                 let group = gm.group;
+                let chunked = gm.chunks > 1;
                 let encoded = match reassembly.offer(gm) {
                     Ok(Some(encoded)) => encoded,
                     Ok(None) => continue,
@@ -511,16 +534,14 @@ impl RaftTransport for TransportService {
                     drop_message(batch.from, group, why);
                     continue;
                 }
-                // Waits while the driver holds its byte budget: the stream
-                // stops being read, and flow control stops the sender.
-                let weight = encoded.len().clamp(1, INBOUND_BYTES) as u32;
-                let Ok(permit) = self.inbound_bytes.clone().acquire_many_owned(weight).await else {
-                    return Err(Status::unavailable("node is shutting down"));
-                };
+                let mut permit = vec![frame.clone()];
+                if chunked {
+                    permit.push(Arc::new(self.reserve(encoded.len()).await?));
+                }
                 let inbound = Inbound {
                     group,
                     message,
-                    permit: Some(permit),
+                    permit,
                 };
                 if self.inbound.send(inbound).await.is_err() {
                     return Err(Status::unavailable("node is shutting down"));
@@ -651,6 +672,71 @@ mod tests {
             let taken = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await;
             assert!(matches!(taken, Ok(Some(_))), "only {got} messages arrived");
             got += 1;
+        }
+        let ok = tokio::time::timeout(Duration::from_secs(20), call).await;
+        assert!(matches!(ok, Ok(Ok(true))), "{ok:?}");
+    }
+
+    /// A small message decoded from a large batch keeps the whole batch's
+    /// buffer alive, so it is charged the batch: padding a batch with bytes
+    /// that are dropped does not get around the budget.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_small_message_in_a_large_batch_is_charged_the_batch() {
+        use covet_protocol::internal::raft_transport_server::RaftTransportServer;
+        const BUDGET: usize = 8 << 20;
+        let (tx, mut rx) = mpsc::channel(16_384);
+        let mut peers = HashMap::new();
+        peers.insert(2, "127.0.0.1:1".parse().unwrap());
+        let mut service = TransportService::new(1, &peers, tx, Arc::default());
+        service.inbound_bytes = Arc::new(Semaphore::new(BUDGET));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftTransportServer::new(service))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let small = Message {
+            from: 2,
+            to: 1,
+            ..Default::default()
+        };
+        let small = Bytes::from(small.write_to_bytes().unwrap());
+        let padding = Bytes::from(vec![0xffu8; 3 << 20]);
+        let batches: Vec<RaftBatch> = (0..16)
+            .map(|_| RaftBatch {
+                from: 2,
+                client_address: String::new(),
+                // Undecodable padding, sent whole; dropped on arrival.
+                messages: vec![
+                    GroupMessage {
+                        group: 9,
+                        message: padding.clone(),
+                        chunk: 0,
+                        chunks: 0,
+                    },
+                    chunked(9, small.clone()).remove(0),
+                ],
+            })
+            .collect();
+        let mut client = RaftTransportClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap()
+            .max_encoding_message_size(usize::MAX);
+        let call =
+            tokio::spawn(async move { client.send(tokio_stream::iter(batches)).await.is_ok() });
+        let most = BUDGET / (padding.len() + small.len());
+        let over = tokio::time::timeout(Duration::from_secs(2), async {
+            while rx.len() <= most {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(over.is_err(), "{} batches pinned past the budget", rx.len());
+        assert_eq!(rx.len(), most);
+        for got in 0..16 {
+            let taken = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await;
+            assert!(matches!(taken, Ok(Some(_))), "only {got} messages arrived");
         }
         let ok = tokio::time::timeout(Duration::from_secs(20), call).await;
         assert!(matches!(ok, Ok(Ok(true))), "{ok:?}");
