@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::catalog::Catalog;
 use crate::error::{BrokerError, Result};
-use crate::faults::{barrier_admits, guard, is_rebuild_report};
+use crate::faults::{barrier_admits, clamp_heartbeat, guard, implausible, is_rebuild_report};
 use crate::group::{Applied, Bootstrap, Group, GroupConfig, Machine, Responder};
 use crate::logging::raft_logger;
 use crate::state::meta::{MetaEffect, MetaState};
@@ -373,6 +373,22 @@ impl Driver {
         if g.vote_barrier.is_some() && !barrier_admits(g, &mut m.message) {
             return;
         }
+        if let Some(why) = implausible(g, &m.message) {
+            tracing::debug!(
+                group = m.group,
+                from = m.message.from,
+                why,
+                "peer message dropped"
+            );
+            return;
+        }
+        if clamp_heartbeat(g, &mut m.message) {
+            tracing::debug!(
+                group = m.group,
+                from = m.message.from,
+                "heartbeat commit index past the log ignored"
+            );
+        }
         let outcome = guard(|| {
             if let Err(e) = g.node.step(m.message) {
                 tracing::debug!(group = m.group, error = %e, "raft step failed");
@@ -454,6 +470,23 @@ impl Driver {
             Request::ChangeMembership { add, node, tx } => {
                 let change = membership_change(add, node);
                 match self.groups.get_mut(&META_GROUP) {
+                    // Checked before anything else (a lone leader removing
+                    // itself would otherwise be told to retry elsewhere):
+                    // raft-rs refuses to apply such a change, so proposing
+                    // it could only fail.
+                    Some(g) if !add && removes_last_voter(&g.voters(), node) => {
+                        let _ = tx.send(Err(BrokerError::MembershipConflict(format!(
+                            "node {node} is the metadata group's last voter; a cluster cannot \
+                             remove its last node"
+                        ))));
+                    }
+                    Some(g) if !add && g.is_leader() && !leaves_live_quorum(g, node) => {
+                        let _ = tx.send(Err(BrokerError::MembershipConflict(format!(
+                            "removing node {node} would leave a metadata group whose reachable \
+                             voters are not a majority; remove an unreachable node first, or \
+                             retry once the others are back"
+                        ))));
+                    }
                     // A leader that removed itself would go on leading a
                     // group it is not a voter of (raft-rs does not step it
                     // down), and nothing would commit: it hands over first
@@ -695,6 +728,33 @@ fn sync_all(storages: &[&GroupStorage]) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// Whether removing `node` would leave `voters` empty.
+fn removes_last_voter(voters: &[u64], node: u64) -> bool {
+    voters.contains(&node) && voters.iter().all(|&v| v == node)
+}
+
+/// Whether the voters left after removing `node` include a majority that
+/// this leader currently replicates to (itself included). A removal that
+/// left a majority of unreachable voters would stop the metadata group
+/// until they came back. A follower counts as reachable while its progress
+/// is in the replicate state: the transport reports a broken link at once
+/// and raft-rs then probes instead.
+fn leaves_live_quorum(g: &Group, node: u64) -> bool {
+    let me = g.node.raft.id;
+    let prs = g.node.raft.prs();
+    let remaining: Vec<u64> = g.voters().into_iter().filter(|&v| v != node).collect();
+    let live = remaining
+        .iter()
+        .filter(|&&v| {
+            v == me
+                || prs
+                    .get(v)
+                    .is_some_and(|pr| pr.state == raft::ProgressState::Replicate)
+        })
+        .count();
+    live > remaining.len() / 2
 }
 
 /// A single-node membership change.

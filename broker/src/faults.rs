@@ -270,6 +270,92 @@ pub(crate) fn barrier_admits(g: &mut Group, m: &mut Message) -> bool {
     }
 }
 
+/// Why `m` cannot come from a legitimate peer of `g`, if it cannot; such a
+/// message is dropped before raft-rs sees it. raft-rs trusts its peers and
+/// panics (`fatal!`) on claims no correct peer makes; caught by [`guard`],
+/// a panic would still take the replica out of service and rebuild it, so
+/// one forged message would be a denial of service. Until mutual TLS
+/// authenticates peers (see `transport`), this is what stands between a
+/// sender on the peer port and those panics:
+///
+/// - an append whose entries do not follow its `index` one by one (raft-rs
+///   indexes them by position and appends after them, and panics when
+///   that would rewrite a committed entry), or whose terms run backwards
+///   or past the message's term;
+/// - an append response claiming an index past the leader's log (the
+///   leader would commit entries it does not hold);
+/// - a snapshot whose configuration raft-rs cannot restore (no voters, a
+///   node both voter and learner, or a joint configuration, which Covet
+///   never uses), or any snapshot of the metadata group.
+///
+/// - proposals, leadership transfers and read-index requests, which only
+///   ever come from this node itself.
+///
+/// A heartbeat whose commit index lies past this replica's log is not
+/// dropped but loses its commit index (see [`clamp_heartbeat`]).
+pub(crate) fn implausible(g: &Group, m: &Message) -> Option<&'static str> {
+    let log = &g.node.raft.raft_log;
+    match m.get_msg_type() {
+        MessageType::MsgAppend => {
+            let mut prev_term = m.log_term;
+            for (i, e) in m.entries.iter().enumerate() {
+                if m.index.checked_add(i as u64 + 1) != Some(e.index) {
+                    return Some("append entries out of sequence");
+                }
+                if e.term < prev_term || e.term > m.term {
+                    return Some("append entry terms out of order");
+                }
+                prev_term = e.term;
+            }
+            None
+        }
+        // Covet proposes, transfers leadership and reads only on the
+        // leader itself, so raft-rs never forwards these to a peer. From a
+        // peer, a proposal would put unvalidated entries in the log (an
+        // empty one panics raft-rs), and a transfer names a sender that
+        // may have no progress in the group (raft-rs unwraps it).
+        MessageType::MsgPropose
+        | MessageType::MsgTransferLeader
+        | MessageType::MsgReadIndex
+        | MessageType::MsgReadIndexResp => Some("a message type peers do not send"),
+        MessageType::MsgAppendResponse if !m.reject && m.index > log.last_index() => {
+            Some("append response past the log")
+        }
+        // The metadata log is never compacted and every replica starts at
+        // the same bootstrap snapshot, so no leader sends one; installing
+        // it would fail and take the node's metadata out of service.
+        MessageType::MsgSnapshot if matches!(g.machine, Machine::Meta(_)) => {
+            Some("snapshot for the metadata group")
+        }
+        MessageType::MsgSnapshot => {
+            let cs = m.get_snapshot().get_metadata().get_conf_state();
+            let invalid = cs.voters.is_empty()
+                || cs.voters.iter().any(|v| cs.learners.contains(v))
+                || !cs.voters_outgoing.is_empty()
+                || !cs.learners_next.is_empty()
+                || cs.auto_leave;
+            invalid.then_some("snapshot with an invalid configuration")
+        }
+        _ => None,
+    }
+}
+
+/// A heartbeat names the leader's commit index, capped at what the leader
+/// knows this replica holds; one naming an index past this replica's log
+/// makes raft-rs panic. That happens with a forged message, or with a
+/// leader whose view of this replica is stale (the rebuilt replicas above):
+/// the heartbeat still counts (it resets the election timer), but commits
+/// nothing. Only an append that matched the log proves what is committed.
+/// Returns whether the commit index was cut.
+pub(crate) fn clamp_heartbeat(g: &Group, m: &mut Message) -> bool {
+    let log = &g.node.raft.raft_log;
+    if m.get_msg_type() == MessageType::MsgHeartbeat && m.commit > log.last_index() {
+        m.commit = log.committed;
+        return true;
+    }
+    false
+}
+
 impl Driver {
     /// A leader hears that a follower was rebuilt: unless its progress
     /// already starts afresh (the follower was added back), it removes the
@@ -298,5 +384,243 @@ impl Driver {
         cc.set_changes(vec![remove].into());
         let (tx, _) = tokio::sync::oneshot::channel();
         g.propose_membership(cc, tx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::group::{Applied, GroupConfig, MAX_UNCOMMITTED_BYTES};
+    use crate::logging::raft_logger;
+    use bytes::Bytes;
+    use raft::prelude::{ConfChangeType, ConfChangeV2, Entry};
+
+    /// Opens replica 1 of a group with `voters` in `dir`.
+    fn open(dir: &Path, voters: &[u64]) -> Group {
+        let logger = raft_logger();
+        let db = sled::Config::new()
+            .path(dir.join("sled"))
+            .open()
+            .expect("sled");
+        let state = PartitionState::open(db.open_tree("p").expect("tree")).expect("state");
+        let cfg = GroupConfig {
+            node_id: 1,
+            log_options: Default::default(),
+            logger: &logger,
+            election_tick: 10,
+            heartbeat_tick: 2,
+            fixed_election_timeout: Some(10),
+        };
+        let bootstrap = Bootstrap {
+            voters: voters.to_vec(),
+            preferred_leader: 0,
+        };
+        Group::open(
+            7,
+            &dir.join("g"),
+            Machine::Partition(state),
+            &cfg,
+            &bootstrap,
+        )
+        .expect("open")
+    }
+
+    struct Nowhere;
+    impl Outbox for Nowhere {
+        fn send(&self, _: u64, _: Message) -> bool {
+            true
+        }
+    }
+
+    /// Runs rounds until nothing is ready.
+    fn settle(g: &mut Group) {
+        for _ in 0..100 {
+            let mut effects = Vec::new();
+            match g.write_ready(&Nowhere, &mut effects).expect("round") {
+                Some(rd) => {
+                    g.storage.sync().expect("sync");
+                    g.finish_ready(rd, &Nowhere, &mut effects).expect("finish");
+                }
+                None => return,
+            }
+        }
+        panic!("group did not settle");
+    }
+
+    fn heartbeat(commit: u64) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgHeartbeat);
+        m.from = 2;
+        m.to = 1;
+        m.term = 100;
+        m.commit = commit;
+        m
+    }
+
+    #[test]
+    fn a_heartbeat_committing_past_the_log_commits_nothing_and_does_not_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = open(dir.path(), &[1, 2]);
+        // What raft-rs does with it unfiltered: a panic.
+        let raw = guard(|| {
+            let _ = g.node.step(heartbeat(u64::MAX / 2));
+            Ok(())
+        });
+        assert!(raw.is_err(), "raft-rs accepted the forged heartbeat");
+        let mut g = open(&dir.path().join("again"), &[1, 2]);
+        let committed = g.node.raft.raft_log.committed;
+        let mut m = heartbeat(u64::MAX / 2);
+        assert!(implausible(&g, &m).is_none());
+        assert!(clamp_heartbeat(&g, &mut m));
+        let outcome = guard(|| {
+            let _ = g.node.step(m);
+            Ok(())
+        });
+        assert!(outcome.is_ok(), "{outcome:?}");
+        assert_eq!(g.node.raft.raft_log.committed, committed);
+        // A heartbeat within the log is left alone.
+        let mut fine = heartbeat(committed);
+        assert!(!clamp_heartbeat(&g, &mut fine));
+    }
+
+    #[test]
+    fn appends_responses_and_snapshots_no_peer_sends_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = open(dir.path(), &[1, 2]);
+        let entry = |index, term| Entry {
+            index,
+            term,
+            ..Default::default()
+        };
+        let mut app = Message::default();
+        app.set_msg_type(MessageType::MsgAppend);
+        app.from = 2;
+        app.term = 9;
+        app.index = 5;
+        app.log_term = 5;
+        app.set_entries(vec![entry(6, 6), entry(7, 9)].into());
+        assert!(implausible(&g, &app).is_none(), "a legitimate append");
+        let mut gap = app.clone();
+        gap.set_entries(vec![entry(6, 6), entry(8, 9)].into());
+        assert!(implausible(&g, &gap).is_some());
+        let mut behind = app.clone();
+        behind.set_entries(vec![entry(5, 6)].into());
+        assert!(implausible(&g, &behind).is_some());
+        let mut wrapping = app.clone();
+        wrapping.index = u64::MAX;
+        wrapping.set_entries(vec![entry(0, 6)].into());
+        assert!(implausible(&g, &wrapping).is_some());
+        let mut future = app.clone();
+        future.set_entries(vec![entry(6, 10)].into());
+        assert!(implausible(&g, &future).is_some());
+        let mut backwards = app.clone();
+        backwards.set_entries(vec![entry(6, 7), entry(7, 6)].into());
+        assert!(implausible(&g, &backwards).is_some());
+
+        for ty in [
+            MessageType::MsgPropose,
+            MessageType::MsgTransferLeader,
+            MessageType::MsgReadIndex,
+        ] {
+            let mut m = Message::default();
+            m.set_msg_type(ty);
+            m.from = 2;
+            assert!(implausible(&g, &m).is_some(), "{ty:?}");
+        }
+        let mut heartbeat_response = Message::default();
+        heartbeat_response.set_msg_type(MessageType::MsgHeartbeatResponse);
+        assert!(implausible(&g, &heartbeat_response).is_none());
+
+        let mut resp = Message::default();
+        resp.set_msg_type(MessageType::MsgAppendResponse);
+        resp.index = u64::MAX;
+        assert!(implausible(&g, &resp).is_some());
+        resp.reject = true;
+        assert!(implausible(&g, &resp).is_none(), "rejections carry hints");
+
+        let mut snap = Message::default();
+        snap.set_msg_type(MessageType::MsgSnapshot);
+        snap.mut_snapshot().mut_metadata().index = 100;
+        assert!(implausible(&g, &snap).is_some(), "no voters");
+        let cs = snap.mut_snapshot().mut_metadata().mut_conf_state();
+        cs.voters = vec![1, 2];
+        cs.learners = vec![2];
+        assert!(implausible(&g, &snap).is_some(), "voter and learner");
+        snap.mut_snapshot().mut_metadata().mut_conf_state().learners = vec![3];
+        assert!(implausible(&g, &snap).is_none());
+    }
+
+    #[test]
+    fn a_committed_change_removing_the_last_voter_is_skipped_and_replays() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = open(dir.path(), &[1]);
+        settle(&mut g);
+        assert!(g.is_leader());
+        let mut cc = ConfChangeV2::default();
+        cc.set_changes(
+            vec![raft_proto::new_conf_change_single(
+                1,
+                ConfChangeType::RemoveNode,
+            )]
+            .into(),
+        );
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        assert!(g.propose_membership(cc, tx));
+        settle(&mut g);
+        match rx.try_recv() {
+            Ok(Err(BrokerError::MembershipConflict(_))) => {}
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(g.voters(), vec![1]);
+        assert!(!g.membership_pending());
+        let applied = g.node.raft.raft_log.applied;
+        drop(g);
+        // Replay on restart skips it again.
+        let mut g = open(dir.path(), &[1]);
+        settle(&mut g);
+        assert_eq!(g.voters(), vec![1]);
+        assert!(g.node.raft.raft_log.applied >= applied);
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        assert!(g.propose(Bytes::new(), tx));
+        settle(&mut g);
+        assert!(rx.try_recv().is_ok(), "the group still commits");
+    }
+
+    #[test]
+    fn a_leader_that_cannot_commit_refuses_proposals_past_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = open(dir.path(), &[1]);
+        settle(&mut g);
+        assert!(g.is_leader());
+        // No round runs: nothing proposed commits, as if the followers
+        // were gone.
+        let chunk = Bytes::from(vec![7u8; 4 << 20]);
+        let most = (MAX_UNCOMMITTED_BYTES as usize / chunk.len()) + 2;
+        let mut refused = None;
+        for i in 0..most {
+            let (tx, mut rx) = tokio::sync::oneshot::channel();
+            if !g.propose(chunk.clone(), tx) {
+                refused = Some((i, rx.try_recv()));
+                break;
+            }
+        }
+        let Some((i, answer)) = refused else {
+            panic!("{most} proposals of {} bytes accepted", chunk.len());
+        };
+        assert!(i as u64 * chunk.len() as u64 >= MAX_UNCOMMITTED_BYTES - chunk.len() as u64);
+        match answer {
+            Ok(Err(BrokerError::Timeout(_))) => {}
+            other => panic!("expected a retriable refusal, got {other:?}"),
+        }
+        assert!(g.is_leader(), "it still leads");
+        // Once what it holds commits, it accepts proposals again.
+        settle(&mut g);
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        assert!(g.propose(chunk, tx));
+        settle(&mut g);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Ok(Applied::Batch { .. })) | Ok(Err(_))
+        ));
     }
 }

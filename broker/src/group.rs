@@ -92,6 +92,12 @@ pub struct Group {
 /// counts the snapshot as lost: long enough for a big one to travel.
 pub const SNAPSHOT_TIMEOUT_TICKS: u32 = 100;
 
+/// Bytes of entry data a leader holds proposed but not committed before it
+/// refuses new proposals (raft-rs's `max_uncommitted_size`): a leader cut
+/// off from its followers answers with a retriable error instead of growing
+/// its memory with every proposal. Four of the largest batches fit.
+pub const MAX_UNCOMMITTED_BYTES: u64 = 256 << 20;
+
 /// Index and term of the snapshot every group's log starts after.
 pub const INIT_INDEX: u64 = 5;
 pub const INIT_TERM: u64 = 5;
@@ -159,6 +165,7 @@ impl Group {
             applied,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
+            max_uncommitted_size: MAX_UNCOMMITTED_BYTES,
             check_quorum: true,
             pre_vote: true,
             min_election_tick: cfg.fixed_election_timeout.unwrap_or(0),
@@ -373,7 +380,18 @@ impl Group {
         };
         m.set_entries(vec![e].into());
         if self.node.step(m).is_err() {
-            let _ = tx.send(Err(self.not_leader()));
+            // A leader refuses a proposal only when its uncommitted log is
+            // full (it cannot reach a quorum, or they are slow): retriable.
+            let err = if self.is_leader() {
+                BrokerError::Timeout(format!(
+                    "group {} has {MAX_UNCOMMITTED_BYTES} bytes proposed and not committed yet; \
+                     retry",
+                    self.id
+                ))
+            } else {
+                self.not_leader()
+            };
+            let _ = tx.send(Err(err));
             return false;
         }
         self.await_last_entry(tx);
@@ -638,8 +656,7 @@ impl Group {
                 }
                 EntryType::EntryNormal => Some(self.apply_normal(index, &e.data, effects)?),
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    self.apply_conf_change(&e)?;
-                    Some(Ok(Applied::Membership(self.voters())))
+                    Some(self.apply_conf_change(&e)?.map(Applied::Membership))
                 }
             };
             if matches!(outcome, Some(Err(_))) && matches!(self.machine, Machine::Partition(_)) {
@@ -702,19 +719,44 @@ impl Group {
         }
     }
 
-    fn apply_conf_change(&mut self, e: &Entry) -> Result<()> {
-        let cc: ConfChangeV2 = if e.get_entry_type() == EntryType::EntryConfChangeV2 {
+    /// Applies a committed membership change. The outer `Result` is a
+    /// failure of this node (storage); the inner one says whether the change
+    /// took effect, with the voters it left.
+    ///
+    /// A change raft-rs refuses (one that would remove the last voter, say)
+    /// is skipped: every replica refuses the same entry the same way, so
+    /// they agree, and a replay on restart skips it again. Propagating the
+    /// error instead took the group out of service on every node, on every
+    /// restart — for the metadata group, the node for good.
+    fn apply_conf_change(&mut self, e: &Entry) -> Result<Result<Vec<u64>>> {
+        let parsed = if e.get_entry_type() == EntryType::EntryConfChangeV2 {
             protobuf::Message::parse_from_bytes(&e.data)
-                .map_err(|err| BrokerError::Storage(format!("bad conf change: {err}")))?
         } else {
-            let v1: raft::prelude::ConfChange = protobuf::Message::parse_from_bytes(&e.data)
-                .map_err(|err| BrokerError::Storage(format!("bad conf change: {err}")))?;
-            raft_proto::ConfChangeI::into_v2(v1)
+            <raft::prelude::ConfChange as protobuf::Message>::parse_from_bytes(&e.data)
+                .map(raft_proto::ConfChangeI::into_v2)
         };
-        let cs = self
-            .node
-            .apply_conf_change(&cc)
-            .map_err(|err| BrokerError::Internal(format!("conf change: {err}")))?;
+        let applied = parsed
+            .map_err(|err| err.to_string())
+            .and_then(|cc: ConfChangeV2| {
+                self.node
+                    .apply_conf_change(&cc)
+                    .map_err(|err| err.to_string())
+            });
+        let cs = match applied {
+            Ok(cs) => cs,
+            Err(err) => {
+                tracing::error!(
+                    group = self.id,
+                    index = e.index,
+                    error = %err,
+                    "committed membership change refused; skipped"
+                );
+                self.mark_applied(e.index)?;
+                return Ok(Err(BrokerError::MembershipConflict(format!(
+                    "the change cannot be applied: {err}"
+                ))));
+            }
+        };
         self.storage.set_conf_state(&cs)?;
         // The applied index may reach sled (which syncs on its own
         // schedule) before this round's log sync: were the conf state still
@@ -723,7 +765,8 @@ impl Group {
         // Membership changes are rare; one extra sync each is cheap.
         self.storage.sync()?;
         self.record_conf_state(e.index, &cs)?;
-        self.mark_applied(e.index)
+        self.mark_applied(e.index)?;
+        Ok(Ok(self.voters()))
     }
 
     /// Notes the voters a membership change at `index` produced, so a

@@ -136,10 +136,7 @@ pub async fn run(
         shutdown_rx.clone(),
     ));
     if let Some(peer_listener) = peer_listener {
-        let peers = TransportService {
-            inbound: inbound_tx,
-            directory,
-        };
+        let peers = TransportService::new(config.node_id, &config.peers, inbound_tx, directory);
         tokio::spawn(serve_peers(peer_listener, peers, shutdown_rx.clone()));
     }
     tokio::pin!(stop);

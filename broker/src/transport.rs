@@ -19,7 +19,24 @@
 //!
 //! The receiving side hands decoded messages to the Raft driver over its
 //! own channel, ahead of client requests, so heartbeats are not stuck
-//! behind a produce backlog.
+//! behind a produce backlog. That channel is bounded in messages and, by
+//! a semaphore of [`INBOUND_BYTES`] whose permits travel with the messages
+//! of each received batch until the driver has stepped them, in bytes: a
+//! peer flooding large messages is slowed down (HTTP/2 flow control stops
+//! it) instead of pinning memory. Not counted: a chunked message being
+//! reassembled (at most [`MAX_CHUNKED_BYTES`] per stream).
+//!
+//! **Who may send.** The service accepts batches only from the node ids
+//! of the configuration (`--peers`, this node excluded); any other `from`
+//! ends the stream with `PERMISSION_DENIED`, logged once per stream. The
+//! client address a peer announces must be a socket address of at most
+//! [`MAX_ADDRESS_BYTES`] bytes, and the directory holds one per configured
+//! node, so it cannot grow. Each message must be from the batch's sender,
+//! and messages no legitimate peer sends are dropped before raft-rs sees
+//! them (see `faults::implausible`). Until mutual TLS lands, nothing proves
+//! a sender *is* the node it names: anyone who reaches the peer port can
+//! still speak as a configured node (disrupt elections, redirect clients to
+//! another valid address). Keep the peer port on a private network.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -33,7 +50,7 @@ use covet_protocol::internal::raft_transport_server::RaftTransport;
 use covet_protocol::internal::{GroupMessage, RaftAck, RaftBatch};
 use protobuf::Message as _;
 use raft::prelude::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status, Streaming};
 
 /// Messages queued per peer before new ones are dropped.
@@ -52,10 +69,20 @@ pub const MAX_CHUNKED_BYTES: usize = 256 << 20;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
+/// Longest client address a peer may announce.
+pub const MAX_ADDRESS_BYTES: usize = 256;
+/// Bytes of peer messages received and not yet stepped by the driver.
+pub const INBOUND_BYTES: usize = 256 << 20;
+
 /// A message from a peer, for the driver.
 pub struct Inbound {
     pub group: u64,
     pub message: Message,
+    /// The bytes of [`INBOUND_BYTES`] this message pins: those of the gRPC
+    /// batch it was decoded from (its fields share that buffer), released
+    /// when the driver has dropped every message of the batch; plus its own
+    /// size when it was reassembled from chunks into a buffer of its own.
+    pub permit: Vec<Arc<OwnedSemaphorePermit>>,
 }
 
 /// Client addresses peers announced, by node id.
@@ -65,17 +92,33 @@ pub struct Directory {
 }
 
 impl Directory {
+    /// Records `node`'s client address. The caller admits only configured
+    /// nodes, so the directory holds at most one entry per node of the
+    /// configuration.
     pub fn set(&self, node: u64, address: &str) {
-        let mut map = self.addresses.write().expect("directory lock");
+        let mut map = self.addresses.write().unwrap_or_else(|e| e.into_inner());
         if map.get(&node).map(String::as_str) != Some(address) {
             map.insert(node, address.to_string());
         }
     }
 
+    /// How many addresses are known.
+    pub fn len(&self) -> usize {
+        self.addresses
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// Whether no address is known.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn get(&self, node: u64) -> Option<String> {
         self.addresses
             .read()
-            .expect("directory lock")
+            .unwrap_or_else(|e| e.into_inner())
             .get(&node)
             .cloned()
     }
@@ -377,6 +420,65 @@ impl Reassembly {
 pub struct TransportService {
     pub inbound: mpsc::Sender<Inbound>,
     pub directory: Arc<Directory>,
+    /// The node ids allowed to send: the configured peers, not this node.
+    pub peers: std::collections::HashSet<u64>,
+    /// Bytes of messages waiting for the driver (see [`INBOUND_BYTES`]).
+    pub inbound_bytes: Arc<Semaphore>,
+}
+
+impl TransportService {
+    pub fn new(
+        me: u64,
+        peers: &HashMap<u64, SocketAddr>,
+        inbound: mpsc::Sender<Inbound>,
+        directory: Arc<Directory>,
+    ) -> TransportService {
+        TransportService {
+            inbound,
+            directory,
+            peers: peers.keys().copied().filter(|&id| id != me).collect(),
+            inbound_bytes: Arc::new(Semaphore::new(INBOUND_BYTES)),
+        }
+    }
+
+    /// Takes `bytes` of the inbound budget, waiting until the driver has
+    /// released enough. One claim takes half the budget at most: a stream
+    /// holds at most two at once (its batch's, and a reassembled message's),
+    /// so it never waits for bytes it holds itself.
+    async fn reserve(&self, bytes: usize) -> Result<OwnedSemaphorePermit, Status> {
+        let n = bytes.clamp(1, INBOUND_BYTES / 2) as u32;
+        self.inbound_bytes
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .map_err(|_| Status::unavailable("node is shutting down"))
+    }
+
+    /// Refuses a batch no configured peer sends; records its address.
+    fn admit(&self, batch: &RaftBatch) -> Result<(), Status> {
+        if !self.peers.contains(&batch.from) {
+            tracing::warn!(from = batch.from, "raft batch from an unknown node refused");
+            return Err(Status::permission_denied(format!(
+                "node {} is not a peer of this node",
+                batch.from
+            )));
+        }
+        if !batch.client_address.is_empty() {
+            let address = &batch.client_address;
+            if address.len() > MAX_ADDRESS_BYTES || address.parse::<SocketAddr>().is_err() {
+                tracing::warn!(
+                    from = batch.from,
+                    len = address.len(),
+                    "raft batch with a bad client address refused"
+                );
+                return Err(Status::invalid_argument(format!(
+                    "client address must be HOST:PORT of at most {MAX_ADDRESS_BYTES} bytes"
+                )));
+            }
+            self.directory.set(batch.from, address);
+        }
+        Ok(())
+    }
 }
 
 #[tonic::async_trait]
@@ -387,36 +489,61 @@ impl RaftTransport for TransportService {
     ) -> Result<Response<RaftAck>, Status> {
         let mut stream = request.into_inner();
         let mut reassembly = Reassembly::default();
-        while let Some(batch) = stream.message().await? {
-            if !batch.client_address.is_empty() {
-                self.directory.set(batch.from, &batch.client_address);
+        // Dropped messages are logged once per stream, at the first: a
+        // flood of bad ones must not become a flood of log lines.
+        let mut dropped = 0u64;
+        let mut drop_message = |from: u64, group: u64, why: String| {
+            if dropped == 0 {
+                tracing::warn!(
+                    from,
+                    group,
+                    why,
+                    "raft message dropped (logged once per stream)"
+                );
             }
+            dropped += 1;
+        };
+        while let Some(batch) = stream.message().await? {
+            self.admit(&batch)?;
+            // Decoded messages share the batch's buffer, which lives until
+            // the last of them is dropped: the batch is what they pin.
+            // Waits while the driver holds the byte budget: the stream stops
+            // being read, and HTTP/2 flow control stops the sender.
+            let size: usize = batch.messages.iter().map(|m| m.message.len()).sum();
+            let frame = Arc::new(self.reserve(size).await?);
             for gm in batch.messages {
                 let group = gm.group;
+                let chunked = gm.chunks > 1;
                 let encoded = match reassembly.offer(gm) {
                     Ok(Some(encoded)) => encoded,
                     Ok(None) => continue,
                     Err(e) => {
-                        tracing::warn!(from = batch.from, group, error = %e, "chunk dropped");
+                        drop_message(batch.from, group, format!("chunk dropped: {e}"));
                         continue;
                     }
                 };
                 let message = match Message::parse_from_carllerche_bytes(&encoded) {
                     Ok(m) => m,
                     Err(e) => {
-                        tracing::warn!(from = batch.from, error = %e, "undecodable raft message");
+                        drop_message(batch.from, group, format!("undecodable: {e}"));
                         continue;
                     }
                 };
                 if message.from != batch.from {
-                    tracing::warn!(
-                        from = batch.from,
-                        claimed = message.from,
-                        "raft message with a forged sender"
-                    );
+                    let why = format!("claims to be from node {}", message.from);
+                    drop_message(batch.from, group, why);
                     continue;
                 }
-                if self.inbound.send(Inbound { group, message }).await.is_err() {
+                let mut permit = vec![frame.clone()];
+                if chunked {
+                    permit.push(Arc::new(self.reserve(encoded.len()).await?));
+                }
+                let inbound = Inbound {
+                    group,
+                    message,
+                    permit,
+                };
+                if self.inbound.send(inbound).await.is_err() {
                     return Err(Status::unavailable("node is shutting down"));
                 }
             }
@@ -467,6 +594,152 @@ mod tests {
         let mut r = Reassembly::default();
         let middle = chunked(9, data).remove(1);
         assert!(r.offer(middle).is_err());
+    }
+
+    /// A peer sending large messages while the driver takes none can pin
+    /// only the byte budget; the rest waits in the peer's own stream (flow
+    /// control), and flows once the driver catches up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_inbound_queue_is_bounded_in_bytes() {
+        use covet_protocol::internal::raft_transport_server::RaftTransportServer;
+        const BUDGET: usize = 8 << 20;
+        const SENT: usize = 24;
+        let (tx, mut rx) = mpsc::channel(16_384);
+        let mut peers = HashMap::new();
+        peers.insert(2, "127.0.0.1:1".parse().unwrap());
+        let mut service = TransportService::new(1, &peers, tx, Arc::default());
+        service.inbound_bytes = Arc::new(Semaphore::new(BUDGET));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftTransportServer::new(service))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut m = Message {
+            from: 2,
+            to: 1,
+            ..Default::default()
+        };
+        m.set_entries(
+            vec![raft::prelude::Entry {
+                data: vec![1u8; 900 << 10].into(),
+                ..Default::default()
+            }]
+            .into(),
+        );
+        let encoded = Bytes::from(m.write_to_bytes().unwrap());
+        let batches: Vec<RaftBatch> = (0..SENT)
+            .map(|_| RaftBatch {
+                from: 2,
+                client_address: String::new(),
+                messages: chunked(9, encoded.clone()),
+            })
+            .collect();
+        let mut client = RaftTransportClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let call =
+            tokio::spawn(async move { client.send(tokio_stream::iter(batches)).await.is_ok() });
+        let most = BUDGET / encoded.len();
+        // The queue fills up to the budget...
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while rx.len() < most && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            rx.len() <= most,
+            "{} messages queued past the budget",
+            rx.len()
+        );
+        assert_eq!(rx.len(), most, "queue never reached the budget");
+        // ...and goes no further while nothing is taken.
+        let over = tokio::time::timeout(Duration::from_millis(500), async {
+            while rx.len() <= most {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(
+            over.is_err(),
+            "{} messages queued past the budget",
+            rx.len()
+        );
+        assert!(!call.is_finished());
+        // Taking them (dropping their permits) lets the rest through.
+        let mut got = 0;
+        while got < SENT {
+            let taken = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await;
+            assert!(matches!(taken, Ok(Some(_))), "only {got} messages arrived");
+            got += 1;
+        }
+        let ok = tokio::time::timeout(Duration::from_secs(20), call).await;
+        assert!(matches!(ok, Ok(Ok(true))), "{ok:?}");
+    }
+
+    /// A small message decoded from a large batch keeps the whole batch's
+    /// buffer alive, so it is charged the batch: padding a batch with bytes
+    /// that are dropped does not get around the budget.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_small_message_in_a_large_batch_is_charged_the_batch() {
+        use covet_protocol::internal::raft_transport_server::RaftTransportServer;
+        const BUDGET: usize = 8 << 20;
+        let (tx, mut rx) = mpsc::channel(16_384);
+        let mut peers = HashMap::new();
+        peers.insert(2, "127.0.0.1:1".parse().unwrap());
+        let mut service = TransportService::new(1, &peers, tx, Arc::default());
+        service.inbound_bytes = Arc::new(Semaphore::new(BUDGET));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftTransportServer::new(service))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let small = Message {
+            from: 2,
+            to: 1,
+            ..Default::default()
+        };
+        let small = Bytes::from(small.write_to_bytes().unwrap());
+        let padding = Bytes::from(vec![0xffu8; 3 << 20]);
+        let batches: Vec<RaftBatch> = (0..16)
+            .map(|_| RaftBatch {
+                from: 2,
+                client_address: String::new(),
+                // Undecodable padding, sent whole; dropped on arrival.
+                messages: vec![
+                    GroupMessage {
+                        group: 9,
+                        message: padding.clone(),
+                        chunk: 0,
+                        chunks: 0,
+                    },
+                    chunked(9, small.clone()).remove(0),
+                ],
+            })
+            .collect();
+        let mut client = RaftTransportClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap()
+            .max_encoding_message_size(usize::MAX);
+        let call =
+            tokio::spawn(async move { client.send(tokio_stream::iter(batches)).await.is_ok() });
+        let most = BUDGET / (padding.len() + small.len());
+        let over = tokio::time::timeout(Duration::from_secs(2), async {
+            while rx.len() <= most {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(over.is_err(), "{} batches pinned past the budget", rx.len());
+        assert_eq!(rx.len(), most);
+        for got in 0..16 {
+            let taken = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await;
+            assert!(matches!(taken, Ok(Some(_))), "only {got} messages arrived");
+        }
+        let ok = tokio::time::timeout(Duration::from_secs(20), call).await;
+        assert!(matches!(ok, Ok(Ok(true))), "{ok:?}");
     }
 
     #[test]
