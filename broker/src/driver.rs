@@ -738,9 +738,11 @@ fn removes_last_voter(voters: &[u64], node: u64) -> bool {
 /// Whether the voters left after removing `node` include a majority that
 /// this leader currently replicates to (itself included). A removal that
 /// left a majority of unreachable voters would stop the metadata group
-/// until they came back. A follower counts as reachable while its progress
-/// is in the replicate state: the transport reports a broken link at once
-/// and raft-rs then probes instead.
+/// until they came back. A follower counts as reachable while raft-rs saw
+/// it recently (`recent_active`, kept by check-quorum: any message from it
+/// within the last election timeout) or replicates to it. Not by the
+/// replicate state alone: in an idle group a follower that was briefly cut
+/// off stays in probe, answering heartbeats, until the next entry.
 fn leaves_live_quorum(g: &Group, node: u64) -> bool {
     let me = g.node.raft.id;
     let prs = g.node.raft.prs();
@@ -749,9 +751,9 @@ fn leaves_live_quorum(g: &Group, node: u64) -> bool {
         .iter()
         .filter(|&&v| {
             v == me
-                || prs
-                    .get(v)
-                    .is_some_and(|pr| pr.state == raft::ProgressState::Replicate)
+                || prs.get(v).is_some_and(|pr| {
+                    pr.recent_active || pr.state == raft::ProgressState::Replicate
+                })
         })
         .count();
     live > remaining.len() / 2

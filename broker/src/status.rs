@@ -60,6 +60,7 @@ fn group_status(g: &Group, topic: String, partition: u32) -> GroupStatus {
             .iter()
             .map(|(&node, pr)| ReplicaProgress {
                 node,
+                active: pr.recent_active || node == r.id,
                 matched: pr.matched,
                 lag: last_index.saturating_sub(pr.matched),
                 state: match pr.state {

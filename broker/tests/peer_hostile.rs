@@ -274,17 +274,15 @@ async fn a_removal_that_leaves_no_reachable_majority_is_refused() {
     let (down, live) = (others[0], others[1]);
     nodes[down as usize - 1].kill9();
     let leader_addr = nodes[leader as usize - 1].addr.clone();
-    // Once the leader has noticed the dead node...
+    // Once the leader has not heard from the dead node for an election
+    // timeout...
     let noticed = wait_until(Duration::from_secs(20), || {
         let addr = leader_addr.clone();
         async move {
             group_views(&addr).await.is_some_and(|groups| {
-                groups.iter().any(|g| {
-                    g.group == 0
-                        && g.replicas
-                            .iter()
-                            .any(|r| r.node == down && r.state != "replicate")
-                })
+                groups
+                    .iter()
+                    .any(|g| g.group == 0 && g.replicas.iter().any(|r| r.node == down && !r.active))
             })
         }
     })

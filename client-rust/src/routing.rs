@@ -286,6 +286,18 @@ fn merge<'a>(answers: impl Iterator<Item = &'a MetadataResponse> + Clone) -> Met
             }
         }
     }
+    // A topic one node already applied and the newest answer not yet (a
+    // topic just created) is still a topic: take the union, so a producer
+    // that bootstraps right after `create_topic` does not fail with
+    // UNKNOWN_TOPIC. (A topic just deleted may linger the same way; its
+    // partitions' leaders refuse it.)
+    for m in answers.clone() {
+        for t in &m.topics {
+            if !merged.topics.iter().any(|x| x.name == t.name) {
+                merged.topics.push(t.clone());
+            }
+        }
+    }
     for t in merged.topics.iter_mut() {
         for p in t.partitions.iter_mut() {
             let best = answers
@@ -313,4 +325,44 @@ pub(crate) fn source_chain(e: &dyn std::error::Error) -> String {
         cur = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use covet_protocol::api::{MetadataResponse, PartitionInfo, TopicInfo};
+
+    use super::merge;
+
+    fn answer(node: u64, term: u64, topics: &[&str]) -> MetadataResponse {
+        MetadataResponse {
+            node_id: node,
+            controller: 1,
+            controller_term: term,
+            topics: topics
+                .iter()
+                .map(|t| TopicInfo {
+                    name: t.to_string(),
+                    partitions: vec![PartitionInfo {
+                        partition: 0,
+                        leader: node,
+                        leader_term: 1,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_topic_the_newest_answer_has_not_applied_yet_is_kept() {
+        // Node 2 answers with the newest controller term but has not yet
+        // applied the topic node 1 already serves.
+        let answers = [answer(1, 5, &["old", "new"]), answer(2, 6, &["old"])];
+        let merged = merge(answers.iter());
+        let mut names: Vec<&str> = merged.topics.iter().map(|t| t.name.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["new", "old"]);
+    }
 }

@@ -229,7 +229,20 @@ impl Runner<'_> {
         self.say(format!("  remove-node {node}"));
         let client = self.client()?.clone();
         let client = &client;
-        let voters = bounded(client.change_membership(false, node)).await?;
+        // Refused while the leader has not heard from a majority of what
+        // would remain (just after a fault or an election): retried until
+        // the deadline, as an operator would.
+        let deadline = tokio::time::Instant::now() + RECOVERY_TIMEOUT;
+        let voters = loop {
+            match bounded(client.change_membership(false, node)).await {
+                Ok(voters) => break voters,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    self.say(format!("  remove-node {node} refused, retrying: {e:#}"));
+                    tokio::time::sleep(PROBE_EVERY).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         self.say(format!("  removed; metadata voters {voters:?}"));
         self.wait_groups(&others, false)
             .await
