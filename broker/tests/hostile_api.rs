@@ -6,7 +6,8 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{raw, Broker};
+use common::raw::{self, produce_bytes};
+use common::Broker;
 use covet_client::{Client, Record, TopicSpec};
 use covet_protocol::api::covet_client::CovetClient;
 use covet_protocol::api::{
@@ -37,17 +38,6 @@ fn batch_of(n: usize) -> Bytes {
         })
         .collect();
     batch::encode(&records).unwrap()
-}
-
-fn produce_bytes(id: u64, topic: &str, batch: Bytes) -> Bytes {
-    ProduceRequest {
-        request_id: id,
-        topic: topic.into(),
-        partition: 0,
-        batch,
-    }
-    .encode_to_vec()
-    .into()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{raw, Broker};
+use common::raw::{self, produce_bytes};
+use common::Broker;
 use covet_client::{Client, Record, TopicSpec};
-use covet_protocol::api::{ProduceRequest, ProduceResponse};
+use covet_protocol::api::ProduceResponse;
 use covet_protocol::batch;
 use futures::StreamExt;
-use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 
 /// Streams the flooding client opens on its one connection.
@@ -22,17 +22,6 @@ const FLOOD_STREAMS: usize = 10;
 /// all of them together would fill the node's 256 MiB budget with room to
 /// spare, after the answers each stream buffers (64 per stream) are taken.
 const FLOOD_REQUESTS: usize = 150;
-
-fn produce_bytes(id: u64, topic: &str, batch: Bytes) -> Bytes {
-    ProduceRequest {
-        request_id: id,
-        topic: topic.into(),
-        partition: 0,
-        batch,
-    }
-    .encode_to_vec()
-    .into()
-}
 
 async fn good_produce(addr: &str, id: u64) -> ProduceResponse {
     let records = vec![Record {

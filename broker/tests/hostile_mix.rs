@@ -14,12 +14,12 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{raw, Broker};
+use common::raw::{self, produce_bytes};
+use common::Broker;
 use covet_client::{Client, ProducerConfig, Record, StartPosition, TopicSpec};
-use covet_protocol::api::{ProduceRequest, ProduceResponse};
+use covet_protocol::api::ProduceResponse;
 use covet_protocol::batch::BatchBuilder;
 use futures::StreamExt;
-use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 
 const TOPIC: &str = "steady";
@@ -28,17 +28,6 @@ const PARTITIONS: u32 = 2;
 const GOOD_RECORDS: u32 = 1500;
 /// How long the hostile tasks keep going at most.
 const FLOOD_FOR: Duration = Duration::from_secs(8);
-
-fn produce_bytes(id: u64, topic: &str, batch: Bytes) -> Bytes {
-    ProduceRequest {
-        request_id: id,
-        topic: topic.into(),
-        partition: 0,
-        batch,
-    }
-    .encode_to_vec()
-    .into()
-}
 
 /// A valid one-record batch claiming an idempotent producer id.
 fn stranger_batch(producer_id: i64) -> Bytes {

@@ -78,3 +78,16 @@ where
     .await
     .map(|r| r.into_inner())
 }
+
+/// An encoded `ProduceRequest` for partition 0, to send as it is.
+pub fn produce_bytes(id: u64, topic: &str, batch: Bytes) -> Bytes {
+    use prost::Message as _;
+    covet_protocol::api::ProduceRequest {
+        request_id: id,
+        topic: topic.into(),
+        partition: 0,
+        batch,
+    }
+    .encode_to_vec()
+    .into()
+}
