@@ -47,6 +47,9 @@ impl Driver {
 
 fn group_status(g: &Group, topic: String, partition: u32) -> GroupStatus {
     let r = &g.node.raft;
+    // Status is answered between rounds, when every hard state the last
+    // round wrote is synced.
+    let synced = g.storage.hard_state();
     let last_index = r.raft_log.last_index();
     let role = match r.state {
         StateRole::Leader => "leader",
@@ -88,13 +91,11 @@ fn group_status(g: &Group, topic: String, partition: u32) -> GroupStatus {
         last_index,
         replicas,
         fault: String::new(),
-        // Status is answered between rounds, when every hard state the
-        // last round wrote is synced.
-        persisted_term: g.storage.hard_state().term,
-        persisted_vote: g.storage.hard_state().vote,
+        persisted_term: synced.term,
+        persisted_vote: synced.vote,
         acked: if r.state == StateRole::Leader {
             r.raft_log.persisted
-        } else if g.acked_term == g.storage.hard_state().term {
+        } else if g.acked_term == synced.term {
             g.acked
         } else {
             0

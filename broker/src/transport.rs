@@ -596,19 +596,15 @@ mod tests {
         assert!(r.offer(middle).is_err());
     }
 
-    /// A peer sending large messages while the driver takes none can pin
-    /// only the byte budget; the rest waits in the peer's own stream (flow
-    /// control), and flows once the driver catches up.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_inbound_queue_is_bounded_in_bytes() {
+    /// A transport service for node 1 (peer 2 allowed) whose inbound queue
+    /// holds `budget` bytes, on a loopback port; its address and the queue.
+    async fn serve_with_budget(budget: usize) -> (std::net::SocketAddr, mpsc::Receiver<Inbound>) {
         use covet_protocol::internal::raft_transport_server::RaftTransportServer;
-        const BUDGET: usize = 8 << 20;
-        const SENT: usize = 24;
-        let (tx, mut rx) = mpsc::channel(16_384);
+        let (tx, rx) = mpsc::channel(16_384);
         let mut peers = HashMap::new();
         peers.insert(2, "127.0.0.1:1".parse().unwrap());
         let mut service = TransportService::new(1, &peers, tx, Arc::default());
-        service.inbound_bytes = Arc::new(Semaphore::new(BUDGET));
+        service.inbound_bytes = Arc::new(Semaphore::new(budget));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(
@@ -616,6 +612,17 @@ mod tests {
                 .add_service(RaftTransportServer::new(service))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
+        (addr, rx)
+    }
+
+    /// A peer sending large messages while the driver takes none can pin
+    /// only the byte budget; the rest waits in the peer's own stream (flow
+    /// control), and flows once the driver catches up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_inbound_queue_is_bounded_in_bytes() {
+        const BUDGET: usize = 8 << 20;
+        const SENT: usize = 24;
+        let (addr, mut rx) = serve_with_budget(BUDGET).await;
         let mut m = Message {
             from: 2,
             to: 1,
@@ -682,20 +689,8 @@ mod tests {
     /// that are dropped does not get around the budget.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_small_message_in_a_large_batch_is_charged_the_batch() {
-        use covet_protocol::internal::raft_transport_server::RaftTransportServer;
         const BUDGET: usize = 8 << 20;
-        let (tx, mut rx) = mpsc::channel(16_384);
-        let mut peers = HashMap::new();
-        peers.insert(2, "127.0.0.1:1".parse().unwrap());
-        let mut service = TransportService::new(1, &peers, tx, Arc::default());
-        service.inbound_bytes = Arc::new(Semaphore::new(BUDGET));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(RaftTransportServer::new(service))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
+        let (addr, mut rx) = serve_with_budget(BUDGET).await;
         let small = Message {
             from: 2,
             to: 1,

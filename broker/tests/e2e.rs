@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{wait_until, Broker};
+use common::{read_partition, wait_until, Broker};
 use covet_client::{Client, ProducerConfig, Reason, Record, StartPosition, TopicSpec};
 
 fn record(key: Option<String>, value: String, ts: i64) -> Record {
@@ -16,31 +16,6 @@ fn record(key: Option<String>, value: String, ts: i64) -> Record {
         headers: vec![],
         timestamp_ms: ts,
     }
-}
-
-/// Reads partition `p` from `from` up to its high watermark at open.
-async fn read_partition(
-    client: &Client,
-    topic: &str,
-    p: u32,
-    from: StartPosition,
-) -> Vec<covet_client::ConsumedRecord> {
-    let mut stream = client
-        .open_partition(topic, p, from, 5000)
-        .await
-        .expect("open partition");
-    let stop = stream.high_watermark();
-    let mut out = Vec::new();
-    while stream.position() < stop {
-        let batch = stream
-            .next_batch()
-            .await
-            .expect("read")
-            .expect("stream open");
-        stream.grant(batch.len() as u64).await.expect("grant");
-        out.extend(batch);
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

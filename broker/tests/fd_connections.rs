@@ -7,82 +7,21 @@
 //! the child before `exec`, so it cannot raise it); this test process keeps
 //! its own, higher limit to open the flood.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::net::TcpStream;
-use std::os::unix::process::CommandExt;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
+use common::{read_partition, Broker};
 use covet_client::{Client, ProducerConfig, Record, StartPosition, TopicSpec};
 
-const FD_LIMIT: libc::rlim_t = 128;
+const FD_LIMIT: u64 = 128;
+/// Small segments: producing rolls them, and every roll opens files (the
+/// new segment, its index, the directory).
+const SMALL_SEGMENTS: [&str; 2] = ["--segment-bytes", "4096"];
 /// Far more idle connections than the broker may hold descriptors.
 const FLOOD: usize = 400;
-
-/// A `covet broker` under the descriptor limit, killed on drop.
-struct LimitedBroker {
-    child: Child,
-    addr: String,
-}
-
-impl LimitedBroker {
-    fn start(dir: &Path) -> LimitedBroker {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_covet"));
-        command
-            .arg("broker")
-            .arg("--data-dir")
-            .arg(dir)
-            .args(["--listen", "127.0.0.1:0", "--log-level", "warn"])
-            // Small segments: producing rolls them, and every roll opens
-            // files (the new segment, its index, the directory).
-            .args(["--segment-bytes", "4096"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        // SAFETY: runs in the child between fork and exec, and only calls
-        // setrlimit, which is async-signal-safe.
-        unsafe {
-            command.pre_exec(|| {
-                let lim = libc::rlimit {
-                    rlim_cur: FD_LIMIT,
-                    rlim_max: FD_LIMIT,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = command.spawn().expect("spawn covet broker");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let addr = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx.recv_timeout(left).expect("no ready line in time");
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                break rest.split(',').next().expect("address").to_string();
-            }
-        };
-        LimitedBroker { child, addr }
-    }
-}
-
-impl Drop for LimitedBroker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn record(i: u32) -> Record {
     Record {
@@ -133,7 +72,7 @@ fn is_closed(mut s: &TcpStream) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_beyond_the_limit_are_refused_and_writes_go_on() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut broker = LimitedBroker::start(dir.path());
+    let mut broker = Broker::start_with_fd_limit(dir.path(), &SMALL_SEGMENTS, FD_LIMIT);
     let client = Client::connect(&broker.addr).await.expect("connect");
     client
         .create_topic(TopicSpec::new("t").partitions(1))
@@ -168,40 +107,14 @@ async fn idle_connections_beyond_the_limit_are_refused_and_writes_go_on() {
 
     // Restart on the same data dir under the same limit: every
     // acknowledged record is there.
-    let _ = broker.child.kill();
-    let _ = broker.child.wait();
-    drop(broker);
-    broker = LimitedBroker::start(dir.path());
+    broker.restart();
     let client = Client::connect(&broker.addr).await.expect("reconnect");
-    let mut stream = None;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while stream.is_none() {
-        match client
-            .open_partition("t", 0, StartPosition::Earliest, 5_000)
+    let read: std::collections::HashMap<u64, Bytes> =
+        read_partition(&client, "t", 0, StartPosition::Earliest)
             .await
-        {
-            Ok(s) => stream = Some(s),
-            // Not served yet: the partition elects its leader again.
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("partition not served after restart: {e}"),
-        }
-    }
-    let mut stream = stream.expect("stream");
-    let stop = stream.high_watermark();
-    let mut read = std::collections::HashMap::new();
-    while stream.position() < stop {
-        let batch = tokio::time::timeout(Duration::from_secs(10), stream.next_batch())
-            .await
-            .expect("batch in time")
-            .expect("read")
-            .expect("stream open");
-        stream.grant(batch.len() as u64).await.expect("grant");
-        for r in batch {
-            read.insert(r.offset, r.value);
-        }
-    }
+            .into_iter()
+            .map(|r| (r.offset, r.value))
+            .collect();
     for (i, offset) in acked {
         assert_eq!(
             read.get(&offset),

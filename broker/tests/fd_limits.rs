@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{wait_until, Broker};
+use common::{read_partition, wait_until, Broker};
 use covet_client::{Client, ProducerConfig, Record, StartPosition, TopicSpec};
 use futures::StreamExt;
 
@@ -48,22 +48,11 @@ fn record(partition: u32) -> Record {
 
 /// Every record of partition `p` up to its high watermark.
 async fn read_all(client: &Client, topic: &str, p: u32) -> Vec<(u64, Bytes)> {
-    let mut stream = client
-        .open_partition(topic, p, StartPosition::Earliest, 5_000)
+    read_partition(client, topic, p, StartPosition::Earliest)
         .await
-        .unwrap_or_else(|e| panic!("open partition {p}: {e}"));
-    let stop = stream.high_watermark();
-    let mut out = Vec::new();
-    while stream.position() < stop {
-        let batch = tokio::time::timeout(Duration::from_secs(10), stream.next_batch())
-            .await
-            .unwrap_or_else(|_| panic!("partition {p}: no batch in 10 s"))
-            .expect("read")
-            .expect("stream open");
-        stream.grant(batch.len() as u64).await.expect("grant");
-        out.extend(batch.into_iter().map(|r| (r.offset, r.value)));
-    }
-    out
+        .into_iter()
+        .map(|r| (r.offset, r.value))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::raw::{self, produce_bytes};
-use common::Broker;
+use common::{read_partition, Broker};
 use covet_client::{Client, ProducerConfig, Record, StartPosition, TopicSpec};
 use covet_protocol::api::ProduceResponse;
 use covet_protocol::batch::BatchBuilder;
@@ -167,23 +167,11 @@ async fn a_flood_of_hostile_requests_neither_stalls_nor_corrupts_a_good_client()
     broker.restart();
     let client = Client::connect(&broker.addr).await.unwrap();
     for p in 0..PARTITIONS {
-        let mut stream = client
-            .open_partition(TOPIC, p, StartPosition::Earliest, 5000)
+        let got: BTreeMap<u64, Bytes> = read_partition(&client, TOPIC, p, StartPosition::Earliest)
             .await
-            .expect("open");
-        let end = stream.high_watermark();
-        let mut got = BTreeMap::new();
-        while stream.position() < end {
-            let batch = tokio::time::timeout(Duration::from_secs(10), stream.next_batch())
-                .await
-                .expect("read in time")
-                .expect("read")
-                .expect("open stream");
-            stream.grant(batch.len() as u64).await.expect("grant");
-            for r in batch {
-                got.insert(r.offset, r.value);
-            }
-        }
+            .into_iter()
+            .map(|r| (r.offset, r.value))
+            .collect();
         for ((_, offset), value) in acked.range((p, 0)..=(p, u64::MAX)) {
             assert_eq!(
                 got.get(offset),

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{wait_until, Broker};
+use common::{wait_for, wait_until, Broker};
 use covet_protocol::api::covet_client::CovetClient;
 use covet_protocol::api::{ChangeMembershipRequest, ClusterStatusRequest};
 use covet_protocol::internal::raft_transport_client::RaftTransportClient;
@@ -261,15 +261,18 @@ async fn a_removal_that_leaves_no_reachable_majority_is_refused() {
     let (mut nodes, _) = cluster(dir.path(), 3);
     // The metadata leader, as node 1 sees it.
     let addr = nodes[0].addr.clone();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let leader = loop {
-        let groups = group_views(&addr).await.unwrap_or_default();
-        if let Some(g) = groups.iter().find(|g| g.group == 0 && g.leader != 0) {
-            break g.leader;
+    let leader = wait_for(Duration::from_secs(20), || {
+        let addr = addr.clone();
+        async move {
+            let groups = group_views(&addr).await?;
+            groups
+                .iter()
+                .find(|g| g.group == 0 && g.leader != 0)
+                .map(|g| g.leader)
         }
-        assert!(tokio::time::Instant::now() < deadline, "no metadata leader");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    })
+    .await
+    .expect("no metadata leader");
     let others: Vec<u64> = (1..=3).filter(|&n| n != leader).collect();
     let (down, live) = (others[0], others[1]);
     nodes[down as usize - 1].kill9();

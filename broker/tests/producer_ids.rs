@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::Broker;
+use common::{read_partition, Broker};
 use covet_client::{Client, Record, StartPosition, TopicSpec};
 use covet_protocol::api::covet_client::CovetClient;
 use covet_protocol::api::{InitProducerRequest, ProduceRequest};
@@ -53,31 +53,11 @@ fn sequenced(producer_id: i64, epoch: i16, sequence: i32, value: &str) -> Bytes 
 
 /// Every value partition 0 holds, in order.
 async fn read_all(client: &Client) -> Vec<String> {
-    let read = async {
-        let mut stream = client
-            .open_partition("ids", 0, StartPosition::Earliest, 10_000)
-            .await
-            .expect("open partition");
-        let stop = stream.high_watermark();
-        let mut out = Vec::new();
-        while stream.position() < stop {
-            let batch = stream
-                .next_batch()
-                .await
-                .expect("read")
-                .expect("stream open");
-            stream.grant(batch.len() as u64).await.expect("grant");
-            out.extend(
-                batch
-                    .into_iter()
-                    .map(|r| String::from_utf8(r.value.to_vec()).unwrap()),
-            );
-        }
-        out
-    };
-    tokio::time::timeout(CALL, read)
+    read_partition(client, "ids", 0, StartPosition::Earliest)
         .await
-        .expect("read in time")
+        .into_iter()
+        .map(|r| String::from_utf8(r.value.to_vec()).unwrap())
+        .collect()
 }
 
 async fn init_producer(addr: &str) -> i64 {

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::Broker;
+use common::{read_partition, Broker};
 use covet_client::{Client, ProducerConfig, Reason, Record, StartPosition, TopicSpec};
 use covet_protocol::api::covet_client::CovetClient;
 use covet_protocol::api::{InitProducerRequest, ProduceRequest};
@@ -24,26 +24,11 @@ fn record(value: String) -> Record {
 
 /// Everything partition 0 of `topic` holds, as (offset, value).
 async fn read_all(client: &Client, topic: &str) -> Vec<(u64, String)> {
-    let mut stream = client
-        .open_partition(topic, 0, StartPosition::Earliest, 10_000)
+    read_partition(client, topic, 0, StartPosition::Earliest)
         .await
-        .expect("open partition");
-    let stop = stream.high_watermark();
-    let mut out = Vec::new();
-    while stream.position() < stop {
-        let batch = stream
-            .next_batch()
-            .await
-            .expect("read")
-            .expect("stream open");
-        stream.grant(batch.len() as u64).await.expect("grant");
-        out.extend(
-            batch
-                .into_iter()
-                .map(|r| (r.offset, String::from_utf8(r.value.to_vec()).unwrap())),
-        );
-    }
-    out
+        .into_iter()
+        .map(|r| (r.offset, String::from_utf8(r.value.to_vec()).unwrap()))
+        .collect()
 }
 
 /// A batch the broker refuses for good (larger than the topic allows) while

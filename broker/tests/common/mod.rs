@@ -27,6 +27,8 @@ pub struct Broker {
     pub dir: PathBuf,
     extra: Vec<String>,
     lines: Option<mpsc::Receiver<String>>,
+    /// Soft and hard `RLIMIT_NOFILE` the process starts with, if set.
+    fd_limit: Option<u64>,
 }
 
 impl Broker {
@@ -38,13 +40,47 @@ impl Broker {
             dir: dir.to_path_buf(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             lines: None,
+            fd_limit: None,
+        };
+        b.spawn();
+        b
+    }
+
+    /// Like [`Broker::start`], with soft and hard open-file limits of
+    /// `limit` (restarts keep it), so the broker cannot raise them.
+    pub fn start_with_fd_limit(dir: &Path, extra: &[&str], limit: u64) -> Broker {
+        let mut b = Broker {
+            child: None,
+            addr: String::new(),
+            dir: dir.to_path_buf(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            lines: None,
+            fd_limit: Some(limit),
         };
         b.spawn();
         b
     }
 
     fn spawn(&mut self) {
-        let mut child = Command::new(covet_bin())
+        let mut command = Command::new(covet_bin());
+        if let Some(limit) = self.fd_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: runs in the child between fork and exec and only
+            // calls setrlimit, which is async-signal-safe.
+            unsafe {
+                command.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: limit as libc::rlim_t,
+                        rlim_max: limit as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command
             .arg("broker")
             .arg("--data-dir")
             .arg(&self.dir)
@@ -149,14 +185,57 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
+    wait_for(timeout, || {
+        let c = cond();
+        async move { c.await.then_some(()) }
+    })
+    .await
+    .is_some()
+}
+
+/// Polls `probe` until it yields a value or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, mut probe: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if cond().await {
-            return true;
+        if let Some(v) = probe().await {
+            return Some(v);
         }
         if tokio::time::Instant::now() >= deadline {
-            return false;
+            return None;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Reads `topic`/`p` from `from` up to its high watermark when the stream
+/// opens. Opening is retried for up to 30 s while the partition is not
+/// served yet (right after a restart it elects a leader again); each batch
+/// must arrive within 10 s.
+pub async fn read_partition(
+    client: &covet_client::Client,
+    topic: &str,
+    p: u32,
+    from: covet_client::StartPosition,
+) -> Vec<covet_client::ConsumedRecord> {
+    let stream = wait_for(Duration::from_secs(30), || async {
+        client.open_partition(topic, p, from, 5_000).await.ok()
+    })
+    .await;
+    let mut stream = stream.unwrap_or_else(|| panic!("{topic}/{p} not served within 30 s"));
+    let stop = stream.high_watermark();
+    let mut out = Vec::new();
+    while stream.position() < stop {
+        let batch = tokio::time::timeout(Duration::from_secs(10), stream.next_batch())
+            .await
+            .unwrap_or_else(|_| panic!("{topic}/{p}: no batch within 10 s"))
+            .expect("read")
+            .expect("stream open");
+        stream.grant(batch.len() as u64).await.expect("grant");
+        out.extend(batch);
+    }
+    out
 }
