@@ -309,8 +309,12 @@ impl Driver {
             self.run_loop(shutdown).await?;
             self.hand_over_leadership().await
         });
-        for g in self.groups.values_mut() {
+        for (id, g) in self.groups.iter_mut() {
             g.fail_all(BrokerError::ShuttingDown);
+            // A clean stop leaves nothing to replay.
+            if let Err(e) = g.checkpoint(true) {
+                tracing::warn!(group = id, error = %e, "final checkpoint failed; the log will be replayed");
+            }
         }
         self.db.flush()?;
         result
@@ -532,6 +536,7 @@ impl Driver {
         for (&id, g) in self.groups.iter_mut() {
             let outcome = guard(|| {
                 g.node.tick();
+                g.checkpoint(false)?;
                 g.check_snapshots();
                 crate::faults::report_rebuild(g, &self.channels.transport);
                 // A leader that is no longer a voter (removed by a change it

@@ -27,7 +27,7 @@ fn open(root: &Path, logger: &slog::Logger) -> (sled::Db, Group) {
     create_dir_durable(&sled_dir).unwrap();
     let db = sled::Config::new().path(&sled_dir).open().unwrap();
     sync_dir(&sled_dir).unwrap();
-    let state = PartitionState::open(db.open_tree("p").unwrap()).unwrap();
+    let state = PartitionState::open(db.open_tree("p").unwrap(), root.join("offsets")).unwrap();
     let cfg = GroupConfig {
         node_id: 1,
         log_options: LogOptions::default(),

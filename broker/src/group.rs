@@ -19,6 +19,9 @@ use crate::state::meta::{MetaEffect, MetaState};
 use crate::state::partition::PartitionState;
 
 /// The replicated state a group drives.
+// One per group, long-lived and moved rarely: boxing the larger variant
+// would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Machine {
     Meta(MetaState),
     Partition(PartitionState),
@@ -799,6 +802,18 @@ impl Group {
                 break;
             }
         }
+    }
+
+    /// Writes a partition's applied state to sled when a checkpoint is due,
+    /// or now with `force` (see [`crate::state::partition`]). Call between
+    /// rounds.
+    pub fn checkpoint(&mut self, force: bool) -> Result<()> {
+        if let Machine::Partition(p) = &mut self.machine {
+            if force || p.checkpoint_due() {
+                p.checkpoint()?;
+            }
+        }
+        Ok(())
     }
 
     /// Fails every waiter (shutdown, group removal).

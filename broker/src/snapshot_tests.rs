@@ -43,7 +43,9 @@ impl Net {
         for &id in &voters {
             let dir = tempfile::tempdir().unwrap();
             let db = sled::Config::new().temporary(true).open().unwrap();
-            let state = PartitionState::open(db.open_tree("p").unwrap()).unwrap();
+            let state =
+                PartitionState::open(db.open_tree("p").unwrap(), dir.path().join("offsets"))
+                    .unwrap();
             let cfg = GroupConfig {
                 node_id: id,
                 log_options: LogOptions {

@@ -11,7 +11,7 @@ use crate::error::{BrokerError, Result};
 use crate::faults::guard;
 use crate::group::{Bootstrap, Machine, Responder};
 use crate::state::meta::create_topic_command;
-use crate::state::partition::PartitionState;
+use crate::state::partition::{offsets_path, PartitionState};
 
 /// Replicas per partition when a topic does not say.
 const DEFAULT_REPLICATION_FACTOR: u32 = 3;
@@ -75,7 +75,10 @@ impl Driver {
                 local: None,
             };
             if replicas.contains(&me) {
-                let state = PartitionState::open(self.db.open_tree(format!("p{gid}"))?)?;
+                let state = PartitionState::open(
+                    self.db.open_tree(format!("p{gid}"))?,
+                    offsets_path(&self.group_dir(gid)),
+                )?;
                 let (index, progress) = (state.index(), state.subscribe());
                 let bootstrap = Bootstrap {
                     preferred_leader: replicas[0],

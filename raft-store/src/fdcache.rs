@@ -101,8 +101,9 @@ pub(crate) fn is_retired(err: &io::Error) -> bool {
     err.get_ref().is_some_and(|e| e.is::<Retired>())
 }
 
-/// One segment file, opened on demand through the cache.
-pub(crate) struct SegmentFile {
+/// One segment file (or another file a group keeps, such as the broker's
+/// offset index), opened on demand through the cache.
+pub struct SegmentFile {
     id: u64,
     path: PathBuf,
     retired: AtomicBool,
@@ -110,7 +111,7 @@ pub(crate) struct SegmentFile {
 
 impl SegmentFile {
     /// A handle on the file at `path`, not opened until used.
-    pub(crate) fn new(path: PathBuf) -> Arc<SegmentFile> {
+    pub fn new(path: PathBuf) -> Arc<SegmentFile> {
         Arc::new(SegmentFile {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             path,
@@ -120,21 +121,22 @@ impl SegmentFile {
 
     /// A handle on `file`, just opened or created at `path`: it goes into
     /// the cache, so the first use needs no open.
-    pub(crate) fn with_open(path: PathBuf, file: File) -> Arc<SegmentFile> {
+    pub fn with_open(path: PathBuf, file: File) -> Arc<SegmentFile> {
         let handle = SegmentFile::new(path);
         let evicted = lock().insert(handle.id, Arc::new(file), max_open_files());
         drop(evicted);
         handle
     }
 
-    pub(crate) fn path(&self) -> &Path {
+    /// The file's path.
+    pub fn path(&self) -> &Path {
         &self.path
     }
 
     /// The open file, from the cache or opened now (read-write). Fails
     /// with a [`Retired`] error (see [`is_retired`]) once the segment was
     /// retired.
-    pub(crate) fn get(&self) -> io::Result<Arc<File>> {
+    pub fn get(&self) -> io::Result<Arc<File>> {
         {
             let mut cache = lock();
             self.check_live()?;

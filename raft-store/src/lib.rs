@@ -247,7 +247,10 @@ use std::io::ErrorKind;
 use std::path::Path;
 
 pub use error::StoreError;
-pub use fdcache::{max_open_files, open_files, set_max_open_files, DEFAULT_MAX_OPEN_FILES};
+pub use fdcache::{
+    max_open_files, open_files, set_max_open_files, SegmentFile as CachedFile,
+    DEFAULT_MAX_OPEN_FILES,
+};
 pub use storage::GroupStorage;
 
 /// Default [`LogOptions::segment_bytes`]: 64 MiB.

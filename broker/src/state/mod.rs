@@ -11,5 +11,6 @@
 
 pub mod confs;
 pub mod meta;
+pub mod offsets;
 pub mod partition;
 pub mod producers;

@@ -3,23 +3,29 @@
 //!
 //! The Raft log *is* the partition log. Applying a committed entry does not
 //! copy the batch anywhere; it checks that the base offset the leader stamped
-//! is the next offset, advances the high watermark, and records in sled
-//! where the batch lives:
+//! is the next offset, advances the high watermark, and appends to the
+//! partition's offset index ([`crate::state::offsets`]) where the batch
+//! lives, so readers find the entry holding any offset with a binary search,
+//! and entries the state machine rejected are never served.
 //!
-//! - `o` + base offset (u64 BE) → raft index (u64 LE) ‖ record count (u32 LE)
-//!   ‖ max timestamp (i64 LE) ‖ producer id (i64 LE) ‖ base sequence (i32
-//!   LE) ‖ producer epoch (i16 LE): one key per accepted batch, so readers find
-//!   the entry holding any offset with one range lookup, and entries the
-//!   state machine rejected are never served;
-//! - `t` + running max timestamp (order-preserving u64 BE) → base offset:
-//!   written when a batch raises the partition's max timestamp, so a
-//!   timestamp seek is one range lookup;
+//! The rest of the applied state lives in the partition's sled tree,
+//! written at *checkpoints* (every [`CHECKPOINT_EVERY`] or so, and when
+//! stopping), never on the produce path:
+//!
 //! - `q` + producer id → the idempotent-producer dedup entry
 //!   ([`crate::state::producers`]);
-//! - `s` → applied index, next offset, start offset, max
-//!   timestamp;
+//! - `s` → applied index, next offset, start offset, max timestamp, the
+//!   offset-index entries that cover the applied index, and the max
+//!   timestamp before the start offset;
 //! - `c` + raft index → the conf state a membership change produced
 //!   ([`crate::state::confs`]).
+//!
+//! A checkpoint syncs the offset index before it writes `s`, so whatever
+//! state sled holds after a crash names index entries that are on disk; the
+//! entries applied after it are replayed from the log on restart.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use covet_protocol::batch;
@@ -28,9 +34,21 @@ use prost::Message as _;
 use tokio::sync::watch;
 
 use crate::error::{BrokerError, Result};
+use crate::state::offsets::{IndexEntry, OffsetLog};
 use crate::state::producers::{ProducerTable, SequenceCheck};
 
+pub use crate::state::offsets::{BatchLocation, OffsetIndex};
+
 const STATE_KEY: &[u8] = b"s";
+/// How often a partition that applied something writes its applied state
+/// to sled. Longer means fewer writes and a longer replay after a crash.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// Where a partition keeps its offset index: beside its Raft log, so the
+/// two are created and removed together.
+pub fn offsets_path(group_dir: &std::path::Path) -> PathBuf {
+    group_dir.join("offsets")
+}
 
 /// What readers need to know about a partition right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -51,14 +69,6 @@ pub struct Accepted {
     pub duplicate: bool,
 }
 
-/// Where a batch lives, from the offset index.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BatchLocation {
-    pub base_offset: u64,
-    pub raft_index: u64,
-    pub record_count: u32,
-}
-
 /// The part of the state kept under `s`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Durable {
@@ -66,7 +76,18 @@ struct Durable {
     next_offset: u64,
     start_offset: u64,
     max_timestamp: i64,
+    /// Offset-index entries written for the batches applied up to
+    /// `applied`.
+    index_len: u64,
+    /// The running max timestamp before the first batch held (from a
+    /// restored snapshot, or the last batch retention removed).
+    start_max_timestamp: i64,
+    /// Position of the first offset-index entry retention kept.
+    index_first: u64,
 }
+
+/// Bytes of an encoded [`Durable`].
+const DURABLE_LEN: usize = 56;
 
 impl Default for Durable {
     fn default() -> Self {
@@ -76,114 +97,45 @@ impl Default for Durable {
             next_offset: 0,
             start_offset: 0,
             max_timestamp: i64::MIN,
+            index_len: 0,
+            start_max_timestamp: i64::MIN,
+            index_first: 0,
         }
     }
 }
 
 impl Durable {
-    fn encode(&self) -> [u8; 32] {
-        let mut b = [0u8; 32];
+    fn encode(&self) -> [u8; DURABLE_LEN] {
+        let mut b = [0u8; DURABLE_LEN];
         b[0..8].copy_from_slice(&self.applied.to_le_bytes());
         b[8..16].copy_from_slice(&self.next_offset.to_le_bytes());
         b[16..24].copy_from_slice(&self.start_offset.to_le_bytes());
         b[24..32].copy_from_slice(&self.max_timestamp.to_le_bytes());
+        b[32..40].copy_from_slice(&self.index_len.to_le_bytes());
+        b[40..48].copy_from_slice(&self.start_max_timestamp.to_le_bytes());
+        b[48..56].copy_from_slice(&self.index_first.to_le_bytes());
         b
     }
 
     fn decode(b: &[u8]) -> Option<Durable> {
+        if b.len() != DURABLE_LEN {
+            return None;
+        }
         Some(Durable {
             applied: u64::from_le_bytes(field(b, 0)?),
             next_offset: u64::from_le_bytes(field(b, 8)?),
             start_offset: u64::from_le_bytes(field(b, 16)?),
             max_timestamp: i64::from_le_bytes(field(b, 24)?),
+            index_len: u64::from_le_bytes(field(b, 32)?),
+            start_max_timestamp: i64::from_le_bytes(field(b, 40)?),
+            index_first: u64::from_le_bytes(field(b, 48)?),
         })
     }
-}
-
-fn offset_key(offset: u64) -> [u8; 9] {
-    let mut k = [b'o'; 9];
-    k[1..].copy_from_slice(&offset.to_be_bytes());
-    k
-}
-
-fn time_key(ts: i64) -> [u8; 9] {
-    // Flipping the sign bit makes the big-endian bytes sort like the i64.
-    let mut k = [b't'; 9];
-    k[1..].copy_from_slice(&((ts as u64) ^ (1 << 63)).to_be_bytes());
-    k
 }
 
 /// Reads `N` bytes at `at` of a sled value, if it is long enough.
 fn field<const N: usize>(v: &[u8], at: usize) -> Option<[u8; N]> {
     v.get(at..at + N)?.try_into().ok()
-}
-
-fn decode_time_key(key: &[u8]) -> Option<i64> {
-    let raw = u64::from_be_bytes(field(key, 1)?);
-    Some((raw ^ (1 << 63)) as i64)
-}
-
-fn decode_location(key: &[u8], value: &[u8]) -> Option<BatchLocation> {
-    Some(BatchLocation {
-        base_offset: u64::from_be_bytes(field(key, 1)?),
-        raft_index: u64::from_le_bytes(field(value, 0)?),
-        record_count: u32::from_le_bytes(field(value, 8)?),
-    })
-}
-
-/// Read-only lookups over a partition's sled tree, shared with readers.
-#[derive(Clone)]
-pub struct OffsetIndex {
-    tree: sled::Tree,
-}
-
-impl OffsetIndex {
-    pub fn new(tree: sled::Tree) -> Self {
-        OffsetIndex { tree }
-    }
-
-    /// The batch holding `offset`, if it is indexed.
-    pub fn locate(&self, offset: u64) -> Result<Option<BatchLocation>> {
-        let found = self
-            .tree
-            .range(offset_key(0)..=offset_key(offset))
-            .next_back();
-        Ok(match found.transpose()? {
-            Some((k, v)) => decode_location(&k, &v)
-                .filter(|l| offset < l.base_offset.saturating_add(u64::from(l.record_count))),
-            None => None,
-        })
-    }
-
-    /// Up to `limit` batches starting with the one holding `offset`.
-    pub fn batches_from(&self, offset: u64, limit: usize) -> Result<Vec<BatchLocation>> {
-        let first = match self.locate(offset)? {
-            Some(l) => l.base_offset,
-            None => offset,
-        };
-        let mut out = Vec::new();
-        for item in self.tree.range(offset_key(first)..=offset_key(u64::MAX)) {
-            let (k, v) = item?;
-            match decode_location(&k, &v) {
-                Some(l) => out.push(l),
-                None => return Err(BrokerError::Internal("bad offset index entry".into())),
-            }
-            if out.len() >= limit {
-                break;
-            }
-        }
-        Ok(out)
-    }
-
-    /// The base offset of the first batch whose running max timestamp is at
-    /// or after `ts`.
-    pub fn offset_for_time(&self, ts: i64) -> Result<Option<u64>> {
-        let found = self.tree.range(time_key(ts)..=time_key(i64::MAX)).next();
-        Ok(match found.transpose()? {
-            Some((_, v)) => field(&v, 0).map(u64::from_le_bytes),
-            None => None,
-        })
-    }
 }
 
 /// A partition's state machine. Owned by the Raft driver; readers see it
@@ -192,29 +144,56 @@ pub struct PartitionState {
     tree: sled::Tree,
     producers: ProducerTable,
     durable: Durable,
-    pending: sled::Batch,
+    offsets: OffsetLog,
+    /// Something was applied since the last checkpoint.
     dirty: bool,
+    last_checkpoint: Instant,
     progress: watch::Sender<Progress>,
 }
 
 impl PartitionState {
-    /// Loads the applied state from sled (fresh partitions start empty).
-    pub fn open(tree: sled::Tree) -> Result<Self> {
-        let durable = match tree.get(STATE_KEY)? {
-            Some(v) => Durable::decode(&v)
-                .ok_or_else(|| BrokerError::Storage("corrupt partition state in sled".into()))?,
-            None => Durable::default(),
+    /// Loads the applied state from sled and the offset index at
+    /// `index_path` (fresh partitions start empty). State that does not
+    /// match its index (a damaged index, or state written by an older
+    /// version) is dropped: the group then restores from its snapshot and
+    /// replays its log.
+    pub fn open(tree: sled::Tree, index_path: PathBuf) -> Result<Self> {
+        let stored = tree.get(STATE_KEY)?;
+        let durable = match &stored {
+            Some(v) => Durable::decode(v),
+            None => Some(Durable::default()),
+        };
+        let opened = match durable {
+            Some(d) => {
+                OffsetLog::open(index_path.clone(), d.index_len, d.index_first)?.map(|o| (d, o))
+            }
+            None => None,
+        };
+        let (durable, offsets, producers) = match opened {
+            Some((d, o)) => (d, o, ProducerTable::load(&tree)?),
+            None => {
+                tracing::warn!(
+                    index = %index_path.display(),
+                    "partition state does not match its offset index; rebuilding it from the log"
+                );
+                tree.clear()?;
+                let mut o = OffsetLog::open(index_path, 0, 0)?
+                    .ok_or_else(|| BrokerError::Internal("empty offset index refused".into()))?;
+                o.clear()?;
+                (Durable::default(), o, ProducerTable::default())
+            }
         };
         let (progress, _) = watch::channel(Progress {
             start_offset: durable.start_offset,
             high_watermark: durable.next_offset,
         });
         Ok(PartitionState {
-            producers: ProducerTable::load(&tree)?,
+            producers,
             tree,
             durable,
-            pending: sled::Batch::default(),
+            offsets,
             dirty: false,
+            last_checkpoint: Instant::now(),
             progress,
         })
     }
@@ -238,7 +217,7 @@ impl PartitionState {
     }
 
     pub fn index(&self) -> OffsetIndex {
-        OffsetIndex::new(self.tree.clone())
+        self.offsets.index()
     }
 
     /// Applies the committed entry at `index` holding a record batch.
@@ -268,24 +247,18 @@ impl PartitionState {
             // not survive (a leader change dropped earlier proposals).
             return Err(BrokerError::NotLeader { leader_hint: 0 });
         }
-        let mut value = [0u8; 34];
-        value[0..8].copy_from_slice(&index.to_le_bytes());
-        value[8..12].copy_from_slice(&header.record_count.to_le_bytes());
-        value[12..20].copy_from_slice(&header.max_timestamp.to_le_bytes());
-        value[20..28].copy_from_slice(&header.producer_id.to_le_bytes());
-        value[28..32].copy_from_slice(&header.base_sequence.to_le_bytes());
-        value[32..34].copy_from_slice(&header.producer_epoch.to_le_bytes());
-        self.pending
-            .insert(&offset_key(header.base_offset)[..], &value[..]);
-        if header.max_timestamp > self.durable.max_timestamp {
-            self.durable.max_timestamp = header.max_timestamp;
-            self.pending.insert(
-                &time_key(self.durable.max_timestamp)[..],
-                &header.base_offset.to_le_bytes()[..],
-            );
-        }
+        self.durable.max_timestamp = self.durable.max_timestamp.max(header.max_timestamp);
+        self.offsets.push(&IndexEntry {
+            base_offset: header.base_offset,
+            raft_index: index,
+            record_count: header.record_count,
+            max_timestamp: self.durable.max_timestamp,
+            producer_id: header.producer_id,
+            base_sequence: header.base_sequence,
+            producer_epoch: header.producer_epoch,
+        });
         self.producers
-            .record(&header, data, header.base_offset, clock, &mut self.pending);
+            .record(&header, data, header.base_offset, clock);
         self.durable.next_offset = header.next_offset();
         Ok(Accepted {
             base_offset: header.base_offset,
@@ -317,16 +290,41 @@ impl PartitionState {
         self.dirty = true;
     }
 
-    /// Writes this round's applied state to sled (no sync) and wakes readers.
+    /// Ends an apply round: writes the round's index entries (one `pwrite`,
+    /// no sync) and wakes readers. Nothing goes to sled here.
     pub fn flush_round(&mut self) -> Result<()> {
+        self.offsets.flush()?;
+        self.publish();
+        Ok(())
+    }
+
+    /// Whether a checkpoint is due: something was applied, and the last
+    /// checkpoint is [`CHECKPOINT_EVERY`] old.
+    pub fn checkpoint_due(&self) -> bool {
+        self.dirty && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
+    }
+
+    /// Writes the applied state to sled (see the module docs). Call between
+    /// apply rounds.
+    pub fn checkpoint(&mut self) -> Result<()> {
         if !self.dirty {
             return Ok(());
         }
-        let mut batch = std::mem::take(&mut self.pending);
+        self.write_state(sled::Batch::default())
+    }
+
+    /// Syncs the offset index, then writes `batch` with the producers
+    /// changed since the last write and the state key, atomically.
+    fn write_state(&mut self, mut batch: sled::Batch) -> Result<()> {
+        self.offsets.flush()?;
+        self.offsets.sync()?;
+        self.durable.index_len = self.offsets.written();
+        self.durable.index_first = self.offsets.first_live();
+        self.producers.write_dirty(&mut batch);
         batch.insert(STATE_KEY, &self.durable.encode()[..]);
         self.tree.apply_batch(batch)?;
         self.dirty = false;
-        self.publish();
+        self.last_checkpoint = Instant::now();
         Ok(())
     }
 
@@ -346,42 +344,33 @@ impl PartitionState {
     /// compaction that removes every entry up to it. Its start offset is the
     /// first offset held in an entry after `raft_index`, and its max
     /// timestamp the running max as of `raft_index` (not now: the entries
-    /// after it are replayed on restore and raise it themselves).
+    /// after it are replayed on restore and raise it themselves). Call
+    /// between apply rounds.
     pub fn snapshot_at(&self, raft_index: u64) -> Result<PartitionSnapshot> {
-        let mut next = self.durable.next_offset;
-        for item in self
-            .tree
-            .range(offset_key(self.durable.start_offset)..=offset_key(u64::MAX))
-        {
-            let (k, v) = item?;
-            if let Some(l) = decode_location(&k, &v) {
-                if l.raft_index > raft_index {
-                    next = l.base_offset;
-                    break;
-                }
-            }
-        }
+        let pos = self.offsets.find(|e| e.raft_index > raft_index)?;
+        let (first, end) = self.offsets.live_span();
         let mut later = Vec::new();
-        for item in self.tree.range(offset_key(next)..=offset_key(u64::MAX)) {
-            let (_, v) = item?;
-            let producer = field(&v, 20).map(i64::from_le_bytes);
-            let sequence = field(&v, 28).map(i32::from_le_bytes);
-            let epoch = field(&v, 32).map(i16::from_le_bytes);
-            if let (Some(pid), Some(seq), Some(epoch)) = (producer, sequence, epoch) {
-                if pid >= 0 {
-                    later.push((pid, seq, epoch));
+        let mut next = None;
+        let mut from = pos;
+        while from < end {
+            let to = end.min(from + 4096);
+            for e in self.offsets.read(from, to)? {
+                next.get_or_insert(e.base_offset);
+                if e.producer_id >= 0 {
+                    later.push((e.producer_id, e.base_sequence, e.producer_epoch));
                 }
             }
+            from = to;
         }
-        let mut max_timestamp = i64::MIN;
-        for item in self.tree.range(time_key(i64::MIN)..=time_key(i64::MAX)) {
-            let (k, v) = item?;
-            let base = field(&v, 0).map(u64::from_le_bytes);
-            match (base, decode_time_key(&k)) {
-                (Some(b), Some(ts)) if b < next => max_timestamp = ts,
-                _ => break,
-            }
-        }
+        let next = next.unwrap_or(self.durable.next_offset);
+        let max_timestamp = if pos > first {
+            self.offsets
+                .read(pos - 1, pos)?
+                .pop()
+                .map_or(self.durable.start_max_timestamp, |e| e.max_timestamp)
+        } else {
+            self.durable.start_max_timestamp
+        };
         Ok(PartitionSnapshot {
             start_offset: next,
             next_offset: next,
@@ -391,41 +380,23 @@ impl PartitionState {
         })
     }
 
-    /// Raises the start offset after the log was compacted, dropping index
-    /// keys of batches that are gone.
+    /// Raises the start offset after the log was compacted, dropping the
+    /// index entries of batches that are gone.
     pub fn trim_to(&mut self, start_offset: u64) -> Result<()> {
         if start_offset <= self.durable.start_offset {
             return Ok(());
         }
         let mut batch = sled::Batch::default();
-        for item in self.tree.range(offset_key(0)..offset_key(start_offset)) {
-            batch.remove(item?.0);
-        }
-        // Time keys of removed batches go, but the newest of them is
-        // re-pointed at the new start: the retained batches before the next
-        // time key share its running max, so a seek to an older timestamp
-        // must land on the start offset.
-        let mut last_removed = None;
-        for item in self.tree.range(time_key(i64::MIN)..=time_key(i64::MAX)) {
-            let (k, v) = item?;
-            let base = field(&v, 0).map(u64::from_le_bytes);
-            if base.is_some_and(|b| b < start_offset) {
-                batch.remove(k.clone());
-                last_removed = Some(k);
-            }
-        }
-        if let Some(k) = last_removed {
+        if let Some(last) = self.offsets.trim(start_offset)? {
             // The partition's time at the new start: producers expired by
             // then can be in no snapshot taken from now on.
-            if let Some(clock) = decode_time_key(&k) {
-                self.producers.forget_expired(clock, &mut batch);
-            }
-            batch.insert(k, &start_offset.to_le_bytes()[..]);
+            self.durable.start_max_timestamp = last.max_timestamp;
+            self.producers
+                .forget_expired(last.max_timestamp, &mut batch);
         }
         self.durable.start_offset = start_offset;
         self.durable.next_offset = self.durable.next_offset.max(start_offset);
-        batch.insert(STATE_KEY, &self.durable.encode()[..]);
-        self.tree.apply_batch(batch)?;
+        self.write_state(batch)?;
         self.publish();
         Ok(())
     }
@@ -440,25 +411,19 @@ impl PartitionState {
             return self.trim_to(snap.start_offset);
         }
         self.tree.clear()?;
+        self.offsets.clear()?;
         self.durable = Durable {
             applied: snap.applied_index,
             next_offset: snap.next_offset,
             start_offset: snap.start_offset,
             max_timestamp: snap.max_timestamp,
+            index_len: 0,
+            start_max_timestamp: snap.max_timestamp,
+            index_first: 0,
         };
         let mut batch = sled::Batch::default();
-        if snap.max_timestamp > i64::MIN {
-            // Batches from the start offset on share this running max until
-            // a later one raises it: a seek to an older time lands on the
-            // start.
-            batch.insert(
-                &time_key(snap.max_timestamp)[..],
-                &snap.start_offset.to_le_bytes()[..],
-            );
-        }
         self.producers.restore(&snap.producers, &mut batch);
-        batch.insert(STATE_KEY, &self.durable.encode()[..]);
-        self.tree.apply_batch(batch)?;
+        self.write_state(batch)?;
         self.publish();
         Ok(())
     }
@@ -466,9 +431,9 @@ impl PartitionState {
     /// Forgets everything: the partition's log is gone.
     pub fn reset(&mut self) -> Result<()> {
         self.tree.clear()?;
+        self.offsets.clear()?;
         self.durable = Durable::default();
         self.producers = ProducerTable::default();
-        self.pending = sled::Batch::default();
         self.dirty = false;
         self.publish();
         Ok(())

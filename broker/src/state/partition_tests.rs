@@ -5,9 +5,45 @@ use covet_protocol::batch::{self, Record};
 
 use super::*;
 
-fn tree() -> sled::Tree {
+/// A partition's sled tree and the directory of its offset index.
+#[derive(Clone)]
+struct Store {
+    tree: sled::Tree,
+    dir: std::sync::Arc<tempfile::TempDir>,
+}
+
+fn tree() -> Store {
     let db = sled::Config::new().temporary(true).open().unwrap();
-    db.open_tree("p1").unwrap()
+    Store {
+        tree: db.open_tree("p1").unwrap(),
+        dir: std::sync::Arc::new(tempfile::tempdir().unwrap()),
+    }
+}
+
+/// A partition state that keeps its index directory alive.
+struct Held {
+    state: PartitionState,
+    _dir: std::sync::Arc<tempfile::TempDir>,
+}
+
+impl std::ops::Deref for Held {
+    type Target = PartitionState;
+    fn deref(&self) -> &PartitionState {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for Held {
+    fn deref_mut(&mut self) -> &mut PartitionState {
+        &mut self.state
+    }
+}
+
+fn open(s: Store) -> Result<Held> {
+    Ok(Held {
+        state: PartitionState::open(s.tree, s.dir.path().join("offsets"))?,
+        _dir: s.dir,
+    })
 }
 
 fn stored(base_offset: u64, record_count: u32) -> Accepted {
@@ -47,7 +83,7 @@ fn produced_in(base: u64, n: usize, ts: i64, producer: Option<(i64, i32)>, epoch
 
 #[test]
 fn applies_contiguous_batches_and_rejects_a_stale_offset_without_indexing_it() {
-    let mut p = PartitionState::open(tree()).unwrap();
+    let mut p = open(tree()).unwrap();
     assert_eq!(p.apply_batch(1, &batch_at(0, 3, 10)).unwrap(), stored(0, 3));
     assert_eq!(p.apply_batch(2, &batch_at(3, 2, 20)).unwrap(), stored(3, 2));
     // Stamped by a leader that assumed a different tail.
@@ -84,17 +120,19 @@ fn applies_contiguous_batches_and_rejects_a_stale_offset_without_indexing_it() {
 #[test]
 fn reopening_from_sled_keeps_applied_state() {
     let t = tree();
-    let mut p = PartitionState::open(t.clone()).unwrap();
+    let mut p = open(t.clone()).unwrap();
     p.apply_batch(7, &batch_at(0, 4, 1)).unwrap();
     p.flush_round().unwrap();
+    // Only a checkpoint writes the applied state to sled.
+    p.checkpoint().unwrap();
     drop(p);
-    let p = PartitionState::open(t).unwrap();
+    let p = open(t).unwrap();
     assert_eq!((p.applied(), p.next_offset()), (7, 4));
 }
 
 #[test]
 fn time_index_finds_the_first_batch_at_or_after_a_timestamp() {
-    let mut p = PartitionState::open(tree()).unwrap();
+    let mut p = open(tree()).unwrap();
     for (i, ts) in [100, 200, 150, 300].into_iter().enumerate() {
         p.apply_batch(i as u64 + 1, &batch_at(i as u64 * 10, 10, ts))
             .unwrap();
@@ -111,7 +149,7 @@ fn time_index_finds_the_first_batch_at_or_after_a_timestamp() {
 
 #[test]
 fn snapshot_and_restore_keep_offsets_and_time_seeks_of_what_remains() {
-    let mut p = PartitionState::open(tree()).unwrap();
+    let mut p = open(tree()).unwrap();
     for i in 0..6u64 {
         p.apply_batch(i + 1, &batch_at(i * 5, 5, 1000 * (i as i64 + 1)))
             .unwrap();
@@ -129,7 +167,7 @@ fn snapshot_and_restore_keep_offsets_and_time_seeks_of_what_remains() {
     );
 
     // A node whose sled lost everything restores, then replays 4..=6.
-    let mut q = PartitionState::open(tree()).unwrap();
+    let mut q = open(tree()).unwrap();
     q.restore(&snap.encode_to_vec()).unwrap();
     assert_eq!((q.applied(), q.next_offset()), (3, 15));
     for i in 3..6u64 {
@@ -158,7 +196,7 @@ fn snapshot_and_restore_keep_offsets_and_time_seeks_of_what_remains() {
 
 #[test]
 fn trimming_drops_index_keys_below_the_start_and_repoints_time() {
-    let mut p = PartitionState::open(tree()).unwrap();
+    let mut p = open(tree()).unwrap();
     for i in 0..4u64 {
         p.apply_batch(i + 1, &batch_at(i * 10, 10, 100 * (i as i64 + 1)))
             .unwrap();
@@ -184,7 +222,7 @@ fn trimming_drops_index_keys_below_the_start_and_repoints_time() {
 
 #[test]
 fn idempotent_producer_retries_are_answered_with_the_original_offset_and_not_stored() {
-    let mut p = PartitionState::open(tree()).unwrap();
+    let mut p = open(tree()).unwrap();
     assert_eq!(
         p.apply_batch(1, &produced_at(0, 3, 1, Some((7, 0))))
             .unwrap(),
@@ -245,7 +283,7 @@ fn idempotent_producer_retries_are_answered_with_the_original_offset_and_not_sto
 #[test]
 fn dedup_table_survives_reopen_and_snapshot_restore_replays_later_batches() {
     let t = tree();
-    let mut p = PartitionState::open(t.clone()).unwrap();
+    let mut p = open(t.clone()).unwrap();
     p.apply_batch(1, &produced_at(0, 2, 1, Some((7, 0))))
         .unwrap();
     p.apply_batch(2, &produced_at(2, 2, 1, Some((7, 2))))
@@ -253,8 +291,9 @@ fn dedup_table_survives_reopen_and_snapshot_restore_replays_later_batches() {
     p.apply_batch(3, &produced_at(4, 2, 1, Some((7, 4))))
         .unwrap();
     p.flush_round().unwrap();
+    p.checkpoint().unwrap();
     drop(p);
-    let p = PartitionState::open(t).unwrap();
+    let p = open(t).unwrap();
     assert_eq!(
         p.applied_duplicate(&produced_at(6, 2, 1, Some((7, 2)))),
         Some((2, 2))
@@ -263,7 +302,7 @@ fn dedup_table_survives_reopen_and_snapshot_restore_replays_later_batches() {
     // A snapshot at raft index 1, restored elsewhere, then entries 2 and 3
     // replayed: both are accepted again, not taken for retries.
     let snap = p.snapshot_at(1).unwrap();
-    let mut q = PartitionState::open(tree()).unwrap();
+    let mut q = open(tree()).unwrap();
     q.restore(&snap.encode_to_vec()).unwrap();
     assert_eq!(
         q.apply_batch(2, &produced_at(2, 2, 1, Some((7, 2))))
@@ -281,7 +320,7 @@ fn dedup_table_survives_reopen_and_snapshot_restore_replays_later_batches() {
 
 #[test]
 fn a_new_producer_epoch_skips_a_sequence_gap_but_never_goes_back() {
-    let mut p = PartitionState::open(tree()).unwrap();
+    let mut p = open(tree()).unwrap();
     p.apply_batch(1, &produced_at(0, 2, 1, Some((7, 0))))
         .unwrap();
     // Sequences 2..4 were given up on; the same epoch cannot skip them.
@@ -329,7 +368,7 @@ fn out_of_order(r: Result<Accepted>) -> bool {
 fn a_batch_overtaking_a_new_producers_first_batch_waits_for_it() {
     // The deposed leader's entry did not survive: the new leader's log
     // holds the overtaking batch first, then the retries.
-    let mut p = PartitionState::open(tree()).unwrap();
+    let mut p = open(tree()).unwrap();
     assert!(out_of_order(
         p.apply_batch(1, &produced_at(0, 2, 1, Some((7, 3))))
     ));
@@ -356,7 +395,7 @@ fn a_batch_overtaking_a_new_producers_first_batch_waits_for_it() {
     // The deposed leader's entry survived and the new leader committed it
     // first: the overtaking batch follows it, and the first batch's retry
     // is answered with its original offsets.
-    let mut q = PartitionState::open(tree()).unwrap();
+    let mut q = open(tree()).unwrap();
     assert_eq!(
         q.apply_batch(1, &produced_at(0, 3, 1, Some((7, 0))))
             .unwrap(),
@@ -385,7 +424,7 @@ fn a_batch_overtaking_a_new_producers_first_batch_waits_for_it() {
 /// rest follow in order.
 #[test]
 fn a_new_epoch_skips_a_refused_batch_and_the_next_ones_follow() {
-    let mut p = PartitionState::open(tree()).unwrap();
+    let mut p = open(tree()).unwrap();
     assert_eq!(
         p.apply_batch(1, &produced_at(0, 2, 1, Some((7, 0))))
             .unwrap(),
@@ -422,7 +461,7 @@ fn a_new_epoch_skips_a_refused_batch_and_the_next_ones_follow() {
 /// with its offsets, not stored twice.
 #[test]
 fn a_stored_batch_resent_in_a_new_epoch_is_a_duplicate() {
-    let mut p = PartitionState::open(tree()).unwrap();
+    let mut p = open(tree()).unwrap();
     p.apply_batch(1, &produced_at(0, 2, 1, Some((7, 0))))
         .unwrap();
     p.apply_batch(2, &produced_at(2, 2, 1, Some((7, 2))))
@@ -448,7 +487,7 @@ fn a_stored_batch_resent_in_a_new_epoch_is_a_duplicate() {
 /// batches here were all given up on.
 #[test]
 fn an_unknown_producer_starts_at_zero_or_in_a_new_epoch() {
-    let mut p = PartitionState::open(tree()).unwrap();
+    let mut p = open(tree()).unwrap();
     assert!(out_of_order(
         p.apply_batch(1, &produced_at(0, 1, 1, Some((7, 5))))
     ));
@@ -468,14 +507,14 @@ fn an_unknown_producer_starts_at_zero_or_in_a_new_epoch() {
 /// point, so a follower restored from it answers them like the leader.
 #[test]
 fn a_restored_snapshot_still_answers_retries_of_earlier_batches() {
-    let mut p = PartitionState::open(tree()).unwrap();
+    let mut p = open(tree()).unwrap();
     p.apply_batch(1, &produced_at(0, 2, 1, Some((7, 0))))
         .unwrap();
     p.apply_batch(2, &produced_at(2, 2, 1, Some((7, 2))))
         .unwrap();
     p.flush_round().unwrap();
     let snap = p.snapshot_at(1).unwrap();
-    let mut q = PartitionState::open(tree()).unwrap();
+    let mut q = open(tree()).unwrap();
     q.restore(&snap.encode_to_vec()).unwrap();
     assert_eq!(
         q.apply_batch(2, &produced_at(2, 2, 1, Some((7, 2))))
@@ -498,7 +537,7 @@ fn a_restored_snapshot_still_answers_retries_of_earlier_batches() {
 /// epoch, is still the stored batch. Snapshots keep the identities.
 #[test]
 fn a_different_batch_with_a_remembered_sequence_is_refused_not_acknowledged() {
-    let mut p = PartitionState::open(tree()).unwrap();
+    let mut p = open(tree()).unwrap();
     let stranger = produced_at(0, 1, 5, Some((0, 0)));
     assert_eq!(p.apply_batch(1, &stranger).unwrap(), stored(0, 1));
     let real = produced_at(1, 1, 6, Some((0, 0)));
@@ -516,7 +555,7 @@ fn a_different_batch_with_a_remembered_sequence_is_refused_not_acknowledged() {
     assert_eq!(p.next_offset(), 1, "nothing stored after the stranger");
 
     let snap = p.snapshot_at(5).unwrap();
-    let mut q = PartitionState::open(tree()).unwrap();
+    let mut q = open(tree()).unwrap();
     q.restore(&snap.encode_to_vec()).unwrap();
     assert_eq!(q.applied_duplicate(&real), None);
     assert_eq!(
@@ -551,8 +590,8 @@ fn cap_and_expiry_log() -> Vec<(u64, Bytes)> {
     ]
 }
 
-fn capped(t: sled::Tree) -> PartitionState {
-    let mut p = PartitionState::open(t).unwrap();
+fn capped(t: Store) -> Held {
+    let mut p = open(t).unwrap();
     p.producers.limits.max_producers = 2;
     p
 }
@@ -572,7 +611,8 @@ fn outcome(r: Result<Accepted>) -> String {
 /// decides every later entry alike.
 #[test]
 fn the_producer_table_is_capped_and_idle_producers_expire() {
-    let mut p = capped(tree());
+    let t = tree();
+    let mut p = capped(t.clone());
     let outcomes: Vec<String> = cap_and_expiry_log()
         .into_iter()
         .map(|(i, b)| outcome(p.apply_batch(i, &b)))
@@ -616,6 +656,117 @@ fn the_producer_table_is_capped_and_idle_producers_expire() {
     // Compaction past the time producer 1 expired forgets it.
     p.trim_to(4).unwrap();
     assert_eq!(p.producers.entries(), 2);
-    let reopened = PartitionState::open(p.tree().clone()).unwrap();
+    let reopened = open(t).unwrap();
     assert_eq!(reopened.producers.entries(), 2);
+}
+
+/// Issue 8: the applied state in sled no longer grows with the data
+/// written (it held one key per batch, which sled keeps in memory): after
+/// thousands of batches from two producers the tree holds the state key
+/// and one key per producer.
+#[test]
+fn sled_holds_no_key_per_batch() {
+    let t = tree();
+    let mut p = open(t.clone()).unwrap();
+    for i in 0..5_000u64 {
+        let producer = Some((1 + (i % 2) as i64, (i / 2) as i32));
+        p.apply_batch(10 + i, &produced_at(i, 1, i as i64, producer))
+            .unwrap();
+        if i % 100 == 99 {
+            p.flush_round().unwrap();
+        }
+    }
+    p.flush_round().unwrap();
+    p.checkpoint().unwrap();
+    assert_eq!(t.tree.len(), 3, "state key and two producers");
+    let index = p.index();
+    assert_eq!(index.locate(4_321).unwrap().unwrap().raft_index, 4_331);
+    assert_eq!(index.offset_for_time(2_500).unwrap(), Some(2_500));
+}
+
+/// What was applied after the last checkpoint is replayed from the log on
+/// restart: the index is cut back to the checkpoint and re-appended alike,
+/// and dedup decisions after the replay are the same.
+#[test]
+fn a_restart_replays_from_the_checkpoint_and_indexes_alike() {
+    let t = tree();
+    let log: Vec<(u64, Bytes)> = (0..20u64)
+        .map(|i| {
+            (
+                6 + i,
+                produced_at(i * 2, 2, 100 + i as i64, Some((9, (i * 2) as i32))),
+            )
+        })
+        .collect();
+    let mut p = open(t.clone()).unwrap();
+    for (i, b) in &log[..12] {
+        p.apply_batch(*i, b).unwrap();
+    }
+    p.flush_round().unwrap();
+    p.checkpoint().unwrap();
+    for (i, b) in &log[12..] {
+        p.apply_batch(*i, b).unwrap();
+    }
+    p.flush_round().unwrap();
+    let full = p.index().batches_from(0, usize::MAX).unwrap();
+    drop(p);
+
+    let mut q = open(t).unwrap();
+    assert_eq!((q.applied(), q.next_offset()), (17, 24));
+    assert_eq!(q.index().batches_from(0, usize::MAX).unwrap(), full[..12]);
+    for (i, b) in &log[12..] {
+        q.apply_batch(*i, b).unwrap();
+    }
+    q.flush_round().unwrap();
+    assert_eq!(q.index().batches_from(0, usize::MAX).unwrap(), full);
+    // A retry of a batch applied before and after the checkpoint alike is
+    // answered with its offset.
+    assert_eq!(q.applied_duplicate(&log[3].1), Some((6, 2)));
+    assert_eq!(q.applied_duplicate(&log[15].1), Some((30, 2)));
+}
+
+/// An offset index shorter than the checkpoint says (lost or damaged)
+/// cannot be trusted: the state starts over, to be rebuilt from the
+/// snapshot and the log.
+#[test]
+fn an_index_shorter_than_its_checkpoint_rebuilds_the_state() {
+    let t = tree();
+    let mut p = open(t.clone()).unwrap();
+    for i in 0..10u64 {
+        p.apply_batch(6 + i, &batch_at(i, 1, 1)).unwrap();
+    }
+    p.flush_round().unwrap();
+    p.checkpoint().unwrap();
+    drop(p);
+    let path = t.dir.path().join("offsets");
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 1)
+        .unwrap();
+    let q = open(t).unwrap();
+    assert_eq!((q.applied(), q.next_offset()), (0, 0));
+    assert_eq!(q.index().locate(0).unwrap(), None);
+}
+
+/// Retention frees the index's dead prefix (a hole where the filesystem
+/// can punch one); a restart finds the live entries without reading it.
+#[test]
+fn a_trimmed_index_reopens_past_its_dead_prefix() {
+    let t = tree();
+    let mut p = open(t.clone()).unwrap();
+    for i in 0..1_000u64 {
+        p.apply_batch(6 + i, &batch_at(i, 1, i as i64)).unwrap();
+    }
+    p.flush_round().unwrap();
+    p.trim_to(700).unwrap();
+    drop(p);
+    let q = open(t).unwrap();
+    let index = q.index();
+    assert_eq!(index.locate(699).unwrap(), None);
+    assert_eq!(index.locate(700).unwrap().unwrap().raft_index, 706);
+    assert_eq!(index.offset_for_time(0).unwrap(), Some(700));
+    assert_eq!(index.batches_from(0, 2).unwrap()[0].base_offset, 700);
 }

@@ -166,6 +166,9 @@ fn key(producer_id: i64) -> [u8; 9] {
 #[derive(Default)]
 pub struct ProducerTable {
     producers: HashMap<i64, ProducerState>,
+    /// Producers changed since their entries were last written to sled
+    /// (at a checkpoint of the partition's applied state).
+    dirty: std::collections::HashSet<i64>,
     pub(crate) limits: Limits,
 }
 
@@ -180,6 +183,7 @@ impl ProducerTable {
         }
         Ok(ProducerTable {
             producers,
+            dirty: Default::default(),
             limits: Limits::default(),
         })
     }
@@ -246,16 +250,9 @@ impl ProducerTable {
     }
 
     /// Records an accepted `batch` (header `h`) stored at `base_offset`,
-    /// applied when the partition's time was `clock`, adding the write to
-    /// `pending`.
-    pub fn record(
-        &mut self,
-        h: &BatchHeader,
-        batch: &[u8],
-        base_offset: u64,
-        clock: i64,
-        pending: &mut sled::Batch,
-    ) {
+    /// applied when the partition's time was `clock`. The entry reaches
+    /// sled at the next [`ProducerTable::write_dirty`].
+    pub fn record(&mut self, h: &BatchHeader, batch: &[u8], base_offset: u64, clock: i64) {
         if h.producer_id < 0 {
             return;
         }
@@ -285,7 +282,16 @@ impl ProducerTable {
         if p.recent.len() > RECENT {
             p.recent.remove(0);
         }
-        pending.insert(&key(h.producer_id)[..], p.encode_to_vec());
+        self.dirty.insert(h.producer_id);
+    }
+
+    /// Adds the entries changed since the last call to `pending`.
+    pub fn write_dirty(&mut self, pending: &mut sled::Batch) {
+        for id in self.dirty.drain() {
+            if let Some(p) = self.producers.get(&id) {
+                pending.insert(&key(id)[..], p.encode_to_vec());
+            }
+        }
     }
 
     /// The table as it was before the batches in `later` were applied
@@ -350,12 +356,15 @@ impl ProducerTable {
             }
             keep
         });
+        let producers = &self.producers;
+        self.dirty.retain(|id| producers.contains_key(id));
     }
 
     /// Replaces the table (restore from a snapshot), writing it to
     /// `pending`.
     pub fn restore(&mut self, states: &[ProducerState], pending: &mut sled::Batch) {
         self.producers.clear();
+        self.dirty.clear();
         for p in states {
             pending.insert(&key(p.producer_id)[..], p.encode_to_vec());
             self.producers.insert(p.producer_id, p.clone());
