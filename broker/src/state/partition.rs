@@ -349,20 +349,26 @@ impl PartitionState {
     pub fn snapshot_at(&self, raft_index: u64) -> Result<PartitionSnapshot> {
         let pos = self.offsets.find(|e| e.raft_index > raft_index)?;
         let (first, end) = self.offsets.live_span();
+        let next = match self.offsets.read(pos, (pos + 1).min(end))?.first() {
+            Some(e) => e.base_offset,
+            None => self.durable.next_offset,
+        };
+        // Only each producer's first batch from `next` on matters, and only
+        // for producers that wrote since: the scan stops once it has seen
+        // them all (usually within the first entries), not at the end of a
+        // log that may hold millions of batches.
+        let mut needed = self.producers.written_since(next);
         let mut later = Vec::new();
-        let mut next = None;
         let mut from = pos;
-        while from < end {
+        while from < end && !needed.is_empty() {
             let to = end.min(from + 4096);
             for e in self.offsets.read(from, to)? {
-                next.get_or_insert(e.base_offset);
-                if e.producer_id >= 0 {
+                if e.producer_id >= 0 && needed.remove(&e.producer_id) {
                     later.push((e.producer_id, e.base_sequence, e.producer_epoch));
                 }
             }
             from = to;
         }
-        let next = next.unwrap_or(self.durable.next_offset);
         let max_timestamp = if pos > first {
             self.offsets
                 .read(pos - 1, pos)?

@@ -371,6 +371,16 @@ impl ProducerTable {
         }
     }
 
+    /// Producers with a batch stored at or after `offset`: the ones whose
+    /// first such batch [`ProducerTable::as_before`] needs to see.
+    pub fn written_since(&self, offset: u64) -> std::collections::HashSet<i64> {
+        self.producers
+            .values()
+            .filter(|p| p.recent.last().is_some_and(|b| b.base_offset >= offset))
+            .map(|p| p.producer_id)
+            .collect()
+    }
+
     /// Entries held, live or expired (for tests and metrics).
     pub fn entries(&self) -> usize {
         self.producers.len()
