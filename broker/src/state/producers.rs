@@ -207,6 +207,12 @@ impl ProducerTable {
             Some(p) => (p.epoch, p.next_sequence, &p.recent[..]),
             None => (0, 0, &[][..]),
         };
+        if live.is_some() && i32::from(h.producer_epoch) == epoch && h.base_sequence == next {
+            // The common case, the next batch in sequence: every remembered
+            // batch has a lower sequence (the last 128 batches cannot span
+            // a wrap of the 32-bit sequence), so none can match.
+            return Ok(SequenceCheck::Accept);
+        }
         if let Some(b) = recent.iter().find(|b| b.base_sequence == h.base_sequence) {
             if b.identity.is_some_and(|id| id != identity(batch)) {
                 return Err(BrokerError::DuplicateSequence {
