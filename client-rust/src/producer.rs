@@ -25,6 +25,7 @@ mod sender;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -71,6 +72,27 @@ pub struct RecordMetadata {
     pub topic: Arc<str>,
     pub partition: u32,
     pub offset: u64,
+}
+
+/// Counts of what a producer handed to the broker, since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProducerStats {
+    /// Batches closed and handed to the sender (a retried batch counts
+    /// once).
+    pub batches: u64,
+    /// Records in those batches.
+    pub records: u64,
+}
+
+impl ProducerStats {
+    /// The mean number of records per batch (0 before the first batch).
+    pub fn records_per_batch(&self) -> f64 {
+        if self.batches == 0 {
+            0.0
+        } else {
+            self.records as f64 / self.batches as f64
+        }
+    }
 }
 
 /// The outcome of one batch, shared by the deliveries of its records.
@@ -176,6 +198,10 @@ struct Shared {
     opened: Arc<Notify>,
     /// This producer's id, for idempotence; asked for on first send.
     producer_id: OnceCell<i64>,
+    /// Batches closed, for [`Producer::stats`].
+    batches: AtomicU64,
+    /// Records in them.
+    records: AtomicU64,
 }
 
 /// A handle to the producer; clones share its batches and its stream.
@@ -198,6 +224,8 @@ impl Producer {
             buffer: buffer.clone(),
             opened: Arc::new(Notify::new()),
             producer_id: OnceCell::new(),
+            batches: AtomicU64::new(0),
+            records: AtomicU64::new(0),
         });
         tokio::spawn(Sender::new(client, config.max_in_flight, buffer).run(rx));
         tokio::spawn(linger(Arc::downgrade(&shared), shared.opened.clone()));
@@ -354,6 +382,14 @@ impl Producer {
         Ok(delivery)
     }
 
+    /// Batches and records handed to the broker so far.
+    pub fn stats(&self) -> ProducerStats {
+        ProducerStats {
+            batches: self.shared.batches.load(Ordering::Relaxed),
+            records: self.shared.records.load(Ordering::Relaxed),
+        }
+    }
+
     /// Closes every open batch and waits until all records sent before the
     /// call are acknowledged or failed.
     pub async fn flush(&self) -> Result<()> {
@@ -376,10 +412,13 @@ fn close(shared: &Shared, t: &mut TopicState, partition: u32, open: Option<OpenB
         t.sticky = (partition + 1) % t.open.len() as u32;
     }
     let Some(open) = open else { return };
+    let count = open.builder.record_count();
     let seq = &mut t.next_sequence[partition as usize];
-    *seq = seq.wrapping_add(open.builder.record_count() as i32);
+    *seq = seq.wrapping_add(count as i32);
     match open.builder.build() {
         Some(batch) => {
+            shared.batches.fetch_add(1, Ordering::Relaxed);
+            shared.records.fetch_add(u64::from(count), Ordering::Relaxed);
             let closed = ClosedBatch {
                 topic: t.name.clone(),
                 partition,
