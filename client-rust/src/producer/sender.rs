@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::ClosedBatch;
+use super::{ClosedBatch, Slots};
 use crate::routing::RETRY_DEADLINE;
 use crate::{Client, Error};
 
@@ -164,6 +164,9 @@ struct Partition {
 pub(crate) struct Sender {
     client: Client,
     max_in_flight: usize,
+    /// Tells the producer a partition's slot is free, so that it can close
+    /// the partition's open batch.
+    slots: Slots,
     buffer: Arc<Semaphore>,
     streams: HashMap<u64, Stream>,
     partitions: HashMap<PartitionKey, Partition>,
@@ -182,13 +185,19 @@ pub(crate) struct Sender {
 }
 
 impl Sender {
-    pub(crate) fn new(client: Client, max_in_flight: usize, buffer: Arc<Semaphore>) -> Sender {
+    pub(crate) fn new(
+        client: Client,
+        max_in_flight: usize,
+        buffer: Arc<Semaphore>,
+        slots: Slots,
+    ) -> Sender {
         let (retry_tx, retry_rx) = mpsc::unbounded_channel();
         let (probe_tx, probe_rx) = mpsc::unbounded_channel();
         let (freed_tx, freed_rx) = mpsc::unbounded_channel();
         Sender {
             client,
             max_in_flight: max_in_flight.clamp(1, MAX_IN_FLIGHT),
+            slots,
             buffer,
             streams: HashMap::new(),
             partitions: HashMap::new(),
@@ -292,6 +301,10 @@ impl Sender {
     async fn freed(&mut self, f: Freed) {
         self.outstanding.remove(&f.seq);
         self.release_barriers();
+        // The producer's window counts the batch until here: its
+        // partition's open batch may go now. It is queued behind every
+        // batch closed before it, and taken after this call.
+        self.slots.free(&f.key.0, f.key.1);
         let part = self.partitions.entry(f.key.clone()).or_default();
         if f.on_stream {
             part.in_flight = part.in_flight.saturating_sub(1);
