@@ -39,11 +39,13 @@
 //! (see `delivery`).
 //!
 //! Locking: the state lock is taken by `send`, `flush`, the linger task and
-//! the sender task (when it frees a slot), each time for a short,
-//! non-blocking section, and never while another lock of the producer is
-//! held. Nothing that runs under it takes it again: closing a batch only
-//! pushes onto an unbounded channel, and no drop run under it (a closed
-//! batch the sender can no longer take) touches the state.
+//! a batch that ends (in the sender task or a stream's reader, when it
+//! frees its slot), each time for a short, non-blocking section, and never
+//! while another lock of the producer is held. Nothing that runs under it
+//! takes it again: closing a batch only pushes onto an unbounded channel,
+//! and what may drop under it (a closed batch the sender can no longer
+//! take) does not touch the state; a batch frees its slot only once it is
+//! in the sender's hands.
 
 mod delivery;
 mod sender;
@@ -124,6 +126,11 @@ impl ProducerStats {
     }
 }
 
+/// The most a record's encoded size grows between the first place of a
+/// batch (timestamp and offset deltas 0) and any other: 9 bytes of
+/// timestamp-delta varint, 4 of offset-delta varint, 1 of length prefix.
+const SIZE_SLACK: usize = 16;
+
 /// A batch being filled.
 struct OpenBatch {
     builder: BatchBuilder,
@@ -201,14 +208,15 @@ pub struct Producer {
 }
 
 /// The sender's way back into the producer: frees a partition's in-flight
-/// slot when one of its batches is answered. Weak, so that the sender task
-/// does not keep a dropped producer alive.
+/// slot when one of its batches is answered. Weak, so that the sender's
+/// batches do not keep a dropped producer alive.
+#[derive(Clone)]
 pub(crate) struct Slots(Weak<Shared>);
 
 impl Slots {
     /// A batch of `topic`/`partition` was answered: frees its slot and
-    /// closes the partition's open batch if it is due. Called from the
-    /// sender task only, never under the state lock.
+    /// closes the partition's open batch if it is due. Called by the
+    /// sender's batches as they end, never under the state lock.
     pub(crate) fn free(&self, topic: &str, partition: u32) {
         let Some(shared) = self.0.upgrade() else {
             return;
@@ -303,14 +311,14 @@ impl Producer {
         // The common case takes the lock once and does not yield: the
         // producer id is known and the topic has been used before.
         let appended = match shared.producer_id.get() {
-            Some(&id) => self.append(topic, partition, &record, reserve, id),
+            Some(&id) => self.append(topic, partition, &record, (size, reserve), id),
             None => Ok(None),
         };
         let appended = match appended {
             Ok(Some(delivery)) => Ok(delivery),
             Ok(None) => match self.prepare(topic).await {
                 Ok(id) => self
-                    .append(topic, partition, &record, reserve, id)
+                    .append(topic, partition, &record, (size, reserve), id)
                     .and_then(|d| d.ok_or(Error::Closed)),
                 Err(e) => Err(e),
             },
@@ -358,13 +366,14 @@ impl Producer {
     }
 
     /// Appends under the lock and closes what the rules close (see the
-    /// module docs); `None` if the topic is not known yet.
+    /// module docs); `None` if the topic is not known yet. `size` is the
+    /// record's encoded size, `reserve` the buffer bytes it holds.
     fn append(
         &self,
         topic: &str,
         explicit: Option<u32>,
         record: &Record,
-        reserve: usize,
+        (size, reserve): (usize, usize),
         producer_id: i64,
     ) -> Result<Option<Delivery>> {
         let shared = &*self.shared;
@@ -386,10 +395,12 @@ impl Producer {
             (None, None) => t.sticky,
         };
         let part = &mut t.partitions[p as usize];
+        // `size` is the record's size with the varints of the first record
+        // of a batch; later ones take at most SIZE_SLACK more.
         if part
             .open
             .as_ref()
-            .is_some_and(|b| b.builder.encoded_len_with(record) > max)
+            .is_some_and(|b| b.builder.encoded_len() + size + SIZE_SLACK > max)
         {
             // Full: it goes now, slot or not.
             close(shared, t, p);
