@@ -173,7 +173,12 @@ struct TopicState {
 /// partition enter the queue in the order their records were sent.
 #[derive(Default)]
 struct State {
-    topics: HashMap<String, TopicState>,
+    topics: Vec<TopicState>,
+    /// Where each topic is in `topics`.
+    by_name: HashMap<String, usize>,
+    /// The topic found last: most producers write one topic, or a few in
+    /// runs, and comparing a name is cheaper than hashing it.
+    last: usize,
     /// The linger task sleeps until a deadline (rather than waiting for a
     /// batch to open): opening a batch need not wake it, since every new
     /// deadline is later than the one it sleeps towards.
@@ -223,7 +228,7 @@ impl Slots {
         };
         {
             let mut state = shared.lock();
-            let Some(t) = state.topics.get_mut(topic) else {
+            let Some(t) = state.topic(topic) else {
                 return;
             };
             let Some(part) = t.partitions.get_mut(partition as usize) else {
@@ -348,20 +353,21 @@ impl Producer {
                     .await
             })
             .await?;
-        if self.shared.lock().topics.contains_key(topic) {
+        if self.shared.lock().topic(topic).is_some() {
             return Ok(producer_id);
         }
         let info = self.shared.client.describe_topic(topic).await?;
         let count = info.partitions.len().max(1);
         let mut state = self.shared.lock();
-        state
-            .topics
-            .entry(topic.to_string())
-            .or_insert_with(|| TopicState {
+        if state.topic(topic).is_none() {
+            let at = state.topics.len();
+            state.topics.push(TopicState {
                 name: topic.into(),
                 sticky: 0,
                 partitions: (0..count).map(|_| PartitionState::default()).collect(),
             });
+            state.by_name.insert(topic.to_string(), at);
+        }
         Ok(producer_id)
     }
 
@@ -380,9 +386,10 @@ impl Producer {
         let max = shared.config.max_batch_bytes;
         let mut guard = shared.lock();
         let state = &mut *guard;
-        let Some(t) = state.topics.get_mut(topic) else {
+        let Some(at) = state.find(topic) else {
             return Ok(None);
         };
+        let t = &mut state.topics[at];
         let count = t.partitions.len() as u32;
         let p = match (explicit, &record.key) {
             (Some(p), _) if p < count => p,
@@ -460,6 +467,21 @@ impl Producer {
     }
 }
 
+impl State {
+    /// Where topic `name` is in `topics`.
+    fn find(&mut self, name: &str) -> Option<usize> {
+        if self.topics.get(self.last).is_none_or(|t| &*t.name != name) {
+            self.last = *self.by_name.get(name)?;
+        }
+        Some(self.last)
+    }
+
+    fn topic(&mut self, name: &str) -> Option<&mut TopicState> {
+        let at = self.find(name)?;
+        self.topics.get_mut(at)
+    }
+}
+
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("producer state lock")
@@ -475,7 +497,7 @@ impl Drop for Shared {
             return;
         };
         let mut topics = std::mem::take(&mut state.topics);
-        for t in topics.values_mut() {
+        for t in topics.iter_mut() {
             for p in 0..t.partitions.len() as u32 {
                 close(self, t, p);
             }
@@ -528,7 +550,7 @@ fn close(shared: &Shared, t: &mut TopicState, partition: u32) {
 /// Closes the open batches that `due` selects (given the batch and whether
 /// its partition has a free slot).
 fn close_where(shared: &Shared, state: &mut State, due: impl Fn(&OpenBatch, bool) -> bool) {
-    for t in state.topics.values_mut() {
+    for t in state.topics.iter_mut() {
         for p in 0..t.partitions.len() {
             let part = &t.partitions[p];
             let free = part.unanswered < shared.max_in_flight;
@@ -552,7 +574,7 @@ async fn linger(shared: Weak<Shared>, opened: Arc<Notify>) {
             close_where(&s, &mut state, |b, free| free && b.deadline <= now);
             let next = state
                 .topics
-                .values()
+                .iter()
                 .flat_map(|t| t.partitions.iter())
                 .filter_map(|p| p.open.as_ref())
                 .map(|b| b.deadline)

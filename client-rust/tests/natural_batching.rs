@@ -282,3 +282,32 @@ async fn dropping_the_producer_sends_open_batches() {
     drop(producer);
     assert_in_order(deliveries, next).await;
 }
+
+/// Records for two topics, interleaved, each keep their own batches and
+/// order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_topics_interleaved() {
+    let (_broker, client, producer, next) = warm(ProducerConfig {
+        linger: Duration::ZERO,
+        ..ProducerConfig::default()
+    })
+    .await;
+    client
+        .create_topic(TopicSpec::new("other").partitions(1))
+        .await
+        .expect("create topic");
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for i in 0..200 {
+        ours.push(producer.send_to(TOPIC, 0, record(i)).await.expect("send"));
+        theirs.push(producer.send_to("other", 0, record(i)).await.expect("send"));
+    }
+    assert_in_order(ours, next).await;
+    let theirs = tokio::time::timeout(ACK_TIMEOUT, futures::future::join_all(theirs))
+        .await
+        .expect("acknowledged in time");
+    for (i, d) in theirs.into_iter().enumerate() {
+        let meta = d.expect("acknowledged");
+        assert_eq!(&*meta.topic, "other");
+        assert_eq!(meta.offset, i as u64);
+    }
+}
