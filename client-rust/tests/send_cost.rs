@@ -81,3 +81,62 @@ async fn send_cost() {
         stats.records_per_batch()
     );
 }
+
+/// Throughput with a window of outstanding records (awaited in send
+/// order), for checking direction only: the figure printed is noise on a
+/// shared machine and a debug build.
+///
+/// ```text
+/// COVET_COST_RECORDS=20000 COVET_COST_WINDOW=256 cargo test -p covet-client \
+///     --test send_cost window_throughput -- --ignored --nocapture
+/// ```
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, run by hand"]
+async fn window_throughput() {
+    let env = |name: &str, default: usize| -> usize {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let records = env("COVET_COST_RECORDS", 20_000);
+    let window = env("COVET_COST_WINDOW", 256).max(1);
+    let broker = common::Broker::start();
+    let client = Client::connect(&broker.addr).await.expect("connect");
+    client
+        .create_topic(TopicSpec::new("cost").partitions(1))
+        .await
+        .expect("create topic");
+    let producer = client.producer(ProducerConfig {
+        linger: Duration::from_millis(env("COVET_COST_LINGER_MS", 0) as u64),
+        ..ProducerConfig::default()
+    });
+    let value = Bytes::from(vec![7u8; 128]);
+    let record = || Record {
+        value: value.clone(),
+        ..Default::default()
+    };
+    let warm = producer.send_to("cost", 0, record()).await.expect("send");
+    producer.flush().await.expect("flush");
+    warm.await.expect("warm-up acknowledged");
+    let before = producer.stats();
+    let start = std::time::Instant::now();
+    let mut outstanding = std::collections::VecDeque::with_capacity(window);
+    for _ in 0..records {
+        if outstanding.len() == window {
+            let d: covet_client::Delivery = outstanding.pop_front().expect("window");
+            d.await.expect("acknowledged");
+        }
+        outstanding.push_back(producer.send_to("cost", 0, record()).await.expect("send"));
+    }
+    for d in outstanding {
+        d.await.expect("acknowledged");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let after = producer.stats();
+    println!(
+        "{records} records, window {window}: {:.0} records/s, {} batches",
+        records as f64 / secs,
+        after.batches - before.batches
+    );
+}
