@@ -90,6 +90,9 @@ async fn send_cost() {
 /// COVET_COST_RECORDS=20000 COVET_COST_WINDOW=256 cargo test -p covet-client \
 ///     --test send_cost window_throughput -- --ignored --nocapture
 /// ```
+///
+/// `COVET_COST_LINGER_MS` and `COVET_COST_MAX_IN_FLIGHT` set the producer's
+/// linger (default 0) and in-flight window per partition (default 64).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, run by hand"]
 async fn window_throughput() {
@@ -109,6 +112,7 @@ async fn window_throughput() {
         .expect("create topic");
     let producer = client.producer(ProducerConfig {
         linger: Duration::from_millis(env("COVET_COST_LINGER_MS", 0) as u64),
+        max_in_flight: env("COVET_COST_MAX_IN_FLIGHT", 64),
         ..ProducerConfig::default()
     });
     let value = Bytes::from(vec![7u8; 128]);
