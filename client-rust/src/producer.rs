@@ -78,8 +78,11 @@ pub struct ProducerConfig {
     pub max_batch_bytes: usize,
     /// Batches sent and not yet acknowledged, per partition; at most 128,
     /// the batches per producer a partition remembers to answer a retry
-    /// with the original offset. With natural batching this is also how
-    /// many batches a partition's records are spread over while they wait.
+    /// with the original offset. With natural batching it is also how many
+    /// batches the records outstanding on a partition are spread over: 5
+    /// (Kafka's default too) keeps 256 outstanding records to about 50 a
+    /// batch, where 64 would cut them into batches of 4, each costing the
+    /// broker a round of its own.
     pub max_in_flight: usize,
     /// Bytes of records accepted and not yet acknowledged; `send` waits
     /// beyond it.
@@ -91,7 +94,7 @@ impl Default for ProducerConfig {
         ProducerConfig {
             linger: Duration::from_millis(5),
             max_batch_bytes: 1 << 20,
-            max_in_flight: 64,
+            max_in_flight: 5,
             buffer_bytes: 64 << 20,
         }
     }

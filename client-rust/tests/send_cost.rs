@@ -92,7 +92,8 @@ async fn send_cost() {
 /// ```
 ///
 /// `COVET_COST_LINGER_MS` and `COVET_COST_MAX_IN_FLIGHT` set the producer's
-/// linger (default 0) and in-flight window per partition (default 64).
+/// linger (default 0) and in-flight window per partition (default: the
+/// producer's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, run by hand"]
 async fn window_throughput() {
@@ -112,7 +113,10 @@ async fn window_throughput() {
         .expect("create topic");
     let producer = client.producer(ProducerConfig {
         linger: Duration::from_millis(env("COVET_COST_LINGER_MS", 0) as u64),
-        max_in_flight: env("COVET_COST_MAX_IN_FLIGHT", 64),
+        max_in_flight: env(
+            "COVET_COST_MAX_IN_FLIGHT",
+            ProducerConfig::default().max_in_flight,
+        ),
         ..ProducerConfig::default()
     });
     let value = Bytes::from(vec![7u8; 128]);
