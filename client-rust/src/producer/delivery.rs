@@ -112,3 +112,63 @@ impl Future for Delivery {
         Poll::Pending
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use futures::task::{waker, ArcWake};
+
+    use super::*;
+    use crate::Error;
+
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+
+    impl ArcWake for Count {
+        fn wake_by_ref(me: &Arc<Self>) {
+            me.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn poll(d: &mut Delivery, w: &Arc<Count>) -> Poll<Result<RecordMetadata>> {
+        let w = waker(w.clone());
+        Pin::new(d).poll(&mut Context::from_waker(&w))
+    }
+
+    #[test]
+    fn waiting_deliveries_are_woken_once_with_their_offsets() {
+        let ack = Arc::new(BatchAck::new("t".into(), 3));
+        let (mut a, mut b) = (Delivery::new(ack.clone(), 0), Delivery::new(ack.clone(), 1));
+        let (wa, wb, other) = (Arc::default(), Arc::default(), Arc::default());
+        assert!(poll(&mut a, &wa).is_pending());
+        assert!(poll(&mut b, &wb).is_pending());
+        // Polled again by another task: the waker is replaced, not added.
+        assert!(poll(&mut b, &other).is_pending());
+        assert_eq!(ack.wakers.lock().unwrap().len(), 2);
+        ack.complete(Ok(40));
+        assert_eq!(wa.0.load(Ordering::SeqCst), 1);
+        assert_eq!(wb.0.load(Ordering::SeqCst), 0, "the replaced waker");
+        assert_eq!(other.0.load(Ordering::SeqCst), 1);
+        let Poll::Ready(Ok(meta)) = poll(&mut b, &other) else {
+            panic!("resolved");
+        };
+        assert_eq!((&*meta.topic, meta.partition, meta.offset), ("t", 3, 41));
+        // A second outcome is ignored.
+        ack.complete(Err(Error::Closed));
+        assert!(matches!(poll(&mut a, &wa), Poll::Ready(Ok(m)) if m.offset == 40));
+    }
+
+    #[test]
+    fn a_delivery_made_after_the_outcome_resolves_at_once() {
+        let ack = Arc::new(BatchAck::new("t".into(), 0));
+        ack.complete(Err(Error::Closed));
+        let mut d = Delivery::new(ack.clone(), 5);
+        assert!(matches!(
+            poll(&mut d, &Arc::default()),
+            Poll::Ready(Err(Error::Closed))
+        ));
+        assert!(ack.wakers.lock().unwrap().is_empty());
+    }
+}
