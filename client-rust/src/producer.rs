@@ -9,7 +9,8 @@
 //!   of the partition's closed batches are unanswered — and it is due: at
 //!   once with `linger` 0, else once `linger` has passed since its first
 //!   record; or
-//! - it is full (the next record would take it past `max_batch_bytes`);
+//! - it is full (the next record would take it past `max_batch_bytes`, or
+//!   the topic's own limit if lower);
 //!   a full batch closes even when the window is full, and waits in the
 //!   sender's queue; or
 //! - on `flush`.
@@ -74,7 +75,8 @@ pub struct ProducerConfig {
     /// when the partition has one; either way, records that arrive while
     /// every slot is taken fill one batch that goes out when a slot frees.
     pub linger: Duration,
-    /// Largest batch built, in bytes (a single larger record is sent alone).
+    /// Largest batch built, in bytes (a single larger record is sent
+    /// alone); a topic whose own limit is lower caps it.
     pub max_batch_bytes: usize,
     /// Batches sent and not yet acknowledged, per partition; at most 128,
     /// the batches per producer a partition remembers to answer a retry
@@ -166,6 +168,9 @@ struct PartitionState {
 
 struct TopicState {
     name: Arc<str>,
+    /// The producer's `max_batch_bytes`, or the topic's limit if lower: a
+    /// batch over it would be refused (`BATCH_TOO_LARGE`).
+    max_batch_bytes: usize,
     /// Partition unkeyed records go to until its batch closes.
     sticky: u32,
     partitions: Vec<PartitionState>,
@@ -361,11 +366,18 @@ impl Producer {
         }
         let info = self.shared.client.describe_topic(topic).await?;
         let count = info.partitions.len().max(1);
+        let limit = info
+            .config
+            .as_ref()
+            .map(|c| c.max_batch_bytes as usize)
+            .filter(|&m| m > 0)
+            .unwrap_or(usize::MAX);
         let mut state = self.shared.lock();
         if state.topic(topic).is_none() {
             let at = state.topics.len();
             state.topics.push(TopicState {
                 name: topic.into(),
+                max_batch_bytes: self.shared.config.max_batch_bytes.min(limit),
                 sticky: 0,
                 partitions: (0..count).map(|_| PartitionState::default()).collect(),
             });
@@ -386,13 +398,13 @@ impl Producer {
         producer_id: i64,
     ) -> Result<Option<Delivery>> {
         let shared = &*self.shared;
-        let max = shared.config.max_batch_bytes;
         let mut guard = shared.lock();
         let state = &mut *guard;
         let Some(at) = state.find(topic) else {
             return Ok(None);
         };
         let t = &mut state.topics[at];
+        let max = t.max_batch_bytes;
         let count = t.partitions.len() as u32;
         let p = match (explicit, &record.key) {
             (Some(p), _) if p < count => p,

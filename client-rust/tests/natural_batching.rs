@@ -311,3 +311,39 @@ async fn two_topics_interleaved() {
         assert_eq!(meta.offset, i as u64);
     }
 }
+
+/// Under a full window the open batch grows, but never past the topic's own
+/// `max_batch_bytes` when that is below the producer's: a batch over it
+/// would be refused (`BATCH_TOO_LARGE`) and fail records that are fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_stay_within_the_topics_limit() {
+    let mut broker = Broker::start();
+    let client = Client::connect(&broker.addr).await.expect("connect");
+    let mut spec = TopicSpec::new(TOPIC).partitions(1);
+    spec.max_batch_bytes = Some(1024);
+    client.create_topic(spec).await.expect("create topic");
+    let producer = client.producer(ProducerConfig {
+        linger: Duration::ZERO,
+        max_in_flight: 1,
+        ..ProducerConfig::default()
+    });
+    let first = producer.send_to(TOPIC, 0, record(0)).await.expect("send");
+    tokio::time::timeout(ACK_TIMEOUT, first)
+        .await
+        .expect("warm-up acknowledged in time")
+        .expect("warm-up acknowledged");
+    let before = producer.stats();
+    broker.pause();
+    let mut deliveries = Vec::new();
+    for i in 0..500 {
+        deliveries.push(producer.send_to(TOPIC, 0, record(i)).await.expect("send"));
+    }
+    broker.resume();
+    assert_in_order(deliveries, 1).await;
+    // Some 20 bytes a record, 1024 bytes a batch (61 of them header).
+    let batches = producer.stats().batches - before.batches;
+    assert!(
+        (500 * 20 / 1024..=500 * 25 / (1024 - 61) + 3).contains(&(batches as usize)),
+        "500 records went in {batches} batches"
+    );
+}
