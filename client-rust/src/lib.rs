@@ -31,7 +31,7 @@ pub use covet_protocol::api::{
 pub use covet_protocol::batch::{Header, Record};
 pub use covet_protocol::Reason;
 pub use error::{Error, Result};
-pub use producer::{Delivery, Producer, ProducerConfig, RecordMetadata};
+pub use producer::{Delivery, Producer, ProducerConfig, ProducerStats, RecordMetadata};
 
 /// The broker address used when none is given.
 pub const DEFAULT_BROKER: &str = "127.0.0.1:7420";

@@ -6,7 +6,14 @@
 //! Each partition has its own window of `max_in_flight` batches: a
 //! partition whose leader is gone holds only its own slots, and the others
 //! keep flowing. Batches wait in their partition's queue for a slot, in
-//! order.
+//! order. The producer hands over a batch only when its partition has a
+//! free slot by the producer's own count (closed batches not answered yet,
+//! retried ones included), or when the batch is full or flushed, so that
+//! queue is short: records that arrive while the window is full wait in
+//! the producer's open batch instead, and leave together. When a batch
+//! ends (acknowledged, or failed for good) it tells the producer
+//! (`Slots::free`, before its deliveries resolve), which may close the
+//! partition's open batch at once.
 //!
 //! Retrying is safe because batches are idempotent: each carries the
 //! producer id, a producer epoch and a per-partition sequence number, and a
@@ -38,7 +45,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::ClosedBatch;
+use super::{ClosedBatch, Slots};
 use crate::routing::RETRY_DEADLINE;
 use crate::{Client, Error};
 
@@ -82,6 +89,10 @@ struct InFlight {
     on_stream: bool,
     /// Whether it is the one batch a recovering partition sent first.
     probe: bool,
+    /// Whether the batch still counts in the producer's window of its
+    /// partition (see `release_slot`).
+    slot_held: bool,
+    slots: Slots,
 }
 
 /// A batch's end, as the sender hears of it.
@@ -95,6 +106,7 @@ struct Freed {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        self.release_slot();
         self.buffer.add_permits(self.batch.reserved);
         let _ = self.freed.send(Freed {
             key: (self.batch.topic.clone(), self.batch.partition),
@@ -109,7 +121,20 @@ impl Drop for InFlight {
 impl InFlight {
     fn complete(mut self, outcome: crate::Result<u64>) {
         self.failed = outcome.is_err();
+        self.release_slot();
         self.batch.ack.complete(outcome);
+    }
+
+    /// Tells the producer the batch has ended, before its records'
+    /// deliveries resolve: a caller that awaits one record and sends the
+    /// next finds the slot free, and the record goes out at once. This
+    /// takes the producer's state lock, which is sound because a batch
+    /// ends (and an `InFlight` drops) only in the sender task or a
+    /// stream's reader, never under that lock.
+    fn release_slot(&mut self) {
+        if std::mem::take(&mut self.slot_held) {
+            self.slots.free(&self.batch.topic, self.batch.partition);
+        }
     }
 
     fn key(&self) -> PartitionKey {
@@ -164,6 +189,8 @@ struct Partition {
 pub(crate) struct Sender {
     client: Client,
     max_in_flight: usize,
+    /// Given to each batch, to tell the producer when it ends.
+    slots: Slots,
     buffer: Arc<Semaphore>,
     streams: HashMap<u64, Stream>,
     partitions: HashMap<PartitionKey, Partition>,
@@ -182,13 +209,19 @@ pub(crate) struct Sender {
 }
 
 impl Sender {
-    pub(crate) fn new(client: Client, max_in_flight: usize, buffer: Arc<Semaphore>) -> Sender {
+    pub(crate) fn new(
+        client: Client,
+        max_in_flight: usize,
+        buffer: Arc<Semaphore>,
+        slots: Slots,
+    ) -> Sender {
         let (retry_tx, retry_rx) = mpsc::unbounded_channel();
         let (probe_tx, probe_rx) = mpsc::unbounded_channel();
         let (freed_tx, freed_rx) = mpsc::unbounded_channel();
         Sender {
             client,
             max_in_flight: max_in_flight.clamp(1, MAX_IN_FLIGHT),
+            slots,
             buffer,
             streams: HashMap::new(),
             partitions: HashMap::new(),
@@ -249,6 +282,8 @@ impl Sender {
             failed: false,
             on_stream: false,
             probe: false,
+            slot_held: true,
+            slots: self.slots.clone(),
         };
         let key = flight.key();
         let part = self.partitions.entry(key.clone()).or_default();
