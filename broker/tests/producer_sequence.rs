@@ -46,8 +46,10 @@ async fn a_batch_refused_for_good_does_not_fail_the_batches_behind_it() {
     let mut spec = TopicSpec::new("seq").partitions(1);
     spec.max_batch_bytes = Some(1024);
     client.create_topic(spec).await.unwrap();
-    // No linger: each record is its own batch; two in flight, the rest
-    // queued behind them.
+    // No linger and two in flight: the oversized record is closed alone (it
+    // is full) and queued behind the two in flight, and the records after
+    // it fill one open batch that goes out, in the next epoch, once a slot
+    // frees.
     let producer = client.producer(ProducerConfig {
         linger: Duration::ZERO,
         max_in_flight: 2,
