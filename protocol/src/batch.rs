@@ -79,7 +79,7 @@ mod varint;
 #[cfg(test)]
 mod tests;
 
-pub use decode::{decode_records, validate, validate_with_limit};
+pub use decode::{decode_records, validate, validate_with_limit, BatchRecords};
 pub use encode::{encode, BatchBuilder};
 
 /// The format version written into, and required in, the `magic` byte.
