@@ -7,7 +7,6 @@
 //! at most `window` records per partition (plus one batch) are ever buffered
 //! in the client: a slow application slows the broker, never grows memory.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -68,7 +67,7 @@ pub struct PartitionStream {
     /// Batches of the last message not yet handed out. The broker
     /// coalesces many batches into one message; they are handed out one
     /// by one.
-    pending: VecDeque<Bytes>,
+    pending: std::vec::IntoIter<Bytes>,
     next: u64,
     start_offset: u64,
     high_watermark: u64,
@@ -120,7 +119,7 @@ impl PartitionStream {
             partition,
             requests,
             responses,
-            pending: VecDeque::new(),
+            pending: Vec::new().into_iter(),
             next: opened.offset,
             start_offset: opened.start_offset,
             high_watermark: opened.high_watermark,
@@ -178,7 +177,7 @@ impl PartitionStream {
     /// broker ended the stream. Cancel-safe: nothing is awaited after a
     /// message is taken off the stream.
     async fn fill(&mut self) -> Result<bool> {
-        while self.pending.is_empty() {
+        while self.pending.len() == 0 {
             let (batches, high_watermark) = match self.responses.message().await? {
                 Some(SubscribeResponse {
                     kind: Some(subscribe_response::Kind::Batches(b)),
@@ -194,7 +193,7 @@ impl PartitionStream {
                 None => return Ok(false),
             };
             self.high_watermark = self.high_watermark.max(high_watermark);
-            self.pending.extend(batches);
+            self.pending = batches.into_iter();
         }
         Ok(true)
     }
@@ -202,11 +201,11 @@ impl PartitionStream {
     /// The next pending batch that holds records at or after the position,
     /// which moves past it. Checks the batch's frame, not its records.
     fn take(&mut self) -> Result<Option<Fresh>> {
-        while let Some(bytes) = self.pending.pop_front() {
+        while let Some(bytes) = self.pending.next() {
             let records = match BatchRecords::new(bytes) {
                 Ok(r) => r,
                 Err(e) => {
-                    self.pending.clear();
+                    self.pending = Vec::new().into_iter();
                     return Err(bad_batch(e));
                 }
             };
