@@ -8,12 +8,12 @@
 //! reading the log, and the backlog stays on disk.
 //!
 //! The cost of a read is per message, not per batch: one blocking read
-//! looks up to 8192 batches in the offset index and reads
-//! them from the log with one `pread` per segment, and consecutive batches
-//! travel together in one `Batches` message of up to 1 MiB (their bytes
-//! as stored, never re-encoded). A partition written one
-//! record per batch thus costs one task hand-off and one HTTP/2 frame per
-//! few thousand records, not per record.
+//! looks up to 8192 batches in the offset index and reads them from the
+//! log with one `pread` per segment, and consecutive batches travel
+//! together in one `Batches` message of up to 1 MiB (their bytes as
+//! stored, never re-encoded). A partition written one record per batch
+//! thus costs one task hand-off and one HTTP/2 frame per few thousand
+//! records, not per record.
 
 use covet_protocol::api::{position, subscribe_request, subscribe_response, Batches, Opened};
 use covet_protocol::api::{SubscribeOpen, SubscribeRequest, SubscribeResponse};
