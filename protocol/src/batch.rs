@@ -6,6 +6,7 @@
 //! it once ([`validate`]), writes the partition's next offset into the first
 //! eight bytes ([`stamp_base_offset`]) and keeps the bytes as they are. That
 //! is why `base_offset` sits outside the CRC, and why [`decode_records`]
+//! (and [`BatchRecords`], which decodes one record at a time for readers)
 //! hands back slices of the batch instead of copies.
 //!
 //! This module is the reference for the format; change the two together.
