@@ -13,7 +13,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use covet_protocol::api::{position, subscribe_request, subscribe_response, Empty, Position};
 use covet_protocol::api::{SubscribeOpen, SubscribeRequest, SubscribeResponse};
-use covet_protocol::batch::{self, Header};
+use covet_protocol::batch::{self, BatchRecords, Header, StoredRecord};
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
@@ -64,9 +64,22 @@ pub struct PartitionStream {
     partition: u32,
     requests: mpsc::Sender<SubscribeRequest>,
     responses: Streaming<SubscribeResponse>,
+    /// Batches of the last message not yet handed out. The broker
+    /// coalesces many batches into one message; they are handed out one
+    /// by one.
+    pending: std::vec::IntoIter<Bytes>,
     next: u64,
     start_offset: u64,
     high_watermark: u64,
+}
+
+/// A batch with records at or after the stream's position, its frame
+/// (CRC included) checked, its records not yet decoded.
+pub(crate) struct Fresh {
+    records: BatchRecords,
+    /// The stream's position before this batch: records below it were
+    /// delivered before, or lie before where the stream opened.
+    from: u64,
 }
 
 impl PartitionStream {
@@ -106,6 +119,7 @@ impl PartitionStream {
             partition,
             requests,
             responses,
+            pending: Vec::new().into_iter(),
             next: opened.offset,
             start_offset: opened.start_offset,
             high_watermark: opened.high_watermark,
@@ -143,38 +157,82 @@ impl PartitionStream {
     /// the broker ended the stream.
     pub async fn next_batch(&mut self) -> Result<Option<Vec<ConsumedRecord>>> {
         loop {
-            let batch = match self.responses.message().await? {
+            if let Some(fresh) = self.take()? {
+                let mut out = Vec::with_capacity(fresh.records.remaining() as usize);
+                for r in fresh.records {
+                    let r = r.map_err(bad_batch)?;
+                    if r.offset >= fresh.from {
+                        out.push(consumed(&self.topic, self.partition, r));
+                    }
+                }
+                return Ok(Some(out));
+            }
+            if !self.fill().await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Waits for the next message if no batch is pending; false once the
+    /// broker ended the stream. Cancel-safe: nothing is awaited after a
+    /// message is taken off the stream.
+    async fn fill(&mut self) -> Result<bool> {
+        while self.pending.len() == 0 {
+            let (batches, high_watermark) = match self.responses.message().await? {
+                Some(SubscribeResponse {
+                    kind: Some(subscribe_response::Kind::Batches(b)),
+                }) => (b.batches, b.high_watermark),
                 Some(SubscribeResponse {
                     kind: Some(subscribe_response::Kind::Batch(b)),
-                }) => b,
+                }) => (vec![b.batch], b.high_watermark),
                 Some(_) => {
                     return Err(Error::Protocol(
                         "unexpected message on subscribe stream".into(),
                     ))
                 }
-                None => return Ok(None),
+                None => return Ok(false),
             };
-            self.high_watermark = self.high_watermark.max(batch.high_watermark);
-            let records = batch::decode_records(&batch.batch)
-                .map_err(|e| Error::Protocol(format!("broker sent a bad batch: {e}")))?;
-            let out: Vec<ConsumedRecord> = records
-                .into_iter()
-                .filter(|r| r.offset >= self.next)
-                .map(|r| ConsumedRecord {
-                    topic: self.topic.clone(),
-                    partition: self.partition,
-                    offset: r.offset,
-                    timestamp_ms: r.timestamp_ms,
-                    key: r.key,
-                    value: r.value,
-                    headers: r.headers,
-                })
-                .collect();
-            if let Some(last) = out.last() {
-                self.next = last.offset + 1;
-                return Ok(Some(out));
-            }
+            self.high_watermark = self.high_watermark.max(high_watermark);
+            self.pending = batches.into_iter();
         }
+        Ok(true)
+    }
+
+    /// The next pending batch that holds records at or after the position,
+    /// which moves past it. Checks the batch's frame, not its records.
+    fn take(&mut self) -> Result<Option<Fresh>> {
+        while let Some(bytes) = self.pending.next() {
+            let records = match BatchRecords::new(bytes) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.pending = Vec::new().into_iter();
+                    return Err(bad_batch(e));
+                }
+            };
+            let end = records.header().next_offset();
+            if end <= self.next {
+                continue;
+            }
+            let from = std::mem::replace(&mut self.next, end);
+            return Ok(Some(Fresh { records, from }));
+        }
+        Ok(None)
+    }
+}
+
+fn bad_batch(e: batch::BatchError) -> Error {
+    Error::Protocol(format!("broker sent a bad batch: {e}"))
+}
+
+fn consumed(topic: &Arc<str>, partition: u32, r: StoredRecord) -> ConsumedRecord {
+    ConsumedRecord {
+        topic: topic.clone(),
+        partition,
+        offset: r.offset,
+        timestamp_ms: r.timestamp_ms,
+        key: r.key,
+        value: r.value,
+        headers: r.headers,
     }
 }
 
@@ -207,11 +265,41 @@ struct Returned {
     notify: Notify,
 }
 
+/// What [`Subscription`] keeps per partition.
+struct Part {
+    topic: Arc<str>,
+    partition: u32,
+    returned: Arc<Returned>,
+    /// Records taken by the application and not yet handed to the pump.
+    taken: u64,
+    /// Set when the partition's stream failed for good; what it still
+    /// sends is dropped.
+    failed: bool,
+}
+
+/// One message's batches, handed out record by record.
+struct Current {
+    part: usize,
+    batches: std::vec::IntoIter<Fresh>,
+    batch: Option<Fresh>,
+}
+
+/// What a partition's pump sends: its index and one message's batches.
+type Delivery = (usize, Result<Vec<Fresh>>);
+
 /// Several partitions merged into one stream of records. Records of one
 /// partition arrive in offset order; partitions interleave.
+///
+/// Each partition's pump task moves whole messages of batches into one
+/// channel; [`Subscription::next`] decodes a record when it is asked for
+/// one, and hands credit back to the pump in chunks of a quarter of the
+/// window, so the per-record path wakes no other task.
 pub struct Subscription {
-    rx: mpsc::UnboundedReceiver<(usize, Result<ConsumedRecord>)>,
-    returned: Vec<Arc<Returned>>,
+    rx: mpsc::UnboundedReceiver<Delivery>,
+    parts: Vec<Part>,
+    current: Option<Current>,
+    /// Credit is handed back to a pump once this many records were taken.
+    chunk: u64,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -230,10 +318,11 @@ impl Subscription {
                 .collect(),
         };
         let window = options.window.max(1);
+        let topic: Arc<str> = options.topic.as_str().into();
         // The channel is unbounded in type only: credit bounds it to
         // `window` records plus one batch per partition.
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut returned = Vec::new();
+        let mut parts = Vec::new();
         let mut tasks = Vec::new();
         for (i, p) in partitions.into_iter().enumerate() {
             let stream = match client
@@ -246,32 +335,99 @@ impl Subscription {
                     return Err(e);
                 }
             };
-            let back = Arc::new(Returned::default());
-            returned.push(back.clone());
+            let returned = Arc::new(Returned::default());
+            parts.push(Part {
+                topic: topic.clone(),
+                partition: p,
+                returned: returned.clone(),
+                taken: 0,
+                failed: false,
+            });
             tasks.push(tokio::spawn(pump(
                 i,
                 client.clone(),
                 stream,
                 window,
-                back,
+                returned,
                 tx.clone(),
             )));
         }
         Ok(Subscription {
             rx,
-            returned,
+            parts,
+            current: None,
+            // Chunks so a fast consumer neither wakes its pump nor sends a
+            // credit message per record; a quarter of the window keeps the
+            // broker well ahead of the application.
+            chunk: (window / 4).max(1),
             tasks,
         })
     }
 
     /// The next record; `None` once every partition's stream has ended.
     pub async fn next(&mut self) -> Option<Result<ConsumedRecord>> {
-        let (i, item) = self.rx.recv().await?;
-        if let Some(back) = self.returned.get(i) {
-            back.records.fetch_add(1, Ordering::Relaxed);
-            back.notify.notify_one();
+        loop {
+            if let Some(item) = self.next_buffered() {
+                return Some(item);
+            }
+            let (i, item) = self.rx.recv().await?;
+            if self.parts.get(i).is_none_or(|p| p.failed) {
+                continue;
+            }
+            match item {
+                Ok(batches) => {
+                    self.current = Some(Current {
+                        part: i,
+                        batches: batches.into_iter(),
+                        batch: None,
+                    });
+                }
+                Err(e) => return Some(Err(e)),
+            }
         }
-        Some(item)
+    }
+
+    /// The next record of the message being handed out, if any.
+    fn next_buffered(&mut self) -> Option<Result<ConsumedRecord>> {
+        let cur = self.current.as_mut()?;
+        loop {
+            let Some(fresh) = cur.batch.as_mut() else {
+                cur.batch = cur.batches.next();
+                if cur.batch.is_none() {
+                    self.current = None;
+                    return None;
+                }
+                continue;
+            };
+            match fresh.records.next() {
+                Some(Ok(r)) if r.offset < fresh.from => {}
+                Some(Ok(r)) => {
+                    let part = self.parts.get_mut(cur.part)?;
+                    part.taken += 1;
+                    if part.taken >= self.chunk {
+                        part.returned
+                            .records
+                            .fetch_add(std::mem::take(&mut part.taken), Ordering::Relaxed);
+                        part.returned.notify.notify_one();
+                    }
+                    return Some(Ok(consumed(&part.topic, part.partition, r)));
+                }
+                // The broker sent a batch whose records break the format:
+                // that partition's stream ends, as for a bad frame.
+                Some(Err(e)) => {
+                    let i = cur.part;
+                    self.current = None;
+                    if let Some(part) = self.parts.get_mut(i) {
+                        part.failed = true;
+                    }
+                    if let Some(task) = self.tasks.get(i) {
+                        task.abort();
+                    }
+                    return Some(Err(bad_batch(e)));
+                }
+                None => cur.batch = None,
+            }
+        }
     }
 }
 
@@ -283,42 +439,41 @@ impl Drop for Subscription {
     }
 }
 
-/// Moves one partition's records into the merged channel and turns records
-/// the application took into credit for the broker. When the stream breaks
-/// for a retriable reason (a leader change, a node restart) it reopens at
-/// the next offset on the partition's current leader.
+/// Moves one partition's messages of batches into the merged channel and
+/// turns records the application took into credit for the broker. When
+/// the stream breaks for a retriable reason (a leader change, a node
+/// restart) it reopens at the next offset on the partition's current
+/// leader.
 async fn pump(
     i: usize,
     client: Client,
     mut stream: PartitionStream,
     window: u64,
     back: Arc<Returned>,
-    tx: mpsc::UnboundedSender<(usize, Result<ConsumedRecord>)>,
+    tx: mpsc::UnboundedSender<Delivery>,
 ) {
-    // Grant in chunks so a fast consumer does not send a message per record.
-    let chunk = (window / 4).max(1);
-    let mut owed = 0;
     loop {
         let failure = tokio::select! {
-            batch = stream.next_batch() => match batch {
-                Ok(Some(records)) => {
-                    for r in records {
-                        if tx.send((i, Ok(r))).is_err() {
-                            return;
-                        }
-                    }
-                    continue;
-                }
-                Ok(None) => Error::Transport("subscribe stream ended".into()),
-                Err(e) => e,
-            },
-            _ = back.notify.notified() => {
-                owed += back.records.swap(0, Ordering::Relaxed);
-                if owed >= chunk {
-                    if stream.grant(owed).await.is_err() {
+            filled = stream.fill() => match filled {
+                Ok(true) => {
+                    let (batches, failure) = take_all(&mut stream);
+                    if !batches.is_empty() && tx.send((i, Ok(batches))).is_err() {
                         return;
                     }
-                    owed = 0;
+                    match failure {
+                        Some(e) => e,
+                        None => continue,
+                    }
+                }
+                Ok(false) => Error::Transport("subscribe stream ended".into()),
+                Err(e) => e,
+            },
+            // The application hands credit back in chunks (see
+            // `Subscription::chunk`), so this wakes once per chunk.
+            _ = back.notify.notified() => {
+                let owed = back.records.swap(0, Ordering::Relaxed);
+                if owed > 0 && stream.grant(owed).await.is_err() {
+                    return;
                 }
                 continue;
             }
@@ -329,14 +484,24 @@ async fn pump(
         }
         let (topic, partition, next) = (stream.topic.clone(), stream.partition, stream.next);
         match reopen(&client, &topic, partition, next, window).await {
-            Ok(s) => {
-                stream = s;
-                owed = 0;
-            }
+            Ok(s) => stream = s,
             Err(e) => {
                 let _ = tx.send((i, Err(e)));
                 return;
             }
+        }
+    }
+}
+
+/// The pending batches of `stream` with records at or after its position,
+/// and the error that stopped the taking, if one did.
+fn take_all(stream: &mut PartitionStream) -> (Vec<Fresh>, Option<Error>) {
+    let mut batches = Vec::with_capacity(stream.pending.len());
+    loop {
+        match stream.take() {
+            Ok(Some(fresh)) => batches.push(fresh),
+            Ok(None) => return (batches, None),
+            Err(e) => return (batches, Some(e)),
         }
     }
 }

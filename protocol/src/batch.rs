@@ -6,6 +6,7 @@
 //! it once ([`validate`]), writes the partition's next offset into the first
 //! eight bytes ([`stamp_base_offset`]) and keeps the bytes as they are. That
 //! is why `base_offset` sits outside the CRC, and why [`decode_records`]
+//! (and [`BatchRecords`], which decodes one record at a time for readers)
 //! hands back slices of the batch instead of copies.
 //!
 //! This module is the reference for the format; change the two together.
@@ -79,7 +80,7 @@ mod varint;
 #[cfg(test)]
 mod tests;
 
-pub use decode::{decode_records, validate, validate_with_limit};
+pub use decode::{decode_records, validate, validate_with_limit, BatchRecords};
 pub use encode::{encode, BatchBuilder};
 
 /// The format version written into, and required in, the `magic` byte.

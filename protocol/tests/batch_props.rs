@@ -4,8 +4,8 @@
 
 use bytes::Bytes;
 use covet_protocol::batch::{
-    decode_records, read_header, stamp_base_offset, validate, BatchBuilder, BatchError, Header,
-    Record, StoredRecord,
+    decode_records, read_header, stamp_base_offset, validate, BatchBuilder, BatchError,
+    BatchHeader, BatchRecords, Header, Record, StoredRecord,
 };
 use proptest::prelude::*;
 
@@ -65,6 +65,7 @@ fn check_consistent(bytes: &[u8]) {
         decoded.as_ref().map(|_| ()),
         "validate and decode_records disagree"
     );
+    check_lazy(bytes, &validated, &decoded);
     if let Ok(records) = decoded {
         let again: Vec<Record> = records
             .iter()
@@ -84,6 +85,42 @@ fn check_consistent(bytes: &[u8]) {
             assert_eq!(rebuilt.len(), again.len());
             assert!(rebuilt.iter().zip(&again).all(|(g, w)| same_record(g, w)));
         }
+    }
+}
+
+/// [`BatchRecords`] on `bytes` yields what `decode_records` decoded; on a
+/// batch that `validate` refuses, the records before the fault and then
+/// `validate`'s error, and nothing after it.
+fn check_lazy(
+    bytes: &[u8],
+    validated: &Result<BatchHeader, BatchError>,
+    decoded: &Result<Vec<StoredRecord>, BatchError>,
+) {
+    let (records, error) = match BatchRecords::new(Bytes::copy_from_slice(bytes)) {
+        Err(e) => (Vec::new(), Some(e)),
+        Ok(mut lazy) => {
+            let mut records = Vec::new();
+            let mut error = None;
+            for item in lazy.by_ref() {
+                match item {
+                    Ok(r) => records.push(r),
+                    Err(e) => {
+                        error = Some(e);
+                        break;
+                    }
+                }
+            }
+            assert!(lazy.next().is_none(), "BatchRecords is not fused");
+            (records, error)
+        }
+    };
+    assert_eq!(
+        error.as_ref(),
+        validated.as_ref().err(),
+        "lazy error differs"
+    );
+    if let Ok(all) = decoded {
+        assert_eq!(&records, all, "lazy records differ");
     }
 }
 

@@ -4,6 +4,12 @@
 //! [`validate`] accepts is exactly what [`decode_records`] can decode. The
 //! walk reports each record to a [`Sink`]: validation's sink does nothing
 //! and allocates nothing, decoding's sink collects slices of the batch.
+//!
+//! [`BatchRecords`] is the lazy form for readers: it checks the frame (the
+//! CRC included) up front, then decodes one record per call with the same
+//! per-record step the walk uses, and makes the walk's end-of-batch checks
+//! after the last record. A consumer pays for a record only when it takes
+//! it, and allocates nothing per batch.
 
 use bytes::Bytes;
 
@@ -152,6 +158,126 @@ impl<'a> Sink<'a> for Collect<'_> {
     }
 }
 
+/// Decoding one record at a time: like [`Collect`], for [`BatchRecords`].
+struct One<'b> {
+    batch: &'b Bytes,
+    record: Option<StoredRecord>,
+}
+
+impl<'a> Sink<'a> for One<'_> {
+    fn record(&mut self, parts: RecordParts<'a>) {
+        self.record = Some(StoredRecord {
+            offset: parts.offset,
+            timestamp_ms: parts.timestamp_ms,
+            key: parts.key.map(|k| self.batch.slice_ref(k)),
+            value: self.batch.slice_ref(parts.value),
+            headers: Vec::with_capacity(parts.header_capacity),
+        });
+    }
+
+    fn header(&mut self, key: &'a str, value: &'a [u8]) {
+        if let Some(record) = &mut self.record {
+            record.headers.push(Header {
+                key: key.to_owned(),
+                value: self.batch.slice_ref(value),
+            });
+        }
+    }
+}
+
+/// The records of one batch, decoded one per [`Iterator::next`]: the lazy
+/// form of [`decode_records`], for readers that hand records out one by
+/// one.
+///
+/// [`BatchRecords::new`] checks everything but the records (length, magic,
+/// CRC, header rules), so corruption in transit is refused before any
+/// record is handed out. Each record is then checked as it is decoded, and
+/// the end-of-batch rules (no trailing bytes, truthful `max_timestamp`)
+/// after the last: a batch that breaks a record rule yields the records
+/// before the fault, then one `Err`, then nothing. Safe on arbitrary bytes
+/// as [`decode_records`] is.
+#[derive(Debug, Clone)]
+pub struct BatchRecords {
+    batch: Bytes,
+    header: BatchHeader,
+    /// Byte position of the next record in `batch`.
+    at: usize,
+    /// Index of the next record; `record_count` once all were read.
+    index: u32,
+    max_timestamp: i64,
+    /// Set after the end checks or an error: the iterator is fused.
+    done: bool,
+}
+
+impl BatchRecords {
+    /// Checks the frame of `batch` (see the type's docs) and positions
+    /// before its first record.
+    pub fn new(batch: Bytes) -> Result<BatchRecords, BatchError> {
+        let header = check_frame(&batch)?;
+        Ok(BatchRecords {
+            batch,
+            header,
+            at: HEADER_LEN,
+            index: 0,
+            max_timestamp: i64::MIN,
+            done: false,
+        })
+    }
+
+    /// The batch's header, checked by [`BatchRecords::new`].
+    pub fn header(&self) -> &BatchHeader {
+        &self.header
+    }
+
+    /// Records not yet handed out.
+    pub fn remaining(&self) -> u32 {
+        self.header.record_count - self.index
+    }
+
+    /// The record at `index`, or the end checks once every record was read.
+    fn step(&mut self) -> Result<Option<StoredRecord>, BatchError> {
+        let mut rest = Reader::new(self.batch.get(self.at..).unwrap_or_default());
+        if self.index == self.header.record_count {
+            check_end(&rest, &self.header, self.max_timestamp)?;
+            return Ok(None);
+        }
+        let before = rest.remaining();
+        let mut one = One {
+            batch: &self.batch,
+            record: None,
+        };
+        let timestamp = next_record(&mut rest, &self.header, self.index, &mut one)?;
+        self.at += before - rest.remaining();
+        self.index += 1;
+        self.max_timestamp = self.max_timestamp.max(timestamp);
+        // `read_record` reports every record it returns Ok for.
+        one.record
+            .map(Some)
+            .ok_or(BatchError::Malformed("record was not decoded"))
+    }
+}
+
+impl Iterator for BatchRecords {
+    type Item = Result<StoredRecord, BatchError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        match self.step() {
+            Ok(Some(record)) => Some(Ok(record)),
+            Ok(None) => {
+                self.done = true;
+                None
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
 /// Walks the `record_count` records after a checked header, passing each to
 /// `sink`, and checks that they fill the batch exactly and that
 /// `max_timestamp` is truthful.
@@ -167,16 +293,37 @@ fn walk_records<'a>(
     // Each pass consumes at least MIN_RECORD_LEN bytes or fails, so a huge
     // declared count on a short batch ends quickly.
     for index in 0..header.record_count {
-        if rest.is_empty() {
-            return Err(BatchError::Malformed("fewer records than record_count"));
-        }
-        let len = rest.len()?;
-        let body = rest
-            .bytes(len)
-            .map_err(|_| BatchError::Malformed("record runs past the end of the batch"))?;
-        let timestamp = read_record(Reader::new(body), header, index, sink)?;
+        let timestamp = next_record(&mut rest, header, index, sink)?;
         max_timestamp = max_timestamp.max(timestamp);
     }
+    check_end(&rest, header, max_timestamp)
+}
+
+/// Reads the length-prefixed record at `index` from the front of `rest`,
+/// passing it to `sink`, and returns its timestamp.
+fn next_record<'a>(
+    rest: &mut Reader<'a>,
+    header: &BatchHeader,
+    index: u32,
+    sink: &mut impl Sink<'a>,
+) -> Result<i64, BatchError> {
+    if rest.is_empty() {
+        return Err(BatchError::Malformed("fewer records than record_count"));
+    }
+    let len = rest.len()?;
+    let body = rest
+        .bytes(len)
+        .map_err(|_| BatchError::Malformed("record runs past the end of the batch"))?;
+    read_record(Reader::new(body), header, index, sink)
+}
+
+/// The checks after the last record: nothing follows it, and the header's
+/// `max_timestamp` is the records' largest.
+fn check_end(
+    rest: &Reader<'_>,
+    header: &BatchHeader,
+    max_timestamp: i64,
+) -> Result<(), BatchError> {
     if !rest.is_empty() {
         return Err(BatchError::Malformed("bytes after the last record"));
     }

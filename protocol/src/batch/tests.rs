@@ -445,3 +445,93 @@ fn a_new_producer_epoch_keeps_the_batch_valid_and_its_records() {
     );
     assert!(with_producer_epoch(b"short", 1).is_err());
 }
+
+/// Runs a batch through [`BatchRecords`]: the records it yields before its
+/// error (if any), and the error. It must be fused after either.
+fn lazily(buf: &[u8]) -> (Vec<StoredRecord>, Option<BatchError>) {
+    let mut records = match BatchRecords::new(Bytes::copy_from_slice(buf)) {
+        Ok(r) => r,
+        Err(e) => return (Vec::new(), Some(e)),
+    };
+    let mut ok = Vec::new();
+    let mut err = None;
+    for item in records.by_ref() {
+        match item {
+            Ok(r) => {
+                assert!(err.is_none(), "a record after an error");
+                ok.push(r);
+            }
+            Err(e) => {
+                assert!(err.is_none(), "two errors");
+                err = Some(e);
+            }
+        }
+    }
+    assert!(records.next().is_none(), "not fused");
+    (ok, err)
+}
+
+#[test]
+fn lazy_records_are_the_decoded_records() {
+    let mut buf = KNOWN_BATCH;
+    stamp_base_offset(&mut buf, 40);
+    let batch = Bytes::copy_from_slice(&buf);
+    let mut lazy = BatchRecords::new(batch.clone()).expect("valid");
+    assert_eq!(lazy.header(), &validate(&buf).expect("valid"));
+    assert_eq!(lazy.remaining(), 2);
+    let first = lazy.next().expect("one").expect("valid");
+    assert_eq!(lazy.remaining(), 1);
+    assert_eq!((first.offset, &first.value[..]), (40, &b"v1"[..]));
+    assert_eq!(lazily(&buf), (decode_records(&batch).expect("valid"), None));
+}
+
+#[test]
+fn lazy_records_refuse_a_bad_frame_before_any_record() {
+    for n in 0..KNOWN_BATCH.len() {
+        let err = BatchRecords::new(Bytes::copy_from_slice(&KNOWN_BATCH[..n])).err();
+        assert_eq!(
+            err,
+            validate(&KNOWN_BATCH[..n]).err(),
+            "prefix of {n} bytes"
+        );
+    }
+    for byte in CRC_FROM..KNOWN_BATCH.len() {
+        let mut buf = KNOWN_BATCH;
+        buf[byte] ^= 1;
+        assert!(matches!(
+            BatchRecords::new(Bytes::copy_from_slice(&buf)),
+            Err(BatchError::CrcMismatch { .. })
+        ));
+    }
+}
+
+#[test]
+fn lazy_records_stop_at_the_first_broken_rule() {
+    // (byte, new value, records yielded before the error)
+    let cases: [(usize, u8, usize); 7] = [
+        (REC1 + 3, 2, 1),
+        (REC1 + 4, 3, 1),
+        (REC1 + 6, 1, 1),
+        (REC0 + 11, 0xff, 0),
+        (REC0, 14, 0),
+        (REC1, 5, 1),
+        (31, 0xe9, 2), // max_timestamp 1001: found after the last record
+    ];
+    for (at, byte, before) in cases {
+        let mut buf = KNOWN_BATCH;
+        buf[at] = byte;
+        reseal(&mut buf);
+        let (ok, err) = lazily(&buf);
+        assert_eq!(ok.len(), before, "byte {at} = {byte}");
+        assert_eq!(err, validate(&buf).err(), "byte {at} = {byte}");
+    }
+    let mut buf = KNOWN_BATCH.to_vec();
+    buf.push(0);
+    reframe(&mut buf);
+    let (ok, err) = lazily(&buf);
+    assert_eq!(ok.len(), 2);
+    assert_eq!(
+        err,
+        Some(BatchError::Malformed("bytes after the last record"))
+    );
+}
