@@ -134,7 +134,7 @@ impl SegmentFile {
     }
 
     /// The open file, from the cache or opened now (read-write). Fails
-    /// with a [`Retired`] error (see [`is_retired`]) once the segment was
+    /// with a `Retired` error (see `is_retired`) once the segment was
     /// retired.
     pub fn get(&self) -> io::Result<Arc<File>> {
         {
