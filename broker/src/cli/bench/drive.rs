@@ -1,0 +1,550 @@
+//! The loops of `covet bench pub`, `read` and `e2e`, the same for every
+//! backend.
+//!
+//! A closed loop keeps a window of publishes outstanding and frees a slot
+//! only when the oldest is acknowledged (in order, like an application that
+//! awaits its deliveries in turn); latency runs from the publish call to the
+//! acknowledgement. An open loop publishes on an absolute schedule from a
+//! thread of its own (`std::thread::sleep` is precise to tens of
+//! microseconds where tokio's timer rounds to a millisecond) and takes
+//! latency from each record's *intended* send time, so a broker that stalls
+//! the sender pays for every record that should have gone out meanwhile.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::stream::FuturesOrdered;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio::sync::{oneshot, Semaphore};
+
+use super::stats::{rates, Latency};
+use super::{Backend, E2eArgs, PubArgs, ReadArgs, Setup};
+
+/// Publishes outstanding at most in an open loop; beyond, the schedule slips
+/// (and latency, taken from the schedule, shows it).
+const OPEN_LOOP_CAP: usize = 100_000;
+/// The preload of `read` keeps this many publishes outstanding.
+const PRELOAD_WINDOW: usize = 4096;
+/// An open loop whose achieved rate is below this share of the offered one
+/// is reported as overloaded.
+const KEEPS_UP: f64 = 0.95;
+/// The value of e2e's first record, sent before timing starts: when the
+/// subscriber sees it, it is positioned on the tail.
+const MARKER: u64 = u64::MAX;
+
+/// What one publishing run saw.
+struct Run {
+    sent: u64,
+    acked: u64,
+    errors: u64,
+    first_error: Option<String>,
+    start: Instant,
+    /// When the last acknowledgement arrived.
+    last: Instant,
+    latency: Latency,
+}
+
+impl Run {
+    fn new(start: Instant) -> Run {
+        Run {
+            sent: 0,
+            acked: 0,
+            errors: 0,
+            first_error: None,
+            start,
+            last: start,
+            latency: Latency::new(),
+        }
+    }
+
+    /// Accounts for one outcome; `from` is the send (or intended send) time.
+    fn settle(&mut self, from: Instant, outcome: anyhow::Result<()>, done: Instant) {
+        match outcome {
+            Ok(()) => {
+                self.acked += 1;
+                self.latency.record(done.saturating_duration_since(from));
+                self.last = self.last.max(done);
+            }
+            Err(e) => {
+                self.errors += 1;
+                self.first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.last.saturating_duration_since(self.start)
+    }
+
+    /// The figures every publishing benchmark prints.
+    fn figures(&self, record_size: usize) -> Value {
+        let (per_sec, mb) = rates(self.acked, record_size, self.elapsed());
+        json!({
+            "records": self.acked,
+            "sent": self.sent,
+            "errors": self.errors,
+            "first_error": self.first_error,
+            "seconds": self.elapsed().as_secs_f64(),
+            "records_per_sec": per_sec.round(),
+            "mb_per_sec": (mb * 100.0).round() / 100.0,
+            "latency_us": self.latency.to_json(),
+        })
+    }
+}
+
+fn limit(duration_s: f64) -> Duration {
+    Duration::from_secs_f64(duration_s.clamp(0.0, 24.0 * 3600.0))
+}
+
+fn linger(ms: f64) -> Duration {
+    Duration::from_secs_f64(ms.clamp(0.0, 60_000.0) / 1000.0)
+}
+
+/// Merges `extra` into the JSON object `base` and prints it as one line.
+fn print(mut base: Value, extra: Value) {
+    if let (Some(b), Value::Object(e)) = (base.as_object_mut(), extra) {
+        b.extend(e);
+    }
+    println!("{base}");
+}
+
+pub async fn publish(a: PubArgs) -> anyhow::Result<()> {
+    let c = &a.common;
+    let mut setup = Setup::new(c);
+    setup.in_flight = a.in_flight.max(1);
+    setup.linger = linger(a.linger_ms);
+    let mut backend = Backend::open(c.backend, &c.conn, &setup).await?;
+    let value = Bytes::from(vec![b'x'; c.record_size]);
+    let head = json!({
+        "bench": "pub",
+        "backend": backend.name(),
+        "record_size": c.record_size,
+        "in_flight": setup.in_flight,
+        "linger_ms": a.linger_ms,
+        "partitions": setup.partitions,
+        "replication_factor": c.replication_factor,
+        "rate": a.rate,
+    });
+    if a.rate == 0 {
+        let run = closed_loop(
+            &mut backend,
+            &value,
+            c.records,
+            setup.in_flight,
+            limit(c.duration_s),
+            limit(c.drain_s),
+        )
+        .await?;
+        print(head, run.figures(c.record_size));
+        return Ok(());
+    }
+    let schedule = Schedule::new(a.rate, c.records, limit(c.duration_s), limit(c.drain_s));
+    let (run, _) = open_loop(backend, schedule, move |_| value.clone()).await?;
+    let mut figures = run.figures(c.record_size);
+    figures["achieved_rate"] = json!(figures["records_per_sec"]);
+    figures["overloaded"] = json!(schedule.overloaded(&run));
+    print(head, figures);
+    Ok(())
+}
+
+/// Keeps `window` publishes outstanding until `records` were sent or
+/// `limit` passed, then waits for the rest.
+async fn closed_loop(
+    backend: &mut Backend,
+    value: &Bytes,
+    records: u64,
+    window: usize,
+    limit: Duration,
+    drain: Duration,
+) -> anyhow::Result<Run> {
+    let start = Instant::now();
+    let stop_at = start + limit;
+    let mut run = Run::new(start);
+    let mut pending = FuturesOrdered::new();
+    while run.sent < records {
+        if pending.len() >= window {
+            if let Some((from, outcome, done)) = pending.next().await {
+                run.settle(from, outcome, done);
+            }
+            continue;
+        }
+        let sent_at = Instant::now();
+        if sent_at >= stop_at {
+            break;
+        }
+        let ack = backend.publish(value.clone()).await?;
+        // The completion time is taken when the acknowledgement's future
+        // finishes: FuturesOrdered polls every member, not only the head.
+        pending.push_back(async move {
+            let outcome = ack.await;
+            (sent_at, outcome, Instant::now())
+        });
+        run.sent += 1;
+    }
+    let drain_until = tokio::time::Instant::now() + drain;
+    while let Ok(Some((from, outcome, done))) =
+        tokio::time::timeout_at(drain_until, pending.next()).await
+    {
+        run.settle(from, outcome, done);
+    }
+    Ok(run)
+}
+
+/// When each record of an open loop is due.
+#[derive(Debug, Clone, Copy)]
+struct Schedule {
+    rate: u64,
+    records: u64,
+    /// Publishing stops here even if the schedule slipped behind.
+    limit: Duration,
+    /// How long acknowledgements may take once publishing stopped.
+    drain: Duration,
+}
+
+impl Schedule {
+    /// `rate` per second, no more than `records` nor than fit in `limit`.
+    fn new(rate: u64, records: u64, limit: Duration, drain: Duration) -> Schedule {
+        let rate = rate.max(1);
+        let fit = (limit.as_secs_f64() * rate as f64) as u64;
+        Schedule {
+            rate,
+            records: records.min(fit),
+            limit,
+            drain,
+        }
+    }
+
+    fn due(&self, start: Instant, i: u64) -> Instant {
+        start + Duration::from_secs_f64(i as f64 / self.rate as f64)
+    }
+
+    fn overloaded(&self, run: &Run) -> bool {
+        let (achieved, _) = rates(run.acked, 0, run.elapsed());
+        run.acked < run.sent || achieved < KEEPS_UP * self.rate as f64
+    }
+}
+
+/// Publishes on `schedule` from a thread of its own, each value made by
+/// `value_for(intended send time)`; returns the run and the backend.
+async fn open_loop(
+    mut backend: Backend,
+    schedule: Schedule,
+    value_for: impl Fn(Instant) -> Bytes + Send + 'static,
+) -> anyhow::Result<(Run, Backend)> {
+    tokio::task::spawn_blocking(move || {
+        let handle = tokio::runtime::Handle::current();
+        let start = Instant::now();
+        let run = Arc::new(Mutex::new(Run::new(start)));
+        let slots = Arc::new(Semaphore::new(OPEN_LOOP_CAP));
+        let mut sent = 0;
+        for i in 0..schedule.records {
+            let due = schedule.due(start, i);
+            let now = Instant::now();
+            if now >= start + schedule.limit {
+                break;
+            }
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            let slot = handle.block_on(slots.clone().acquire_owned())?;
+            let ack = handle.block_on(backend.publish(value_for(due)))?;
+            sent += 1;
+            let run = run.clone();
+            handle.spawn(async move {
+                let outcome = ack.await;
+                let done = Instant::now();
+                if let Ok(mut run) = run.lock() {
+                    run.settle(due, outcome, done);
+                }
+                // Only after settling: the drain counts returned slots.
+                drop(slot);
+            });
+        }
+        // Every slot back means every acknowledgement settled.
+        let all = u32::try_from(OPEN_LOOP_CAP).unwrap_or(u32::MAX);
+        let _ = handle.block_on(tokio::time::timeout(
+            schedule.drain,
+            slots.acquire_many(all),
+        ));
+        let mut run = run
+            .lock()
+            .map_err(|_| anyhow::anyhow!("a settling task panicked"))?;
+        run.sent = sent;
+        let done = std::mem::replace(&mut *run, Run::new(start));
+        Ok((done, backend))
+    })
+    .await?
+}
+
+pub async fn read(a: ReadArgs) -> anyhow::Result<()> {
+    let c = &a.common;
+    let mut setup = Setup::new(c);
+    setup.in_flight = PRELOAD_WINDOW;
+    setup.one_record_batches = !a.preload_batch;
+    setup.big_batches = a.preload_batch;
+    setup.window = a.window.max(1);
+    setup.nats_consumer = a.nats_consumer;
+    setup.nats_batch = a.nats_batch.max(1);
+    let value = Bytes::from(vec![b'x'; c.record_size]);
+    let mut loader = Backend::open(c.backend, &c.conn, &setup).await?;
+    let name = loader.name();
+    let pre = closed_loop(
+        &mut loader,
+        &value,
+        c.records,
+        PRELOAD_WINDOW,
+        limit(c.duration_s),
+        limit(c.drain_s),
+    )
+    .await?;
+    drop(loader);
+    let (pre_rate, _) = rates(pre.acked, c.record_size, pre.elapsed());
+
+    let reader = Backend::open(c.backend, &c.conn, &setup).await?;
+    let start = Instant::now();
+    let stop_at = tokio::time::Instant::from_std(start + limit(c.duration_s));
+    let mut values = reader.subscribe(true).await?;
+    let (mut count, mut bytes) = (0u64, 0u64);
+    while count < pre.acked {
+        match tokio::time::timeout_at(stop_at, values.next()).await {
+            Ok(Some(v)) => {
+                bytes += v?.len() as u64;
+                count += 1;
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let elapsed = start.elapsed();
+    let (per_sec, _) = rates(count, 0, elapsed);
+    let consumer = match (name, a.nats_consumer) {
+        ("covet", _) => "Subscription::next".to_string(),
+        (_, super::NatsConsumer::Ordered) => "ordered consumer".to_string(),
+        (_, super::NatsConsumer::Pull) => {
+            format!("pull consumer, no acks, {} per batch", setup.nats_batch)
+        }
+    };
+    println!(
+        "{}",
+        json!({
+            "bench": "read",
+            "backend": name,
+            "record_size": c.record_size,
+            "partitions": setup.partitions,
+            "replication_factor": c.replication_factor,
+            "preload": if a.preload_batch { "large batches" } else { "one record per batch" },
+            "preloaded": pre.acked,
+            "preload_errors": pre.errors,
+            "preload_records_per_sec": pre_rate.round(),
+            "consumer": consumer,
+            "records": count,
+            "complete": count == pre.acked,
+            "seconds": elapsed.as_secs_f64(),
+            "records_per_sec": per_sec.round(),
+            "mb_per_sec": (bytes as f64 / elapsed.as_secs_f64().max(1e-9) / 1e4).round() / 100.0,
+        })
+    );
+    Ok(())
+}
+
+/// An e2e record's value: its intended send time, in nanoseconds since the
+/// run's epoch, then filler up to `size`.
+fn stamped(epoch: Instant, at: Option<Instant>, size: usize) -> Bytes {
+    let nanos = at.map_or(MARKER, |t| {
+        u64::try_from(t.saturating_duration_since(epoch).as_nanos()).unwrap_or(MARKER - 1)
+    });
+    let mut b = BytesMut::with_capacity(size.max(8));
+    b.put_u64_le(nanos);
+    b.resize(size.max(8), b'x');
+    b.freeze()
+}
+
+fn stamp_of(value: &[u8]) -> Option<u64> {
+    let head: [u8; 8] = value.get(..8)?.try_into().ok()?;
+    Some(u64::from_le_bytes(head))
+}
+
+/// What the subscriber of an e2e run saw.
+struct Delivered {
+    count: u64,
+    latency: Latency,
+}
+
+pub async fn e2e(a: E2eArgs) -> anyhow::Result<()> {
+    let c = &a.common;
+    let mut setup = Setup::new(c);
+    setup.linger = linger(a.linger_ms);
+    setup.in_flight = OPEN_LOOP_CAP;
+    setup.window = a.window.max(1);
+    let mut backend = Backend::open(c.backend, &c.conn, &setup).await?;
+    let name = backend.name();
+    let epoch = Instant::now();
+    let values = backend.subscribe(false).await?;
+    let issued = Arc::new(AtomicU64::new(0));
+    let finished = Arc::new(AtomicBool::new(false));
+    let (positioned_tx, positioned) = oneshot::channel();
+    let hard_stop = epoch + limit(c.duration_s) + limit(c.drain_s) + Duration::from_secs(2);
+    let subscriber = tokio::spawn(follow(
+        values,
+        epoch,
+        issued.clone(),
+        finished.clone(),
+        positioned_tx,
+        hard_stop,
+    ));
+
+    // The marker is re-sent until the subscriber sees one: only then is it
+    // known to be reading from the tail.
+    let positioned_by = tokio::time::Instant::now() + Duration::from_secs(10);
+    tokio::pin!(positioned);
+    loop {
+        backend
+            .publish(stamped(epoch, None, c.record_size))
+            .await?
+            .await?;
+        let wait = tokio::time::Instant::now() + Duration::from_millis(200);
+        if tokio::time::timeout_at(wait.min(positioned_by), &mut positioned)
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        if tokio::time::Instant::now() >= positioned_by {
+            anyhow::bail!("the subscriber did not see a record published on the tail within 10 s");
+        }
+    }
+
+    let schedule = Schedule::new(a.rate, c.records, limit(c.duration_s), limit(c.drain_s));
+    let size = c.record_size;
+    let (run, backend) = open_loop(backend, schedule, move |due| {
+        stamped(epoch, Some(due), size)
+    })
+    .await?;
+    issued.store(run.acked, Ordering::SeqCst);
+    finished.store(true, Ordering::SeqCst);
+    let delivered = subscriber.await??;
+    drop(backend);
+    let (achieved, _) = rates(run.acked, 0, run.elapsed());
+    println!(
+        "{}",
+        json!({
+            "bench": "e2e",
+            "backend": name,
+            "record_size": size.max(8),
+            "partitions": setup.partitions,
+            "replication_factor": c.replication_factor,
+            "linger_ms": a.linger_ms,
+            "rate": a.rate,
+            "achieved_rate": achieved.round(),
+            "overloaded": schedule.overloaded(&run),
+            "records": run.acked,
+            "delivered": delivered.count,
+            "publish_errors": run.errors,
+            "latency_us": delivered.latency.to_json(),
+            "ack_latency_us": run.latency.to_json(),
+        })
+    );
+    Ok(())
+}
+
+/// Reads the tail until every acknowledged record arrived (or, once
+/// publishing finished, nothing came for a second), recording
+/// publish→deliver latency from each record's intended send time.
+async fn follow(
+    mut values: super::ValueStream,
+    epoch: Instant,
+    issued: Arc<AtomicU64>,
+    finished: Arc<AtomicBool>,
+    positioned: oneshot::Sender<()>,
+    hard_stop: Instant,
+) -> anyhow::Result<Delivered> {
+    let mut positioned = Some(positioned);
+    let mut out = Delivered {
+        count: 0,
+        latency: Latency::new(),
+    };
+    let mut quiet = 0;
+    loop {
+        if finished.load(Ordering::SeqCst) && out.count >= issued.load(Ordering::SeqCst) {
+            break;
+        }
+        if Instant::now() >= hard_stop || quiet >= 5 {
+            break;
+        }
+        let next = tokio::time::timeout(Duration::from_millis(200), values.next()).await;
+        let value = match next {
+            Ok(Some(v)) => v?,
+            Ok(None) => break,
+            Err(_) => {
+                if finished.load(Ordering::SeqCst) {
+                    quiet += 1;
+                }
+                continue;
+            }
+        };
+        let now = Instant::now();
+        quiet = 0;
+        match stamp_of(&value) {
+            Some(MARKER) => {
+                if let Some(tx) = positioned.take() {
+                    let _ = tx.send(());
+                }
+            }
+            Some(nanos) => {
+                out.count += 1;
+                let sent = epoch + Duration::from_nanos(nanos);
+                out.latency.record(now.saturating_duration_since(sent));
+            }
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_round_trip_and_markers_are_distinct() {
+        let epoch = Instant::now();
+        let at = epoch + Duration::from_micros(1234);
+        let v = stamped(epoch, Some(at), 128);
+        assert_eq!(v.len(), 128);
+        assert_eq!(stamp_of(&v), Some(1_234_000));
+        assert_eq!(stamp_of(&stamped(epoch, None, 4)), Some(MARKER));
+        assert_eq!(stamp_of(b"short"), None);
+    }
+
+    #[test]
+    fn schedule_is_bounded_by_records_and_time() {
+        let s = Schedule::new(10_000, 1_000_000, Duration::from_secs(3), Duration::ZERO);
+        assert_eq!(s.records, 30_000);
+        let s = Schedule::new(10_000, 500, Duration::from_secs(3), Duration::ZERO);
+        assert_eq!(s.records, 500);
+        let start = Instant::now();
+        assert_eq!(s.due(start, 10_000) - start, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_run_that_falls_behind_is_overloaded() {
+        let s = Schedule::new(1000, 1000, Duration::from_secs(1), Duration::ZERO);
+        let start = Instant::now();
+        let mut run = Run::new(start);
+        run.sent = 1000;
+        for i in 0..1000u64 {
+            // Acknowledged at half the offered rate.
+            let done = start + Duration::from_millis(2 * i + 2);
+            run.settle(start, Ok(()), done);
+        }
+        assert!(s.overloaded(&run));
+        let mut run = Run::new(start);
+        run.sent = 1000;
+        for i in 0..1000u64 {
+            run.settle(start, Ok(()), start + Duration::from_millis(i + 1));
+        }
+        assert!(!s.overloaded(&run));
+    }
+}
