@@ -193,8 +193,10 @@ pub type ValueStream = BoxStream<'static, anyhow::Result<Bytes>>;
 /// Either system, behind the three operations the loops need.
 pub enum Backend {
     Covet(covet::Covet),
+    // Boxed: the JetStream context is several times the size of Covet's
+    // handles.
     #[cfg(feature = "nats-bench")]
-    Nats(nats::Nats),
+    Nats(Box<nats::Nats>),
 }
 
 impl Backend {
@@ -202,7 +204,9 @@ impl Backend {
         match kind {
             BackendKind::Covet => Ok(Backend::Covet(covet::Covet::open(conn, setup).await?)),
             #[cfg(feature = "nats-bench")]
-            BackendKind::Nats => Ok(Backend::Nats(nats::Nats::open(conn, setup).await?)),
+            BackendKind::Nats => Ok(Backend::Nats(Box::new(
+                nats::Nats::open(conn, setup).await?,
+            ))),
             #[cfg(not(feature = "nats-bench"))]
             BackendKind::Nats => anyhow::bail!(
                 "this covet was built without the NATS backend: \
