@@ -110,14 +110,19 @@ wait_for() {
 
 covet_ready() { local n; for n in "$@"; do grep -q "covet broker ready" "$work/covet$n.log" || return 1; done; }
 
-http_ok() { curl -sf "$1" >/dev/null 2>&1; }
+# GET, with the venv's Python (a fresh machine may have no curl).
+http_get() {
+  "$py" -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode())' "$1" 2>/dev/null
+}
+
+http_ok() { http_get "$1" >/dev/null; }
 
 nats_healthy() { local port; for port in "$@"; do http_ok "http://127.0.0.1:$port/healthz" || return 1; done; }
 
 # Checks that /varz shows the sync mode asked for.
 nats_sync_is() {
   local want=$1 port=$2 got
-  got=$(curl -sf "http://127.0.0.1:$port/varz" |
+  got=$(http_get "http://127.0.0.1:$port/varz" |
     "$py" -c 'import json,sys; print(json.load(sys.stdin)["jetstream"]["config"].get("sync_always", False))')
   if [ "$got" != "$want" ]; then
     echo "nats-server on monitor port $port: sync_always is $got, expected $want" >&2
