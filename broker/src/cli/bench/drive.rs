@@ -2,21 +2,22 @@
 //! backend.
 //!
 //! A closed loop keeps a window of publishes outstanding and frees a slot
-//! only when the oldest is acknowledged (in order, like an application that
-//! awaits its deliveries in turn); latency runs from the publish call to the
+//! only when the oldest is acknowledged (like an application that awaits
+//! its deliveries in turn); latency runs from the publish call to the
 //! acknowledgement. An open loop publishes on an absolute schedule from a
 //! thread of its own (`std::thread::sleep` is precise to tens of
 //! microseconds where tokio's timer rounds to a millisecond) and takes
 //! latency from each record's *intended* send time, so a broker that stalls
 //! the sender pays for every record that should have gone out meanwhile.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use futures::stream::FuturesOrdered;
-use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::{oneshot, Semaphore};
 
@@ -163,11 +164,26 @@ async fn closed_loop(
     let start = Instant::now();
     let stop_at = start + limit;
     let mut run = Run::new(start);
-    let mut pending = FuturesOrdered::new();
-    while run.sent < records {
-        if pending.len() >= window {
-            if let Some((from, outcome, done)) = pending.next().await {
-                run.settle(from, outcome, done);
+    let mut pending = FuturesUnordered::new();
+    let mut window = Window::new(window);
+    loop {
+        // Every acknowledgement already in is taken now, so each gets its
+        // own completion time (an ordered queue would time later ones only
+        // when they reach its head).
+        while let Some(Some((seq, from, outcome, done))) = pending.next().now_or_never() {
+            run.settle(from, outcome, done);
+            window.settle(seq);
+        }
+        if run.sent >= records {
+            break;
+        }
+        if window.full(run.sent) {
+            match pending.next().await {
+                Some((seq, from, outcome, done)) => {
+                    run.settle(from, outcome, done);
+                    window.settle(seq);
+                }
+                None => break,
             }
             continue;
         }
@@ -176,21 +192,61 @@ async fn closed_loop(
             break;
         }
         let ack = backend.publish(value.clone()).await?;
-        // The completion time is taken when the acknowledgement's future
-        // finishes: FuturesOrdered polls every member, not only the head.
-        pending.push_back(async move {
+        let seq = run.sent;
+        pending.push(async move {
             let outcome = ack.await;
-            (sent_at, outcome, Instant::now())
+            (seq, sent_at, outcome, Instant::now())
         });
         run.sent += 1;
     }
     let drain_until = tokio::time::Instant::now() + drain;
-    while let Ok(Some((from, outcome, done))) =
+    while let Ok(Some((_, from, outcome, done))) =
         tokio::time::timeout_at(drain_until, pending.next()).await
     {
         run.settle(from, outcome, done);
     }
     Ok(run)
+}
+
+/// A window of outstanding publishes that frees a slot only when the
+/// oldest is settled, as an application awaiting its deliveries in order
+/// would.
+struct Window {
+    size: u64,
+    /// Sequence number of the oldest unsettled publish.
+    oldest: u64,
+    /// Whether each publish from `oldest` on is settled.
+    settled: VecDeque<bool>,
+}
+
+impl Window {
+    fn new(size: usize) -> Window {
+        Window {
+            size: size.max(1) as u64,
+            oldest: 0,
+            settled: VecDeque::new(),
+        }
+    }
+
+    /// Whether `sent` publishes so far leave no room for another.
+    fn full(&self, sent: u64) -> bool {
+        sent - self.oldest >= self.size
+    }
+
+    fn settle(&mut self, seq: u64) {
+        let Some(i) = seq.checked_sub(self.oldest) else {
+            return;
+        };
+        let i = i as usize;
+        if self.settled.len() <= i {
+            self.settled.resize(i + 1, false);
+        }
+        self.settled[i] = true;
+        while self.settled.front() == Some(&true) {
+            self.settled.pop_front();
+            self.oldest += 1;
+        }
+    }
 }
 
 /// When each record of an open loop is due.
@@ -526,6 +582,20 @@ mod tests {
         assert_eq!(s.records, 500);
         let start = Instant::now();
         assert_eq!(s.due(start, 10_000) - start, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_window_frees_a_slot_only_when_the_oldest_settles() {
+        let mut w = Window::new(3);
+        assert!(!w.full(2));
+        assert!(w.full(3));
+        // Later publishes settling first free nothing.
+        w.settle(2);
+        w.settle(1);
+        assert!(w.full(3));
+        w.settle(0);
+        assert!(!w.full(5));
+        assert!(w.full(6));
     }
 
     #[test]
