@@ -242,10 +242,12 @@ run_case() {
     end=""
     for p in "${pids[@]}"; do end+="${end:+ }$(rss_kb "$p")"; done
     stop
-    "$py" - "$setup" "$id" "$label" "$system" "$run" "$idle" "$end" "$line" >> "$raw" <<'PY'
+    local command="covet bench $* --backend $backend --replication-factor $nodes --duration-s $secs_here --drain-s $drain"
+    "$py" - "$setup" "$id" "$label" "$system" "$run" "$idle" "$end" "$line" "$command" >> "$raw" <<'PY'
 import json, sys
-setup, case, label, system, run, idle, end, line = sys.argv[1:]
+setup, case, label, system, run, idle, end, line, command = sys.argv[1:]
 rec = {"setup": setup, "case": case, "label": label, "system": system, "run": int(run),
+       "command": command,
        "rss_idle_kb": [int(x) for x in idle.split()], "rss_end_kb": [int(x) for x in end.split()],
        "result": json.loads(line)}
 print(json.dumps(rec))
@@ -273,7 +275,8 @@ if [[ ",$setups," == *",single,"* ]]; then run_setup single 1 "${single_cases[@]
 if [[ ",$setups," == *",cluster,"* ]]; then run_setup cluster 3 "${cluster_cases[@]}"; fi
 
 {
-  echo "<!-- covet bench vs NATS JetStream, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores,"
+  echo "<!-- covet bench vs NATS JetStream, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores"
+  echo "     ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)), $(uname -sr),"
   echo "     $("$nats_server" --version), covet $(git -C "$repo" rev-parse --short HEAD), runs per case: $runs -->"
 } > "$out/table.md"
 "$py" "$repo/scripts/bench/report.py" "$raw" "$out" >> "$out/table.md"
