@@ -375,13 +375,7 @@ pub async fn read(a: ReadArgs) -> anyhow::Result<()> {
     }
     let elapsed = start.elapsed();
     let (per_sec, _) = rates(count, 0, elapsed);
-    let consumer = match (name, a.nats_consumer) {
-        ("covet", _) => "Subscription::next".to_string(),
-        (_, super::NatsConsumer::Ordered) => "ordered consumer".to_string(),
-        (_, super::NatsConsumer::Pull) => {
-            format!("pull consumer, no acks, {} per batch", setup.nats_batch)
-        }
-    };
+    let consumer = consumer_name(name, &setup);
     println!(
         "{}",
         json!({
@@ -403,6 +397,17 @@ pub async fn read(a: ReadArgs) -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+/// How the run reads, for the JSON line.
+fn consumer_name(backend: &str, setup: &Setup) -> String {
+    match (backend, setup.nats_consumer) {
+        ("covet", _) => format!("Subscription::next, window {}", setup.window),
+        (_, super::NatsConsumer::Ordered) => "ordered consumer".to_string(),
+        (_, super::NatsConsumer::Pull) => {
+            format!("pull consumer, no acks, {} per batch", setup.nats_batch)
+        }
+    }
 }
 
 /// An e2e record's value: its intended send time, in nanoseconds since the
@@ -492,6 +497,7 @@ pub async fn e2e(a: E2eArgs) -> anyhow::Result<()> {
             "partitions": setup.partitions,
             "replication_factor": c.replication_factor,
             "linger_ms": a.linger_ms,
+            "consumer": consumer_name(name, &setup),
             "rate": a.rate,
             "achieved_rate": achieved.round(),
             "overloaded": schedule.overloaded(&run),
