@@ -1,5 +1,5 @@
-//! The loops of `covet bench pub`, `read` and `e2e`, the same for every
-//! backend.
+//! The loops of `covet bench pub` and `read` (and the open loop that
+//! [`e2e`](super::e2e) publishes with), the same for every backend.
 //!
 //! A closed loop keeps a window of publishes outstanding and frees a slot
 //! only when the oldest is acknowledged (like an application that awaits
@@ -11,41 +11,38 @@
 //! the sender pays for every record that should have gone out meanwhile.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use serde_json::{json, Value};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::Semaphore;
 
 use super::stats::{rates, Latency};
-use super::{Backend, E2eArgs, PubArgs, ReadArgs, Setup};
+use super::{Backend, PubArgs, ReadArgs, Setup};
 
 /// Publishes outstanding at most in an open loop; beyond, the schedule slips
 /// (and latency, taken from the schedule, shows it).
-const OPEN_LOOP_CAP: usize = 100_000;
+pub(super) const OPEN_LOOP_CAP: usize = 100_000;
 /// The preload of `read` keeps this many publishes outstanding.
 const PRELOAD_WINDOW: usize = 4096;
 /// An open loop whose achieved rate is below this share of the offered one
 /// is reported as overloaded.
 const KEEPS_UP: f64 = 0.95;
-/// The value of e2e's first record, sent before timing starts: when the
-/// subscriber sees it, it is positioned on the tail.
-const MARKER: u64 = u64::MAX;
 
 /// What one publishing run saw.
-struct Run {
+pub(super) struct Run {
     sent: u64,
-    acked: u64,
-    errors: u64,
+    pub(super) acked: u64,
+    pub(super) errors: u64,
     first_error: Option<String>,
     start: Instant,
     /// When the last acknowledgement arrived.
     last: Instant,
-    latency: Latency,
+    /// From each publish (or its intended send time) to its acknowledgement.
+    pub(super) latency: Latency,
 }
 
 impl Run {
@@ -76,7 +73,7 @@ impl Run {
         }
     }
 
-    fn elapsed(&self) -> Duration {
+    pub(super) fn elapsed(&self) -> Duration {
         self.last.saturating_duration_since(self.start)
     }
 
@@ -96,11 +93,11 @@ impl Run {
     }
 }
 
-fn limit(duration_s: f64) -> Duration {
+pub(super) fn limit(duration_s: f64) -> Duration {
     Duration::from_secs_f64(duration_s.clamp(0.0, 24.0 * 3600.0))
 }
 
-fn linger(ms: f64) -> Duration {
+pub(super) fn linger(ms: f64) -> Duration {
     Duration::from_secs_f64(ms.clamp(0.0, 60_000.0) / 1000.0)
 }
 
@@ -251,7 +248,7 @@ impl Window {
 
 /// When each record of an open loop is due.
 #[derive(Debug, Clone, Copy)]
-struct Schedule {
+pub(super) struct Schedule {
     rate: u64,
     records: u64,
     /// Publishing stops here even if the schedule slipped behind.
@@ -262,7 +259,7 @@ struct Schedule {
 
 impl Schedule {
     /// `rate` per second, no more than `records` nor than fit in `limit`.
-    fn new(rate: u64, records: u64, limit: Duration, drain: Duration) -> Schedule {
+    pub(super) fn new(rate: u64, records: u64, limit: Duration, drain: Duration) -> Schedule {
         let rate = rate.max(1);
         let fit = (limit.as_secs_f64() * rate as f64) as u64;
         Schedule {
@@ -277,7 +274,7 @@ impl Schedule {
         start + Duration::from_secs_f64(i as f64 / self.rate as f64)
     }
 
-    fn overloaded(&self, run: &Run) -> bool {
+    pub(super) fn overloaded(&self, run: &Run) -> bool {
         let (achieved, _) = rates(run.acked, 0, run.elapsed());
         run.acked < run.sent || achieved < KEEPS_UP * self.rate as f64
     }
@@ -285,7 +282,7 @@ impl Schedule {
 
 /// Publishes on `schedule` from a thread of its own, each value made by
 /// `value_for(intended send time)`; returns the run and the backend.
-async fn open_loop(
+pub(super) async fn open_loop(
     mut backend: Backend,
     schedule: Schedule,
     value_for: impl Fn(Instant) -> Bytes + Send + 'static,
@@ -400,7 +397,7 @@ pub async fn read(a: ReadArgs) -> anyhow::Result<()> {
 }
 
 /// How the run reads, for the JSON line.
-fn consumer_name(backend: &str, setup: &Setup) -> String {
+pub(super) fn consumer_name(backend: &str, setup: &Setup) -> String {
     match (backend, setup.nats_consumer) {
         ("covet", _) => format!("Subscription::next, window {}", setup.window),
         (_, super::NatsConsumer::Ordered) => "ordered consumer".to_string(),
@@ -410,175 +407,9 @@ fn consumer_name(backend: &str, setup: &Setup) -> String {
     }
 }
 
-/// An e2e record's value: its intended send time, in nanoseconds since the
-/// run's epoch, then filler up to `size`.
-fn stamped(epoch: Instant, at: Option<Instant>, size: usize) -> Bytes {
-    let nanos = at.map_or(MARKER, |t| {
-        u64::try_from(t.saturating_duration_since(epoch).as_nanos()).unwrap_or(MARKER - 1)
-    });
-    let mut b = BytesMut::with_capacity(size.max(8));
-    b.put_u64_le(nanos);
-    b.resize(size.max(8), b'x');
-    b.freeze()
-}
-
-fn stamp_of(value: &[u8]) -> Option<u64> {
-    let head: [u8; 8] = value.get(..8)?.try_into().ok()?;
-    Some(u64::from_le_bytes(head))
-}
-
-/// What the subscriber of an e2e run saw.
-struct Delivered {
-    count: u64,
-    latency: Latency,
-}
-
-pub async fn e2e(a: E2eArgs) -> anyhow::Result<()> {
-    let c = &a.common;
-    let mut setup = Setup::new(c);
-    setup.linger = linger(a.linger_ms);
-    setup.in_flight = OPEN_LOOP_CAP;
-    setup.window = a.window.max(1);
-    let mut backend = Backend::open(c.backend, &c.conn, &setup).await?;
-    let name = backend.name();
-    let epoch = Instant::now();
-    let values = backend.subscribe(false).await?;
-    let issued = Arc::new(AtomicU64::new(0));
-    let finished = Arc::new(AtomicBool::new(false));
-    let (positioned_tx, positioned) = oneshot::channel();
-    let hard_stop = epoch + limit(c.duration_s) + limit(c.drain_s) + Duration::from_secs(2);
-    let subscriber = tokio::spawn(follow(
-        values,
-        epoch,
-        issued.clone(),
-        finished.clone(),
-        positioned_tx,
-        hard_stop,
-    ));
-
-    // The marker is re-sent until the subscriber sees one: only then is it
-    // known to be reading from the tail.
-    let positioned_by = tokio::time::Instant::now() + Duration::from_secs(10);
-    tokio::pin!(positioned);
-    loop {
-        backend
-            .publish(stamped(epoch, None, c.record_size))
-            .await?
-            .await?;
-        let wait = tokio::time::Instant::now() + Duration::from_millis(200);
-        if tokio::time::timeout_at(wait.min(positioned_by), &mut positioned)
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        if tokio::time::Instant::now() >= positioned_by {
-            anyhow::bail!("the subscriber did not see a record published on the tail within 10 s");
-        }
-    }
-
-    let schedule = Schedule::new(a.rate, c.records, limit(c.duration_s), limit(c.drain_s));
-    let size = c.record_size;
-    let (run, backend) = open_loop(backend, schedule, move |due| {
-        stamped(epoch, Some(due), size)
-    })
-    .await?;
-    issued.store(run.acked, Ordering::SeqCst);
-    finished.store(true, Ordering::SeqCst);
-    let delivered = subscriber.await??;
-    drop(backend);
-    let (achieved, _) = rates(run.acked, 0, run.elapsed());
-    println!(
-        "{}",
-        json!({
-            "bench": "e2e",
-            "backend": name,
-            "record_size": size.max(8),
-            "partitions": setup.partitions,
-            "replication_factor": c.replication_factor,
-            "linger_ms": a.linger_ms,
-            "consumer": consumer_name(name, &setup),
-            "rate": a.rate,
-            "achieved_rate": achieved.round(),
-            "overloaded": schedule.overloaded(&run),
-            "records": run.acked,
-            "delivered": delivered.count,
-            "publish_errors": run.errors,
-            "latency_us": delivered.latency.to_json(),
-            "ack_latency_us": run.latency.to_json(),
-        })
-    );
-    Ok(())
-}
-
-/// Reads the tail until every acknowledged record arrived (or, once
-/// publishing finished, nothing came for a second), recording
-/// publish→deliver latency from each record's intended send time.
-async fn follow(
-    mut values: super::ValueStream,
-    epoch: Instant,
-    issued: Arc<AtomicU64>,
-    finished: Arc<AtomicBool>,
-    positioned: oneshot::Sender<()>,
-    hard_stop: Instant,
-) -> anyhow::Result<Delivered> {
-    let mut positioned = Some(positioned);
-    let mut out = Delivered {
-        count: 0,
-        latency: Latency::new(),
-    };
-    let mut quiet = 0;
-    loop {
-        if finished.load(Ordering::SeqCst) && out.count >= issued.load(Ordering::SeqCst) {
-            break;
-        }
-        if Instant::now() >= hard_stop || quiet >= 5 {
-            break;
-        }
-        let next = tokio::time::timeout(Duration::from_millis(200), values.next()).await;
-        let value = match next {
-            Ok(Some(v)) => v?,
-            Ok(None) => break,
-            Err(_) => {
-                if finished.load(Ordering::SeqCst) {
-                    quiet += 1;
-                }
-                continue;
-            }
-        };
-        let now = Instant::now();
-        quiet = 0;
-        match stamp_of(&value) {
-            Some(MARKER) => {
-                if let Some(tx) = positioned.take() {
-                    let _ = tx.send(());
-                }
-            }
-            Some(nanos) => {
-                out.count += 1;
-                let sent = epoch + Duration::from_nanos(nanos);
-                out.latency.record(now.saturating_duration_since(sent));
-            }
-            None => {}
-        }
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stamps_round_trip_and_markers_are_distinct() {
-        let epoch = Instant::now();
-        let at = epoch + Duration::from_micros(1234);
-        let v = stamped(epoch, Some(at), 128);
-        assert_eq!(v.len(), 128);
-        assert_eq!(stamp_of(&v), Some(1_234_000));
-        assert_eq!(stamp_of(&stamped(epoch, None, 4)), Some(MARKER));
-        assert_eq!(stamp_of(b"short"), None);
-    }
 
     #[test]
     fn schedule_is_bounded_by_records_and_time() {

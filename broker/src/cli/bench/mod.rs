@@ -4,7 +4,7 @@
 //!
 //! `produce` and `consume` are the first, Covet-only benchmarks
 //! ([`classic`]). `pub`, `read` and `e2e` drive either system through the
-//! same loops ([`drive`]) behind one small interface ([`Backend`]), so both
+//! same loops ([`drive`], [`e2e`]) behind one small interface ([`Backend`]), so both
 //! see the same payloads, windows and schedules: a closed loop with a window
 //! of outstanding publishes, an open loop on an absolute schedule whose
 //! latency is taken from each record's intended send time (so a stalled
@@ -17,6 +17,7 @@
 mod classic;
 mod covet;
 mod drive;
+mod e2e;
 #[cfg(feature = "nats-bench")]
 mod nats;
 mod stats;
@@ -251,6 +252,6 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Consume(a) => classic::consume(a).await,
         BenchCommand::Pub(a) => drive::publish(a).await,
         BenchCommand::Read(a) => drive::read(a).await,
-        BenchCommand::E2e(a) => drive::e2e(a).await,
+        BenchCommand::E2e(a) => e2e::e2e(a).await,
     }
 }
