@@ -64,6 +64,8 @@ echo "== $("$nats_server" --version)"
 echo "== cargo build --release -p covet-broker --features nats-bench"
 cargo build --release --locked -p covet-broker --features nats-bench
 covet=$CARGO_TARGET_DIR/release/covet
+built=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if ! git diff --quiet HEAD 2>/dev/null; then built+="+uncommitted"; fi
 
 # ---- sizes -----------------------------------------------------------------
 if [ "$quick" = 1 ]; then
@@ -277,7 +279,7 @@ if [[ ",$setups," == *",cluster,"* ]]; then run_setup cluster 3 "${cluster_cases
 {
   echo "<!-- covet bench vs NATS JetStream, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores"
   echo "     ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)), $(uname -sr),"
-  echo "     $("$nats_server" --version), covet $(git -C "$repo" rev-parse --short HEAD), runs per case: $runs -->"
+  echo "     $("$nats_server" --version), covet $built, runs per case: $runs -->"
 } > "$out/table.md"
 "$py" "$repo/scripts/bench/report.py" "$raw" "$out" >> "$out/table.md"
 cat "$out/table.md"

@@ -17,6 +17,7 @@ from collections import OrderedDict
 
 SYSTEMS = ["covet", "js-always", "js-lazy"]
 NAMES = {"covet": "Covet", "js-always": "JetStream always", "js-lazy": "JetStream lazy"}
+PLOT_TITLES = {"single": "Single node", "cluster": "Three nodes sharing 2 cores, R=3"}
 SETUP_TITLES = {
     "single": "Single node",
     "cluster": "Three nodes sharing 2 cores (replication factor 3)",
@@ -208,7 +209,7 @@ def plot(setups, path):
         ax.set_xticklabels([l for l, _ in thr], rotation=30, ha="right", fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("records/s (log)")
-        ax.set_title(f"{SETUP_TITLES.get(setup, setup)}: throughput (higher is better)")
+        ax.set_title(f"{PLOT_TITLES.get(setup, setup)}: throughput (higher is better)")
         ax.legend(fontsize=8)
         ax = axes[row][1]
         for i, s in enumerate(SYSTEMS):
@@ -216,7 +217,10 @@ def plot(setups, path):
             p50 = [c[s].lat("p50") or 0 for _, c in lat_cases]
             p99 = [c[s].lat("p99") or 0 for _, c in lat_cases]
             p999 = [c[s].lat("p999") or 0 for _, c in lat_cases]
-            ax.bar(xs, p99, width, color=colors[s], alpha=0.85, label=f"{NAMES[s]} p99 (bar)")
+            bars = ax.bar(xs, p99, width, color=colors[s], alpha=0.85, label=f"{NAMES[s]} p99 (bar)")
+            for bar, (_, c) in zip(bars, lat_cases):
+                if c[s].overloaded():
+                    bar.set_hatch("//")
             ax.scatter(xs, p50, marker="_", s=120, color="black", zorder=3,
                        label="p50" if i == 0 else None)
             ax.scatter(xs, p999, marker="^", s=18, color="black", zorder=3,
@@ -225,7 +229,9 @@ def plot(setups, path):
         ax.set_xticklabels([l for l, _ in lat_cases], rotation=30, ha="right", fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("latency, µs (log)")
-        ax.set_title(f"{SETUP_TITLES.get(setup, setup)}: latency percentiles (lower is better)")
+        ax.set_title(
+            f"{PLOT_TITLES.get(setup, setup)}: latency (lower is better; hatched: overloaded)"
+        )
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
