@@ -1,0 +1,102 @@
+//! The Covet side of `covet bench`: the Rust client's producer and
+//! `Subscription::next`, exactly as an application (and the Python client)
+//! uses them.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use covet_client::{
+    Client, Producer, ProducerConfig, Reason, Record, StartPosition, SubscriptionOptions, TopicSpec,
+};
+use covet_protocol::batch::BatchBuilder;
+use futures::{FutureExt, StreamExt};
+
+use super::{AckFuture, Setup, ValueStream};
+use crate::cli::Conn;
+
+/// The producer remembers at most this many batches per partition.
+const MAX_BATCHES_IN_FLIGHT: usize = 128;
+
+pub struct Covet {
+    client: Client,
+    producer: Producer,
+    topic: String,
+    window: u64,
+}
+
+impl Covet {
+    pub async fn open(conn: &Conn, setup: &Setup) -> anyhow::Result<Covet> {
+        let client = conn.connect().await?;
+        let mut spec = TopicSpec::new(setup.topic.clone()).partitions(setup.partitions);
+        spec.replication_factor = setup.replication_factor;
+        match client.create_topic(spec).await {
+            Ok(_) => {}
+            Err(e) if e.reason() == Some(Reason::TopicExists) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let producer = client.producer(producer_config(setup));
+        Ok(Covet {
+            client,
+            producer,
+            topic: setup.topic.clone(),
+            window: setup.window,
+        })
+    }
+
+    pub async fn publish(&mut self, value: Bytes) -> anyhow::Result<AckFuture> {
+        let record = Record {
+            value,
+            ..Record::default()
+        };
+        let delivery = self.producer.send(&self.topic, record).await?;
+        Ok(delivery
+            .map(|r| r.map(drop).map_err(anyhow::Error::from))
+            .boxed())
+    }
+
+    pub async fn subscribe(&self, from_start: bool) -> anyhow::Result<ValueStream> {
+        let from = if from_start {
+            StartPosition::Earliest
+        } else {
+            StartPosition::Latest
+        };
+        let mut options = SubscriptionOptions::new(self.topic.clone(), from);
+        options.window = self.window;
+        let sub = self.client.subscribe(options).await?;
+        Ok(futures::stream::unfold(sub, |mut sub| async move {
+            let item = sub.next().await?;
+            Some((item.map(|r| r.value).map_err(anyhow::Error::from), sub))
+        })
+        .boxed())
+    }
+}
+
+/// The harness enforces the record window; the producer gets as many
+/// batches in flight as it allows, up to that window.
+fn producer_config(setup: &Setup) -> ProducerConfig {
+    let defaults = ProducerConfig::default();
+    let mut config = ProducerConfig {
+        linger: setup.linger,
+        max_in_flight: setup.in_flight.clamp(1, MAX_BATCHES_IN_FLIGHT),
+        // Room for the whole window, whatever the record size.
+        buffer_bytes: defaults
+            .buffer_bytes
+            .max(setup.in_flight.saturating_mul(setup.record_size + 64)),
+        ..defaults
+    };
+    if setup.one_record_batches {
+        // A batch is closed once it reaches this size, so each holds one.
+        let record = Record {
+            value: Bytes::from(vec![0; setup.record_size]),
+            timestamp_ms: 1,
+            ..Record::default()
+        };
+        config.max_batch_bytes = BatchBuilder::new().encoded_len_with(&record);
+        config.linger = Duration::ZERO;
+    }
+    if setup.big_batches {
+        config.max_batch_bytes = 1 << 20;
+        config.linger = Duration::from_millis(5);
+    }
+    config
+}
