@@ -36,7 +36,8 @@ pub struct ProduceArgs {
     max_batch_bytes: usize,
     #[arg(long, default_value_t = 5)]
     linger_ms: u64,
-    #[arg(long, default_value_t = 64)]
+    /// Batches in flight per partition (the producer's default).
+    #[arg(long, default_value_t = 5)]
     max_in_flight: usize,
     /// Records per second to offer (0: as fast as the producer takes them).
     /// Latency figures mean something only at a rate the broker sustains.
