@@ -202,8 +202,9 @@ single_cases=(
   "w256l1|256 in flight, linger 1 ms|pub --in-flight 256 --linger-ms 1 --records 10000000"
   "w4096l0|4096 in flight, linger 0|pub --in-flight 4096 --linger-ms 0 --records 10000000"
   "w4096l1|4096 in flight, linger 1 ms|pub --in-flight 4096 --linger-ms 1 --records 10000000"
-  "kib1|1 KiB records, 256 in flight, linger 1 ms|pub --record-size 1024 --in-flight 256 --linger-ms 1 --records 10000000"
-  "kib64|64 KiB records, 64 in flight, linger 1 ms|pub --record-size 65536 --in-flight 64 --linger-ms 1 --records 1000000"
+  "kib1|1 KiB records, 256 in flight, linger 0|pub --record-size 1024 --in-flight 256 --linger-ms 0 --records 10000000"
+  "kib1w4096|1 KiB records, 4096 in flight, linger 0|pub --record-size 1024 --in-flight 4096 --linger-ms 0 --records 10000000"
+  "kib64|64 KiB records, 64 in flight, linger 0|pub --record-size 65536 --in-flight 64 --linger-ms 0 --records 1000000"
   "read|read from the start, written one record per batch|read --records $read_records"
   "ol10k1|open loop 10k/s, 1 partition|pub --rate 10000 --partitions 1 --records 10000000"
   "ol10k4|open loop 10k/s, 4 partitions|pub --rate 10000 --partitions 4 --records 10000000"
@@ -214,6 +215,7 @@ single_cases=(
 cluster_cases=(
   "await1|one publish awaited at a time|pub --in-flight 1 --records 10000000"
   "w256l0|256 in flight, linger 0|pub --in-flight 256 --linger-ms 0 --records 10000000"
+  "w4096l0|4096 in flight, linger 0|pub --in-flight 4096 --linger-ms 0 --records 10000000"
   "w4096l1|4096 in flight, linger 1 ms|pub --in-flight 4096 --linger-ms 1 --records 10000000"
   "read|read from the start, written in large batches|read --preload-batch --records $read_records"
   "ol10k1|open loop 10k/s, 1 partition|pub --rate 10000 --partitions 1 --records 10000000"
@@ -231,6 +233,11 @@ run_case() {
     # Reading does not depend on the sync mode, and the `always` preload
     # is too slow to fill the store within the bound: skipped.
     if [ "$1" = read ] && [ "$system" = js-always ]; then continue; fi
+    # JetStream has no producer linger: its figures for a linger row would
+    # be those of the linger-0 row above it, so those rows are Covet's alone.
+    if [ "$system" != covet ] && [[ " $* " == *" --linger-ms "* ]] && [[ " $* " != *" --linger-ms 0 "* ]]; then
+      continue
+    fi
     backend=covet
     if [ "$system" != covet ]; then backend=nats; fi
     start "$system" "$nodes"

@@ -160,7 +160,9 @@ def table(setup, rows):
         "(below 1: Covet ahead), of the achieved rate where marked (rate), when either "
         "side was overloaded (above 1: Covet ahead). Open-loop latency is taken from each record's intended "
         "send time (corrected for coordinated omission). JetStream `always` is not run on "
-        "the read row: reading does not depend on the sync mode."
+        "the read row: reading does not depend on the sync mode. JetStream has no "
+        "producer linger, so rows with a linger are Covet's alone: compare them with "
+        "the linger-0 row above."
     )
     failed = [
         f"- {r['label']}, {NAMES[r['system']]}, run {r['run']}: {r['result']['failed']}"
