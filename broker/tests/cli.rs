@@ -244,3 +244,66 @@ fn subscribe_follows_new_records_and_sigterm_stops_the_broker_cleanly() {
     ));
     assert_eq!(out, "before\nafter\n");
 }
+
+/// `covet bench pub`, `read` and `e2e` against a real broker: each prints
+/// one JSON line whose figures account for every record asked for (the
+/// side-by-side script reads these fields).
+#[test]
+fn bench_cases_print_one_json_line_accounting_for_every_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), &[]);
+    let bounds = ["--duration-s", "20", "--drain-s", "20"];
+    let run = |args: &[&str]| {
+        let mut all = vec!["bench"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&bounds);
+        let lines = json_lines(&ok(&covet(&broker, &all, None)));
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        lines.into_iter().next().unwrap()
+    };
+    for in_flight in ["1", "64"] {
+        let topic = format!("pub{in_flight}");
+        let line = run(&[
+            "pub",
+            "--topic",
+            &topic,
+            "--records",
+            "300",
+            "--in-flight",
+            in_flight,
+        ]);
+        assert_eq!(line["records"], 300, "{line}");
+        assert_eq!(line["errors"], 0, "{line}");
+        assert!(line["latency_us"]["p50"].as_f64().unwrap() > 0.0, "{line}");
+        assert!(line["records_per_sec"].as_f64().unwrap() > 0.0, "{line}");
+    }
+    let line = run(&[
+        "pub",
+        "--topic",
+        "paced",
+        "--records",
+        "200",
+        "--rate",
+        "2000",
+    ]);
+    assert_eq!(line["records"], 200, "{line}");
+    assert_eq!(line["overloaded"], false, "{line}");
+
+    let line = run(&["read", "--topic", "reread", "--records", "500"]);
+    assert_eq!(line["preloaded"], 500, "{line}");
+    assert_eq!(line["records"], 500, "{line}");
+    assert_eq!(line["complete"], true, "{line}");
+
+    let line = run(&[
+        "e2e",
+        "--topic",
+        "tail",
+        "--records",
+        "200",
+        "--rate",
+        "1000",
+    ]);
+    assert_eq!(line["delivered"], 200, "{line}");
+    assert_eq!(line["publish_errors"], 0, "{line}");
+    assert!(line["latency_us"]["p99"].as_f64().unwrap() > 0.0, "{line}");
+}
