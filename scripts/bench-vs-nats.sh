@@ -84,9 +84,15 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# A free loopback port (the kernel's pick; released just before use).
-free_port() {
-  "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+# N distinct free loopback ports (the kernel's picks, all held until every
+# one is chosen, so no two are the same; released just before use).
+free_ports() {
+  "$py" -c '
+import socket, sys
+held = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); held.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in held))' "$1"
 }
 
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
@@ -139,7 +145,11 @@ start() {
   rm -rf "$work"/*
   pids=()
   local client=() peer=() mon=() route=()
-  for i in $(seq "$nodes"); do client+=("$(free_port)"); peer+=("$(free_port)"); mon+=("$(free_port)"); done
+  local ports
+  read -r -a ports <<< "$(free_ports $((3 * nodes)))"
+  for i in $(seq "$nodes"); do
+    client+=("${ports[$((3 * i - 3))]}"); peer+=("${ports[$((3 * i - 2))]}"); mon+=("${ports[$((3 * i - 1))]}")
+  done
   if [ "$system" = covet ]; then
     local peers=""
     for i in $(seq "$nodes"); do peers+="${peers:+,}$i=127.0.0.1:${peer[$((i-1))]}"; done
