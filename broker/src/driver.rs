@@ -235,7 +235,7 @@ pub(crate) struct Driver {
     pub(crate) catalog: Arc<Catalog>,
     /// Groups out of service on this node, and why (see [`crate::faults`]).
     pub(crate) faulted: std::collections::BTreeMap<u64, String>,
-    logger: slog::Logger,
+    pub(crate) logger: slog::Logger,
     channels: Channels,
     ready: watch::Sender<bool>,
 }
@@ -273,9 +273,7 @@ impl Driver {
         let group = driver.open_group(META_GROUP, Machine::Meta(meta), &bootstrap)?;
         driver.catalog.set_meta_leader(group.leader.subscribe());
         driver.groups.insert(META_GROUP, group);
-        for topic in topics {
-            driver.open_topic(topic)?;
-        }
+        driver.open_topics(topics)?;
         Ok(driver)
     }
 
@@ -289,15 +287,7 @@ impl Driver {
         machine: Machine,
         bootstrap: &Bootstrap,
     ) -> Result<Group> {
-        let cfg = GroupConfig {
-            node_id: self.config.node_id,
-            log_options: self.config.log_options,
-            logger: &self.logger,
-            election_tick: 10,
-            heartbeat_tick: 2,
-            fixed_election_timeout: None,
-        };
-        Group::open(id, &self.group_dir(id), machine, &cfg, bootstrap)
+        open_group_in(&self.config, &self.logger, id, machine, bootstrap)
     }
 
     fn run(&mut self, shutdown: watch::Receiver<bool>) -> Result<()> {
@@ -656,7 +646,7 @@ impl Driver {
         }
         for (_, effect) in effects {
             match effect {
-                MetaEffect::TopicCreated(t) => self.open_topic(t)?,
+                MetaEffect::TopicCreated(t) => self.open_topics(vec![t])?,
                 MetaEffect::TopicDeleted(t) => self.drop_topic(&t)?,
                 MetaEffect::ProducerId(_) => {}
             }
@@ -708,6 +698,28 @@ fn open_sled(dir: &std::path::Path) -> Result<sled::Db> {
     // sled creates its files without syncing their directory entries.
     sync_dir(dir)?;
     Ok(db)
+}
+
+/// Opens group `id` of the node configured by `config` (see
+/// [`Group::open`]); a free function so that startup can open many groups
+/// on several threads.
+pub(crate) fn open_group_in(
+    config: &DriverConfig,
+    logger: &slog::Logger,
+    id: u64,
+    machine: Machine,
+    bootstrap: &Bootstrap,
+) -> Result<Group> {
+    let cfg = GroupConfig {
+        node_id: config.node_id,
+        log_options: config.log_options,
+        logger,
+        election_tick: 10,
+        heartbeat_tick: 2,
+        fixed_election_timeout: None,
+    };
+    let dir = config.data_dir.join("groups").join(id.to_string());
+    Group::open(id, &dir, machine, &cfg, bootstrap)
 }
 
 /// Syncs every log touched in a round, concurrently: the round's latency is
