@@ -37,8 +37,8 @@ const TICK: Duration = Duration::from_millis(100);
 /// Requests taken from the channel before running a round, so one round's
 /// latency stays bounded under load.
 const MAX_REQUESTS_PER_ROUND: usize = 4096;
-/// Most threads used to sync the logs of one round.
-const SYNC_THREADS: usize = 4;
+/// Threads that sync the logs of one round besides the driver's own.
+const SYNC_THREADS: usize = 3;
 /// How long a request may wait for its entry to be applied.
 pub const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a stopping node tries to hand its leaderships over.
@@ -238,6 +238,7 @@ pub(crate) struct Driver {
     pub(crate) logger: slog::Logger,
     channels: Channels,
     ready: watch::Sender<bool>,
+    sync_pool: SyncPool,
 }
 
 impl Driver {
@@ -259,6 +260,7 @@ impl Driver {
             logger: raft_logger(),
             channels,
             ready,
+            sync_pool: SyncPool::start(SYNC_THREADS)?,
         };
         covet_raft_store::remove_leftovers(&driver.config.data_dir.join("groups"))?;
         let mut meta = MetaState::open(driver.db.open_tree("meta")?)?;
@@ -632,7 +634,7 @@ impl Driver {
             .iter()
             .filter_map(|(id, _)| self.groups.get(id).map(|g| &g.storage))
             .collect();
-        sync_all(&storages)?;
+        self.sync_pool.sync_all(&storages)?;
         for (id, rd) in pending {
             if let Some(g) = self.groups.get_mut(&id) {
                 let transport = &self.channels.transport;
@@ -722,29 +724,65 @@ pub(crate) fn open_group_in(
     Group::open(id, &dir, machine, &cfg, bootstrap)
 }
 
-/// Syncs every log touched in a round, concurrently: the round's latency is
-/// that of the slowest sync, not their sum.
-#[tracing::instrument(level = "debug", skip_all, fields(groups = storages.len()))]
-fn sync_all(storages: &[&GroupStorage]) -> Result<()> {
-    if storages.len() <= 1 {
-        return storages
-            .iter()
-            .try_for_each(|s| s.sync().map_err(Into::into));
+/// Threads that sync the logs of a round in parallel, started once with
+/// the driver: spawning them per round (as a scoped pool did) cost tens of
+/// microseconds per thread on every round that touched several
+/// partitions.
+pub(crate) struct SyncPool {
+    jobs: std::sync::mpsc::Sender<SyncJob>,
+}
+
+/// One log to sync, and where to say how it went.
+type SyncJob = (GroupStorage, std::sync::mpsc::Sender<Result<()>>);
+
+impl SyncPool {
+    fn start(threads: usize) -> Result<SyncPool> {
+        let (jobs, rx) = std::sync::mpsc::channel::<SyncJob>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..threads {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("covet-sync-{i}"))
+                .spawn(move || loop {
+                    // Ends when the driver (the only sender) is gone.
+                    let job = rx.lock().map(|r| r.recv());
+                    let Ok(Ok((storage, done))) = job else {
+                        return;
+                    };
+                    let _ = done.send(storage.sync().map_err(Into::into));
+                })
+                .map_err(|e| BrokerError::Internal(format!("spawn sync thread: {e}")))?;
+        }
+        Ok(SyncPool { jobs })
     }
-    let per_thread = storages.len().div_ceil(SYNC_THREADS);
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = storages
-            .chunks(per_thread)
-            .map(|chunk| scope.spawn(move || chunk.iter().try_for_each(|s| s.sync())))
-            .collect();
-        for w in workers {
-            match w.join() {
-                Ok(r) => r?,
-                Err(_) => return Err(BrokerError::Internal("sync thread panicked".into())),
+
+    /// Syncs every log touched in a round, concurrently: the round's
+    /// latency is that of the slowest sync, not their sum. The driver's
+    /// thread syncs the first log itself.
+    #[tracing::instrument(level = "debug", skip_all, fields(groups = storages.len()))]
+    fn sync_all(&self, storages: &[&GroupStorage]) -> Result<()> {
+        let Some((first, rest)) = storages.split_first() else {
+            return Ok(());
+        };
+        let (done, results) = std::sync::mpsc::channel();
+        for s in rest {
+            self.jobs
+                .send(((*s).clone(), done.clone()))
+                .map_err(|_| BrokerError::Internal("sync threads are gone".into()))?;
+        }
+        drop(done);
+        let mine = first.sync().map_err(Into::into);
+        let mut outcome = mine;
+        for _ in rest {
+            let r = results
+                .recv()
+                .unwrap_or_else(|_| Err(BrokerError::Internal("a sync thread died".into())));
+            if outcome.is_ok() {
+                outcome = r;
             }
         }
-        Ok(())
-    })
+        outcome
+    }
 }
 
 /// Whether removing `node` would leave `voters` empty.
