@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use common::raw::{self, produce_bytes};
 use common::Broker;
@@ -17,18 +15,8 @@ use covet_protocol::batch;
 use covet_protocol::reason::{reason_of, Reason};
 use futures::StreamExt;
 use prost::Message;
-use tonic::transport::Channel;
 
-/// Bounds every network step of these tests.
-const STEP: Duration = Duration::from_secs(20);
-
-async fn channel(addr: &str) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
+use common::raw::{channel, STEP};
 
 fn batch_of(n: usize) -> Bytes {
     let records: Vec<Record> = (0..n)

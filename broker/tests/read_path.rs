@@ -15,19 +15,9 @@ use covet_protocol::api::{SubscribeOpen, SubscribeRequest, SubscribeResponse};
 use covet_protocol::batch;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tonic::Streaming;
 
-/// Bounds every network step of these tests.
-const STEP: Duration = Duration::from_secs(20);
-
-async fn channel(addr: &str) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
+use common::raw::{channel, STEP};
 
 /// Writes `batches` batches of `per_batch` records to partition 0 of
 /// `topic` through one pipelined produce stream, bypassing the client's

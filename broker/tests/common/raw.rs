@@ -91,3 +91,15 @@ pub fn produce_bytes(id: u64, topic: &str, batch: Bytes) -> Bytes {
     .encode_to_vec()
     .into()
 }
+
+/// Bounds every network step of the tests that speak gRPC directly.
+pub const STEP: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// A gRPC channel to the broker at `addr`, for tests that bypass the client.
+pub async fn channel(addr: &str) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
