@@ -264,18 +264,17 @@ impl OffsetLog {
             Err(e) => return Err(io("open", &path, e)),
         };
         // Checked on a descriptor of its own, then handed to the cache.
-        let have = match &file {
-            Some(f) => f.metadata().map_err(|e| io("stat", &path, e))?.len() / ENTRY_LEN as u64,
+        let bytes = match &file {
+            Some(f) => f.metadata().map_err(|e| io("stat", &path, e))?.len(),
             None => 0,
         };
-        if have < keep {
+        if bytes / (ENTRY_LEN as u64) < keep {
             return Ok(None);
         }
-        if let Some(f) = &file {
-            if f.metadata().map_err(|e| io("stat", &path, e))?.len() != keep * ENTRY_LEN as u64 {
-                f.set_len(keep * ENTRY_LEN as u64)
-                    .map_err(|e| io("truncate", &path, e))?;
-            }
+        // Entries past the checkpoint are replayed from the log.
+        if let Some(f) = file.as_ref().filter(|_| bytes != keep * ENTRY_LEN as u64) {
+            f.set_len(keep * ENTRY_LEN as u64)
+                .map_err(|e| io("truncate", &path, e))?;
         }
         let view = View {
             file: file.map(|f| CachedFile::with_open(path.clone(), f)),

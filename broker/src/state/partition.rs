@@ -177,9 +177,9 @@ impl PartitionState {
                     "partition state does not match its offset index; rebuilding it from the log"
                 );
                 tree.clear()?;
-                let mut o = OffsetLog::open(index_path, 0, 0)?
+                // Opening with nothing to keep empties the file.
+                let o = OffsetLog::open(index_path, 0, 0)?
                     .ok_or_else(|| BrokerError::Internal("empty offset index refused".into()))?;
-                o.clear()?;
                 (Durable::default(), o, ProducerTable::default())
             }
         };
