@@ -363,6 +363,16 @@ impl Driver {
             self.on_rebuild_report(m.group, &m.message);
             return;
         }
+        if m.group != META_GROUP && self.removed_from_cluster(m.message.from) {
+            // A node removed from the cluster may never learn it: the
+            // metadata leader stops sending to it once the removal applies,
+            // possibly before it saw the commit. Leading a partition, it
+            // would then never hand over, and the partition would keep it
+            // forever. Ignoring it makes it lose its quorum (check-quorum)
+            // and lets the replicas that stay elect a leader, which
+            // removes it from the group.
+            return;
+        }
         let Some(g) = self.groups.get_mut(&m.group) else {
             return;
         };
@@ -394,6 +404,17 @@ impl Driver {
         if let Err(reason) = outcome {
             self.quarantine(m.group, reason);
         }
+    }
+
+    /// Whether `node` was removed from the metadata group as this node,
+    /// itself still a member, sees it.
+    fn removed_from_cluster(&self, node: u64) -> bool {
+        let Some(meta) = self.groups.get(&META_GROUP) else {
+            return false;
+        };
+        let conf = meta.node.raft.prs().conf();
+        let voters = conf.voters();
+        voters.contains(self.config.node_id) && !voters.contains(node)
     }
 
     /// Before stopping, moves the leadership of every group this node leads
