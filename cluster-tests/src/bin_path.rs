@@ -59,7 +59,13 @@ fn build(profile_dir: &Path) -> anyhow::Result<()> {
         .file_name()
         .and_then(|n| n.to_str())
         .context("profile directory has no name")?;
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+    // Cargo sets the manifest directory at run time too; the compile-time
+    // one is only a fallback (a shared target directory may hold a test
+    // binary built from a checkout at another path).
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    let workspace = manifest_dir
         .parent()
         .context("cluster-tests has no parent directory")?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());

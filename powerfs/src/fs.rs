@@ -250,6 +250,23 @@ impl fuser::Filesystem for PowerFsOps {
         }
     }
 
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        empty(
+            reply,
+            self.live()
+                .and_then(|mut c| c.fallocate(ino.0, offset, length, mode)),
+        );
+    }
+
     fn flush(
         &self,
         _req: &Request,

@@ -265,6 +265,54 @@ fn truncate_durability_follows_fsync() {
     });
 }
 
+fn fallocate(file: &File, offset: i64, len: i64, mode: i32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `file` owns a valid descriptor for the duration of the call.
+    match unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+#[test]
+fn fallocate_grows_the_file_and_its_durability_follows_fsync() {
+    bounded(|| {
+        let rig = Rig::new();
+        durable_file(&rig.m("synced"), &[7; 100]);
+        durable_file(&rig.m("unsynced"), &[7; 100]);
+        let synced = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(rig.m("synced"))
+            .expect("open");
+        fallocate(&synced, 100, 4000, 0).expect("fallocate");
+        assert_eq!(synced.metadata().expect("stat").len(), 4100);
+        // Space inside the file already: nothing changes.
+        fallocate(&synced, 0, 50, 0).expect("fallocate inside");
+        assert_eq!(synced.metadata().expect("stat").len(), 4100);
+        synced.write_all_at(&[9; 10], 100).expect("write");
+        synced.sync_data().expect("fdatasync");
+        let unsynced = OpenOptions::new()
+            .write(true)
+            .open(rig.m("unsynced"))
+            .expect("open");
+        fallocate(&unsynced, 0, 1000, 0).expect("fallocate");
+        // Modes that keep the size or punch holes are not offered.
+        let keep_size = fallocate(&unsynced, 0, 5000, libc::FALLOC_FL_KEEP_SIZE);
+        assert_eq!(
+            keep_size.expect_err("keep size").raw_os_error(),
+            Some(libc::EOPNOTSUPP)
+        );
+
+        rig.cut(CutOptions::default());
+        let mut expected = vec![7; 100];
+        expected.extend_from_slice(&[9; 10]);
+        expected.resize(4100, 0);
+        assert_eq!(fs::read(rig.b("synced")).expect("read"), expected);
+        assert_eq!(fs::read(rig.b("unsynced")).expect("read"), [7; 100]);
+    });
+}
+
 #[test]
 fn a_created_and_fdatasynced_file_needs_the_directory_fsync() {
     bounded(|| {

@@ -29,6 +29,9 @@ pub(crate) enum FrameError {
     ShortPayload,
     /// The checksum does not match.
     Checksum,
+    /// A length of zero: no record is empty, so this is unwritten space
+    /// (zeros), never a frame, whatever the salt.
+    Empty,
 }
 
 impl fmt::Display for FrameError {
@@ -37,6 +40,7 @@ impl fmt::Display for FrameError {
             FrameError::ShortHeader => "truncated frame header",
             FrameError::ShortPayload => "frame runs past the end of the data",
             FrameError::Checksum => "frame checksum mismatch",
+            FrameError::Empty => "empty frame (unwritten space)",
         })
     }
 }
@@ -88,6 +92,9 @@ pub(crate) fn parse_frame(buf: &[u8], salt: u32) -> Result<Range<usize>, FrameEr
         return Err(FrameError::ShortHeader);
     };
     let (len, crc) = split_header(*header);
+    if len == 0 {
+        return Err(FrameError::Empty);
+    }
     let end = FRAME_HEADER_LEN.saturating_add(len as usize);
     if end > buf.len() {
         return Err(FrameError::ShortPayload);

@@ -132,6 +132,20 @@
 //!   match the segment header, so an index never applies to another file
 //!   of the same name, e.g. a segment recreated after a truncation.
 //!
+//! # Preallocation
+//!
+//! The active segment's file is grown ahead of its last frame with
+//! `fallocate` (1 MiB at a time, never past the roll size), so that the
+//! `fdatasync` of an append into that space does not also write the inode
+//! for a new file size: on ext4 that takes ~35 µs off every sync of a small
+//! append. The space reads as zeros, and a frame never has length zero, so
+//! recovery finds the end of the frames there; a tail of nothing but zeros
+//! is kept as unused space (not counted in [`OpenStats::bytes_cut`]),
+//! anything else after the last intact frame is cut as before. Only the
+//! last segment has unused space: a roll cuts the file back to its last
+//! frame before it syncs and seals it. Where the filesystem cannot
+//! preallocate, the log simply appends.
+//!
 //! # On-disk format
 //!
 //! A group directory holds segment files `{first_index:020}.log`, named
@@ -308,7 +322,8 @@ pub struct OpenStats {
     /// Segments whose every frame was read and checksummed: the last one,
     /// and sealed ones without a valid index file.
     pub segments_scanned: usize,
-    /// Bytes read from segment files by those scans (headers not counted).
+    /// Bytes of segment files examined by those scans, up to each file's
+    /// length (unused preallocated space included, headers not).
     pub bytes_scanned: u64,
     /// Bytes of index files read.
     pub index_bytes_read: u64,

@@ -432,18 +432,16 @@ fn load_index(
     None
 }
 
-/// Reads a file sequentially with `pread`, counting the bytes read.
-struct CountingReader<'a> {
+/// Reads a file sequentially with `pread`.
+struct PositionedReader<'a> {
     file: &'a File,
     position: u64,
-    bytes: u64,
 }
 
-impl Read for CountingReader<'_> {
+impl Read for PositionedReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.file.read_at(buf, self.position)?;
         self.position += n as u64;
-        self.bytes += n as u64;
         Ok(n)
     }
 }
@@ -461,10 +459,9 @@ fn scan_segment(
     let file = segment.file.get().map_err(io_err)?;
     let mut reader = BufReader::with_capacity(
         SCAN_BUFFER_BYTES,
-        CountingReader {
+        PositionedReader {
             file: &file,
             position: SEGMENT_HEADER_LEN as u64,
-            bytes: 0,
         },
     );
     let mut position = SEGMENT_HEADER_LEN as u64;
@@ -483,11 +480,17 @@ fn scan_segment(
         }
     }
     stats.segments_scanned += 1;
-    stats.bytes_scanned += reader.get_ref().bytes;
+    // Every byte after the header was examined: as frames up to
+    // `position`, and the rest (if any) by `cut_torn_tail`.
+    stats.bytes_scanned += len.saturating_sub(SEGMENT_HEADER_LEN as u64);
     if let Some(problem) = torn {
-        let cut = cut_torn_tail(&segment, position, len, is_last, problem)?;
-        stats.bytes_scanned += cut;
-        stats.bytes_cut += cut;
+        match cut_torn_tail(&segment, position, len, is_last, problem)? {
+            Tail::Unused => segment.allocated = len,
+            Tail::Cut(cut) => {
+                stats.bytes_cut += cut;
+                segment.allocated = position;
+            }
+        }
         segment.end = position;
     }
     Ok(segment)
@@ -507,6 +510,9 @@ fn read_frame(
     let mut header = [0; FRAME_HEADER_LEN];
     reader.read_exact(&mut header)?;
     let (len, crc) = split_header(header);
+    if len == 0 {
+        return Ok(Err(FrameError::Empty));
+    }
     if u64::from(len) > remaining - FRAME_HEADER_LEN as u64 {
         return Ok(Err(FrameError::ShortPayload));
     }
@@ -579,24 +585,36 @@ fn vouch_for_kept_tail(segment: &mut Segment) -> Result<(), StoreError> {
         .and_then(|f| f.write_all_at(&frame, upto))
         .map_err(|e| StoreError::io("write segment", &segment.path, e))?;
     segment.end += frame.len() as u64;
+    segment.allocated = segment.allocated.max(segment.end);
     segment.note_marker(upto, upto);
     Ok(())
 }
 
+/// What follows the last intact frame of the last segment.
+enum Tail {
+    /// Zeros only: space the writer preallocated and never wrote (or
+    /// writes that never reached the disk). Kept, for the writer to fill.
+    Unused,
+    /// Anything else, cut off: this many bytes.
+    Cut(u64),
+}
+
 /// Decides what a bad frame at `position` is. In a sealed segment
-/// (synced whole before the next one was created) it is corruption. In the
-/// last segment it is corruption only if a sync marker after it claims
-/// bytes beyond `position`: then the frame was synced and damaged since.
-/// Otherwise nothing proves it was ever synced: it, and everything after
-/// it, is a never-synced tail (a torn write, or a write that never reached
-/// the disk while a later one did), and is cut. Returns the bytes cut.
+/// (synced whole, and cut to its end, before the next one was created) it
+/// is corruption. In the last segment it is corruption only if a sync
+/// marker after it claims bytes beyond `position`: then the frame was
+/// synced and damaged since. Otherwise nothing proves it was ever synced:
+/// it, and everything after it, is a never-synced tail (a torn write, or a
+/// write that never reached the disk while a later one did), and is cut,
+/// unless it is all zeros (preallocated space, see `Inner::grow_ahead`),
+/// which is left as it is: zeros are never a frame.
 fn cut_torn_tail(
     segment: &Segment,
     position: u64,
     len: u64,
     is_last: bool,
     problem: FrameError,
-) -> Result<u64, StoreError> {
+) -> Result<Tail, StoreError> {
     let path = &segment.path;
     if !is_last {
         let reason = format!("{problem} in a segment that is not the last (synced data)");
@@ -624,6 +642,9 @@ fn cut_torn_tail(
             return Err(StoreError::corrupt(path, position, reason));
         }
     }
+    if rest.iter().all(|&b| b == 0) {
+        return Ok(Tail::Unused);
+    }
     tracing::warn!(
         path = %path.display(),
         position,
@@ -633,5 +654,5 @@ fn cut_torn_tail(
     );
     file.set_len(position)
         .map_err(|e| StoreError::io("truncate torn tail", path, e))?;
-    Ok(len - position)
+    Ok(Tail::Cut(len - position))
 }

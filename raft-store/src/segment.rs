@@ -118,8 +118,14 @@ pub(crate) struct Segment {
     /// [`crate::fdcache`]); compared by pointer to tell segments apart.
     pub file: Arc<SegmentFile>,
     pub salt: u32,
-    /// File length: where the next frame goes.
+    /// Where the next frame goes: the end of what was written.
     pub end: u64,
+    /// The file's length as far as this process knows: at least `end`.
+    /// The active segment's file is grown ahead of `end` with
+    /// [`preallocate`], so that a sync after an append into that space
+    /// does not have to write the inode for a new file size. Sealed
+    /// segments are cut back to `end` when they are sealed.
+    pub allocated: u64,
     offsets: Vec<u32>,
     terms: Vec<(u64, u64)>,
     /// The hard-state record with the highest sequence number in the file.
@@ -146,6 +152,7 @@ impl Segment {
             file,
             salt,
             end,
+            allocated: end,
             offsets: Vec::new(),
             terms: Vec::new(),
             latest_hard_state: None,
@@ -163,6 +170,7 @@ impl Segment {
             file,
             salt: index.salt,
             end: index.segment_len,
+            allocated: index.segment_len,
             offsets: index.offsets,
             terms: index.terms,
             latest_hard_state: index.hard_state,
@@ -325,6 +333,7 @@ impl Segment {
         let runs = self.terms.partition_point(|&(start, _)| start < index);
         self.terms.truncate(runs);
         self.end = position;
+        self.allocated = position;
         self.latest_hard_state = None;
         self.latest_conf_state = None;
         self.vouched = self.vouched.min(position);
@@ -340,6 +349,33 @@ pub(crate) fn marker_frame(salt: u32, upto: u64) -> Result<Vec<u8>, StoreError> 
         Ok(())
     })?;
     Ok(buf)
+}
+
+/// Grows `file` to `len` bytes of allocated, zero-reading space
+/// (`fallocate` mode 0; never glibc's `posix_fallocate`, which emulates it
+/// by writing). Fails with `Unsupported` where the filesystem cannot do it
+/// (e.g. FUSE without `fallocate`): the caller then just appends.
+pub(crate) fn preallocate(file: &std::fs::File, from: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(length)) = (
+        libc::off_t::try_from(from),
+        libc::off_t::try_from(len.saturating_sub(from)),
+    ) else {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    };
+    if length == 0 {
+        return Ok(());
+    }
+    // SAFETY: `file` owns a valid descriptor for the duration of the call.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, length) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    Err(match err.raw_os_error() {
+        Some(libc::EOPNOTSUPP | libc::ENOSYS) => std::io::ErrorKind::Unsupported.into(),
+        _ => err,
+    })
 }
 
 /// A salt no producer can predict: `RandomState` keys come from the OS.

@@ -68,6 +68,9 @@ pub(crate) struct Writer {
     /// Whether a segment file was created or removed since the last sync.
     pub dir_dirty: bool,
     poisoned: bool,
+    /// Whether to grow the active segment ahead of writes; cleared where
+    /// the filesystem cannot (see [`Inner::grow_ahead`]).
+    pub preallocate: bool,
 }
 
 impl Writer {
@@ -122,6 +125,7 @@ impl GroupStorage {
             unsynced: Vec::new(),
             dir_dirty: false,
             poisoned: false,
+            preallocate: true,
         };
         let inner = Inner {
             dir: dir.to_path_buf(),

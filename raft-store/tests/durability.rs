@@ -3,7 +3,6 @@
 mod common;
 
 use std::fs::{self, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 
 use common::*;
@@ -115,35 +114,116 @@ fn torn_last_entry_is_truncated() {
     }
 }
 
+/// Where the frames of `twelve_entries` end (its sync marker included), as
+/// a reopen finds it: the unused space preallocated after it not counted.
+fn written_end(dir: &TempDir) -> u64 {
+    open(dir.path(), 1 << 20).segments()[0].bytes
+}
+
 #[test]
 fn garbage_after_the_last_entry_is_truncated() {
     let dir = TempDir::new().expect("tempdir");
     let path = ten_entries(&dir);
-    let len = fs::metadata(&path).expect("stat").len();
+    let written = written_end(&dir);
     let garbage: [&[u8]; 4] = [
         &[0xab; 13],
-        &[0; 4096],
+        // Zeros, then something: not unused space.
+        &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
         // A plausible small length and a wrong checksum, then more bytes.
         &[5, 0, 0, 0, 1, 2, 3, 4, 9, 9, 9, 9, 9, 7, 7],
         // A length pointing far past the end.
         &[0xff, 0xff, 0, 0, 0, 0, 0, 0, 1],
     ];
     for bytes in garbage {
-        let mut file = OpenOptions::new().append(true).open(&path).expect("open");
-        file.write_all(bytes).expect("append garbage");
+        let file = OpenOptions::new().write(true).open(&path).expect("open");
+        file.set_len(written).expect("cut to the frames");
+        file.write_all_at(bytes, written).expect("write garbage");
         let store = open(dir.path(), 1 << 20);
         assert_eq!(all_entries(&store), entries(1..=12, 1));
-        assert_eq!(fs::metadata(&path).expect("stat").len(), len);
+        assert_eq!(store.open_stats().bytes_cut, bytes.len() as u64);
+        assert_eq!(fs::metadata(&path).expect("stat").len(), written);
         store.append(&[entry(13, 1)]).expect("append");
         store.sync().expect("sync");
         drop(store);
         let store = open(dir.path(), 1 << 20);
         assert_eq!(all_entries(&store), entries(1..=13, 1));
+        assert_eq!(store.open_stats().bytes_cut, 0);
         drop(store);
         // Back to 12 entries for the next kind of garbage.
         let file = OpenOptions::new().write(true).open(&path).expect("open");
-        file.set_len(len).expect("drop entry 13");
+        file.set_len(written).expect("drop entry 13");
     }
+}
+
+#[test]
+fn zeros_after_the_last_entry_are_unused_space_and_kept() {
+    let dir = TempDir::new().expect("tempdir");
+    let path = ten_entries(&dir);
+    let written = written_end(&dir);
+    for zeros in [1, 7, 8, 4096, 3 << 20] {
+        let file = OpenOptions::new().write(true).open(&path).expect("open");
+        file.set_len(written).expect("cut to the frames");
+        file.set_len(written + zeros)
+            .expect("zeros after the frames");
+        let store = open(dir.path(), 1 << 20);
+        assert_eq!(all_entries(&store), entries(1..=12, 1), "{zeros} zeros");
+        let stats = store.open_stats();
+        assert_eq!(stats.bytes_cut, 0, "{zeros} zeros: {stats:?}");
+        assert_eq!(stats.bytes_scanned, written + zeros - 32, "{stats:?}");
+        assert_eq!(store.segments()[0].bytes, written);
+        assert_eq!(fs::metadata(&path).expect("stat").len(), written + zeros);
+        // The writer fills the space, and a reopen finds what it wrote.
+        store.append(&[entry(13, 1)]).expect("append");
+        store.sync().expect("sync");
+        drop(store);
+        let store = open(dir.path(), 1 << 20);
+        assert_eq!(all_entries(&store), entries(1..=13, 1), "{zeros} zeros");
+        assert_eq!(store.open_stats().bytes_cut, 0);
+    }
+}
+
+#[test]
+fn the_active_segment_is_preallocated_and_a_sealed_one_cut_to_its_end() {
+    let dir = TempDir::new().expect("tempdir");
+    let segment_bytes = 4 << 20;
+    let store = open(dir.path(), segment_bytes);
+    let data = vec![7u8; 60_000];
+    let mut index = 1;
+    let mut append = |store: &GroupStorage, n: u64| {
+        let batch: Vec<Entry> = (index..index + n)
+            .map(|i| entry_with(i, 1, &data))
+            .collect();
+        store.append(&batch).expect("append");
+        store.sync().expect("sync");
+        index += n;
+    };
+    append(&store, 1);
+    let written = store.segments()[0].bytes;
+    let file_len = |p: &std::path::Path| fs::metadata(p).expect("stat").len();
+    let active = segment_files(dir.path()).remove(0);
+    assert!(
+        file_len(&active) >= written + (1 << 20) - 60_100,
+        "the active segment is grown ahead of its end: {} for {written} written",
+        file_len(&active)
+    );
+    // Past the roll size: the sealed segment is exactly its frames (its
+    // index says so, and reopening loads it from the index unread).
+    append(&store, 80);
+    append(&store, 1);
+    let segments = store.segments();
+    assert!(segments.len() >= 2, "{segments:?}");
+    let files = segment_files(dir.path());
+    for (info, path) in segments.iter().zip(&files).take(segments.len() - 1) {
+        assert_eq!(file_len(path), info.bytes, "{}", path.display());
+    }
+    let last = segments.last().expect("active").bytes;
+    assert!(file_len(files.last().expect("active")) > last);
+    drop(store);
+    let store = open(dir.path(), segment_bytes);
+    let stats = store.open_stats();
+    assert_eq!(stats.segments_indexed, segments.len() - 1, "{stats:?}");
+    assert_eq!(stats.bytes_cut, 0, "{stats:?}");
+    assert_eq!(first_last(&store), (1, 82));
 }
 
 #[test]

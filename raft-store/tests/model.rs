@@ -87,7 +87,12 @@ impl Run {
     }
 
     fn reopen(&mut self) {
-        let last_bytes = self.store.segments().last().expect("a segment").bytes;
+        // The last segment's file: what was written, and any space
+        // preallocated after it (open examines all of it).
+        let last_path = segment_files(self.dir.path())
+            .pop()
+            .expect("a segment file");
+        let last_bytes = std::fs::metadata(&last_path).expect("stat").len();
         self.store = open(self.dir.path(), self.segment_bytes);
         // Every sealed segment has an index, so only the last is read.
         let stats = self.store.open_stats();

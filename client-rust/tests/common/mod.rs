@@ -13,7 +13,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, OnceLock};
@@ -38,9 +38,13 @@ pub fn covet_bin() -> PathBuf {
             .file_name()
             .and_then(|n| n.to_str())
             .expect("profile name");
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("workspace");
+        // Cargo sets the manifest directory at run time too; the compile-time
+        // one is only a fallback (a shared target directory may hold a test
+        // binary built from a checkout at another path).
+        let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+        let workspace = manifest_dir.parent().expect("workspace");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.current_dir(workspace)

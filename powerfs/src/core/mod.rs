@@ -264,6 +264,26 @@ impl Core {
         u32::try_from(data.len()).map_err(|_| Errno::EINVAL)
     }
 
+    /// `fallocate` in its plain mode: the file grows to at least
+    /// `offset + length` bytes reading as zeros, unsynced like any growth
+    /// (a cut may take it back). Other modes (keep size, punch or zero a
+    /// range) are not offered: `EOPNOTSUPP`, which applications treat as
+    /// "this filesystem cannot preallocate".
+    pub fn fallocate(&mut self, ino: u64, offset: u64, length: u64, mode: i32) -> Res<()> {
+        if mode != 0 {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        let end = offset.checked_add(length).ok_or(Errno::EFBIG)?;
+        if end > i64::MAX as u64 {
+            return Err(Errno::EFBIG);
+        }
+        let overlay = self.overlay(ino)?;
+        if end > overlay.size() {
+            overlay.set_len(end);
+        }
+        Ok(())
+    }
+
     /// `fsync`/`fdatasync` of a file: its overlay reaches the backing file.
     /// Returns the backing file for the caller to sync after releasing the
     /// lock, so syncs of different files overlap. A cut that lands between
