@@ -307,6 +307,11 @@ impl Driver {
             if let Err(e) = g.checkpoint(true) {
                 tracing::warn!(group = id, error = %e, "final checkpoint failed; the log will be replayed");
             }
+            // And nothing to scan: the next start loads the active
+            // segment's index instead of checksumming up to a segment.
+            if let Err(e) = g.storage.seal_for_restart() {
+                tracing::warn!(group = id, error = %e, "cannot seal the log for restart; the next start scans it");
+            }
         }
         self.db.flush()?;
         result

@@ -94,11 +94,12 @@
 //! decodes, its checksum matches, and its first index, salt, generation and
 //! length equal the segment file's; its frames are not read. The last
 //! segment (the active one, the only one that can have a torn tail) is
-//! always scanned, every frame checksummed; so is a sealed segment without
+//! scanned, every frame checksummed, unless a clean stop left its index
+//! (see below); so is a sealed segment without
 //! a valid index (a log written before indexes existed, or an index lost in
 //! a crash), which then gets its index written. Open thus costs one header
 //! read per segment, plus the index files (about 4 bytes per entry), plus
-//! the last segment, whatever the size of the log;
+//! the last segment after a crash, whatever the size of the log;
 //! [`GroupStorage::open_stats`] reports what it read.
 //!
 //! What is verified when: a sealed segment loaded from its index is not
@@ -106,7 +107,8 @@
 //! damaged frame ([`StoreError::Corrupt`], and the group is faulted), never
 //! served. Terms come from the index (checked when it was written, and
 //! covered by its checksum). A sealed segment without a valid index is
-//! verified on open: any bad frame is `Corrupt`. The last segment is
+//! verified on open: any bad frame is `Corrupt`. The last segment, unless
+//! loaded from a clean stop's index (then it is like a sealed one), is
 //! verified on open, and a bad frame in it is either cut (a never-synced
 //! tail) or `Corrupt` (a sync marker after it vouches for it): see
 //! *Invariants*. An index rebuilt from a scanned sealed segment therefore
@@ -122,9 +124,13 @@
 //!   later have the same length again. The segment then gets fresh copies
 //!   of the current hard and conf state, so its latest records are known
 //!   exactly when it is sealed again.
-//! - Open removes (durably, before touching the file) an index of the last
-//!   segment, left by a crash between sealing a segment and creating the
-//!   next: the last segment may be cut and will be appended to.
+//! - The last segment has an index only after a clean stop
+//!   ([`GroupStorage::seal_for_restart`]: synced, cut to its last frame, a
+//!   sync marker vouching for all of it) or a crash between sealing a
+//!   segment and creating the next. Open loads it like a sealed segment's
+//!   (if it matches the file), then removes it durably before returning:
+//!   the segment will be appended to. A write after `seal_for_restart` on
+//!   the same handle removes it durably first.
 //! - Compaction, `apply_snapshot` and suffix truncation remove the indexes
 //!   of the segments they remove; open removes indexes whose segment is
 //!   gone, and unfinished `*.idx.tmp` files.
@@ -266,6 +272,7 @@ pub use fdcache::{
     DEFAULT_MAX_OPEN_FILES,
 };
 pub use storage::GroupStorage;
+pub use write::SEAL_ON_STOP_MIN_BYTES;
 
 /// Default [`LogOptions::segment_bytes`]: 64 MiB.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;

@@ -116,16 +116,6 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, StoreError> {
     }
     let candidates = open_candidates(listing.segments, &snap, &mut dir_changed)?;
     remove_orphan_indexes(dir, &listing.indexes, &candidates, &mut dir_changed)?;
-    // The last segment is the active one: it may be cut (torn tail) and
-    // will be appended to, so an index of it (left by a crash right after
-    // it was sealed, before the next segment existed) must go, durably,
-    // before anything changes it; see `crate::index`.
-    if let Some(last) = candidates.last() {
-        if listing.indexes.contains(&last.first_index) && index::remove(&last.path)? {
-            sync_dir(dir)?;
-            stats.dirs_synced += 1;
-        }
-    }
     let mut latest = Latest {
         hard_state: snap.hard_state.clone(),
         conf_state: snap.conf_state.clone(),
@@ -144,8 +134,12 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, StoreError> {
             return Err(StoreError::corrupt(candidate.path, 0, reason));
         }
         let sealed = i + 1 < count;
-        let has_index = sealed && listing.indexes.contains(&candidate.first_index);
-        let segment = open_segment(dir, candidate, sealed, has_index, &mut latest, &mut stats)?;
+        let has_index = listing.indexes.contains(&candidate.first_index);
+        let segment = if sealed {
+            open_segment(dir, candidate, true, has_index, &mut latest, &mut stats)?
+        } else {
+            open_last_segment(dir, candidate, has_index, &mut latest, &mut stats)?
+        };
         segments.push(segment);
     }
     if stats.indexes_written > 0 {
@@ -348,8 +342,40 @@ fn read_header(path: &Path) -> Result<(u64, HeaderState), StoreError> {
     Ok((len, state))
 }
 
-/// Loads a sealed segment from its index if it has a valid one; otherwise
-/// scans it (and writes its index if it is sealed).
+/// The last segment, the active one. It may have an index: written by
+/// `seal_for_restart` at a clean stop, or by a roll that a crash
+/// interrupted before the next segment existed. Either describes the file
+/// synced whole and ending with a sync marker, so open loads it (when it
+/// matches the file, as for a sealed segment) instead of scanning. Then,
+/// loaded or not, the index goes, durably, before anything changes the
+/// segment (see `crate::index`): it will be appended to.
+fn open_last_segment(
+    dir: &Path,
+    candidate: Candidate,
+    has_index: bool,
+    latest: &mut Latest,
+    stats: &mut OpenStats,
+) -> Result<Segment, StoreError> {
+    let path = candidate.path.clone();
+    let indexed_before = stats.segments_indexed;
+    let mut segment = open_segment(dir, candidate, false, has_index, latest, stats)?;
+    if has_index && index::remove(&path)? {
+        sync_dir(dir)?;
+        stats.dirs_synced += 1;
+    }
+    if stats.segments_indexed > indexed_before {
+        // Synced whole, but not necessarily ending with a marker (a roll
+        // syncs without writing one): vouch for all of it, as for a
+        // scanned tail, so that damage a later scan finds is reported as
+        // such, not cut as a lost write.
+        segment.vouched = 0;
+        vouch_for_kept_tail(&mut segment)?;
+    }
+    Ok(segment)
+}
+
+/// Loads a segment from its index if it has a valid one; otherwise scans
+/// it (and writes its index if it is sealed).
 fn open_segment(
     dir: &Path,
     candidate: Candidate,

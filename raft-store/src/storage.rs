@@ -71,6 +71,9 @@ pub(crate) struct Writer {
     /// Whether to grow the active segment ahead of writes; cleared where
     /// the filesystem cannot (see [`Inner::grow_ahead`]).
     pub preallocate: bool,
+    /// Whether an index file describes the active segment (written by
+    /// `seal_for_restart`): it goes, durably, before the segment changes.
+    pub active_index_on_disk: bool,
 }
 
 impl Writer {
@@ -126,6 +129,7 @@ impl GroupStorage {
             dir_dirty: false,
             poisoned: false,
             preallocate: true,
+            active_index_on_disk: false,
         };
         let inner = Inner {
             dir: dir.to_path_buf(),

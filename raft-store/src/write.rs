@@ -39,6 +39,10 @@ use crate::storage::{GroupStorage, Inner, Writer};
 /// megabyte of log, not once per sync.
 pub(crate) const PREALLOCATE_BYTES: u64 = 1 << 20;
 
+/// [`GroupStorage::seal_for_restart`] leaves an active segment smaller
+/// than this to be scanned on open: 1 MiB checksums in about a millisecond.
+pub const SEAL_ON_STOP_MIN_BYTES: u64 = 1 << 20;
+
 /// What a `sync` made durable: the first `upto` bytes of `file`, the
 /// active segment when the sync began, if no rewrite happened since
 /// (`rewrites` is `LogState::rewrites` then).
@@ -119,6 +123,32 @@ fn check_batch(entries: &[Entry]) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+impl GroupStorage {
+    /// Prepares a clean stop: makes everything written durable, cuts the
+    /// active segment's unused preallocated space, and writes the active
+    /// segment's index file, so that the next [`GroupStorage::open`] loads
+    /// it like a sealed segment's instead of reading and checksumming every
+    /// frame (up to a whole segment per group: most of a cold start with
+    /// many large logs). Skipped, returning `false`, when the active
+    /// segment holds less than [`SEAL_ON_STOP_MIN_BYTES`], which scans in
+    /// well under a millisecond.
+    ///
+    /// The storage stays usable: the next write to the active segment
+    /// removes that index durably first, as open does once it has loaded
+    /// it, so an index never describes a file that changed since.
+    pub fn seal_for_restart(&self) -> Result<bool, StoreError> {
+        if self.inner.read_state().active().end < SEAL_ON_STOP_MIN_BYTES {
+            return Ok(false);
+        }
+        self.sync()?;
+        let inner = &*self.inner;
+        let _syncing = inner.lock_sync();
+        let mut w = inner.lock_writer()?;
+        let result = inner.seal_active(&mut w);
+        w.guard(result).map(|()| true)
+    }
 }
 
 impl Inner {
@@ -331,6 +361,7 @@ impl Inner {
                 salt: active.salt,
             }
         };
+        self.drop_active_index(_held)?;
         let frame = marker_frame(target.salt, claim.upto)?;
         target
             .file
@@ -342,6 +373,72 @@ impl Inner {
         active.end = target.end + frame.len() as u64;
         active.allocated = active.allocated.max(active.end);
         active.note_marker(target.end, claim.upto);
+        Ok(())
+    }
+
+    /// See [`GroupStorage::seal_for_restart`]; the caller has synced and
+    /// holds the sync and writer locks.
+    fn seal_active(&self, w: &mut Writer) -> Result<(), StoreError> {
+        let (path, file, first_index, end, vouched, salt) = {
+            let st = self.read_state();
+            let active = st.active();
+            (
+                active.path.clone(),
+                Arc::clone(&active.file),
+                active.first_index,
+                active.end,
+                active.vouched,
+                active.salt,
+            )
+        };
+        // The index claims the file is synced up to its end with nothing
+        // damaged in it: a later scan (after the index is gone) must be
+        // able to tell damage there from a lost write, so the file ends
+        // with a marker vouching for all of it.
+        if vouched < end {
+            let frame = marker_frame(salt, end)?;
+            file.get()
+                .and_then(|f| f.write_all_at(&frame, end))
+                .map_err(|e| StoreError::io("write segment", &path, e))?;
+            let mut st = self.write_state();
+            let active = st.active_mut();
+            active.end = end + frame.len() as u64;
+            active.allocated = active.allocated.max(active.end);
+            active.note_marker(end, end);
+        }
+        let (end, bytes) = {
+            let st = self.read_state();
+            let active = st.active();
+            (active.end, index::encode(active, st.generation))
+        };
+        let handle = file
+            .get()
+            .and_then(|f| {
+                if f.metadata()?.len() > end {
+                    f.set_len(end)?;
+                }
+                f.sync_data().map(|()| f)
+            })
+            .map_err(|e| StoreError::io("fdatasync segment", &path, e))?;
+        self.write_state().active_mut().allocated = end;
+        drop(handle);
+        index::store(&self.dir, first_index, &bytes)?;
+        sync_dir(&self.dir)?;
+        w.active_index_on_disk = true;
+        Ok(())
+    }
+
+    /// Before the active segment changes: removes, durably, the index that
+    /// [`GroupStorage::seal_for_restart`] wrote for it.
+    fn drop_active_index(&self, w: &mut Writer) -> Result<(), StoreError> {
+        if !w.active_index_on_disk {
+            return Ok(());
+        }
+        let path = self.read_state().active().path.clone();
+        if index::remove(&path)? {
+            sync_dir(&self.dir)?;
+        }
+        w.active_index_on_disk = false;
         Ok(())
     }
 
@@ -361,6 +458,7 @@ impl Inner {
     /// it first, see [`Inner::grow_ahead`]); returns the new end, the
     /// active segment's `allocated` updated.
     fn write_buffer(&self, w: &mut Writer, target: &Target) -> Result<u64, StoreError> {
+        self.drop_active_index(w)?;
         let end = target.end + w.buf.len() as u64;
         let allocated = self.grow_ahead(w, target, end);
         target

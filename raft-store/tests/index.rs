@@ -262,7 +262,7 @@ fn truncation_removes_the_index_of_the_segment_it_cuts_into() {
 }
 
 #[test]
-fn index_of_the_last_segment_is_removed_on_open() {
+fn index_of_the_last_segment_is_loaded_then_removed_on_open() {
     let dir = TempDir::new().expect("tempdir");
     let segments = many_segments(dir.path(), 60);
     let n = segments.len();
@@ -272,7 +272,8 @@ fn index_of_the_last_segment_is_removed_on_open() {
     let last = segments[n - 2].last_index;
     let store = open(dir.path(), SEGMENT_BYTES);
     let stats = store.open_stats();
-    assert_eq!((stats.segments_indexed, stats.segments_scanned), (n - 2, 1));
+    assert_eq!((stats.segments_indexed, stats.segments_scanned), (n - 1, 0));
+    // Gone before anything is appended to the segment it describes.
     assert!(!index_of(&files[n - 2]).exists());
     assert_eq!(first_last(&store), (1, last));
     store
@@ -283,6 +284,100 @@ fn index_of_the_last_segment_is_removed_on_open() {
     let store = open(dir.path(), SEGMENT_BYTES);
     assert_eq!(first_last(&store), (1, last + 2));
     assert_eq!(all_entries(&store).len() as u64, last + 2);
+}
+
+/// Entries 1..=`count` of 4 KiB each in one segment, synced; the handle.
+fn big_active_segment(dir: &Path, count: u64) -> GroupStorage {
+    let store = open(dir, 64 << 20);
+    let data = vec![3u8; 4096];
+    let batch: Vec<Entry> = (1..=count).map(|i| entry_with(i, 1, &data)).collect();
+    store.append(&batch).expect("append");
+    store.set_hard_state(&hard_state(1, 1, count)).expect("hs");
+    store.sync().expect("sync");
+    store
+}
+
+#[test]
+fn a_clean_stop_seals_the_active_segment_so_open_does_not_scan_it() {
+    let dir = TempDir::new().expect("tempdir");
+    let store = big_active_segment(dir.path(), 400);
+    let written = all_entries(&store);
+    assert!(store.seal_for_restart().expect("seal"));
+    let files = segment_files(dir.path());
+    assert_eq!(files.len(), 1);
+    // Its unused preallocated space is cut: the index describes the file.
+    assert_eq!(
+        fs::metadata(&files[0]).expect("stat").len(),
+        store.segments()[0].bytes
+    );
+    drop(store);
+    let store = open(dir.path(), 64 << 20);
+    let stats = store.open_stats();
+    assert_eq!(stats.segments_scanned, 0, "{stats:?}");
+    assert_eq!(stats.bytes_scanned, 0, "{stats:?}");
+    assert_eq!(stats.segments_indexed, 1, "{stats:?}");
+    assert!(!index_of(&files[0]).exists());
+    assert_eq!(all_entries(&store), written);
+    assert_eq!(store.hard_state(), hard_state(1, 1, 400));
+    // Appends after it, then a crash (no seal): open scans, finds all.
+    store.append(&[entry(401, 1)]).expect("append");
+    store.sync().expect("sync");
+    drop(store);
+    let store = open(dir.path(), 64 << 20);
+    assert_eq!(store.open_stats().segments_scanned, 1);
+    assert_eq!(first_last(&store), (1, 401));
+}
+
+#[test]
+fn a_small_active_segment_is_not_sealed() {
+    let dir = TempDir::new().expect("tempdir");
+    let store = big_active_segment(dir.path(), 10);
+    assert!(!store.seal_for_restart().expect("seal"));
+    drop(store);
+    let store = open(dir.path(), 64 << 20);
+    assert_eq!(store.open_stats().segments_scanned, 1);
+    assert_eq!(first_last(&store), (1, 10));
+}
+
+#[test]
+fn writing_after_a_seal_removes_the_index_first() {
+    let dir = TempDir::new().expect("tempdir");
+    let store = big_active_segment(dir.path(), 400);
+    assert!(store.seal_for_restart().expect("seal"));
+    let files = segment_files(dir.path());
+    assert!(index_of(&files[0]).exists());
+    store.append(&[entry(401, 1)]).expect("append");
+    assert!(
+        !index_of(&files[0]).exists(),
+        "a stale index would outlive the write"
+    );
+    store.sync().expect("sync");
+    drop(store);
+    let store = open(dir.path(), 64 << 20);
+    assert_eq!(store.open_stats().segments_scanned, 1);
+    assert_eq!(first_last(&store), (1, 401));
+}
+
+#[test]
+fn damage_in_a_segment_loaded_from_its_index_is_corruption_when_scanned_later() {
+    let dir = TempDir::new().expect("tempdir");
+    let store = big_active_segment(dir.path(), 400);
+    assert!(store.seal_for_restart().expect("seal"));
+    drop(store);
+    // Loaded from the index (which open then removes), closed without a
+    // seal: the next open scans it.
+    drop(open(dir.path(), 64 << 20));
+    let files = segment_files(dir.path());
+    let bytes = fs::read(&files[0]).expect("read");
+    let middle = bytes.len() as u64 / 2;
+    let file = OpenOptions::new()
+        .write(true)
+        .open(&files[0])
+        .expect("open");
+    std::os::unix::fs::FileExt::write_all_at(&file, &[bytes[middle as usize] ^ 0x10], middle)
+        .expect("flip");
+    let err = GroupStorage::open(dir.path(), LogOptions::default()).expect_err("corrupt");
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
 }
 
 #[test]
