@@ -237,19 +237,8 @@ impl Inner {
         // can ever have a torn tail; see recovery. A sealed segment is cut
         // back to its end first: it ends where its last frame does, which
         // its index and recovery (only the last segment may hold unused
-        // space) rely on. The file's real length is asked, not
-        // `allocated`, since a failed preallocation may have grown it.
-        let old_end = old_index.1;
-        let old_file = old
-            .1
-            .get()
-            .and_then(|f| {
-                if f.metadata()?.len() > old_end {
-                    f.set_len(old_end)?;
-                }
-                f.sync_data().map(|()| f)
-            })
-            .map_err(|e| StoreError::io("fdatasync segment", &old.0, e))?;
+        // space) rely on.
+        let old_file = cut_to_end_and_sync(&old.1, &old.0, old_index.1)?;
         // The index describes synced bytes that will not change (a
         // truncation into this segment removes the index first). Its rename
         // becomes durable with the directory fsync the new segment needs.
@@ -411,17 +400,8 @@ impl Inner {
             let active = st.active();
             (active.end, index::encode(active, st.generation))
         };
-        let handle = file
-            .get()
-            .and_then(|f| {
-                if f.metadata()?.len() > end {
-                    f.set_len(end)?;
-                }
-                f.sync_data().map(|()| f)
-            })
-            .map_err(|e| StoreError::io("fdatasync segment", &path, e))?;
+        drop(cut_to_end_and_sync(&file, &path, end)?);
         self.write_state().active_mut().allocated = end;
-        drop(handle);
         index::store(&self.dir, first_index, &bytes)?;
         sync_dir(&self.dir)?;
         w.active_index_on_disk = true;
@@ -569,6 +549,21 @@ impl Inner {
         };
         self.write_records(w, true, Some(hs), Some(cs))
     }
+}
+
+/// Cuts a segment file being sealed back to `end`, its last frame's end
+/// (dropping preallocated space; the file's real length is asked, since a
+/// failed preallocation may have grown it beyond what the log knows), then
+/// `fdatasync`s it. Returns the open file.
+fn cut_to_end_and_sync(file: &SegmentFile, path: &Path, end: u64) -> Result<Arc<File>, StoreError> {
+    file.get()
+        .and_then(|f| {
+            if f.metadata()?.len() > end {
+                f.set_len(end)?;
+            }
+            f.sync_data().map(|()| f)
+        })
+        .map_err(|e| StoreError::io("fdatasync segment", path, e))
 }
 
 /// Writes the index of a segment being sealed, after checking that the
