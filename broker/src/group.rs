@@ -15,6 +15,7 @@ use raft::{ProgressState, RawNode, Ready, SnapshotStatus, StateRole, Storage};
 use tokio::sync::{oneshot, watch};
 
 use crate::error::{BrokerError, Result};
+use crate::state::groups::GroupEntry;
 use crate::state::meta::{MetaEffect, MetaState};
 use crate::state::partition::PartitionState;
 
@@ -53,6 +54,9 @@ pub enum Applied {
     /// A membership change took effect; the group's voters now.
     Membership(Vec<u64>),
     Meta(MetaEffect),
+    /// A consumer group's commit, reset or deletion took effect on the
+    /// partition.
+    Group,
 }
 
 pub type Responder = oneshot::Sender<Result<Applied>>;
@@ -370,6 +374,17 @@ impl Group {
 
     /// Proposes an entry; `tx` is answered when it is applied.
     pub fn propose(&mut self, data: Bytes, tx: Responder) -> bool {
+        self.propose_entry(Bytes::new(), data, tx)
+    }
+
+    /// Proposes a consumer group's entry to this partition; `tx` is
+    /// answered once it is applied ([`Applied::Group`]) or refused.
+    pub fn propose_group_entry(&mut self, entry: &GroupEntry, tx: Responder) -> bool {
+        let (context, data) = entry.encode();
+        self.propose_entry(Bytes::from_static(context), data, tx)
+    }
+
+    fn propose_entry(&mut self, context: Bytes, data: Bytes, tx: Responder) -> bool {
         if !self.is_leader() {
             let _ = tx.send(Err(self.not_leader()));
             return false;
@@ -379,6 +394,7 @@ impl Group {
         m.from = self.node.raft.id;
         let e = Entry {
             data,
+            context,
             ..Default::default()
         };
         m.set_entries(vec![e].into());
@@ -652,7 +668,12 @@ impl Group {
     ) -> Result<()> {
         for e in entries {
             let index = e.index;
+            let is_group_entry =
+                !e.context.is_empty() && matches!(self.machine, Machine::Partition(_));
             let outcome = match e.get_entry_type() {
+                EntryType::EntryNormal if is_group_entry => {
+                    Some(self.apply_group_entry(index, &e.context, &e.data))
+                }
                 EntryType::EntryNormal if e.data.is_empty() => {
                     self.mark_applied(index)?;
                     None
@@ -662,7 +683,10 @@ impl Group {
                     Some(self.apply_conf_change(&e)?.map(Applied::Membership))
                 }
             };
-            if matches!(outcome, Some(Err(_))) && matches!(self.machine, Machine::Partition(_)) {
+            if matches!(outcome, Some(Err(_)))
+                && !is_group_entry
+                && matches!(self.machine, Machine::Partition(_))
+            {
                 // A refused batch took a stamped offset it will not use:
                 // whatever this node assumed about the tail is stale.
                 self.proposed_next = None;
@@ -678,6 +702,25 @@ impl Group {
             let _ = tx.send(result);
         }
         Ok(())
+    }
+
+    /// Applies a consumer group's entry to the partition's group table
+    /// (see [`crate::state::groups`]); a refused entry changes nothing, on
+    /// every replica alike.
+    fn apply_group_entry(&mut self, index: u64, context: &[u8], data: &[u8]) -> Result<Applied> {
+        let Machine::Partition(p) = &mut self.machine else {
+            return Err(BrokerError::Internal(
+                "group entry outside a partition".into(),
+            ));
+        };
+        p.mark_applied(index);
+        let entry = GroupEntry::decode(context, data)?
+            .ok_or_else(|| BrokerError::Internal("group entry without a context".into()))?;
+        let outcome = p.apply_group(entry);
+        if let Err(e) = &outcome {
+            tracing::debug!(group = self.id, index, error = %e, "group entry refused");
+        }
+        outcome.map(|()| Applied::Group)
     }
 
     fn mark_applied(&mut self, index: u64) -> Result<()> {

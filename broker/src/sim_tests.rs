@@ -595,3 +595,73 @@ fn a_restarted_node_reopens_its_log_and_state_from_disk() {
 fn batch_helper_builds_valid_batches() {
     assert!(batch::validate(&batch_of(3)).is_ok());
 }
+
+fn group_commit(group: &str, committed: u64) -> crate::state::groups::GroupEntry {
+    crate::state::groups::GroupEntry::Commit(covet_protocol::internal::GroupCommit {
+        group: group.into(),
+        committed,
+        deliveries: vec![covet_protocol::internal::Delivery {
+            offset: committed,
+            count: 2,
+        }],
+    })
+}
+
+impl Sim {
+    fn propose_group(
+        &mut self,
+        on: u64,
+        entry: &crate::state::groups::GroupEntry,
+    ) -> oneshot::Receiver<Result<Applied>> {
+        let (tx, rx) = oneshot::channel();
+        self.node(on).propose_group_entry(entry, tx);
+        rx
+    }
+
+    /// Node `id`'s committed offset of `group` on the partition.
+    fn group_offset(&self, id: u64, group: &str) -> Option<u64> {
+        let Machine::Partition(p) = &self.group(id).machine else {
+            unreachable!("partition group")
+        };
+        p.groups().get(group).map(|s| s.committed)
+    }
+}
+
+#[test]
+fn group_commits_replicate_are_refused_alike_and_replay_after_a_crash() {
+    let mut sim = Sim::new(3, 11);
+    sim.node(1).node.campaign().unwrap();
+    sim.settle().unwrap();
+    let mut batch = sim.propose(1, 10);
+    let mut first = sim.propose_group(1, &group_commit("g", 4));
+    // Beyond the high watermark once applied: refused on every replica.
+    let mut beyond = sim.propose_group(1, &group_commit("g", 11));
+    sim.settle().unwrap();
+    assert_eq!(outcome(&mut batch).unwrap().unwrap(), 0);
+    assert!(matches!(first.try_recv(), Ok(Ok(Applied::Group))));
+    assert!(matches!(
+        beyond.try_recv(),
+        Ok(Err(BrokerError::OffsetOutOfRange { .. }))
+    ));
+    sim.tick(3).unwrap();
+    for id in 1..=3 {
+        assert_eq!(sim.group_offset(id, "g"), Some(4), "node {id}");
+    }
+    // A commit behind the current one keeps it (a late duplicate).
+    let mut late = sim.propose_group(1, &group_commit("g", 2));
+    sim.crash(3);
+    let mut ahead = sim.propose_group(1, &group_commit("g", 9));
+    sim.tick(3).unwrap();
+    assert!(matches!(late.try_recv(), Ok(Ok(Applied::Group))));
+    assert!(matches!(ahead.try_recv(), Ok(Ok(Applied::Group))));
+    assert_eq!(sim.group_offset(1, "g"), Some(9));
+    sim.restart(3).unwrap();
+    sim.tick(5).unwrap();
+    for id in 1..=3 {
+        assert_eq!(sim.group_offset(id, "g"), Some(9), "node {id}");
+    }
+    // The group entries took no offsets: the next batch follows the first.
+    let mut next = sim.propose(1, 1);
+    sim.settle().unwrap();
+    assert_eq!(outcome(&mut next).unwrap().unwrap(), 10);
+}

@@ -1,4 +1,4 @@
-//! Topic-name rules.
+//! Topic-name rules, which consumer-group names follow too.
 //!
 //! A name is 1–249 characters from `[a-zA-Z0-9._-]`, and neither `.` nor
 //! `..` (they would be confusing as directory names in tooling).
@@ -17,6 +17,12 @@ pub enum TopicNameError {
     Dots,
     #[error("topic name contains {0:?}; allowed are letters, digits, '.', '_' and '-'")]
     BadChar(char),
+}
+
+/// Checks a consumer group's name: the topic-name rules, with errors that
+/// say "group name".
+pub fn validate_group_name(name: &str) -> Result<(), String> {
+    validate_topic_name(name).map_err(|e| e.to_string().replacen("topic name", "group name", 1))
 }
 
 /// Checks `name` against the topic-name rules.
@@ -61,6 +67,11 @@ mod tests {
     #[test]
     fn rejects_invalid_names() {
         assert_eq!(validate_topic_name(""), Err(TopicNameError::Empty));
+        assert_eq!(
+            validate_group_name("a/b"),
+            Err("group name contains '/'; allowed are letters, digits, '.', '_' and '-'".into())
+        );
+        assert_eq!(validate_group_name("workers-1"), Ok(()));
         assert_eq!(validate_topic_name("."), Err(TopicNameError::Dots));
         assert_eq!(validate_topic_name(".."), Err(TopicNameError::Dots));
         assert_eq!(

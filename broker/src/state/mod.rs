@@ -10,6 +10,7 @@
 //! only copy of an acknowledged fact.
 
 pub mod confs;
+pub mod groups;
 pub mod meta;
 pub mod offsets;
 pub mod partition;

@@ -18,7 +18,9 @@
 //!   offset-index entries that cover the applied index, and the max
 //!   timestamp before the start offset;
 //! - `c` + raft index → the conf state a membership change produced
-//!   ([`crate::state::confs`]).
+//!   ([`crate::state::confs`]);
+//! - `g` + consumer group name → the group's committed offset and delivery
+//!   counts ([`crate::state::groups`]).
 //!
 //! A checkpoint syncs the offset index before it writes `s`, so whatever
 //! state sled holds after a crash names index entries that are on disk; the
@@ -34,6 +36,7 @@ use prost::Message as _;
 use tokio::sync::watch;
 
 use crate::error::{BrokerError, Result};
+use crate::state::groups::{GroupEntry, GroupTable, LogBounds};
 use crate::state::offsets::{IndexEntry, OffsetLog};
 use crate::state::producers::{ProducerTable, SequenceCheck};
 
@@ -143,6 +146,7 @@ fn field<const N: usize>(v: &[u8], at: usize) -> Option<[u8; N]> {
 pub struct PartitionState {
     tree: sled::Tree,
     producers: ProducerTable,
+    groups: GroupTable,
     durable: Durable,
     offsets: OffsetLog,
     /// Something was applied since the last checkpoint.
@@ -169,8 +173,8 @@ impl PartitionState {
             }
             None => None,
         };
-        let (durable, offsets, producers) = match opened {
-            Some((d, o)) => (d, o, ProducerTable::load(&tree)?),
+        let (durable, offsets, producers, groups) = match opened {
+            Some((d, o)) => (d, o, ProducerTable::load(&tree)?, GroupTable::load(&tree)?),
             None => {
                 tracing::warn!(
                     index = %index_path.display(),
@@ -180,7 +184,12 @@ impl PartitionState {
                 // Opening with nothing to keep empties the file.
                 let o = OffsetLog::open(index_path, 0, 0)?
                     .ok_or_else(|| BrokerError::Internal("empty offset index refused".into()))?;
-                (Durable::default(), o, ProducerTable::default())
+                (
+                    Durable::default(),
+                    o,
+                    ProducerTable::default(),
+                    GroupTable::default(),
+                )
             }
         };
         let (progress, _) = watch::channel(Progress {
@@ -189,6 +198,7 @@ impl PartitionState {
         });
         Ok(PartitionState {
             producers,
+            groups,
             tree,
             durable,
             offsets,
@@ -267,6 +277,21 @@ impl PartitionState {
         })
     }
 
+    /// Applies a consumer group's entry (the caller marked its index
+    /// applied); see [`crate::state::groups`].
+    pub fn apply_group(&mut self, entry: GroupEntry) -> Result<()> {
+        let bounds = LogBounds {
+            start_offset: self.durable.start_offset,
+            next_offset: self.durable.next_offset,
+        };
+        self.groups.apply(entry, bounds)
+    }
+
+    /// The consumer groups' progress on this partition.
+    pub fn groups(&self) -> &GroupTable {
+        &self.groups
+    }
+
     /// If `data` is a retry of a batch this partition already applied, the
     /// offset it got: the leader answers such a retry without proposing it.
     pub fn applied_duplicate(&self, data: &[u8]) -> Option<(u64, u32)> {
@@ -321,6 +346,7 @@ impl PartitionState {
         self.durable.index_len = self.offsets.written();
         self.durable.index_first = self.offsets.first_live();
         self.producers.write_dirty(&mut batch);
+        self.groups.write_dirty(&mut batch);
         batch.insert(STATE_KEY, &self.durable.encode()[..]);
         self.tree.apply_batch(batch)?;
         self.dirty = false;
@@ -383,6 +409,9 @@ impl PartitionState {
             applied_index: raft_index,
             max_timestamp,
             producers: self.producers.as_before(&later, next, max_timestamp),
+            // Now, not as of `raft_index`: group entries set absolute
+            // state, so replaying the later ones over it converges.
+            groups: self.groups.snapshot(),
         })
     }
 
@@ -429,6 +458,7 @@ impl PartitionState {
         };
         let mut batch = sled::Batch::default();
         self.producers.restore(&snap.producers, &mut batch);
+        self.groups.restore(&snap.groups, &mut batch);
         self.write_state(batch)?;
         self.publish();
         Ok(())
@@ -440,6 +470,7 @@ impl PartitionState {
         self.offsets.clear()?;
         self.durable = Durable::default();
         self.producers = ProducerTable::default();
+        self.groups = GroupTable::default();
         self.dirty = false;
         self.publish();
         Ok(())

@@ -4,6 +4,7 @@ use bytes::{Bytes, BytesMut};
 use covet_protocol::batch::{self, Record};
 
 use super::*;
+use crate::state::groups::GroupEntry;
 
 /// A partition's sled tree and the directory of its offset index.
 #[derive(Clone)]
@@ -769,4 +770,98 @@ fn a_trimmed_index_reopens_past_its_dead_prefix() {
     assert_eq!(index.locate(700).unwrap().unwrap().raft_index, 706);
     assert_eq!(index.offset_for_time(0).unwrap(), Some(700));
     assert_eq!(index.batches_from(0, 2).unwrap()[0].base_offset, 700);
+}
+
+fn group_commit(group: &str, committed: u64, deliveries: &[(u64, u32)]) -> GroupEntry {
+    GroupEntry::Commit(covet_protocol::internal::GroupCommit {
+        group: group.into(),
+        committed,
+        deliveries: deliveries
+            .iter()
+            .map(|&(offset, count)| covet_protocol::internal::Delivery { offset, count })
+            .collect(),
+    })
+}
+
+fn committed_of(p: &PartitionState, group: &str) -> Option<(u64, usize)> {
+    p.groups()
+        .get(group)
+        .map(|s| (s.committed, s.deliveries.len()))
+}
+
+#[test]
+fn group_offsets_are_checked_against_the_log_and_survive_a_checkpointed_reopen() {
+    let t = tree();
+    let mut p = open(t.clone()).unwrap();
+    p.apply_batch(1, &batch_at(0, 10, 1)).unwrap();
+    // Beyond the high watermark: refused, nothing recorded.
+    p.mark_applied(2);
+    assert!(p.apply_group(group_commit("g", 11, &[])).is_err());
+    assert_eq!(committed_of(&p, "g"), None);
+    p.mark_applied(3);
+    p.apply_group(group_commit("g", 6, &[(6, 2), (8, 1)]))
+        .unwrap();
+    p.flush_round().unwrap();
+    p.checkpoint().unwrap();
+    drop(p);
+    let mut p = open(t.clone()).unwrap();
+    assert_eq!(p.applied(), 3);
+    assert_eq!(committed_of(&p, "g"), Some((6, 2)));
+    // A deletion reaches sled at the next checkpoint too.
+    p.mark_applied(4);
+    p.apply_group(GroupEntry::Delete(covet_protocol::internal::GroupDelete {
+        group: "g".into(),
+    }))
+    .unwrap();
+    p.checkpoint().unwrap();
+    drop(p);
+    assert_eq!(committed_of(&open(t).unwrap(), "g"), None);
+}
+
+#[test]
+fn a_snapshot_carries_group_offsets_and_replaying_later_entries_converges() {
+    let mut p = open(tree()).unwrap();
+    let log: Vec<(u64, Option<Bytes>, Option<GroupEntry>)> = vec![
+        (1, Some(batch_at(0, 5, 1)), None),
+        (2, None, Some(group_commit("a", 3, &[(3, 1)]))),
+        (3, Some(batch_at(5, 5, 2)), None),
+        (4, None, Some(group_commit("a", 7, &[]))),
+        (5, None, Some(group_commit("b", 2, &[]))),
+        (6, Some(batch_at(10, 5, 3)), None),
+        (
+            7,
+            None,
+            Some(GroupEntry::Reset(covet_protocol::internal::GroupReset {
+                group: "a".into(),
+                offset: 1,
+            })),
+        ),
+    ];
+    let apply =
+        |p: &mut PartitionState, entry: &(u64, Option<Bytes>, Option<GroupEntry>)| match entry {
+            (i, Some(b), _) => {
+                p.apply_batch(*i, b).unwrap();
+            }
+            (i, None, Some(g)) => {
+                p.mark_applied(*i);
+                p.apply_group(g.clone()).unwrap();
+            }
+            _ => unreachable!(),
+        };
+    for e in &log {
+        apply(&mut p, e);
+    }
+    p.flush_round().unwrap();
+    // Compacted through index 4: the snapshot holds the groups as now.
+    let snap = p.snapshot_at(4).unwrap();
+    assert_eq!(snap.groups.len(), 2);
+    let mut q = open(tree()).unwrap();
+    q.restore(&snap.encode_to_vec()).unwrap();
+    for e in &log[4..] {
+        apply(&mut q, e);
+    }
+    q.flush_round().unwrap();
+    assert_eq!(q.groups().snapshot(), p.groups().snapshot());
+    assert_eq!(committed_of(&q, "a"), Some((1, 0)));
+    assert_eq!(committed_of(&q, "b"), Some((2, 0)));
 }
