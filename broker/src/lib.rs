@@ -18,6 +18,7 @@
 //! removed and added back); the offset index keeps one sled key per batch.
 
 pub mod catalog;
+pub mod consumer;
 pub mod driver;
 #[cfg(test)]
 mod durability_tests;

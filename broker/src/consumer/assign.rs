@@ -1,0 +1,1 @@
+//! Sticky, cooperative assignment of partitions to a group's members.
