@@ -43,6 +43,8 @@ pub struct LocalReplica {
     /// The group's leader as this node last heard (0 if none), and the
     /// term it leads in.
     pub leader: watch::Receiver<(u64, u64)>,
+    /// Consumer groups' committed offsets and delivery counts, as applied.
+    pub groups: crate::state::groups::GroupView,
 }
 
 impl PartitionHandle {

@@ -29,6 +29,7 @@ use crate::error::{BrokerError, Result};
 use crate::faults::{barrier_admits, clamp_heartbeat, guard, implausible, is_rebuild_report};
 use crate::group::{Applied, Bootstrap, Group, GroupConfig, Machine, Responder};
 use crate::logging::raft_logger;
+use crate::state::groups::GroupEntry;
 use crate::state::meta::{MetaEffect, MetaState};
 use crate::transport::{Inbound, Transport};
 
@@ -59,6 +60,12 @@ pub enum Request {
     CreateTopic {
         name: String,
         config: TopicConfig,
+        tx: Responder,
+    },
+    /// A consumer group's commit, reset or deletion on one partition.
+    GroupEntry {
+        group: u64,
+        entry: GroupEntry,
         tx: Responder,
     },
     /// An encoded metadata command for group 0.
@@ -127,6 +134,20 @@ impl NodeHandle {
             .await
             .map_err(|_| BrokerError::ShuttingDown)?;
         Ok(rx)
+    }
+
+    /// Proposes a consumer group's entry to the partition whose Raft group
+    /// is `group` (this node must lead it) and waits until it is applied.
+    pub async fn group_entry(&self, group: u64, entry: GroupEntry) -> Result<()> {
+        match self
+            .call(|tx| Request::GroupEntry { group, entry, tx })
+            .await?
+        {
+            Applied::Group => Ok(()),
+            _ => Err(BrokerError::Internal(
+                "a group entry answered with something else".into(),
+            )),
+        }
     }
 
     /// Proposes a metadata command and waits for its outcome.
@@ -481,6 +502,29 @@ impl Driver {
                         },
                         // Deleted between validation and proposal.
                         None => BrokerError::UnknownTopic(topic),
+                    };
+                    let _ = tx.send(Err(err));
+                }
+            },
+            Request::GroupEntry { group, entry, tx } => match self.groups.get_mut(&group) {
+                Some(g) if matches!(g.machine, Machine::Partition(_)) => {
+                    if let Err(reason) = guard(|| {
+                        g.propose_group_entry(&entry, tx);
+                        Ok(())
+                    }) {
+                        self.quarantine(group, reason);
+                    }
+                }
+                _ => {
+                    let err = match self.faulted.get(&group) {
+                        Some(reason) => BrokerError::ReplicaFaulted {
+                            group,
+                            reason: reason.clone(),
+                        },
+                        None => BrokerError::UnknownPartition {
+                            topic: String::new(),
+                            partition: 0,
+                        },
                     };
                     let _ = tx.send(Err(err));
                 }

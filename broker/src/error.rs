@@ -63,6 +63,10 @@ pub enum BrokerError {
         expected: i32,
         got: i32,
     },
+    /// A consumer group's session for a partition was taken over by one
+    /// of a newer generation (or this one is older than the current).
+    #[error("fenced: {0}")]
+    Fenced(String),
     #[error("timed out {0}")]
     Timeout(String),
     #[error("the broker is shutting down")]
@@ -109,6 +113,7 @@ impl BrokerError {
             BrokerError::OffsetOutOfRange { .. } => Reason::OffsetOutOfRange,
             BrokerError::OutOfOrderSequence { .. } => Reason::OutOfOrderSequence,
             BrokerError::Timeout(_) => Reason::Timeout,
+            BrokerError::Fenced(_) => Reason::Fenced,
             BrokerError::ShuttingDown => Reason::ShuttingDown,
             BrokerError::MembershipConflict(_) => Reason::MembershipConflict,
             BrokerError::ReplicaFaulted { .. } => Reason::ReplicaFaulted,

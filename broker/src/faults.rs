@@ -154,7 +154,7 @@ impl Driver {
         let mut state =
             PartitionState::open(self.db.open_tree(format!("p{id}"))?, offsets_path(&dir))?;
         state.reset()?;
-        let (index, progress) = (state.index(), state.subscribe());
+        let (index, progress, groups) = (state.index(), state.subscribe(), state.group_view());
         let bootstrap = Bootstrap {
             voters: voters.to_vec(),
             preferred_leader: 0,
@@ -166,6 +166,7 @@ impl Driver {
             index,
             progress,
             leader: group.leader.subscribe(),
+            groups,
         };
         self.groups.insert(id, group);
         Ok(local)

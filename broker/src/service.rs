@@ -63,6 +63,8 @@ pub struct CovetService {
     cluster_nodes: Arc<Vec<u64>>,
     directory: Arc<Directory>,
     shutdown: watch::Receiver<bool>,
+    /// Consumer groups' cursors on the partitions this node leads.
+    group_sessions: Arc<crate::consumer::session::GroupSessions>,
 }
 
 impl CovetService {
@@ -81,6 +83,7 @@ impl CovetService {
             cluster_nodes: Arc::new(cluster_nodes),
             directory,
             shutdown,
+            group_sessions: Arc::default(),
         }
     }
 
@@ -463,6 +466,19 @@ impl Covet for CovetService {
         };
         let topic = self.node.catalog.topic(&open.topic)?;
         let partition = topic.partition(open.partition)?.clone();
+        if let Some(group) = &open.group {
+            let session = crate::consumer::session::Session::open(
+                &self.group_sessions,
+                self.node.clone(),
+                &open.topic,
+                &partition,
+                group,
+                inbound,
+                self.shutdown.clone(),
+            )
+            .await?;
+            return Ok(Response::new(Box::pin(session.spawn())));
+        }
         let session = crate::subscribe::Session::open(
             &partition,
             self.node.node_id,

@@ -255,7 +255,7 @@ impl Session {
 }
 
 /// What one read of the log found.
-enum Read {
+pub(crate) enum Read {
     /// Entries from `next` on, and the index locations that name them.
     Found(Vec<Entry>, Vec<BatchLocation>),
     /// Retention removed the entries while we looked them up; the next
@@ -266,7 +266,7 @@ enum Read {
 /// Looks up `limit` batches from offset `next` in the offset index and
 /// reads them from the log (up to [`BYTES_PER_READ`]): blocking I/O, run
 /// by [`blocking`].
-fn read_batches(
+pub(crate) fn read_batches(
     index: &OffsetIndex,
     storage: &GroupStorage,
     next: u64,
@@ -293,7 +293,7 @@ static LOG_READS: Semaphore = Semaphore::const_new(16);
 /// Runs `read` (index lookups, `pread` of up to 4 MiB) on tokio's blocking
 /// pool, so a slow disk stalls the sessions waiting on it, never the
 /// runtime's workers that serve every other client.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     read: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> std::result::Result<Result<T>, Status> {
     let _turn = LOG_READS
@@ -317,7 +317,7 @@ enum Flow {
 
 /// Pairs the entries read with the index locations that name them; entries
 /// the state machine rejected (no location) are skipped.
-fn matching<'a>(
+pub(crate) fn matching<'a>(
     entries: &'a [Entry],
     locations: &'a [BatchLocation],
 ) -> impl Iterator<Item = (&'a Entry, &'a BatchLocation)> {

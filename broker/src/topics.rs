@@ -76,7 +76,7 @@ impl Driver {
                     self.db.open_tree(format!("p{gid}"))?,
                     offsets_path(&self.group_dir(gid)),
                 )?;
-                let local = (state.index(), state.subscribe());
+                let local = (state.index(), state.subscribe(), state.group_view());
                 let bootstrap = Bootstrap {
                     preferred_leader: replicas[0],
                     voters: replicas,
@@ -132,7 +132,7 @@ impl Driver {
                     replicas,
                     local: None,
                 };
-                let Some((index, progress)) = locals.remove(&(t, p)) else {
+                let Some((index, progress, groups)) = locals.remove(&(t, p)) else {
                     partitions.push(handle);
                     continue;
                 };
@@ -161,6 +161,7 @@ impl Driver {
                     index,
                     progress,
                     leader: group.leader.subscribe(),
+                    groups,
                 });
                 self.retention
                     .insert(gid, (config.retention_ms, config.retention_bytes));

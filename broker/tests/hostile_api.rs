@@ -358,6 +358,7 @@ async fn every_numeric_field_at_its_extremes_is_answered_cleanly() {
         from: Some(Position { kind: Some(kind) }),
         credit: u64::MAX,
         allow_follower: false,
+        group: None,
     };
     let status = open_at(&broker.addr, at(position::Kind::Offset(u64::MAX)))
         .await

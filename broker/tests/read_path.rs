@@ -75,6 +75,7 @@ async fn subscribe_raw(
         }),
         credit,
         allow_follower: false,
+        group: None,
     };
     tx.send(SubscribeRequest {
         kind: Some(subscribe_request::Kind::Open(open)),

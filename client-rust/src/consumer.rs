@@ -98,6 +98,7 @@ impl PartitionStream {
             from: Some(from.to_api()),
             credit,
             allow_follower,
+            group: None,
         };
         let first = SubscribeRequest {
             kind: Some(subscribe_request::Kind::Open(open)),

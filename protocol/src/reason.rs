@@ -65,6 +65,7 @@ reasons! {
     DuplicateSequence => "DUPLICATE_SEQUENCE", FailedPrecondition;
     UnknownProducerId => "UNKNOWN_PRODUCER_ID", FailedPrecondition;
     ProducerTableFull => "PRODUCER_TABLE_FULL", ResourceExhausted;
+    Fenced => "FENCED", FailedPrecondition;
 }
 
 impl Reason {

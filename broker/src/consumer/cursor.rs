@@ -209,11 +209,18 @@ impl Cursor {
         true
     }
 
-    /// Puts a record whose dead-letter write failed back in the queue.
-    pub fn dead_letter_failed(&mut self, offset: u64, now: Instant) {
+    /// Puts a record whose dead-letter write failed back in the queue,
+    /// due at `due`.
+    pub fn dead_letter_failed(&mut self, offset: u64, due: Instant) {
         if let Some(p @ Pending::Dead) = self.pending.get_mut(&offset) {
-            *p = Pending::Queued { due: now };
+            *p = Pending::Queued { due };
         }
+    }
+
+    /// Makes the next [`Cursor::commit_state`] return the state even if
+    /// nothing changed since (the last commit failed).
+    pub fn mark_changed(&mut self) {
+        self.changed = true;
     }
 
     /// Asks for `offset` again after `delay`. False if it is not out.

@@ -6,3 +6,5 @@
 
 pub mod assign;
 pub mod cursor;
+pub mod dead_letters;
+pub mod session;

@@ -28,11 +28,13 @@
 //! same way on every replica.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use covet_protocol::internal::{Delivery, GroupCommit, GroupDelete, GroupReset};
 use covet_protocol::topic::validate_group_name;
 use prost::Message as _;
+use tokio::sync::watch;
 
 use crate::error::{BrokerError, Result};
 
@@ -118,12 +120,25 @@ pub struct LogBounds {
     pub next_offset: u64,
 }
 
+/// What readers (group sessions, `group describe`) see of the table: the
+/// applied state as of the last apply round.
+pub type GroupView = watch::Receiver<Arc<BTreeMap<String, GroupCommit>>>;
+
 /// The groups' progress on one partition.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct GroupTable {
     groups: BTreeMap<String, GroupCommit>,
     /// Groups changed (or deleted) since the last [`GroupTable::write_dirty`].
     dirty: BTreeSet<String>,
+    /// Changed since the last [`GroupTable::publish`].
+    unpublished: bool,
+    view: watch::Sender<Arc<BTreeMap<String, GroupCommit>>>,
+}
+
+impl Default for GroupTable {
+    fn default() -> Self {
+        GroupTable::from_map(BTreeMap::new())
+    }
 }
 
 fn key(group: &str) -> Vec<u8> {
@@ -143,10 +158,30 @@ impl GroupTable {
             })?;
             groups.insert(state.group.clone(), state);
         }
-        Ok(GroupTable {
+        Ok(GroupTable::from_map(groups))
+    }
+
+    fn from_map(groups: BTreeMap<String, GroupCommit>) -> GroupTable {
+        let (view, _) = watch::channel(Arc::new(groups.clone()));
+        GroupTable {
             groups,
             dirty: BTreeSet::new(),
-        })
+            unpublished: false,
+            view,
+        }
+    }
+
+    /// The readers' view; see [`GroupView`].
+    pub fn view(&self) -> GroupView {
+        self.view.subscribe()
+    }
+
+    /// Shows readers the changes applied since the last call (once per
+    /// apply round: it copies the table, which holds a few groups).
+    pub fn publish(&mut self) {
+        if std::mem::take(&mut self.unpublished) {
+            self.view.send_replace(Arc::new(self.groups.clone()));
+        }
     }
 
     /// A group's progress, if it has any on this partition.
@@ -180,10 +215,12 @@ impl GroupTable {
                 };
                 self.groups.insert(r.group.clone(), state);
                 self.dirty.insert(r.group);
+                self.unpublished = true;
             }
             GroupEntry::Delete(d) => {
                 self.groups.remove(&d.group);
                 self.dirty.insert(d.group);
+                self.unpublished = true;
             }
         }
         Ok(())
@@ -208,6 +245,7 @@ impl GroupTable {
             .filter(|d| d.offset >= committed)
             .collect();
         self.dirty.insert(c.group.clone());
+        self.unpublished = true;
         self.groups.insert(
             c.group.clone(),
             GroupCommit {
@@ -240,6 +278,7 @@ impl GroupTable {
     pub fn restore(&mut self, states: &[GroupCommit], pending: &mut sled::Batch) {
         self.groups.clear();
         self.dirty.clear();
+        self.unpublished = true;
         for s in states {
             if validate_group_name(&s.group).is_err() || s.deliveries.len() > MAX_DELIVERIES {
                 tracing::warn!(group = %s.group, "snapshot holds an invalid group entry; skipped");

@@ -354,7 +354,13 @@ impl PartitionState {
         Ok(())
     }
 
-    fn publish(&self) {
+    /// The consumer groups' applied progress, as readers see it.
+    pub fn group_view(&self) -> crate::state::groups::GroupView {
+        self.groups.view()
+    }
+
+    fn publish(&mut self) {
+        self.groups.publish();
         let p = Progress {
             start_offset: self.durable.start_offset,
             high_watermark: self.durable.next_offset,
@@ -470,7 +476,7 @@ impl PartitionState {
         self.offsets.clear()?;
         self.durable = Durable::default();
         self.producers = ProducerTable::default();
-        self.groups = GroupTable::default();
+        self.groups.restore(&[], &mut sled::Batch::default());
         self.dirty = false;
         self.publish();
         Ok(())
