@@ -63,6 +63,10 @@ pub enum BrokerError {
         expected: i32,
         got: i32,
     },
+    /// A consumer group cannot be reset or deleted on a partition while a
+    /// member consumes it (without `force`).
+    #[error("group active: {0}")]
+    GroupActive(String),
     /// A consumer group's session for a partition was taken over by one
     /// of a newer generation (or this one is older than the current).
     #[error("fenced: {0}")]
@@ -114,6 +118,7 @@ impl BrokerError {
             BrokerError::OutOfOrderSequence { .. } => Reason::OutOfOrderSequence,
             BrokerError::Timeout(_) => Reason::Timeout,
             BrokerError::Fenced(_) => Reason::Fenced,
+            BrokerError::GroupActive(_) => Reason::GroupActive,
             BrokerError::ShuttingDown => Reason::ShuttingDown,
             BrokerError::MembershipConflict(_) => Reason::MembershipConflict,
             BrokerError::ReplicaFaulted { .. } => Reason::ReplicaFaulted,

@@ -490,6 +490,63 @@ impl Covet for CovetService {
         Ok(Response::new(Box::pin(session.spawn())))
     }
 
+    async fn list_groups(
+        &self,
+        _: Request<ListGroupsRequest>,
+    ) -> std::result::Result<Response<ListGroupsResponse>, Status> {
+        let groups = crate::consumer::admin::list(&self.node.catalog);
+        Ok(Response::new(ListGroupsResponse { groups }))
+    }
+
+    async fn describe_group(
+        &self,
+        request: Request<DescribeGroupRequest>,
+    ) -> std::result::Result<Response<DescribeGroupResponse>, Status> {
+        let group = request.into_inner().group;
+        Ok(Response::new(crate::consumer::admin::describe(
+            &self.node.catalog,
+            &group,
+        )?))
+    }
+
+    async fn reset_group(
+        &self,
+        request: Request<ResetGroupRequest>,
+    ) -> std::result::Result<Response<GroupPartition>, Status> {
+        let req = request.into_inner();
+        let topic = self.node.catalog.topic(&req.topic)?;
+        let partition = topic.partition(req.partition)?.clone();
+        let view = crate::consumer::admin::reset(
+            &self.group_sessions,
+            &self.node,
+            &req.topic,
+            &partition,
+            &req.group,
+            req.to.as_ref(),
+            req.force,
+        )
+        .await?;
+        Ok(Response::new(view))
+    }
+
+    async fn delete_group(
+        &self,
+        request: Request<DeleteGroupRequest>,
+    ) -> std::result::Result<Response<DeleteGroupResponse>, Status> {
+        let req = request.into_inner();
+        let topic = self.node.catalog.topic(&req.topic)?;
+        let partition = topic.partition(req.partition)?.clone();
+        crate::consumer::admin::delete(
+            &self.group_sessions,
+            &self.node,
+            &partition,
+            &req.group,
+            req.force,
+        )
+        .await?;
+        Ok(Response::new(DeleteGroupResponse {}))
+    }
+
     async fn create_topic(
         &self,
         request: Request<CreateTopicRequest>,

@@ -292,3 +292,89 @@ async fn bad_group_sessions_are_refused() {
         assert_eq!(reason_of(&err), Some(Reason::InvalidRequest), "{why}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn describe_shows_lag_and_a_reset_to_earliest_hands_out_everything_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), &[]);
+    produce(&broker.addr, "t", 6).await;
+    let client = Client::connect(&broker.addr).await.unwrap();
+
+    let mut m = join(&broker.addr, "t", session("g", 1, 10)).await.unwrap();
+    assert_eq!(offsets(&m.take(6).await), (0..6).collect::<Vec<_>>());
+    m.ack(0..4).await;
+    // Committed within a commit interval: describe sees lag 2.
+    let described = common::wait_for(Duration::from_secs(10), || async {
+        let d = client.describe_group("g").await.ok()?;
+        let p = d.partitions.first()?.clone();
+        (p.committed == 4).then_some(p)
+    })
+    .await
+    .expect("the acknowledgements are committed");
+    assert_eq!((described.topic.as_str(), described.partition), ("t", 0));
+    assert_eq!((described.high_watermark, described.lag), (6, 2));
+    assert_eq!(described.delivered_unacked, 2);
+    assert_eq!(client.list_groups().await.unwrap(), vec!["g".to_string()]);
+
+    // A member consumes: a reset is refused, unless forced (which ends
+    // the member's session).
+    let refused = client
+        .reset_group("g", "t", None, covet_client::StartPosition::Earliest, false)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.reason(), Some(Reason::GroupActive));
+    let reset = client
+        .reset_group("g", "t", None, covet_client::StartPosition::Earliest, true)
+        .await
+        .unwrap();
+    assert_eq!((reset[0].committed, reset[0].lag), (0, 6));
+    let end = tokio::time::timeout(STEP, m.rx.message())
+        .await
+        .expect("the forced reset ends the session");
+    assert_eq!(reason_of(&end.expect_err("fenced")), Some(Reason::Fenced));
+
+    // The group handles the whole topic again, first deliveries all.
+    let mut m = join(&broker.addr, "t", session("g", 2, 10)).await.unwrap();
+    assert_eq!(m.opened.offset, 0);
+    let again = m.take(6).await;
+    assert_eq!(
+        again.iter().map(|g| (g.0, g.1)).collect::<Vec<_>>(),
+        (0..6).map(|o| (o, 1)).collect::<Vec<_>>()
+    );
+    m.ack(0..6).await;
+    m.leave().await;
+    let d = client.describe_group("g").await.unwrap();
+    assert_eq!((d.partitions[0].committed, d.partitions[0].lag), (6, 0));
+
+    // Latest, an offset, and deletion.
+    let at = client
+        .reset_group(
+            "g",
+            "t",
+            Some(0),
+            covet_client::StartPosition::Offset(3),
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(at[0].committed, 3);
+    let beyond = client
+        .reset_group(
+            "g",
+            "t",
+            Some(0),
+            covet_client::StartPosition::Offset(7),
+            false,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(beyond.reason(), Some(Reason::OffsetOutOfRange));
+    client.delete_group("g", false).await.unwrap();
+    assert!(client
+        .describe_group("g")
+        .await
+        .unwrap()
+        .partitions
+        .is_empty());
+    assert!(client.list_groups().await.unwrap().is_empty());
+}

@@ -35,7 +35,7 @@ pub enum StartPosition {
 }
 
 impl StartPosition {
-    fn to_api(self) -> Position {
+    pub(crate) fn to_api(self) -> Position {
         let kind = match self {
             StartPosition::Earliest => position::Kind::Earliest(Empty {}),
             StartPosition::Latest => position::Kind::Latest(Empty {}),

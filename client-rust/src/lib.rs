@@ -12,6 +12,7 @@
 
 mod consumer;
 mod error;
+mod groups;
 pub mod partitioner;
 mod producer;
 mod routing;
@@ -25,8 +26,8 @@ pub use consumer::{
     ConsumedRecord, PartitionStream, StartPosition, Subscription, SubscriptionOptions,
 };
 pub use covet_protocol::api::{
-    ClusterStatusResponse, GroupStatus, NodeInfo, PartitionInfo, ReplicaProgress, TopicConfig,
-    TopicInfo,
+    ClusterStatusResponse, DescribeGroupResponse, GroupPartition, GroupStatus, NodeInfo,
+    PartitionInfo, ReplicaProgress, TopicConfig, TopicInfo,
 };
 pub use covet_protocol::batch::{Header, Record};
 pub use covet_protocol::Reason;

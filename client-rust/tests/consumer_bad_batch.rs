@@ -12,10 +12,12 @@ use bytes::Bytes;
 use covet_protocol::api::covet_server::{Covet, CovetServer};
 use covet_protocol::api::{
     subscribe_response, Batches, ChangeMembershipRequest, ChangeMembershipResponse,
-    ClusterStatusRequest, ClusterStatusResponse, CreateTopicRequest, DeleteTopicRequest,
-    DeleteTopicResponse, DescribeTopicRequest, InitProducerRequest, InitProducerResponse,
-    ListTopicsRequest, ListTopicsResponse, MetadataRequest, MetadataResponse, NodeInfo, Opened,
-    PartitionInfo, ProduceRequest, ProduceResponse, SubscribeRequest, SubscribeResponse,
+    ClusterStatusRequest, ClusterStatusResponse, CreateTopicRequest, DeleteGroupRequest,
+    DeleteGroupResponse, DeleteTopicRequest, DeleteTopicResponse, DescribeGroupRequest,
+    DescribeGroupResponse, DescribeTopicRequest, GroupPartition, InitProducerRequest,
+    InitProducerResponse, ListGroupsRequest, ListGroupsResponse, ListTopicsRequest,
+    ListTopicsResponse, MetadataRequest, MetadataResponse, NodeInfo, Opened, PartitionInfo,
+    ProduceRequest, ProduceResponse, ResetGroupRequest, SubscribeRequest, SubscribeResponse,
     TopicConfig, TopicInfo,
 };
 use covet_protocol::batch;
@@ -155,6 +157,34 @@ impl Covet for Scripted {
         &self,
         _: Request<ChangeMembershipRequest>,
     ) -> Result<Response<ChangeMembershipResponse>, Status> {
+        Err(Status::unimplemented("scripted"))
+    }
+
+    async fn list_groups(
+        &self,
+        _: Request<ListGroupsRequest>,
+    ) -> Result<Response<ListGroupsResponse>, Status> {
+        Err(Status::unimplemented("scripted"))
+    }
+
+    async fn describe_group(
+        &self,
+        _: Request<DescribeGroupRequest>,
+    ) -> Result<Response<DescribeGroupResponse>, Status> {
+        Err(Status::unimplemented("scripted"))
+    }
+
+    async fn reset_group(
+        &self,
+        _: Request<ResetGroupRequest>,
+    ) -> Result<Response<GroupPartition>, Status> {
+        Err(Status::unimplemented("scripted"))
+    }
+
+    async fn delete_group(
+        &self,
+        _: Request<DeleteGroupRequest>,
+    ) -> Result<Response<DeleteGroupResponse>, Status> {
         Err(Status::unimplemented("scripted"))
     }
 }

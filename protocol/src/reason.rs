@@ -66,6 +66,7 @@ reasons! {
     UnknownProducerId => "UNKNOWN_PRODUCER_ID", FailedPrecondition;
     ProducerTableFull => "PRODUCER_TABLE_FULL", ResourceExhausted;
     Fenced => "FENCED", FailedPrecondition;
+    GroupActive => "GROUP_ACTIVE", FailedPrecondition;
 }
 
 impl Reason {

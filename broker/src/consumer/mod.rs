@@ -4,6 +4,7 @@
 //! The groups' progress on each partition is partition state
 //! ([`crate::state::groups`]).
 
+pub mod admin;
 pub mod assign;
 pub mod cursor;
 pub mod dead_letters;

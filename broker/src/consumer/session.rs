@@ -52,6 +52,11 @@ struct Slot {
     term: u64,
     /// The newest generation that opened a session; sessions watch it.
     generation: watch::Sender<u64>,
+    /// The generation of the session running now, if one is.
+    active: Option<u64>,
+    /// Raised by a reset or deletion of the group here; sessions watch it
+    /// and end.
+    resets: watch::Sender<u64>,
 }
 
 /// A slot shared by the sessions of one group on one partition.
@@ -72,13 +77,46 @@ impl GroupSessions {
                 .entry((group.to_string(), raft_group))
                 .or_insert_with(|| {
                     let (generation, _) = watch::channel(0);
+                    let (resets, _) = watch::channel(0);
                     Arc::new(tokio::sync::Mutex::new(Slot {
                         cursor: None,
                         term: 0,
                         generation,
+                        active: None,
+                        resets,
                     }))
                 }),
         )
+    }
+
+    /// Proposes `entry` (a reset or deletion of `group` on the partition
+    /// whose Raft group is `raft_group`) and waits until it is applied,
+    /// with the group's sessions there kept out: a session running now is
+    /// refused unless `force` ([`BrokerError::GroupActive`]), and with
+    /// `force` ended (`FENCED`). The cursor is dropped first, so no commit
+    /// of the old state can follow the entry; the next session builds its
+    /// cursor from the applied state.
+    pub async fn rewrite(
+        &self,
+        node: &NodeHandle,
+        group: &str,
+        raft_group: u64,
+        entry: GroupEntry,
+        force: bool,
+    ) -> Result<()> {
+        let slot = self.slot(group, raft_group);
+        let mut s = slot.lock().await;
+        if let Some(generation) = s.active {
+            if !force {
+                return Err(BrokerError::GroupActive(format!(
+                    "group {group} has a member consuming this partition (generation \
+                     {generation}); stop it first, or force"
+                )));
+            }
+        }
+        s.cursor = None;
+        s.resets.send_modify(|n| *n += 1);
+        node.group_entry(raft_group, entry).await
     }
 }
 
@@ -116,6 +154,7 @@ pub struct Session {
     dead_letter_topic: String,
     slot: SharedSlot,
     fence: watch::Receiver<u64>,
+    resets: watch::Receiver<u64>,
     inbound: Streaming<SubscribeRequest>,
     shutdown: watch::Receiver<bool>,
     opened: Opened,
@@ -170,8 +209,10 @@ impl Session {
                 }
             }
             s.generation.send_replace(g.generation);
-            s.generation.subscribe()
+            s.active = Some(g.generation);
+            (s.generation.subscribe(), s.resets.subscribe())
         };
+        let (fence, resets) = fence;
         let committed = {
             let s = slot.lock().await;
             s.cursor.as_ref().map_or(0, Cursor::committed)
@@ -192,6 +233,7 @@ impl Session {
             dead_letter_topic,
             slot,
             fence,
+            resets,
             inbound,
             shutdown,
             opened: Opened {
@@ -212,6 +254,12 @@ impl Session {
             let outcome = session.run(&tx).await;
             // Whatever ended the session, what was acknowledged is kept.
             session.commit().await;
+            {
+                let mut s = session.slot.lock().await;
+                if s.active == Some(session.generation) {
+                    s.active = None;
+                }
+            }
             if let Err(e) = outcome {
                 let _ = tx.send(Err(e.to_status())).await;
             }
@@ -269,6 +317,12 @@ impl Session {
                             self.group
                         )));
                     }
+                }
+                _ = self.resets.changed() => {
+                    return Err(BrokerError::Fenced(format!(
+                        "group {} was reset or deleted on this partition",
+                        self.group
+                    )));
                 }
                 _ = leader.changed() => {
                     let (now, _) = *leader.borrow_and_update();
