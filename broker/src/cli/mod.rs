@@ -3,6 +3,7 @@
 mod bench;
 mod broker;
 mod cluster;
+mod group;
 mod output;
 mod publish;
 mod read;
@@ -38,6 +39,9 @@ enum Command {
     /// Inspect the cluster.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
+    /// List, describe, reset and delete consumer groups.
+    #[command(subcommand)]
+    Group(group::GroupCommand),
 }
 
 /// Where to find the cluster.
@@ -93,6 +97,7 @@ pub async fn run(cli: Cli, started: std::time::Instant) -> anyhow::Result<()> {
         Command::Replay(args) => read::replay(args).await,
         Command::Bench(cmd) => bench::run(cmd).await,
         Command::Cluster(cmd) => cluster::run(cmd).await,
+        Command::Group(cmd) => group::run(cmd).await,
     }
 }
 
