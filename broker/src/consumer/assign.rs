@@ -17,30 +17,30 @@
 //! # Stickiness
 //!
 //! A partition stays with its *holder*: the one live member subscribed to
-//! its topic that owns it or, if none does, the one such member the
-//! previous target gave it to (so a plan rerun while a move is under way
-//! keeps the move's course). A partition reported owned by two members has
-//! no holder. Partitions without a holder go, most constrained first (fewest
-//! subscribers), to the subscriber with the fewest partitions. Then, while
-//! some member has at least two more partitions than a subscriber of one of
-//! its topics, one partition moves from the fullest such member to the
-//! emptiest such subscriber (ties by member id), choosing first a partition
-//! the previous target already gave the receiver, then one the donor does
-//! not own yet. Each move narrows the spread of counts (the sum of their
-//! squares falls), so this ends.
+//! its topic that owns it or, when none or several do, the one such member
+//! the previous target gave it to (so that a plan rerun while a move is
+//! under way keeps its course). Partitions without a holder go, in order,
+//! to the subscriber with the fewest partitions. Then, while some member
+//! has at least two more partitions than a subscriber of one of its
+//! topics, one partition moves from the fullest such member to the
+//! emptiest such subscriber. Among donors as full, the one solely owning
+//! fewest of its partitions gives first; it gives first a partition it
+//! does not solely own, then one the previous target gave the receiver; other ties go
+//! by member id and partition. Each move lowers the sum of the squared
+//! counts, so this ends.
 //!
 //! # Balance
 //!
 //! Guaranteed: no single move narrows a gap. For every partition in member
 //! `a`'s target and every member `b` subscribed to its topic,
-//! `count(b) + 1 >= count(a)`. With identical subscriptions every member
-//! can take every partition, so the counts differ by at most one overall,
-//! and the moves are the fewest possible: a member keeps what it owns up to
-//! its share (the members owning most keep one above the floor). With
-//! different subscriptions a chain of moves through a third member could
-//! sometimes narrow the spread further; that is not attempted. Balance is
-//! by count across topics, not per topic (new partitions are spread by
-//! count, which interleaves topics in practice).
+//! `len(b) + 1 >= len(a)` (sizes of their targets). With identical
+//! subscriptions every member can take every partition, so the sizes differ
+//! by at most one overall, and no such plan moves fewer owned partitions:
+//! each member keeps what it solely owns up to its share, and the shares
+//! one above the floor go to the members owning most. With different
+//! subscriptions a chain of moves through a third member could sometimes
+//! narrow the spread further; that is not attempted. Balance is by count
+//! across topics, not per topic.
 //!
 //! # Why revoke first
 //!
@@ -62,10 +62,13 @@
 //!
 //! # Convergence
 //!
-//! Feeding a plan back (`owned := now`, `assigned := target`) reproduces its
-//! target, every holder being where the target put it, and then
-//! `now == target`; once nobody owns what they no longer need, a second
-//! plan is final.
+//! Feeding a plan back (`owned := now`, `assigned := target`) gives the
+//! same target, and then `now == target`: every partition's holder is where
+//! the target put it, a balanced target makes no move, and nobody owns what
+//! another is granted. Feeding that back changes nothing. With identical
+//! subscriptions it converges as fast without the previous target (a
+//! partial balanced plan fills up without moves), though a partition in
+//! transit may then land elsewhere than the first target said.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -129,9 +132,9 @@ pub fn plan(input: &Input<'_>) -> Plan {
         .keys()
         .map(|id| (id.clone(), BTreeSet::new()))
         .collect();
-    let free = keep_holders(input, &subs, &eligible, &mut target);
+    let (free, sole) = keep_holders(input, &subs, &eligible, &mut target);
     fill(free, &eligible, &mut target);
-    balance(input, &subs, &eligible, &mut target);
+    balance(input.assigned, &subs, &eligible, &sole, &mut target);
     let now = grant(&target, input.owned);
     Plan { target, now }
 }
@@ -191,14 +194,14 @@ fn eligible<'s>(
     out
 }
 
-/// Puts every partition that has a holder in its holder's target and
-/// returns the others.
+/// Puts every partition that has a holder in its holder's target; returns
+/// the others, and the sole owner of each partition that has one.
 fn keep_holders(
     input: &Input<'_>,
     subs: &BTreeMap<String, BTreeSet<String>>,
     eligible: &BTreeMap<String, (u32, Vec<&str>)>,
     target: &mut Assignment,
-) -> Vec<Partition> {
+) -> (Vec<Partition>, BTreeMap<Partition, String>) {
     // Claims that count: by a live member subscribed to an existing topic,
     // within its partition count.
     let claims = |by: &Assignment| {
@@ -215,12 +218,15 @@ fn keep_holders(
         claims
     };
     let (owners, assignees) = (claims(input.owned), claims(input.assigned));
-    let mut free = Vec::new();
+    let (mut free, mut sole) = (Vec::new(), BTreeMap::new());
     for (topic, (count, _)) in eligible {
         for index in 0..*count {
             let p = Partition::new(topic.clone(), index);
             let holder = match (owners.get(&p), assignees.get(&p)) {
-                (Some(os), _) if os.len() == 1 => Some(&os[0]),
+                (Some(os), _) if os.len() == 1 => {
+                    sole.insert(p.clone(), os[0].clone());
+                    Some(&os[0])
+                }
                 (_, Some(xs)) if xs.len() == 1 => Some(&xs[0]),
                 _ => None,
             };
@@ -232,19 +238,17 @@ fn keep_holders(
             }
         }
     }
-    free
+    (free, sole)
 }
 
-/// Gives each free partition to the subscriber of its topic with the
-/// fewest partitions (ties by id), the partitions with fewest subscribers
-/// first.
+/// Gives each free partition, in order, to the subscriber of its topic with
+/// the fewest partitions (ties by id).
 fn fill(
-    mut free: Vec<Partition>,
+    free: Vec<Partition>,
     eligible: &BTreeMap<String, (u32, Vec<&str>)>,
     target: &mut Assignment,
 ) {
     let subscribers = |p: &Partition| eligible.get(&p.topic).map_or(&[][..], |(_, ids)| &ids[..]);
-    free.sort_by_cached_key(|p| (subscribers(p).len(), p.clone()));
     for p in free {
         if let Some(id) = emptiest(subscribers(&p), None, target) {
             if let Some(parts) = target.get_mut(id) {
@@ -268,28 +272,23 @@ fn emptiest<'i>(ids: &[&'i str], except: Option<&str>, target: &Assignment) -> O
 /// emptiest subscriber of one of its topics while they differ by two or
 /// more.
 fn balance(
-    input: &Input<'_>,
+    assigned: &Assignment,
     subs: &BTreeMap<String, BTreeSet<String>>,
     eligible: &BTreeMap<String, (u32, Vec<&str>)>,
+    sole: &BTreeMap<Partition, String>,
     target: &mut Assignment,
 ) {
-    while let Some((donor, receiver)) = next_move(subs, eligible, target) {
+    while let Some((donor, receiver)) = next_move(subs, eligible, sole, target) {
         let Some(parts) = target.get(&donor) else {
             return;
         };
-        let has =
-            |by: &Assignment, id: &str, p: &Partition| by.get(id).is_some_and(|s| s.contains(p));
         let receiver_topics = subs.get(&receiver);
+        let assigned_to_receiver =
+            |p: &Partition| assigned.get(&receiver).is_some_and(|s| s.contains(p));
         let moving = parts
             .iter()
             .filter(|p| receiver_topics.is_some_and(|ts| ts.contains(&p.topic)))
-            .min_by_key(|p| {
-                (
-                    !has(input.assigned, &receiver, p),
-                    has(input.owned, &donor, p),
-                    *p,
-                )
-            })
+            .min_by_key(|p| (sole.get(*p) == Some(&donor), !assigned_to_receiver(p), *p))
             .cloned();
         let Some(p) = moving else { return };
         if let Some(parts) = target.get_mut(&donor) {
@@ -303,15 +302,25 @@ fn balance(
 
 /// The next (donor, receiver): the donor with the most partitions that has
 /// a subscriber of one of its topics with at least two fewer, and the
-/// emptiest such subscriber; ties by id.
+/// emptiest such subscriber. Among donors as full, the one that solely owns
+/// the fewest of its partitions gives first, so that the members keeping a
+/// share above the floor are those that own most. Then ties by id.
 fn next_move(
     subs: &BTreeMap<String, BTreeSet<String>>,
     eligible: &BTreeMap<String, (u32, Vec<&str>)>,
+    sole: &BTreeMap<Partition, String>,
     target: &Assignment,
 ) -> Option<(String, String)> {
     let count = |id: &str| target.get(id).map_or(0, BTreeSet::len);
-    let mut donors: Vec<&String> = subs.keys().collect();
-    donors.sort_by_key(|id| (std::cmp::Reverse(count(id)), *id));
+    let owns = |id: &String| {
+        let parts = target.get(id).into_iter().flatten();
+        parts.filter(|p| sole.get(*p) == Some(id)).count()
+    };
+    // Only a member two above the emptiest can give (this keeps a long
+    // rebalance from sorting every member on every move).
+    let floor = subs.keys().map(|id| count(id)).min().unwrap_or(0);
+    let mut donors: Vec<&String> = subs.keys().filter(|id| count(id) >= floor + 2).collect();
+    donors.sort_by_cached_key(|id| (std::cmp::Reverse(count(id)), owns(id), *id));
     for donor in donors {
         let topics: BTreeSet<&String> = target.get(donor)?.iter().map(|p| &p.topic).collect();
         let receiver = topics
@@ -500,6 +509,23 @@ mod tests {
     }
 
     #[test]
+    fn a_partition_in_dispute_moves_before_one_its_holder_solely_owns() {
+        let members = [
+            member("a", &["t"]),
+            member("b", &["t"]),
+            member("c", &["t"]),
+        ];
+        // a holds t/1 by the previous target only: b claims it too.
+        let owned = assignment(&[("a", &[("t", 0), ("t", 1)]), ("b", &[("t", 1)])]);
+        let assigned = assignment(&[("a", &[("t", 1)])]);
+        let plan = run(&members, &counts(&[("t", 3)]), &owned, &assigned);
+        let want = assignment(&[("a", &[("t", 0)]), ("b", &[("t", 2)]), ("c", &[("t", 1)])]);
+        assert_eq!(plan.target, want);
+        let now = assignment(&[("a", &[("t", 0)]), ("b", &[("t", 2)]), ("c", &[])]);
+        assert_eq!(plan.now, now);
+    }
+
+    #[test]
     fn stale_ownership_is_dropped() {
         let members = [member("a", &["t", "gone"]), member("b", &["t"])];
         let owned = assignment(&[("a", &[("t", 5), ("gone", 0)]), ("b", &[("t", 1)])]);
@@ -532,7 +558,7 @@ mod tests {
         let members = [member("a", &["t"]), member("b", &["t", "u"])];
         let topics = counts(&[("t", 2), ("u", 2)]);
         let want = assignment(&[("a", &[("t", 0), ("t", 1)]), ("b", &[("u", 0), ("u", 1)])]);
-        // Fresh: u (one subscriber) is placed first, so t goes to a.
+        // Fresh: t is spread over both, then b, full with u, gives t/1 to a.
         assert_eq!(
             run(&members, &topics, &Assignment::new(), &Assignment::new()).target,
             want
@@ -545,6 +571,58 @@ mod tests {
             plan.now,
             assignment(&[("a", &[]), ("b", &[("u", 0), ("u", 1)])])
         );
+    }
+
+    #[test]
+    fn a_member_gives_up_first_what_it_does_not_consume_yet() {
+        let members = [member("a", &["t"]), member("b", &["t"])];
+        // The previous target gave a t/2 and t/3, which nobody owns now.
+        let owned = assignment(&[("a", &[("t", 0), ("t", 1)])]);
+        let assigned = assignment(&[("a", &[("t", 0), ("t", 1), ("t", 2), ("t", 3)])]);
+        let plan = run(&members, &counts(&[("t", 4)]), &owned, &assigned);
+        let want = assignment(&[("a", &[("t", 0), ("t", 1)]), ("b", &[("t", 2), ("t", 3)])]);
+        assert_eq!(plan.target, want);
+        assert_eq!(plan.now, want);
+    }
+
+    #[test]
+    fn the_members_keeping_a_share_above_the_floor_are_those_owning_most() {
+        let members = [
+            member("a", &["t"]),
+            member("b", &["t"]),
+            member("c", &["t"]),
+        ];
+        // a and b hold two each, but b consumes neither of its own yet.
+        let owned = assignment(&[("a", &[("t", 0), ("t", 1)])]);
+        let assigned = assignment(&[("b", &[("t", 2), ("t", 3)])]);
+        let plan = run(&members, &counts(&[("t", 4)]), &owned, &assigned);
+        let want = assignment(&[
+            ("a", &[("t", 0), ("t", 1)]),
+            ("b", &[("t", 3)]),
+            ("c", &[("t", 2)]),
+        ]);
+        assert_eq!(plan.target, want);
+    }
+
+    #[test]
+    fn a_rerun_keeps_the_moves_under_way() {
+        let members = [
+            member("a", &["t"]),
+            member("b", &["t"]),
+            member("c", &["t"]),
+        ];
+        let owned = assignment(&[
+            ("a", &[("t", 0), ("t", 1), ("t", 2)]),
+            ("b", &[("t", 3), ("t", 4), ("t", 5)]),
+        ]);
+        // An earlier plan already revoked t/2 and t/5 for c.
+        let assigned = assignment(&[
+            ("a", &[("t", 0), ("t", 1)]),
+            ("b", &[("t", 3), ("t", 4)]),
+            ("c", &[("t", 2), ("t", 5)]),
+        ]);
+        let plan = run(&members, &counts(&[("t", 6)]), &owned, &assigned);
+        assert_eq!(plan.target, assigned);
     }
 
     /// Topic names a scenario draws from; the last never exists.
@@ -736,13 +814,10 @@ mod tests {
             let sizes: Vec<usize> = plan.target.values().map(BTreeSet::len).collect();
             let (min, max) = (sizes.iter().min(), sizes.iter().max());
             prop_assert!(max.zip(min).is_none_or(|(max, min)| max - min <= 1), "{sizes:?}");
-
-            let fresh = Scenario { assigned: Assignment::new(), ..s };
-            let plan = fresh.plan();
-            let moved = fresh.wanted().iter().filter(|q| {
-                fresh.sole_owner(q).is_some_and(|o| !plan.target[o].contains(*q))
+            let moved = s.wanted().iter().filter(|q| {
+                s.sole_owner(q).is_some_and(|o| !plan.target[o].contains(*q))
             }).count();
-            prop_assert_eq!(moved, fewest_moves(&fresh));
+            prop_assert_eq!(moved, fewest_moves(&s));
         }
 
         #[test]
