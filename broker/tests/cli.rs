@@ -307,3 +307,119 @@ fn bench_cases_print_one_json_line_accounting_for_every_record() {
     assert_eq!(line["publish_errors"], 0, "{line}");
     assert!(line["latency_us"]["p99"].as_f64().unwrap() > 0.0, "{line}");
 }
+
+#[test]
+fn group_reset_describe_list_and_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), &[]);
+    ok(&covet(
+        &broker,
+        &["topic", "create", "jobs", "--partitions", "2"],
+        None,
+    ));
+    let lines: String = (0..10).map(|i| format!("job {i}\n")).collect();
+    ok(&covet(
+        &broker,
+        &["publish", "jobs", "--partition", "1"],
+        Some(&lines),
+    ));
+    // A reset gives the group progress on every partition of the topic.
+    let reset = json_lines(&ok(&covet(
+        &broker,
+        &[
+            "group",
+            "reset",
+            "g",
+            "--topic",
+            "jobs",
+            "--to-offset",
+            "0",
+            "--format",
+            "json",
+        ],
+        None,
+    )));
+    assert_eq!(reset.len(), 2);
+    let moved = json_lines(&ok(&covet(
+        &broker,
+        &[
+            "group",
+            "reset",
+            "g",
+            "--topic",
+            "jobs",
+            "--partition",
+            "1",
+            "--to-offset",
+            "4",
+            "--format",
+            "json",
+        ],
+        None,
+    )));
+    assert_eq!(moved[0]["committed"], 4);
+    let described = json_lines(&ok(&covet(
+        &broker,
+        &["group", "describe", "g", "--format", "json"],
+        None,
+    )));
+    let p1 = described.iter().find(|p| p["partition"] == 1).unwrap();
+    assert_eq!(
+        (p1["committed"].as_u64(), p1["lag"].as_u64()),
+        (Some(4), Some(6))
+    );
+    assert_eq!(p1["high_watermark"], 10);
+    let latest = json_lines(&ok(&covet(
+        &broker,
+        &[
+            "group",
+            "reset",
+            "g",
+            "--topic",
+            "jobs",
+            "--to-latest",
+            "--format",
+            "json",
+        ],
+        None,
+    )));
+    assert!(latest.iter().all(|p| p["lag"] == 0), "{latest:?}");
+    let list = json_lines(&ok(&covet(
+        &broker,
+        &["group", "list", "--format", "json"],
+        None,
+    )));
+    assert_eq!(list, vec![serde_json::json!({ "group": "g" })]);
+
+    // Refusals are one line with the reason, exit non-zero.
+    let beyond = covet(
+        &broker,
+        &[
+            "group",
+            "reset",
+            "g",
+            "--topic",
+            "jobs",
+            "--partition",
+            "1",
+            "--to-offset",
+            "11",
+        ],
+        None,
+    );
+    assert!(!beyond.status.success());
+    let err = String::from_utf8_lossy(&beyond.stderr);
+    assert!(err.contains("OFFSET_OUT_OF_RANGE"), "{err}");
+    let no_target = covet(&broker, &["group", "reset", "g", "--topic", "jobs"], None);
+    assert!(!no_target.status.success());
+
+    ok(&covet(&broker, &["group", "delete", "g"], None));
+    let gone = covet(&broker, &["group", "describe", "g"], None);
+    assert!(!gone.status.success());
+    let list = ok(&covet(
+        &broker,
+        &["group", "list", "--format", "json"],
+        None,
+    ));
+    assert!(list.is_empty(), "{list}");
+}
