@@ -133,6 +133,9 @@ pub struct Catalog {
     /// The metadata group's leader and term as this node last heard, set
     /// once when the driver opens group 0 (which is never rebuilt).
     meta_leader: std::sync::OnceLock<watch::Receiver<(u64, u64)>>,
+    /// Consumer groups' membership records as the metadata group applied
+    /// them (for the coordinator).
+    consumer_groups: Arc<watch::Sender<crate::state::meta::ConsumerGroups>>,
 }
 
 impl Default for Catalog {
@@ -142,6 +145,7 @@ impl Default for Catalog {
             generation: watch::channel(0).0,
             producer_ids: Arc::new(watch::channel(0).0),
             meta_leader: std::sync::OnceLock::new(),
+            consumer_groups: Arc::new(watch::channel(Arc::default()).0),
         }
     }
 }
@@ -172,6 +176,18 @@ impl Catalog {
 
     pub(crate) fn set_meta_leader(&self, leader: watch::Receiver<(u64, u64)>) {
         let _ = self.meta_leader.set(leader);
+    }
+
+    /// Where the metadata state machine publishes consumer groups.
+    pub(crate) fn consumer_groups_sender(
+        &self,
+    ) -> Arc<watch::Sender<crate::state::meta::ConsumerGroups>> {
+        self.consumer_groups.clone()
+    }
+
+    /// Consumer groups' membership records as this node applied them.
+    pub fn consumer_groups(&self) -> crate::state::meta::ConsumerGroups {
+        self.consumer_groups.borrow().clone()
     }
 
     /// A receiver that sees every change to the catalog.

@@ -286,6 +286,7 @@ impl Driver {
         covet_raft_store::remove_leftovers(&driver.config.data_dir.join("groups"))?;
         let mut meta = MetaState::open(driver.db.open_tree("meta")?)?;
         meta.publish_producer_ids(driver.catalog.producer_ids());
+        meta.publish_consumer_groups(driver.catalog.consumer_groups_sender());
         let topics: Vec<TopicRecord> = meta.topics().cloned().collect();
         let mut voters = driver.config.initial_nodes.clone();
         voters.sort_unstable();
@@ -720,7 +721,7 @@ impl Driver {
             match effect {
                 MetaEffect::TopicCreated(t) => self.open_topics(vec![t])?,
                 MetaEffect::TopicDeleted(t) => self.drop_topic(&t)?,
-                MetaEffect::ProducerId(_) => {}
+                MetaEffect::ProducerId(_) | MetaEffect::ConsumerGroup => {}
             }
         }
         self.update_ready();

@@ -63,6 +63,9 @@ pub enum BrokerError {
         expected: i32,
         got: i32,
     },
+    /// A heartbeat or leave from a member the coordinator does not know.
+    #[error("unknown member: {0}")]
+    UnknownMember(String),
     /// A consumer group cannot be reset or deleted on a partition while a
     /// member consumes it (without `force`).
     #[error("group active: {0}")]
@@ -119,6 +122,7 @@ impl BrokerError {
             BrokerError::Timeout(_) => Reason::Timeout,
             BrokerError::Fenced(_) => Reason::Fenced,
             BrokerError::GroupActive(_) => Reason::GroupActive,
+            BrokerError::UnknownMember(_) => Reason::UnknownMember,
             BrokerError::ShuttingDown => Reason::ShuttingDown,
             BrokerError::MembershipConflict(_) => Reason::MembershipConflict,
             BrokerError::ReplicaFaulted { .. } => Reason::ReplicaFaulted,

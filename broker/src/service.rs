@@ -65,6 +65,9 @@ pub struct CovetService {
     shutdown: watch::Receiver<bool>,
     /// Consumer groups' cursors on the partitions this node leads.
     group_sessions: Arc<crate::consumer::session::GroupSessions>,
+    /// Consumer group membership, served while this node leads the
+    /// metadata group.
+    coordinator: Arc<crate::consumer::coordinator::Coordinator>,
 }
 
 impl CovetService {
@@ -75,7 +78,10 @@ impl CovetService {
         directory: Arc<Directory>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
+        let coordinator = Arc::new(crate::consumer::coordinator::Coordinator::new(node.clone()));
+        Arc::clone(&coordinator).spawn_expiry(shutdown.clone());
         CovetService {
+            coordinator,
             node,
             produce_memory: Arc::new(Semaphore::new(PRODUCE_MEMORY_BYTES as usize)),
             connection_memory: Arc::default(),
@@ -488,6 +494,32 @@ impl Covet for CovetService {
         )
         .await?;
         Ok(Response::new(Box::pin(session.spawn())))
+    }
+
+    async fn join_group(
+        &self,
+        request: Request<JoinGroupRequest>,
+    ) -> std::result::Result<Response<MemberAssignment>, Status> {
+        Ok(Response::new(
+            self.coordinator.join(request.into_inner()).await?,
+        ))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> std::result::Result<Response<MemberAssignment>, Status> {
+        Ok(Response::new(
+            self.coordinator.heartbeat(request.into_inner()).await?,
+        ))
+    }
+
+    async fn leave_group(
+        &self,
+        request: Request<LeaveGroupRequest>,
+    ) -> std::result::Result<Response<LeaveGroupResponse>, Status> {
+        self.coordinator.leave(request.into_inner()).await?;
+        Ok(Response::new(LeaveGroupResponse {}))
     }
 
     async fn list_groups(

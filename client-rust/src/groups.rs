@@ -5,12 +5,79 @@
 
 use covet_protocol::api::{
     DeleteGroupRequest, DescribeGroupRequest, DescribeGroupResponse, GroupPartition,
-    ListGroupsRequest, ResetGroupRequest,
+    HeartbeatRequest, JoinGroupRequest, LeaveGroupRequest, ListGroupsRequest, MemberAssignment,
+    ResetGroupRequest, TopicPartition,
 };
 
 use crate::{Client, Result, StartPosition};
 
 impl Client {
+    /// Joins `group` as a new member subscribed to `topics`, at the
+    /// coordinator (the metadata leader). The answer names the member and
+    /// what it may consume now.
+    pub async fn join_group(
+        &self,
+        group: &str,
+        topics: &[String],
+        session_timeout_ms: u32,
+    ) -> Result<MemberAssignment> {
+        self.router()
+            .retry(|| async move {
+                let mut c = self.router().controller().await?;
+                let req = JoinGroupRequest {
+                    group: group.to_string(),
+                    topics: topics.to_vec(),
+                    session_timeout_ms,
+                };
+                Ok(c.join_group(req).await?.into_inner())
+            })
+            .await
+    }
+
+    /// Keeps a member's session alive, reporting the partitions it holds;
+    /// the answer is what it may consume now. `UNKNOWN_MEMBER` means the
+    /// member was removed: join again.
+    pub async fn heartbeat(
+        &self,
+        group: &str,
+        member_id: &str,
+        owned: &[(String, u32)],
+    ) -> Result<MemberAssignment> {
+        self.router()
+            .retry(|| async move {
+                let mut c = self.router().controller().await?;
+                let req = HeartbeatRequest {
+                    group: group.to_string(),
+                    member_id: member_id.to_string(),
+                    owned: owned
+                        .iter()
+                        .map(|(topic, partition)| TopicPartition {
+                            topic: topic.clone(),
+                            partition: *partition,
+                        })
+                        .collect(),
+                };
+                Ok(c.heartbeat(req).await?.into_inner())
+            })
+            .await
+    }
+
+    /// Leaves `group` at once: its partitions are reassigned without
+    /// waiting for the session timeout.
+    pub async fn leave_group(&self, group: &str, member_id: &str) -> Result<()> {
+        self.router()
+            .retry(|| async move {
+                let mut c = self.router().controller().await?;
+                let req = LeaveGroupRequest {
+                    group: group.to_string(),
+                    member_id: member_id.to_string(),
+                };
+                Ok(c.leave_group(req).await?.into_inner())
+            })
+            .await?;
+        Ok(())
+    }
+
     /// Consumer groups with progress on any partition the answering node
     /// holds.
     pub async fn list_groups(&self) -> Result<Vec<String>> {

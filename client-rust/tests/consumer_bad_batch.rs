@@ -14,11 +14,12 @@ use covet_protocol::api::{
     subscribe_response, Batches, ChangeMembershipRequest, ChangeMembershipResponse,
     ClusterStatusRequest, ClusterStatusResponse, CreateTopicRequest, DeleteGroupRequest,
     DeleteGroupResponse, DeleteTopicRequest, DeleteTopicResponse, DescribeGroupRequest,
-    DescribeGroupResponse, DescribeTopicRequest, GroupPartition, InitProducerRequest,
-    InitProducerResponse, ListGroupsRequest, ListGroupsResponse, ListTopicsRequest,
-    ListTopicsResponse, MetadataRequest, MetadataResponse, NodeInfo, Opened, PartitionInfo,
-    ProduceRequest, ProduceResponse, ResetGroupRequest, SubscribeRequest, SubscribeResponse,
-    TopicConfig, TopicInfo,
+    DescribeGroupResponse, DescribeTopicRequest, GroupPartition, HeartbeatRequest,
+    InitProducerRequest, InitProducerResponse, JoinGroupRequest, LeaveGroupRequest,
+    LeaveGroupResponse, ListGroupsRequest, ListGroupsResponse, ListTopicsRequest,
+    ListTopicsResponse, MemberAssignment, MetadataRequest, MetadataResponse, NodeInfo, Opened,
+    PartitionInfo, ProduceRequest, ProduceResponse, ResetGroupRequest, SubscribeRequest,
+    SubscribeResponse, TopicConfig, TopicInfo,
 };
 use covet_protocol::batch;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -157,6 +158,27 @@ impl Covet for Scripted {
         &self,
         _: Request<ChangeMembershipRequest>,
     ) -> Result<Response<ChangeMembershipResponse>, Status> {
+        Err(Status::unimplemented("scripted"))
+    }
+
+    async fn join_group(
+        &self,
+        _: Request<JoinGroupRequest>,
+    ) -> Result<Response<MemberAssignment>, Status> {
+        Err(Status::unimplemented("scripted"))
+    }
+
+    async fn heartbeat(
+        &self,
+        _: Request<HeartbeatRequest>,
+    ) -> Result<Response<MemberAssignment>, Status> {
+        Err(Status::unimplemented("scripted"))
+    }
+
+    async fn leave_group(
+        &self,
+        _: Request<LeaveGroupRequest>,
+    ) -> Result<Response<LeaveGroupResponse>, Status> {
         Err(Status::unimplemented("scripted"))
     }
 

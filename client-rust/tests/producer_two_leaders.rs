@@ -21,8 +21,9 @@ use covet_protocol::api::{
     ChangeMembershipRequest, ChangeMembershipResponse, ClusterStatusRequest, ClusterStatusResponse,
     CreateTopicRequest, DeleteGroupRequest, DeleteGroupResponse, DeleteTopicRequest,
     DeleteTopicResponse, DescribeGroupRequest, DescribeGroupResponse, DescribeTopicRequest,
-    GroupPartition, InitProducerRequest, InitProducerResponse, ListGroupsRequest,
-    ListGroupsResponse, ListTopicsRequest, ListTopicsResponse, MetadataRequest, MetadataResponse,
+    GroupPartition, HeartbeatRequest, InitProducerRequest, InitProducerResponse, JoinGroupRequest,
+    LeaveGroupRequest, LeaveGroupResponse, ListGroupsRequest, ListGroupsResponse,
+    ListTopicsRequest, ListTopicsResponse, MemberAssignment, MetadataRequest, MetadataResponse,
     NodeInfo, PartitionInfo, ProduceRequest, ProduceResponse, ResetGroupRequest, SubscribeRequest,
     SubscribeResponse, TopicConfig, TopicInfo,
 };
@@ -248,6 +249,27 @@ impl Covet for Node {
         &self,
         _: Request<ChangeMembershipRequest>,
     ) -> Result<Response<ChangeMembershipResponse>, Status> {
+        Err(Status::unimplemented("scripted"))
+    }
+
+    async fn join_group(
+        &self,
+        _: Request<JoinGroupRequest>,
+    ) -> Result<Response<MemberAssignment>, Status> {
+        Err(Status::unimplemented("scripted"))
+    }
+
+    async fn heartbeat(
+        &self,
+        _: Request<HeartbeatRequest>,
+    ) -> Result<Response<MemberAssignment>, Status> {
+        Err(Status::unimplemented("scripted"))
+    }
+
+    async fn leave_group(
+        &self,
+        _: Request<LeaveGroupRequest>,
+    ) -> Result<Response<LeaveGroupResponse>, Status> {
         Err(Status::unimplemented("scripted"))
     }
 

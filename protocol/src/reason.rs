@@ -67,6 +67,7 @@ reasons! {
     ProducerTableFull => "PRODUCER_TABLE_FULL", ResourceExhausted;
     Fenced => "FENCED", FailedPrecondition;
     GroupActive => "GROUP_ACTIVE", FailedPrecondition;
+    UnknownMember => "UNKNOWN_MEMBER", NotFound;
 }
 
 impl Reason {

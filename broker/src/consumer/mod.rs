@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod assign;
+pub mod coordinator;
 pub mod cursor;
 pub mod dead_letters;
 pub mod session;

@@ -2,7 +2,9 @@
 //! their partitions.
 //!
 //! sled layout (tree `meta`): `s` → applied index ‖ next group id (u64 LE
-//! each); `t/<name>` → `TopicRecord` (protobuf). Group ids are handed out
+//! each); `t/<name>` → `TopicRecord` (protobuf); `c/<name>` → a consumer
+//! group's `ConsumerGroupRecord` (protobuf), as its coordinator last
+//! recorded it (see [`crate::consumer::coordinator`]). Group ids are handed out
 //! from a counter that never goes back, so a topic deleted and created again
 //! never reuses a partition's directory or sled tree.
 
@@ -11,7 +13,8 @@ use std::sync::Arc;
 
 use covet_protocol::api::TopicConfig;
 use covet_protocol::internal::{
-    meta_command, AllocateProducerId, CreateTopic, DeleteTopic, MetaCommand, Replicas, TopicRecord,
+    meta_command, AllocateProducerId, ConsumerGroupRecord, CreateTopic, DeleteConsumerGroup,
+    DeleteTopic, MetaCommand, Replicas, TopicRecord,
 };
 use prost::Message as _;
 use tokio::sync::watch;
@@ -22,6 +25,10 @@ const STATE_KEY: &[u8] = b"s";
 /// Most partitions the cluster holds, over all topics.
 pub const MAX_NODE_PARTITIONS: u64 = 8192;
 const TOPIC_PREFIX: &[u8] = b"t/";
+const CONSUMER_GROUP_PREFIX: &[u8] = b"c/";
+
+/// Consumer groups' membership records, by name, as applied.
+pub type ConsumerGroups = Arc<BTreeMap<String, ConsumerGroupRecord>>;
 
 /// What applying a metadata command changed, for the driver to act on.
 #[derive(Debug, Clone)]
@@ -30,6 +37,8 @@ pub enum MetaEffect {
     TopicDeleted(TopicRecord),
     /// A producer id, unique in the cluster.
     ProducerId(i64),
+    /// A consumer group's membership record was set or deleted.
+    ConsumerGroup,
 }
 
 /// Topics as of the applied index.
@@ -42,6 +51,9 @@ pub struct MetaState {
     /// Where the allocation mark is shown to request handlers (the
     /// catalog), if anyone listens.
     producer_ids: Option<Arc<watch::Sender<i64>>>,
+    consumer_groups: BTreeMap<String, ConsumerGroupRecord>,
+    /// Where the consumer groups are shown to the coordinator.
+    consumer_groups_view: Option<Arc<watch::Sender<ConsumerGroups>>>,
 }
 
 impl MetaState {
@@ -58,6 +70,14 @@ impl MetaState {
                 .map_err(|e| BrokerError::Storage(format!("corrupt topic record in sled: {e}")))?;
             topics.insert(t.name.clone(), t);
         }
+        let mut consumer_groups = BTreeMap::new();
+        for item in tree.scan_prefix(CONSUMER_GROUP_PREFIX) {
+            let (_, v) = item?;
+            let g = ConsumerGroupRecord::decode(&v[..]).map_err(|e| {
+                BrokerError::Storage(format!("corrupt consumer group record in sled: {e}"))
+            })?;
+            consumer_groups.insert(g.name.clone(), g);
+        }
         Ok(MetaState {
             tree,
             applied,
@@ -65,6 +85,8 @@ impl MetaState {
             next_producer_id,
             topics,
             producer_ids: None,
+            consumer_groups,
+            consumer_groups_view: None,
         })
     }
 
@@ -78,6 +100,13 @@ impl MetaState {
     pub fn publish_producer_ids(&mut self, to: Arc<watch::Sender<i64>>) {
         to.send_replace(self.next_producer_id);
         self.producer_ids = Some(to);
+    }
+
+    /// Shows the consumer groups' records on `to` from now on (the
+    /// catalog's, which the coordinator reads).
+    pub fn publish_consumer_groups(&mut self, to: Arc<watch::Sender<ConsumerGroups>>) {
+        to.send_replace(Arc::new(self.consumer_groups.clone()));
+        self.consumer_groups_view = Some(to);
     }
 
     pub fn applied(&self) -> u64 {
@@ -123,6 +152,14 @@ impl MetaState {
                 }
                 Ok(MetaEffect::ProducerId(id))
             }
+            Some(meta_command::Kind::SetConsumerGroup(g)) => {
+                self.consumer_groups.insert(g.name.clone(), g);
+                Ok(MetaEffect::ConsumerGroup)
+            }
+            Some(meta_command::Kind::DeleteConsumerGroup(d)) => {
+                self.consumer_groups.remove(&d.name);
+                Ok(MetaEffect::ConsumerGroup)
+            }
             None => Err(BrokerError::Internal(format!(
                 "undecodable metadata entry at {index}"
             ))),
@@ -131,6 +168,19 @@ impl MetaState {
         match &outcome {
             Ok(MetaEffect::TopicCreated(t)) => batch.insert(topic_key(&t.name), t.encode_to_vec()),
             Ok(MetaEffect::TopicDeleted(t)) => batch.remove(topic_key(&t.name)),
+            Ok(MetaEffect::ConsumerGroup) => {
+                // Which group changed is in the command; write them all
+                // back would be wasteful: find it again.
+                if let Some(name) = consumer_group_named(data) {
+                    match self.consumer_groups.get(&name) {
+                        Some(g) => batch.insert(consumer_group_key(&name), g.encode_to_vec()),
+                        None => batch.remove(consumer_group_key(&name)),
+                    }
+                }
+                if let Some(to) = &self.consumer_groups_view {
+                    to.send_replace(Arc::new(self.consumer_groups.clone()));
+                }
+            }
             Ok(MetaEffect::ProducerId(_)) | Err(_) => {}
         }
         batch.insert(STATE_KEY, &self.state_bytes()[..]);
@@ -177,6 +227,39 @@ impl MetaState {
             None => Err(BrokerError::UnknownTopic(d.name)),
         }
     }
+}
+
+fn consumer_group_key(name: &str) -> Vec<u8> {
+    let mut k = CONSUMER_GROUP_PREFIX.to_vec();
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// The consumer group a set/delete command is about.
+fn consumer_group_named(data: &[u8]) -> Option<String> {
+    match MetaCommand::decode(data).ok()?.kind? {
+        meta_command::Kind::SetConsumerGroup(g) => Some(g.name),
+        meta_command::Kind::DeleteConsumerGroup(d) => Some(d.name),
+        _ => None,
+    }
+}
+
+/// Encodes a consumer group's membership record for proposal.
+pub fn set_consumer_group_command(record: ConsumerGroupRecord) -> Vec<u8> {
+    MetaCommand {
+        kind: Some(meta_command::Kind::SetConsumerGroup(record)),
+    }
+    .encode_to_vec()
+}
+
+/// Encodes the removal of a consumer group's membership record.
+pub fn delete_consumer_group_command(name: String) -> Vec<u8> {
+    MetaCommand {
+        kind: Some(meta_command::Kind::DeleteConsumerGroup(
+            DeleteConsumerGroup { name },
+        )),
+    }
+    .encode_to_vec()
 }
 
 fn topic_key(name: &str) -> Vec<u8> {
