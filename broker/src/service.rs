@@ -89,7 +89,9 @@ impl CovetService {
             cluster_nodes: Arc::new(cluster_nodes),
             directory,
             shutdown,
-            group_sessions: Arc::default(),
+            group_sessions: Arc::new(crate::consumer::session::GroupSessions::new(
+                address.to_string(),
+            )),
         }
     }
 

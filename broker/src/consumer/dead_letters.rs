@@ -1,74 +1,73 @@
 //! Writing a record to a dead-letter topic from a partition leader's group
-//! session. The topic is created (one partition) the first time a group
-//! needs it. The record is proposed like any produce and counts as written
-//! once applied.
-//!
-//! Known limit: the dead-letter partition must be led by this node (always
-//! so on a single node); elsewhere the write fails with `NOT_LEADER` and the
-//! record stays queued, retried every second. Routing to the leader on
-//! another node is still to do.
+//! session. The dead-letter partition may be led by any node, so the
+//! leader writes through a client of its own cluster (connected to its own
+//! client address, routed to the leader like any producer). The topic is
+//! created (one partition) the first time a group needs it. A record counts
+//! as written once its produce is acknowledged.
 
 use std::time::Duration;
 
-use covet_protocol::api::TopicConfig;
-use covet_protocol::batch::{BatchBuilder, Record};
+use covet_client::{Client, Producer, ProducerConfig, Reason, Record, TopicSpec};
+use tokio::sync::OnceCell;
 
-use crate::driver::NodeHandle;
 use crate::error::{BrokerError, Result};
-use crate::group::Applied;
 
-/// How long to wait for a dead-letter topic just created to open here.
-const TOPIC_OPEN_WAIT: Duration = Duration::from_secs(5);
+/// How long one dead-letter write may take.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Writes `record` to `topic`'s partition 0, creating the topic if needed.
-pub async fn write(node: &NodeHandle, topic: &str, record: Record) -> Result<()> {
-    let handle = match node.catalog.topic(topic) {
-        Ok(t) => t,
-        Err(BrokerError::UnknownTopic(_)) => {
-            create(node, topic).await?;
-            node.catalog.topic(topic)?
-        }
-        Err(e) => return Err(e),
-    };
-    let partition = handle.partition(0)?;
-    partition.leading(node.node_id)?;
-    let mut builder = BatchBuilder::new();
-    builder.push(&record);
-    let batch = builder
-        .build()
-        .ok_or_else(|| BrokerError::Internal("empty dead-letter batch".into()))?;
-    let rx = node.submit_batch(topic, partition.group, batch).await?;
-    match tokio::time::timeout(crate::driver::APPLY_TIMEOUT, rx).await {
-        Ok(Ok(Ok(Applied::Batch { .. }))) => Ok(()),
-        Ok(Ok(Ok(_))) => Err(BrokerError::Internal("dead letter answered oddly".into())),
-        Ok(Ok(Err(e))) => Err(e),
-        Ok(Err(_)) => Err(BrokerError::ShuttingDown),
-        Err(_) => Err(BrokerError::Timeout("writing a dead letter".into())),
-    }
+/// This node's producer for dead letters, made on first use.
+pub struct DeadLetters {
+    seed: String,
+    producer: OnceCell<(Client, Producer)>,
 }
 
-async fn create(node: &NodeHandle, topic: &str) -> Result<()> {
-    let config = TopicConfig {
-        partitions: 1,
-        replication_factor: 0,
-        retention_ms: 0,
-        retention_bytes: 0,
-        max_batch_bytes: crate::service::DEFAULT_MAX_BATCH_BYTES,
-    };
-    match node.create_topic(topic.to_string(), config).await {
-        Ok(_) | Err(BrokerError::TopicExists(_)) => {}
-        Err(e) => return Err(e),
-    }
-    let mut changes = node.catalog.changes();
-    let wait = async {
-        while node.catalog.topic(topic).is_err() {
-            if changes.changed().await.is_err() {
-                return Err(BrokerError::ShuttingDown);
-            }
+fn failed(e: covet_client::Error) -> BrokerError {
+    BrokerError::Internal(format!("dead-letter write: {e}"))
+}
+
+impl DeadLetters {
+    /// Dead letters written through the broker at `seed` (this node's
+    /// client address).
+    pub fn new(seed: String) -> DeadLetters {
+        DeadLetters {
+            seed,
+            producer: OnceCell::new(),
         }
-        Ok(())
-    };
-    tokio::time::timeout(TOPIC_OPEN_WAIT, wait)
-        .await
-        .map_err(|_| BrokerError::Timeout("waiting for the dead-letter topic to open".into()))?
+    }
+
+    /// Writes `record` to `topic`'s partition 0, creating the topic if
+    /// needed.
+    pub async fn write(&self, topic: &str, record: Record) -> Result<()> {
+        let (client, producer) = self
+            .producer
+            .get_or_try_init(|| async {
+                let client = Client::connect(&self.seed).await.map_err(failed)?;
+                let producer = client.producer(ProducerConfig {
+                    linger: Duration::ZERO,
+                    ..Default::default()
+                });
+                Ok::<_, BrokerError>((client, producer))
+            })
+            .await?;
+        let send = async {
+            match client.describe_topic(topic).await {
+                Ok(_) => {}
+                Err(e) if e.reason() == Some(Reason::UnknownTopic) => {
+                    match client.create_topic(TopicSpec::new(topic)).await {
+                        Ok(_) => {}
+                        Err(e) if e.reason() == Some(Reason::TopicExists) => {}
+                        Err(e) => return Err(failed(e)),
+                    }
+                }
+                Err(e) => return Err(failed(e)),
+            }
+            let delivery = producer.send_to(topic, 0, record).await.map_err(failed)?;
+            producer.flush().await.map_err(failed)?;
+            delivery.await.map_err(failed)?;
+            Ok(())
+        };
+        tokio::time::timeout(WRITE_TIMEOUT, send)
+            .await
+            .map_err(|_| BrokerError::Timeout("writing a dead letter".into()))?
+    }
 }

@@ -31,6 +31,7 @@ use tonic::{Status, Streaming};
 
 use crate::catalog::{LocalReplica, PartitionHandle};
 use crate::consumer::cursor::{Cursor, Limits, Next};
+use crate::consumer::dead_letters::DeadLetters;
 use crate::driver::NodeHandle;
 use crate::error::{BrokerError, Result};
 use crate::state::groups::GroupEntry;
@@ -64,12 +65,21 @@ type SharedSlot = Arc<tokio::sync::Mutex<Slot>>;
 
 /// The cursors of every group on every partition this node leads, by
 /// (group name, Raft group).
-#[derive(Default)]
 pub struct GroupSessions {
     slots: Mutex<HashMap<(String, u64), SharedSlot>>,
+    dead_letters: DeadLetters,
 }
 
 impl GroupSessions {
+    /// Sessions of a node whose client address is `address` (its dead
+    /// letters are written through it).
+    pub fn new(address: String) -> GroupSessions {
+        GroupSessions {
+            slots: Mutex::default(),
+            dead_letters: DeadLetters::new(address),
+        }
+    }
+
     fn slot(&self, group: &str, raft_group: u64) -> SharedSlot {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         Arc::clone(
@@ -144,6 +154,7 @@ fn limits(g: &GroupSession) -> Result<Limits> {
 
 /// A group session, opened and ready to run.
 pub struct Session {
+    sessions: Arc<GroupSessions>,
     node: NodeHandle,
     topic: String,
     partition: u32,
@@ -166,7 +177,7 @@ impl Session {
     /// starts.
     #[allow(clippy::too_many_arguments)]
     pub async fn open(
-        sessions: &GroupSessions,
+        sessions: &Arc<GroupSessions>,
         node: NodeHandle,
         topic: &str,
         partition: &PartitionHandle,
@@ -223,6 +234,7 @@ impl Session {
             g.dead_letter_topic.clone()
         };
         Ok(Session {
+            sessions: Arc::clone(sessions),
             node,
             topic: topic.to_string(),
             partition: partition.partition,
@@ -518,7 +530,10 @@ impl Session {
             headers,
             timestamp_ms: record.timestamp_ms,
         };
-        crate::consumer::dead_letters::write(&self.node, &self.dead_letter_topic, dead).await
+        self.sessions
+            .dead_letters
+            .write(&self.dead_letter_topic, dead)
+            .await
     }
 
     /// Commits the group's progress if it changed (errors are logged: the
