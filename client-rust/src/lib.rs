@@ -13,6 +13,7 @@
 mod consumer;
 mod error;
 mod groups;
+mod membership;
 pub mod partitioner;
 mod producer;
 mod routing;
@@ -32,6 +33,7 @@ pub use covet_protocol::api::{
 pub use covet_protocol::batch::{Header, Record};
 pub use covet_protocol::Reason;
 pub use error::{Error, Result};
+pub use membership::{AssignmentTarget, Membership};
 pub use producer::{Delivery, Producer, ProducerConfig, ProducerStats, RecordMetadata};
 
 /// The broker address used when none is given.
