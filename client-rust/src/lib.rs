@@ -12,6 +12,7 @@
 
 mod consumer;
 mod error;
+mod group_consumer;
 mod groups;
 pub mod partitioner;
 mod producer;
@@ -32,6 +33,9 @@ pub use covet_protocol::api::{
 pub use covet_protocol::batch::{Header, Record};
 pub use covet_protocol::Reason;
 pub use error::{Error, Result};
+pub use group_consumer::{
+    Acker, Assigner, GroupConsumer, GroupConsumerConfig, GroupRecord, ACK_LINGER,
+};
 pub use producer::{Delivery, Producer, ProducerConfig, ProducerStats, RecordMetadata};
 
 /// The broker address used when none is given.
