@@ -398,3 +398,49 @@ async fn bad_settings_are_refused() {
         Err(covet_client::Error::InvalidArgument(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_connection_is_opened_again_and_nothing_is_handed_out_twice() {
+    let mut broker = Broker::start();
+    let client = Client::connect(&broker.addr).await.unwrap();
+    let records: Vec<_> = values(6).map(|v| (0, None, v)).collect();
+    produce(&client, "t", 1, &records).await;
+
+    // A short ack timeout: the broker's session of the lost connection
+    // lives on for a moment after the broker resumes and may take a
+    // record out of the shared cursor (same generation, so not fenced);
+    // that record comes back only after the ack timeout.
+    let mut c = client
+        .group_consumer(GroupConsumerConfig {
+            max_in_flight: 3,
+            ack_timeout: Duration::from_secs(2),
+            ..config("m1")
+        })
+        .unwrap();
+    c.assign(1, vec![("t".into(), 0)]).await.unwrap();
+    let mut first = take(&mut c, 3).await.into_iter();
+    let mut offsets: Vec<u64> = Vec::new();
+    let zero = first.next().unwrap();
+    offsets.push(zero.offset);
+    zero.ack();
+    // The broker stops answering for longer than the client's keepalive
+    // takes to declare the connection dead (1 s + 2 s): the session's
+    // stream fails and is opened again once the broker answers. The
+    // records in hand meanwhile are acknowledged across the reconnect.
+    broker.pause();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for r in first {
+        offsets.push(r.offset);
+        r.ack();
+    }
+    broker.resume();
+    for r in take(&mut c, 3).await {
+        offsets.push(r.offset);
+        r.ack();
+    }
+    offsets.sort_unstable();
+    assert_eq!(offsets, (0..6).collect::<Vec<_>>());
+    assert_quiet(&mut c, "nothing is handed out twice").await;
+    wait_committed(&client, "t", &[(0, 6)]).await;
+    assert_eq!(c.owned(), vec![("t".to_string(), 0)]);
+}
