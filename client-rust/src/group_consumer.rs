@@ -33,8 +33,9 @@
 //! again), acks not yet sent go to the new stream. `FENCED` (a newer
 //! generation took the partition over) and any other error end that
 //! partition's session: the error is returned from [`GroupConsumer::next`]
-//! (its message names the partition) and the partition is no longer
-//! [`GroupConsumer::owned`].
+//! (its message names the partition), the partition is no longer
+//! [`GroupConsumer::owned`], and its records not yet taken are dropped
+//! (acks of records in hand go nowhere: the next owner gets them again).
 //!
 //! **Releasing a partition** ([`GroupConsumer::assign`] without it, or
 //! [`GroupConsumer::close`]): records of it not yet taken by the
@@ -234,8 +235,9 @@ impl Drop for Acker {
     }
 }
 
-/// What a session sends [`GroupConsumer::next`]: its "released" flag and
-/// a record or the error that ended it.
+/// What a session sends [`GroupConsumer::next`]: its "released" flag (set
+/// when it is released or ended) and a record or the error that ended
+/// it.
 type Item = (Arc<AtomicBool>, Result<GroupRecord>);
 type PartitionId = (String, u32);
 
@@ -341,11 +343,11 @@ impl GroupConsumer {
     pub async fn next(&mut self) -> Option<Result<GroupRecord>> {
         loop {
             let (released, item) = self.rx.recv().await?;
-            if !released.load(Ordering::Acquire) {
-                return Some(item);
-            }
-            if let Ok(r) = item {
-                r.acker.abandon();
+            match item {
+                // Its session ended or is being released: its acks would
+                // go nowhere, and the partition's next owner gets it.
+                Ok(r) if released.load(Ordering::Acquire) => r.acker.abandon(),
+                item => return Some(item),
             }
         }
     }
@@ -691,10 +693,12 @@ impl Part {
     }
 
     /// Hands the error that ends the session to the application, which
-    /// finds the partition no longer owned by then.
+    /// finds the partition no longer owned by then. Its records not yet
+    /// taken are not handed out: their acks would go nowhere.
     fn fail(&self, e: Error) -> Error {
         let e = self.name(e);
         self.ended.store(true, Ordering::Release);
+        self.released.store(true, Ordering::Release);
         let _ = self.out.send((self.released.clone(), Err(e.clone())));
         e
     }

@@ -444,3 +444,34 @@ async fn a_lost_connection_is_opened_again_and_nothing_is_handed_out_twice() {
     wait_committed(&client, "t", &[(0, 6)]).await;
     assert_eq!(c.owned(), vec![("t".to_string(), 0)]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_a_fenced_session_not_yet_taken_are_not_handed_out() {
+    let broker = Broker::start();
+    let client = Client::connect(&broker.addr).await.unwrap();
+    let records: Vec<_> = values(4).map(|v| (0, None, v)).collect();
+    produce(&client, "t", 1, &records).await;
+
+    let mut a = client.group_consumer(config("a")).unwrap();
+    a.assign(1, vec![("t".into(), 0)]).await.unwrap();
+    // The broker sends all four in one message: once the first is taken,
+    // the other three wait in `a` to be taken.
+    let first = next(&mut a).await;
+    assert_eq!(first.offset, 0);
+    let mut b = client.group_consumer(config("b")).unwrap();
+    b.assign(2, vec![("t".into(), 0)]).await.unwrap();
+    // Once `a`'s session has ended (fenced), what it still holds for the
+    // application is not handed out; the error is.
+    assert!(common::wait_until(STEP, || a.owned().is_empty()).await);
+    let got = tokio::time::timeout(STEP, a.next())
+        .await
+        .expect("in time")
+        .expect("open")
+        .map(|r| r.offset);
+    assert_eq!(
+        got.map_err(|e| e.reason()),
+        Err(Some(Reason::Fenced)),
+        "records of the fenced session are the new owner's"
+    );
+    assert_eq!(take(&mut b, 4).await.len(), 4);
+}
