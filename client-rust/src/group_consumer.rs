@@ -73,7 +73,7 @@ use covet_protocol::batch::{BatchRecords, Header, StoredRecord};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Streaming;
 
 use crate::routing::Rpc;
@@ -527,7 +527,12 @@ struct Ctx {
 
 /// One open group session stream.
 struct Conn {
-    requests: mpsc::Sender<SubscribeRequest>,
+    /// Unbounded in type only: what waits in it is acks and nacks of
+    /// records the broker counts as out, so at most `max_in_flight` plus
+    /// the copies it sent. Never blocking here matters: a task waiting to
+    /// send would stop reading, while the broker, waiting to send, stops
+    /// reading acks.
+    requests: mpsc::UnboundedSender<SubscribeRequest>,
     responses: Streaming<SubscribeResponse>,
 }
 
@@ -595,13 +600,13 @@ async fn run_session(
                     part.resolve(r);
                 }
                 if part.acks.len() >= ACKS_PER_MESSAGE || !part.nacks.is_empty() {
-                    part.flush(&conn.requests).await;
+                    part.flush(&conn.requests);
                 }
                 continue;
             }
             _ = tokio::time::sleep_until(flush_at.unwrap_or_else(Instant::now)),
                 if flush_at.is_some() => {
-                part.flush(&conn.requests).await;
+                part.flush(&conn.requests);
                 continue;
             }
             msg = conn.responses.message() => match msg {
@@ -628,7 +633,7 @@ async fn run_session(
                 Err(e) => return Err(part.fail(e)),
             },
         };
-        part.flush(&conn.requests).await;
+        part.flush(&conn.requests);
     }
 }
 
@@ -646,7 +651,7 @@ async fn connect(ctx: &Ctx, topic: &str, partition: u32) -> Result<Conn> {
 }
 
 async fn open(mut rpc: Rpc, topic: &str, partition: u32, session: GroupSession) -> Result<Conn> {
-    let (requests, rx) = mpsc::channel(64);
+    let (requests, rx) = mpsc::unbounded_channel();
     let open = SubscribeOpen {
         topic: topic.to_string(),
         partition,
@@ -656,8 +661,11 @@ async fn open(mut rpc: Rpc, topic: &str, partition: u32, session: GroupSession) 
     let first = SubscribeRequest {
         kind: Some(subscribe_request::Kind::Open(open)),
     };
-    requests.send(first).await.map_err(|_| Error::Closed)?;
-    let mut responses = rpc.subscribe(ReceiverStream::new(rx)).await?.into_inner();
+    requests.send(first).map_err(|_| Error::Closed)?;
+    let mut responses = rpc
+        .subscribe(UnboundedReceiverStream::new(rx))
+        .await?
+        .into_inner();
     let first = tokio::time::timeout(CLOSE_TIMEOUT, responses.message())
         .await
         .map_err(|_| Error::Transport("no `opened` in time".into()))??;
@@ -829,7 +837,7 @@ impl Part {
 
     /// Sends the queued acks and nacks; what a broken stream refuses
     /// stays queued for the next one.
-    async fn flush(&mut self, requests: &mpsc::Sender<SubscribeRequest>) {
+    fn flush(&mut self, requests: &mpsc::UnboundedSender<SubscribeRequest>) {
         self.flush_at = None;
         while !self.acks.is_empty() {
             let n = self.acks.len().min(ACKS_PER_MESSAGE);
@@ -837,7 +845,7 @@ impl Part {
             let msg = SubscribeRequest {
                 kind: Some(subscribe_request::Kind::Acks(Acks { offsets })),
             };
-            if let Err(e) = requests.send(msg).await {
+            if let Err(e) = requests.send(msg) {
                 if let Some(subscribe_request::Kind::Acks(a)) = e.0.kind {
                     self.acks.splice(0..0, a.offsets);
                 }
@@ -848,7 +856,7 @@ impl Part {
             let msg = SubscribeRequest {
                 kind: Some(subscribe_request::Kind::Nack(nack)),
             };
-            if requests.send(msg).await.is_err() {
+            if requests.send(msg).is_err() {
                 self.nacks.push(nack);
                 return;
             }
@@ -887,7 +895,7 @@ impl Part {
         while let Ok(r) = resolutions.try_recv() {
             self.resolve(r);
         }
-        self.flush(&requests).await;
+        self.flush(&requests);
         // Closing the request side makes the broker commit and end the
         // stream.
         drop(requests);
