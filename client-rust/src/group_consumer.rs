@@ -87,6 +87,11 @@ const ACKS_PER_MESSAGE: usize = 4096;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The broker's limit on `max_in_flight`.
 const MAX_IN_FLIGHT: u32 = 10_000;
+/// Pauses between a session that broke soon after it opened and the next
+/// open: doubled from the first to the last.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(20), Duration::from_secs(1));
+/// A session that lived this long before it broke is opened again at once.
+const HEALTHY: Duration = Duration::from_secs(1);
 
 /// How a member consumes its partitions.
 #[derive(Debug, Clone)]
@@ -587,6 +592,8 @@ async fn run_session(
             return Err(e);
         }
     };
+    let mut backoff = BACKOFF.0;
+    let mut opened_at = Instant::now();
     loop {
         let flush_at = part.flush_at;
         let failure = tokio::select! {
@@ -625,14 +632,29 @@ async fn run_session(
             "group session broke; opening it again");
         // The new session takes back everything the old one had out.
         part.busy.values_mut().for_each(VecDeque::clear);
+        // A session that keeps breaking as soon as it opens (a leader
+        // that steps down at once, say) is not opened in a tight loop.
+        let pause = if opened_at.elapsed() < HEALTHY {
+            let next = (backoff * 2).min(BACKOFF.1);
+            std::mem::replace(&mut backoff, next)
+        } else {
+            backoff = BACKOFF.0;
+            Duration::ZERO
+        };
         conn = tokio::select! {
-            // The broker's side already ended (and committed).
+            // Nothing to commit through: the broken stream's session ends
+            // on the broker and commits by itself; acks not sent yet are
+            // lost, and the next owner gets those records again.
             _ = &mut release => return Ok(()),
-            c = connect(&ctx, &part.topic, part.partition) => match c {
+            c = async {
+                tokio::time::sleep(pause).await;
+                connect(&ctx, &part.topic, part.partition).await
+            } => match c {
                 Ok(c) => c,
                 Err(e) => return Err(part.fail(e)),
             },
         };
+        opened_at = Instant::now();
         part.flush(&conn.requests);
     }
 }
