@@ -41,7 +41,9 @@
 //! [`GroupConsumer::close`]): records of it not yet taken by the
 //! application are no longer handed out; the application gets up to
 //! [`GroupConsumerConfig::release_grace`] to resolve the ones it holds
-//! (acks made then still count); the acks go out, the request side is
+//! (acks made then still count, sent together at the end so that the
+//! broker does not deliver more in the meantime; a nack made then is not
+//! sent: the next owner gets the record at once); the request side is
 //! closed, and the broker commits the group's progress and ends the stream
 //! (awaited, for at most 5 s). Records still held after the grace are
 //! abandoned: their acks are ignored and the next owner gets them again.
@@ -272,6 +274,9 @@ struct Inner {
     config: Arc<GroupConsumerConfig>,
     generation: Arc<AtomicU64>,
     sessions: Mutex<HashMap<PartitionId, Entry>>,
+    /// Partitions taken out of `sessions` whose release is under way: still
+    /// owned. Locked after `sessions` when both are.
+    releasing: Mutex<Vec<PartitionId>>,
     /// `None` once closed.
     out: Mutex<Option<mpsc::UnboundedSender<Item>>>,
     /// One assignment change at a time.
@@ -314,6 +319,7 @@ impl Client {
             config: Arc::new(config),
             generation: Arc::new(AtomicU64::new(0)),
             sessions: Mutex::new(HashMap::new()),
+            releasing: Mutex::new(Vec::new()),
             out: Mutex::new(Some(tx)),
             assigning: tokio::sync::Mutex::new(()),
         };
@@ -383,7 +389,7 @@ impl Assigner {
         }
         inner.generation.store(generation, Ordering::Release);
         let wanted: HashSet<PartitionId> = partitions.into_iter().collect();
-        let (released, new): (Vec<Entry>, Vec<PartitionId>) = {
+        let (released, new) = {
             let mut sessions = inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
             sessions.retain(|_, e| !e.ended.load(Ordering::Acquire));
             let gone: Vec<PartitionId> = sessions
@@ -391,14 +397,14 @@ impl Assigner {
                 .filter(|p| !wanted.contains(*p))
                 .cloned()
                 .collect();
-            let released = gone.iter().filter_map(|p| sessions.remove(p)).collect();
-            let new = wanted
+            let released = self.take_for_release(&mut sessions, gone);
+            let new: Vec<PartitionId> = wanted
                 .into_iter()
                 .filter(|p| !sessions.contains_key(p))
                 .collect();
             (released, new)
         };
-        for outcome in futures::future::join_all(released.into_iter().map(Entry::release)).await {
+        for outcome in self.release(released).await {
             if let Err(e) = outcome {
                 tracing::warn!(error = %e, "a released group session did not end cleanly");
             }
@@ -443,7 +449,16 @@ impl Assigner {
             .filter(|(_, e)| !e.ended.load(Ordering::Acquire))
             .map(|(p, _)| p.clone())
             .collect();
+        owned.extend(
+            self.inner
+                .releasing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned(),
+        );
         owned.sort();
+        owned.dedup();
         owned
     }
 
@@ -456,16 +471,17 @@ impl Assigner {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        let all: Vec<Entry> = self
-            .inner
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-            .map(|(_, e)| e)
-            .collect();
+        let all = {
+            let mut sessions = self
+                .inner
+                .sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let ids = sessions.keys().cloned().collect();
+            self.take_for_release(&mut sessions, ids)
+        };
         let mut first = Ok(());
-        for outcome in futures::future::join_all(all.into_iter().map(Entry::release)).await {
+        for outcome in self.release(all).await {
             if let Err(e) = outcome {
                 if first.is_ok() {
                     first = Err(e);
@@ -473,6 +489,42 @@ impl Assigner {
             }
         }
         first
+    }
+
+    /// Takes the sessions of `ids` out of `sessions` (whose lock the
+    /// caller holds), marking them as being released.
+    fn take_for_release(
+        &self,
+        sessions: &mut HashMap<PartitionId, Entry>,
+        ids: Vec<PartitionId>,
+    ) -> Vec<(PartitionId, Entry)> {
+        let taken: Vec<(PartitionId, Entry)> = ids
+            .into_iter()
+            .filter_map(|p| sessions.remove(&p).map(|e| (p, e)))
+            .collect();
+        self.inner
+            .releasing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(taken.iter().map(|(p, _)| p.clone()));
+        taken
+    }
+
+    /// Releases `sessions` at once; each is owned until its release ends.
+    async fn release(&self, sessions: Vec<(PartitionId, Entry)>) -> Vec<Result<()>> {
+        let releases = sessions.into_iter().map(|(p, e)| async move {
+            let outcome = e.release().await;
+            let mut releasing = self
+                .inner
+                .releasing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = releasing.iter().position(|r| *r == p) {
+                releasing.swap_remove(i);
+            }
+            outcome
+        });
+        futures::future::join_all(releases).await
     }
 
     /// Spawns the session task of `p`; the receiver says whether it opened.
@@ -822,6 +874,10 @@ impl Part {
                 self.push_ack(o);
                 self.remember(o);
             }
+            // Not sent while releasing: the broker would deliver the
+            // record again to this session, raising its count for
+            // nothing; the next owner's session gets it at once anyway.
+            Resolution::Nack(..) if self.released.load(Ordering::Acquire) => {}
             Resolution::Nack(o, delay) => self.nacks.push(Nack {
                 offset: o,
                 delay_ms: u32::try_from(delay.as_millis()).unwrap_or(u32::MAX),

@@ -475,3 +475,53 @@ async fn records_of_a_fenced_session_not_yet_taken_are_not_handed_out() {
     );
     assert_eq!(take(&mut b, 4).await.len(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_waits_for_the_records_in_hand_and_their_acks_count() {
+    let broker = Broker::start();
+    let client = Client::connect(&broker.addr).await.unwrap();
+    let records: Vec<_> = values(3).map(|v| (0, None, v)).collect();
+    produce(&client, "t", 1, &records).await;
+
+    let mut a = client
+        .group_consumer(GroupConsumerConfig {
+            release_grace: STEP,
+            ..config("a")
+        })
+        .unwrap();
+    a.assign(1, vec![("t".into(), 0)]).await.unwrap();
+    let mut got = take(&mut a, 3).await.into_iter();
+    got.next().unwrap().ack();
+    let (one, two) = (got.next().unwrap(), got.next().unwrap());
+    let assigner = a.assigner();
+    let mut release = tokio::spawn(async move { assigner.assign(2, vec![]).await });
+    assert!(
+        tokio::time::timeout(QUIET, &mut release).await.is_err(),
+        "the release waits while records are in hand"
+    );
+    assert_eq!(
+        a.owned(),
+        vec![("t".to_string(), 0)],
+        "still owned meanwhile"
+    );
+    one.ack();
+    two.nack(Duration::ZERO);
+    tokio::time::timeout(STEP, release)
+        .await
+        .expect("released once nothing is in hand")
+        .unwrap()
+        .unwrap();
+    assert!(a.owned().is_empty());
+    let d = client.describe_group("g").await.unwrap();
+    assert_eq!(
+        d.partitions[0].committed, 2,
+        "the ack made meanwhile counts"
+    );
+
+    let mut b = client.group_consumer(config("b")).unwrap();
+    b.assign(3, vec![("t".into(), 0)]).await.unwrap();
+    let r = next(&mut b).await;
+    assert_eq!((r.offset, r.delivery_count), (2, 2));
+    r.ack();
+    assert_quiet(&mut b, "only the nacked record comes again").await;
+}
