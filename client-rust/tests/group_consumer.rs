@@ -133,6 +133,17 @@ async fn every_record_of_two_partitions_is_delivered_once_and_committed() {
     }
     assert_quiet(&mut c, "every record was acknowledged").await;
     wait_committed(&client, "t", &[(0, 10), (1, 10)]).await;
+    // Closed through an assigner (as a coordinator would on leaving):
+    // nothing owned, the stream ends, a later assign is refused.
+    let assigner = c.assigner();
+    assigner.close().await.unwrap();
+    assert!(c.owned().is_empty());
+    let end = tokio::time::timeout(STEP, c.next()).await.expect("in time");
+    assert!(end.is_none(), "the stream ends once closed");
+    assert!(matches!(
+        assigner.assign(2, parts).await,
+        Err(covet_client::Error::Closed)
+    ));
     c.close().await.unwrap();
 }
 
