@@ -12,6 +12,7 @@
 
 mod consumer;
 mod error;
+mod group_consumer;
 mod groups;
 mod membership;
 pub mod partitioner;
@@ -33,6 +34,9 @@ pub use covet_protocol::api::{
 pub use covet_protocol::batch::{Header, Record};
 pub use covet_protocol::Reason;
 pub use error::{Error, Result};
+pub use group_consumer::{
+    Acker, Assigner, GroupConsumer, GroupConsumerConfig, GroupRecord, ACK_LINGER,
+};
 pub use membership::{AssignmentTarget, Membership};
 pub use producer::{Delivery, Producer, ProducerConfig, ProducerStats, RecordMetadata};
 
