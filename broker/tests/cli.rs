@@ -423,3 +423,143 @@ fn group_reset_describe_list_and_delete() {
     ));
     assert!(list.is_empty(), "{list}");
 }
+
+/// A `covet subscribe --group` process whose printed values are collected.
+struct GroupMember {
+    child: std::process::Child,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl GroupMember {
+    fn start(broker: &Broker, group: &str) -> GroupMember {
+        let mut child = Command::new(covet_bin())
+            .args([
+                "subscribe",
+                "jobs",
+                "--group",
+                group,
+                "--session-timeout-ms",
+                "2000",
+                "--format",
+                "value",
+                "--broker",
+                &broker.addr,
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().unwrap();
+        let into = std::sync::Arc::clone(&seen);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                into.lock().unwrap().push(line);
+            }
+        });
+        GroupMember { child, seen }
+    }
+
+    fn seen(&self) -> std::collections::BTreeSet<String> {
+        self.seen.lock().unwrap().iter().cloned().collect()
+    }
+}
+
+impl Drop for GroupMember {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits for `cond`, polling every 50 ms, for at most `secs`.
+fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn publish_jobs(
+    broker: &Broker,
+    range: std::ops::Range<u32>,
+) -> std::collections::BTreeSet<String> {
+    let lines: String = range.clone().map(|i| format!("job-{i}\n")).collect();
+    ok(&covet(broker, &["publish", "jobs"], Some(&lines)));
+    range.map(|i| format!("job-{i}")).collect()
+}
+
+/// The "Done when": two `covet subscribe --group` processes share a
+/// topic; killing one hands its partitions to the other; every record is
+/// handled at least once; `covet group describe` shows the lag falling to
+/// zero; a reset to earliest makes the group handle the whole topic again.
+#[test]
+fn two_group_members_share_a_topic_survive_a_kill_and_a_reset_replays_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), &[]);
+    ok(&covet(
+        &broker,
+        &["topic", "create", "jobs", "--partitions", "4"],
+        None,
+    ));
+    let a = GroupMember::start(&broker, "workers");
+    let b = GroupMember::start(&broker, "workers");
+    // Published in rounds until both members have handled some: b joins
+    // while a may already hold every partition, and gets its share once a
+    // released it.
+    let mut all = std::collections::BTreeSet::new();
+    let mut next = 0;
+    wait_for("both members handle records", 30, || {
+        all.extend(publish_jobs(&broker, next..next + 50));
+        next += 50;
+        !a.seen().is_empty() && !b.seen().is_empty()
+    });
+    wait_for("every record handled", 30, || {
+        let both: std::collections::BTreeSet<String> = a.seen().union(&b.seen()).cloned().collect();
+        both.is_superset(&all)
+    });
+
+    // a is killed: b takes its partitions within the session timeout and a
+    // rebalance, and handles what comes next (and what a left unacked).
+    drop(a);
+    let later = publish_jobs(&broker, next..next + 200);
+    all.extend(later.iter().cloned());
+    wait_for("b handles everything after the kill", 30, || {
+        b.seen().is_superset(&later)
+    });
+    let lag_zero = || {
+        let out = covet(
+            &broker,
+            &["group", "describe", "workers", "--format", "json"],
+            None,
+        );
+        out.status.success()
+            && json_lines(&String::from_utf8_lossy(&out.stdout))
+                .iter()
+                .all(|p| p["lag"] == 0)
+    };
+    wait_for("the lag falls to zero", 30, lag_zero);
+    drop(b);
+
+    // A reset to earliest: the group handles the whole topic again.
+    let reset = json_lines(&ok(&covet(
+        &broker,
+        &[
+            "group",
+            "reset",
+            "workers",
+            "--topic",
+            "jobs",
+            "--to-earliest",
+            "--format",
+            "json",
+        ],
+        None,
+    )));
+    assert_eq!(reset.len(), 4);
+    assert!(reset.iter().all(|p| p["committed"] == 0), "{reset:?}");
+    let c = GroupMember::start(&broker, "workers");
+    wait_for("the whole topic handled again", 30, || {
+        c.seen().is_superset(&all)
+    });
+}

@@ -378,3 +378,31 @@ async fn describe_shows_lag_and_a_reset_to_earliest_hands_out_everything_again()
         .is_empty());
     assert!(client.list_groups().await.unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_with_the_same_generation_takes_over_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), &[]);
+    produce(&broker.addr, "t", 10).await;
+
+    // The member's connection is lost (as far as it knows) with three
+    // records out; it reconnects with the same generation.
+    let mut lost = join(&broker.addr, "t", session("g", 1, 3)).await.unwrap();
+    assert_eq!(offsets(&lost.take(3).await), vec![0, 1, 2]);
+    let mut again = join(&broker.addr, "t", session("g", 1, 3)).await.unwrap();
+    // At once, not after the 30 s ack timeout: the new session has them.
+    let taken = tokio::time::timeout(Duration::from_secs(5), again.take(3))
+        .await
+        .expect("the records out with the lost session come back at once");
+    assert_eq!(
+        taken.iter().map(|g| (g.0, g.1)).collect::<Vec<_>>(),
+        vec![(0, 2), (1, 2), (2, 2)]
+    );
+    // The old session ends quietly and delivers nothing more.
+    let end = tokio::time::timeout(STEP, lost.rx.message())
+        .await
+        .expect("the old session ends");
+    assert!(matches!(end, Ok(None)), "{end:?}");
+    again.ack(0..3).await;
+    assert_eq!(offsets(&again.take(3).await), vec![3, 4, 5]);
+}

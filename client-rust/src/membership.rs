@@ -163,7 +163,8 @@ async fn heartbeat_loop(
             Ok(a) => a,
             Err(e) if e.reason() == Some(Reason::UnknownMember) => {
                 tracing::info!(%group, member = %id, "removed from the group; joining again");
-                if let Err(e) = target.assign(0, Vec::new()).await {
+                let generation = shared.lock().await.generation;
+                if let Err(e) = target.assign(generation, Vec::new()).await {
                     tracing::warn!(%group, error = %e, "closing sessions before rejoining");
                 }
                 match client.join_group(&group, &topics, timeout_ms).await {
@@ -204,5 +205,20 @@ async fn heartbeat_loop(
         let mut reported = owned;
         reported.sort();
         soon = now_owned != reported;
+    }
+}
+
+/// The group consumer's sessions are what membership drives.
+impl AssignmentTarget for crate::Assigner {
+    fn assign(
+        &self,
+        generation: u64,
+        partitions: Vec<(String, u32)>,
+    ) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>> {
+        Box::pin(crate::Assigner::assign(self, generation, partitions))
+    }
+
+    fn owned(&self) -> Vec<(String, u32)> {
+        crate::Assigner::owned(self)
     }
 }

@@ -1,9 +1,13 @@
 //! `covet subscribe` and `covet replay`.
 
 use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use covet_client::{Client, ConsumedRecord, StartPosition, SubscriptionOptions};
+use covet_client::{
+    Client, ConsumedRecord, GroupConsumerConfig, Membership, StartPosition, SubscriptionOptions,
+};
 
 use super::output::record_json;
 use super::{parse_position, parse_time_ms, Conn};
@@ -28,6 +32,18 @@ pub struct SubscribeArgs {
     /// Follow only this partition.
     #[arg(long)]
     partition: Option<u32>,
+    /// Consume as a member of this consumer group: share the topic's
+    /// partitions with the group's other members, start from the group's
+    /// committed offsets, and acknowledge each record once printed.
+    #[arg(long)]
+    group: Option<String>,
+    /// With --group: records held unacknowledged per partition at most.
+    #[arg(long, default_value_t = 100)]
+    max_in_flight: u32,
+    /// With --group: how long the member may be silent before the group
+    /// gives its partitions to the others.
+    #[arg(long, default_value_t = 10_000)]
+    session_timeout_ms: u64,
     #[arg(long, value_enum, default_value = "json")]
     format: RecordFormat,
     #[command(flatten)]
@@ -65,6 +81,9 @@ fn print(out: &mut impl Write, r: &ConsumedRecord, format: RecordFormat) -> std:
 
 /// Follows the topic until interrupted.
 pub async fn subscribe(a: SubscribeArgs) -> anyhow::Result<()> {
+    if let Some(group) = a.group.clone() {
+        return subscribe_group(a, group).await;
+    }
     let client = a.conn.connect().await?;
     let mut options = SubscriptionOptions::new(a.topic.clone(), parse_position(&a.from, true)?);
     options.partitions = a.partition.map(|p| vec![p]);
@@ -82,6 +101,58 @@ pub async fn subscribe(a: SubscribeArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
     }
+}
+
+/// `covet subscribe --group`: joins the group, prints each record it is
+/// given, then acknowledges it; leaves the group (committing) on Ctrl-C or
+/// SIGTERM.
+async fn subscribe_group(a: SubscribeArgs, group: String) -> anyhow::Result<()> {
+    if a.partition.is_some() {
+        anyhow::bail!("--partition cannot be combined with --group: the group assigns partitions");
+    }
+    let client = a.conn.connect().await?;
+    let mut config = GroupConsumerConfig::new(group.clone(), format!("cli-{}", std::process::id()));
+    config.max_in_flight = a.max_in_flight;
+    let mut consumer = client.group_consumer(config)?;
+    let membership = Membership::join(
+        client.clone(),
+        &group,
+        vec![a.topic.clone()],
+        Duration::from_millis(a.session_timeout_ms),
+        Arc::new(consumer.assigner()),
+    )
+    .await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            r = consumer.next() => match r {
+                Some(Ok(r)) => {
+                    let printed = ConsumedRecord {
+                        topic: r.topic.clone(),
+                        partition: r.partition,
+                        offset: r.offset,
+                        timestamp_ms: r.timestamp_ms,
+                        key: r.key.clone(),
+                        value: r.value.clone(),
+                        headers: r.headers.clone(),
+                    };
+                    let mut out = std::io::stdout().lock();
+                    print(&mut out, &printed, a.format)?;
+                    out.flush()?;
+                    r.ack();
+                }
+                // A partition taken over (FENCED) or lost: membership
+                // hands out the group's current assignment.
+                Some(Err(e)) => tracing::info!(error = %e, "a partition session ended"),
+                None => break,
+            },
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+    }
+    membership.leave().await?;
+    consumer.close().await?;
+    Ok(())
 }
 
 /// Where a replay stops in one partition.

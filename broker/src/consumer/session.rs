@@ -55,6 +55,10 @@ struct Slot {
     generation: watch::Sender<u64>,
     /// The generation of the session running now, if one is.
     active: Option<u64>,
+    /// Counts the sessions opened: the running one is the newest. A member
+    /// that reconnects opens a session of the same generation, which takes
+    /// over from the one its lost connection left behind.
+    serial: u64,
     /// Raised by a reset or deletion of the group here; sessions watch it
     /// and end.
     resets: watch::Sender<u64>,
@@ -93,6 +97,7 @@ impl GroupSessions {
                         term: 0,
                         generation,
                         active: None,
+                        serial: 0,
                         resets,
                     }))
                 }),
@@ -162,6 +167,8 @@ pub struct Session {
     replica: LocalReplica,
     group: String,
     generation: u64,
+    /// This session's number in its slot (see `Slot::serial`).
+    serial: u64,
     dead_letter_topic: String,
     slot: SharedSlot,
     fence: watch::Receiver<u64>,
@@ -219,11 +226,12 @@ impl Session {
                     s.term = term;
                 }
             }
+            s.serial += 1;
             s.generation.send_replace(g.generation);
             s.active = Some(g.generation);
-            (s.generation.subscribe(), s.resets.subscribe())
+            (s.generation.subscribe(), s.resets.subscribe(), s.serial)
         };
-        let (fence, resets) = fence;
+        let (fence, resets, serial) = fence;
         let committed = {
             let s = slot.lock().await;
             s.cursor.as_ref().map_or(0, Cursor::committed)
@@ -242,6 +250,7 @@ impl Session {
             replica,
             group: g.group.clone(),
             generation: g.generation,
+            serial,
             dead_letter_topic,
             slot,
             fence,
@@ -268,7 +277,7 @@ impl Session {
             session.commit().await;
             {
                 let mut s = session.slot.lock().await;
-                if s.active == Some(session.generation) {
+                if s.serial == session.serial {
                     s.active = None;
                 }
             }
@@ -329,6 +338,10 @@ impl Session {
                             self.group
                         )));
                     }
+                    if self.slot.lock().await.serial != self.serial {
+                        // The member reconnected: its new session took over.
+                        return Ok(());
+                    }
                 }
                 _ = self.resets.changed() => {
                     return Err(BrokerError::Fenced(format!(
@@ -383,6 +396,10 @@ impl Session {
             let progress = *self.replica.progress.borrow();
             let (records, dead) = {
                 let mut s = self.slot.lock().await;
+                if s.serial != self.serial {
+                    // Taken over by a newer session of this member.
+                    return Ok(true);
+                }
                 let Some(cursor) = s.cursor.as_mut() else {
                     return Ok(true);
                 };
