@@ -107,6 +107,20 @@ impl Client {
             .await
     }
 
+    /// [`Client::describe_group`] as node `node` answers it from its own
+    /// applied state, for comparing replicas.
+    pub async fn describe_group_on(&self, node: u64, group: &str) -> Result<DescribeGroupResponse> {
+        let _ = self.router().metadata().await?;
+        let mut c = self
+            .router()
+            .node(node)
+            .ok_or_else(|| crate::Error::InvalidArgument(format!("unknown node {node}")))?;
+        let req = DescribeGroupRequest {
+            group: group.to_string(),
+        };
+        Ok(c.describe_group(req).await?.into_inner())
+    }
+
     /// Moves `group`'s committed offset on `topic` (every partition, or
     /// only `partition`) to `to`. Refused with `GROUP_ACTIVE` while a member
     /// consumes a partition, unless `force`, which ends that member's

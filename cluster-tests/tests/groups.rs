@@ -9,6 +9,10 @@ use covet_client::{Client, TopicSpec};
 use covet_cluster_tests::Cluster;
 use covet_protocol::api::MemberAssignment;
 
+/// One cluster at a time: two on two cores slow each other past their
+/// election timeouts.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const TOPIC: &str = "work";
 const PARTITIONS: u32 = 6;
 const CONVERGE: Duration = Duration::from_secs(20);
@@ -48,6 +52,7 @@ async fn heartbeat_until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_group_survives_the_loss_of_its_coordinator() {
+    let _one = SERIAL.lock().await;
     let mut cluster = Cluster::start(3).await.expect("cluster");
     let client = Client::connect(&cluster.client_addrs())
         .await
@@ -109,4 +114,115 @@ async fn the_group_survives_the_loss_of_its_coordinator() {
     .await;
     assert!(all.generation > a_after.generation);
     assert!(cluster.panics().is_empty(), "{:?}", cluster.panics());
+}
+
+/// A member consumes a replicated topic through the kill -9 of a
+/// partition leader; every record is handled at least once, and every
+/// node's applied state shows the group's lag at zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_consumes_through_a_leader_kill_and_every_node_shows_lag_zero() {
+    let _one = SERIAL.lock().await;
+    let mut cluster = Cluster::start(3).await.expect("cluster");
+    let client = Client::connect(&cluster.client_addrs())
+        .await
+        .expect("client");
+    client
+        .create_topic(TopicSpec {
+            replication_factor: 3,
+            ..TopicSpec::new(TOPIC).partitions(2)
+        })
+        .await
+        .expect("create topic");
+    for p in 0..2 {
+        cluster
+            .wait_leader(TOPIC, p, CONVERGE, |_| true)
+            .await
+            .expect("partition leader");
+    }
+    let producer = client.producer(covet_client::ProducerConfig::default());
+    let publish = |from: u32, to: u32| {
+        let producer = &producer;
+        async move {
+            let mut acks = Vec::new();
+            for i in from..to {
+                let r = covet_client::Record {
+                    value: format!("r{i}").into(),
+                    ..Default::default()
+                };
+                acks.push(producer.send(TOPIC, r).await.expect("send"));
+            }
+            producer.flush().await.expect("flush");
+            for a in acks {
+                tokio::time::timeout(CONVERGE, a)
+                    .await
+                    .expect("acked in time")
+                    .expect("acked");
+            }
+        }
+    };
+    publish(0, 200).await;
+
+    let mut consumer = client
+        .group_consumer(covet_client::GroupConsumerConfig::new("g", "m"))
+        .expect("consumer");
+    let member = covet_client::Membership::join(
+        client.clone(),
+        "g",
+        vec![TOPIC.to_string()],
+        Duration::from_secs(8),
+        std::sync::Arc::new(consumer.assigner()),
+    )
+    .await
+    .expect("join");
+    let mut seen = std::collections::BTreeSet::new();
+    take_until(&mut consumer, &mut seen, 100).await;
+    let leader = cluster
+        .leader_of(TOPIC, 0)
+        .await
+        .expect("views")
+        .expect("a leader");
+    cluster
+        .kill9(leader)
+        .await
+        .expect("kill a partition leader");
+    publish(200, 300).await;
+    take_until(&mut consumer, &mut seen, 300).await;
+    for i in 0..300 {
+        assert!(seen.contains(&format!("r{i}")), "r{i} never handled");
+    }
+    cluster.restart(leader).await.expect("restart");
+    // Every node, the restarted one included, applies the commits.
+    for node in cluster.node_ids() {
+        let zero = covet_cluster_tests::wait_until(CONVERGE, || async {
+            let d = client.describe_group_on(node, "g").await.ok()?;
+            (d.partitions.len() == 2 && d.partitions.iter().all(|p| p.lag == 0)).then_some(())
+        })
+        .await;
+        assert!(zero.is_ok(), "node {node} never showed lag 0");
+    }
+    member.leave().await.expect("leave");
+    assert!(cluster.panics().is_empty(), "{:?}", cluster.panics());
+}
+
+/// Handles (and acks) records until `seen` holds `n` distinct values.
+async fn take_until(
+    consumer: &mut covet_client::GroupConsumer,
+    seen: &mut std::collections::BTreeSet<String>,
+    n: usize,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    while seen.len() < n {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, consumer.next()).await {
+            Ok(Some(Ok(r))) => {
+                seen.insert(String::from_utf8(r.value.to_vec()).expect("utf8"));
+                r.ack();
+            }
+            // A session ended (fenced, or lost with its leader):
+            // membership reassigns.
+            Ok(Some(Err(_))) => {}
+            Ok(None) => panic!("the consumer closed"),
+            Err(_) => panic!("only {} of {n} records handled", seen.len()),
+        }
+    }
 }
