@@ -28,6 +28,9 @@ struct Member {
     tx: mpsc::Sender<SubscribeRequest>,
     rx: Streaming<SubscribeResponse>,
     opened: Opened,
+    /// Values of every record in the batches received on this stream: the
+    /// broker does not send a batch again while the client keeps it.
+    values: std::collections::HashMap<u64, String>,
 }
 
 fn session(group: &str, generation: u64, max_in_flight: u32) -> GroupSession {
@@ -61,7 +64,12 @@ async fn join(addr: &str, topic: &str, g: GroupSession) -> Result<Member, Status
         .await
         .expect("opened in time")?;
     match first.and_then(|m| m.kind) {
-        Some(subscribe_response::Kind::Opened(opened)) => Ok(Member { tx, rx, opened }),
+        Some(subscribe_response::Kind::Opened(opened)) => Ok(Member {
+            tx,
+            rx,
+            opened,
+            values: std::collections::HashMap::new(),
+        }),
         other => panic!("expected opened, got {other:?}"),
     }
 }
@@ -73,16 +81,16 @@ impl Member {
         let msg = tokio::time::timeout(wait, self.rx.message()).await.ok()?;
         match msg.expect("stream open").expect("a message").kind {
             Some(subscribe_response::Kind::Deliveries(d)) => {
-                let mut values = std::collections::HashMap::new();
                 for b in &d.batches {
                     for r in batch::decode_records(b).expect("valid batch") {
-                        values.insert(r.offset, String::from_utf8(r.value.to_vec()).unwrap());
+                        self.values
+                            .insert(r.offset, String::from_utf8(r.value.to_vec()).unwrap());
                     }
                 }
                 Some(
                     d.records
                         .iter()
-                        .map(|r| (r.offset, r.count, values[&r.offset].clone()))
+                        .map(|r| (r.offset, r.count, self.values[&r.offset].clone()))
                         .collect(),
                 )
             }
@@ -405,4 +413,30 @@ async fn a_reconnect_with_the_same_generation_takes_over_at_once() {
     assert!(matches!(end, Ok(None)), "{end:?}");
     again.ack(0..3).await;
     assert_eq!(offsets(&again.take(3).await), vec![3, 4, 5]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_the_client_keeps_is_not_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), &[]);
+    // 50 records in a few batches (the producer batches naturally).
+    produce(&broker.addr, "t", 50).await;
+    let mut m = join(&broker.addr, "t", session("g", 1, 1)).await.unwrap();
+    let mut batches_sent = 0;
+    for expected in 0..10u64 {
+        let msg = tokio::time::timeout(STEP, m.rx.message())
+            .await
+            .expect("a delivery in time")
+            .expect("stream open")
+            .expect("a message");
+        let Some(subscribe_response::Kind::Deliveries(d)) = msg.kind else {
+            panic!("expected deliveries");
+        };
+        batches_sent += d.batches.len();
+        assert_eq!(d.records.len(), 1);
+        assert_eq!(d.records[0].offset, expected);
+        m.ack([expected]).await;
+    }
+    // Each batch travels once, not once per record it holds.
+    assert!(batches_sent <= 3, "{batches_sent} batches sent for 10 records");
 }

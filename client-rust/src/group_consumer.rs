@@ -552,6 +552,7 @@ impl Assigner {
             recent: HashSet::new(),
             recent_order: VecDeque::new(),
             recent_cap: 2 * self.inner.config.max_in_flight as usize + 64,
+            batches: VecDeque::new(),
         };
         let ctx = Ctx {
             client: self.inner.client.clone(),
@@ -621,6 +622,10 @@ struct Part {
     recent: HashSet<u64>,
     recent_order: VecDeque<u64>,
     recent_cap: usize,
+    /// The last batches received on this stream, decoded: the broker
+    /// does not send them again ([`covet_protocol::GROUP_BATCH_MEMORY`]).
+    /// Each entry is (base offset, its records in offset order).
+    batches: VecDeque<(u64, Vec<StoredRecord>)>,
 }
 
 /// A partition session's task: opens the session (saying so on
@@ -682,8 +687,10 @@ async fn run_session(
         }
         tracing::debug!(topic = %part.topic, partition = part.partition, error = %failure,
             "group session broke; opening it again");
-        // The new session takes back everything the old one had out.
+        // The new session takes back everything the old one had out, and
+        // starts its own batch memory.
         part.busy.values_mut().for_each(VecDeque::clear);
+        part.batches.clear();
         // A session that keeps breaking as soon as it opens (a leader
         // that steps down at once, say) is not opened in a tight loop.
         let pause = if opened_at.elapsed() < HEALTHY {
@@ -791,22 +798,38 @@ impl Part {
                 "unexpected message on a group session".into(),
             ));
         };
-        let mut wanted: HashMap<u64, u32> = d.records.iter().map(|r| (r.offset, r.count)).collect();
         for b in d.batches {
-            let records = BatchRecords::new(b).map_err(bad_batch)?;
-            for r in records {
-                let r = r.map_err(bad_batch)?;
-                if let Some(count) = wanted.remove(&r.offset) {
-                    self.arrive(r, count);
+            // Counted even if it held nothing: the broker counts it too.
+            let base = covet_protocol::batch::read_header(&b)
+                .map_err(bad_batch)?
+                .base_offset;
+            let records: Vec<StoredRecord> = BatchRecords::new(b)
+                .map_err(bad_batch)?
+                .collect::<std::result::Result<_, _>>()
+                .map_err(bad_batch)?;
+            if self.batches.len() == covet_protocol::GROUP_BATCH_MEMORY {
+                self.batches.pop_front();
+            }
+            self.batches.push_back((base, records));
+        }
+        // Handed out in offset order, as per-key order needs.
+        let mut wanted: Vec<(u64, u32)> = d.records.iter().map(|r| (r.offset, r.count)).collect();
+        wanted.sort_unstable();
+        for (offset, count) in wanted {
+            let record = self.batches.iter().find_map(|(base, records)| {
+                let i = usize::try_from(offset.checked_sub(*base)?).ok()?;
+                records.get(i).filter(|r| r.offset == offset).cloned()
+            });
+            match record {
+                Some(r) => self.arrive(r, count),
+                None => {
+                    return Err(Error::Protocol(format!(
+                        "record {offset} was listed but is in none of the batches kept"
+                    )))
                 }
             }
         }
-        match wanted.keys().min() {
-            Some(o) => Err(Error::Protocol(format!(
-                "record {o} was listed but is in none of the batches sent"
-            ))),
-            None => Ok(()),
-        }
+        Ok(())
     }
 
     /// A delivered record: handed out, held behind its key, or dropped.
@@ -898,8 +921,17 @@ impl Part {
 
     fn push_ack(&mut self, offset: u64) {
         self.acks.push(offset);
-        self.flush_at
-            .get_or_insert_with(|| Instant::now() + ACK_LINGER);
+        // With nothing else in the application's hands no ack is coming to
+        // travel with this one: it goes at once (a member holding one
+        // record at a time would otherwise wait the linger every time).
+        let at = if self.in_hand.is_empty() {
+            Instant::now()
+        } else {
+            Instant::now() + ACK_LINGER
+        };
+        if self.flush_at.is_none_or(|t| t > at) {
+            self.flush_at = Some(at);
+        }
     }
 
     fn remember(&mut self, offset: u64) {

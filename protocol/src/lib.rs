@@ -38,6 +38,12 @@ pub use generated::internal::v1 as internal;
 
 pub use reason::Reason;
 
+/// A group session's batch memory: the broker does not send again a batch
+/// among the last this many it sent on the stream, and the client keeps
+/// that many (see `Deliveries` in `covet.proto`). A delivery of one record
+/// out of a large batch then costs the record's listing, not the batch.
+pub const GROUP_BATCH_MEMORY: usize = 4;
+
 /// The current time as record timestamps count it: milliseconds since the
 /// Unix epoch (0 if the clock is before it).
 pub fn now_ms() -> i64 {

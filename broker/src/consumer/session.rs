@@ -169,6 +169,9 @@ pub struct Session {
     generation: u64,
     /// This session's number in its slot (see `Slot::serial`).
     serial: u64,
+    /// The offsets `[base, end)` of the last batches sent on this stream,
+    /// which the client keeps ([`covet_protocol::GROUP_BATCH_MEMORY`]).
+    sent: std::collections::VecDeque<(u64, u64)>,
     dead_letter_topic: String,
     slot: SharedSlot,
     fence: watch::Receiver<u64>,
@@ -251,6 +254,7 @@ impl Session {
             group: g.group.clone(),
             generation: g.generation,
             serial,
+            sent: std::collections::VecDeque::new(),
             dead_letter_topic,
             slot,
             fence,
@@ -427,7 +431,30 @@ impl Session {
             if records.is_empty() {
                 continue;
             }
-            let batches = self.batches_holding(&records).await?;
+            // Records of batches the client keeps need no read and no send.
+            let missing: Vec<RecordDelivery> = records
+                .iter()
+                .filter(|r| {
+                    !self
+                        .sent
+                        .iter()
+                        .any(|&(base, end)| (base..end).contains(&r.offset))
+                })
+                .copied()
+                .collect();
+            let mut batches = Vec::new();
+            if !missing.is_empty() {
+                for (base, batch) in self.batches_holding(&missing).await? {
+                    let end = batch::read_header(&batch)
+                        .map(|h| h.next_offset())
+                        .map_err(|e| BrokerError::Storage(format!("stored batch: {e}")))?;
+                    if self.sent.len() == covet_protocol::GROUP_BATCH_MEMORY {
+                        self.sent.pop_front();
+                    }
+                    self.sent.push_back((base, end));
+                    batches.push(batch);
+                }
+            }
             let msg = Deliveries {
                 batches,
                 records,
@@ -443,8 +470,8 @@ impl Session {
     }
 
     /// The stored batches that hold `records` (each batch once, in offset
-    /// order).
-    async fn batches_holding(&self, records: &[RecordDelivery]) -> Result<Vec<Bytes>> {
+    /// order), with their base offsets.
+    async fn batches_holding(&self, records: &[RecordDelivery]) -> Result<Vec<(u64, Bytes)>> {
         let mut offsets: Vec<u64> = records.iter().map(|r| r.offset).collect();
         offsets.sort_unstable();
         let (index, storage) = (self.replica.index.clone(), self.replica.storage.clone());
@@ -491,7 +518,7 @@ impl Session {
                 }
             }
             out.dedup_by_key(|(base, _)| *base);
-            Ok(out.into_iter().map(|(_, b)| b).collect())
+            Ok(out)
         })
         .await
         .map_err(|s| BrokerError::Internal(s.message().to_string()))?
@@ -523,7 +550,7 @@ impl Session {
             .await?;
         let record = batches
             .iter()
-            .filter_map(|b| batch::decode_records(b).ok())
+            .filter_map(|(_, b)| batch::decode_records(b).ok())
             .flatten()
             .find(|r| r.offset == offset)
             .ok_or_else(|| BrokerError::Internal(format!("record {offset} not found")))?;
