@@ -438,5 +438,8 @@ async fn a_batch_the_client_keeps_is_not_sent_again() {
         m.ack([expected]).await;
     }
     // Each batch travels once, not once per record it holds.
-    assert!(batches_sent <= 3, "{batches_sent} batches sent for 10 records");
+    assert!(
+        batches_sent <= 3,
+        "{batches_sent} batches sent for 10 records"
+    );
 }

@@ -50,26 +50,33 @@ async fn heartbeat_until(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_group_survives_the_loss_of_its_coordinator() {
-    let _one = SERIAL.lock().await;
-    let mut cluster = Cluster::start(3).await.expect("cluster");
+/// A 3-node cluster with the topic replicated on every node, each of its
+/// partitions led, and a client.
+async fn setup(partitions: u32) -> (Cluster, Client) {
+    let cluster = Cluster::start(3).await.expect("cluster");
     let client = Client::connect(&cluster.client_addrs())
         .await
         .expect("client");
     client
         .create_topic(TopicSpec {
             replication_factor: 3,
-            ..TopicSpec::new(TOPIC).partitions(PARTITIONS)
+            ..TopicSpec::new(TOPIC).partitions(partitions)
         })
         .await
         .expect("create topic");
-    for p in 0..PARTITIONS {
+    for p in 0..partitions {
         cluster
             .wait_leader(TOPIC, p, CONVERGE, |_| true)
             .await
             .expect("partition leader");
     }
+    (cluster, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_group_survives_the_loss_of_its_coordinator() {
+    let _one = SERIAL.lock().await;
+    let (mut cluster, client) = setup(PARTITIONS).await;
     let topics = vec![TOPIC.to_string()];
     // Session timeouts long enough to ride out an election.
     let a = client
@@ -122,23 +129,7 @@ async fn the_group_survives_the_loss_of_its_coordinator() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_consumes_through_a_leader_kill_and_every_node_shows_lag_zero() {
     let _one = SERIAL.lock().await;
-    let mut cluster = Cluster::start(3).await.expect("cluster");
-    let client = Client::connect(&cluster.client_addrs())
-        .await
-        .expect("client");
-    client
-        .create_topic(TopicSpec {
-            replication_factor: 3,
-            ..TopicSpec::new(TOPIC).partitions(2)
-        })
-        .await
-        .expect("create topic");
-    for p in 0..2 {
-        cluster
-            .wait_leader(TOPIC, p, CONVERGE, |_| true)
-            .await
-            .expect("partition leader");
-    }
+    let (mut cluster, client) = setup(2).await;
     let producer = client.producer(covet_client::ProducerConfig::default());
     let publish = |from: u32, to: u32| {
         let producer = &producer;
