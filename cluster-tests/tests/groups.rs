@@ -217,3 +217,103 @@ async fn take_until(
         }
     }
 }
+
+/// Committed offsets survive kill -9 of every node: a member that joins
+/// after the restart starts where the group's commits left off (never
+/// before), and the group handles every record at least once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_offsets_survive_kill_9_of_every_node() {
+    let _one = SERIAL.lock().await;
+    let (mut cluster, client) = setup(2).await;
+    let producer = client.producer(covet_client::ProducerConfig::default());
+    for i in 0..200 {
+        let r = covet_client::Record {
+            value: format!("r{i}").into(),
+            ..Default::default()
+        };
+        drop(producer.send(TOPIC, r).await.expect("send"));
+    }
+    tokio::time::timeout(CONVERGE, producer.flush())
+        .await
+        .expect("flushed in time")
+        .expect("flushed");
+
+    let join = |client: Client| async move {
+        let consumer = client
+            .group_consumer(covet_client::GroupConsumerConfig::new("g", "m"))
+            .expect("consumer");
+        let member = covet_client::Membership::join(
+            client.clone(),
+            "g",
+            vec![TOPIC.to_string()],
+            Duration::from_secs(8),
+            std::sync::Arc::new(consumer.assigner()),
+        )
+        .await
+        .expect("join");
+        (consumer, member)
+    };
+    let (mut consumer, _member) = join(client.clone()).await;
+    let mut seen = std::collections::BTreeSet::new();
+    take_until(&mut consumer, &mut seen, 120).await;
+    // Every record taken was acknowledged; wait until the commits show it
+    // (a record in flight past the 120 may be committed too).
+    let committed = covet_cluster_tests::wait_until(CONVERGE, || async {
+        // The producer's sticky partitioning may put every record in one
+        // partition: only partitions with records have progress.
+        let d = client.describe_group("g").await.ok()?;
+        let total: u64 = d.partitions.iter().map(|p| p.committed).sum();
+        (total >= 120).then_some(d)
+    })
+    .await
+    .expect("the acknowledgements are committed");
+    let before: Vec<(u32, u64)> = committed
+        .partitions
+        .iter()
+        .map(|p| (p.partition, p.committed))
+        .collect();
+
+    let all = cluster.node_ids();
+    cluster.kill9_many(&all).await.expect("kill every node");
+    drop(consumer);
+    cluster
+        .restart_many(&all)
+        .await
+        .expect("restart every node");
+    for p in 0..2 {
+        cluster
+            .wait_leader(TOPIC, p, CONVERGE, |_| true)
+            .await
+            .expect("partition leader after the restart");
+    }
+    let client = Client::connect(&cluster.client_addrs())
+        .await
+        .expect("client after the restart");
+    let after = covet_cluster_tests::wait_until(CONVERGE, || async {
+        client
+            .describe_group("g")
+            .await
+            .ok()
+            .filter(|d| d.partitions.len() == committed.partitions.len())
+    })
+    .await
+    .expect("the group's progress after the restart");
+    for (partition, offset) in &before {
+        let p = after
+            .partitions
+            .iter()
+            .find(|p| p.partition == *partition)
+            .expect("partition");
+        assert!(
+            p.committed >= *offset,
+            "partition {partition}: committed {} after the restart, {offset} before",
+            p.committed
+        );
+    }
+    // A new member handles the rest: with what the group handled before,
+    // every record at least once.
+    let (mut consumer, member) = join(client.clone()).await;
+    take_until(&mut consumer, &mut seen, 200).await;
+    member.leave().await.expect("leave");
+    assert!(cluster.panics().is_empty(), "{:?}", cluster.panics());
+}
