@@ -663,7 +663,11 @@ async fn run_session(
                 while let Ok(r) = resolutions.try_recv() {
                     part.resolve(r);
                 }
-                if part.acks.len() >= ACKS_PER_MESSAGE || !part.nacks.is_empty() {
+                // Due now (nothing else in hand): sent here, not through
+                // the timer, whose millisecond ticks would add up to 1 ms
+                // to every round trip.
+                let due = part.flush_at.is_some_and(|t| t <= Instant::now());
+                if due || part.acks.len() >= ACKS_PER_MESSAGE || !part.nacks.is_empty() {
                     part.flush(&conn.requests);
                 }
                 continue;
