@@ -153,18 +153,7 @@ async fn a_member_consumes_through_a_leader_kill_and_every_node_shows_lag_zero()
     };
     publish(0, 200).await;
 
-    let mut consumer = client
-        .group_consumer(covet_client::GroupConsumerConfig::new("g", "m"))
-        .expect("consumer");
-    let member = covet_client::Membership::join(
-        client.clone(),
-        "g",
-        vec![TOPIC.to_string()],
-        Duration::from_secs(8),
-        std::sync::Arc::new(consumer.assigner()),
-    )
-    .await
-    .expect("join");
+    let (mut consumer, member) = member_of_g(&client).await;
     let mut seen = std::collections::BTreeSet::new();
     take_until(&mut consumer, &mut seen, 100).await;
     let leader = cluster
@@ -238,22 +227,7 @@ async fn committed_offsets_survive_kill_9_of_every_node() {
         .expect("flushed in time")
         .expect("flushed");
 
-    let join = |client: Client| async move {
-        let consumer = client
-            .group_consumer(covet_client::GroupConsumerConfig::new("g", "m"))
-            .expect("consumer");
-        let member = covet_client::Membership::join(
-            client.clone(),
-            "g",
-            vec![TOPIC.to_string()],
-            Duration::from_secs(8),
-            std::sync::Arc::new(consumer.assigner()),
-        )
-        .await
-        .expect("join");
-        (consumer, member)
-    };
-    let (mut consumer, _member) = join(client.clone()).await;
+    let (mut consumer, _member) = member_of_g(&client).await;
     let mut seen = std::collections::BTreeSet::new();
     take_until(&mut consumer, &mut seen, 120).await;
     // Every record taken was acknowledged; wait until the commits show it
@@ -312,8 +286,25 @@ async fn committed_offsets_survive_kill_9_of_every_node() {
     }
     // A new member handles the rest: with what the group handled before,
     // every record at least once.
-    let (mut consumer, member) = join(client.clone()).await;
+    let (mut consumer, member) = member_of_g(&client).await;
     take_until(&mut consumer, &mut seen, 200).await;
     member.leave().await.expect("leave");
     assert!(cluster.panics().is_empty(), "{:?}", cluster.panics());
+}
+
+/// A member of group "g" on the topic: its consumer and its membership.
+async fn member_of_g(client: &Client) -> (covet_client::GroupConsumer, covet_client::Membership) {
+    let consumer = client
+        .group_consumer(covet_client::GroupConsumerConfig::new("g", "m"))
+        .expect("consumer");
+    let member = covet_client::Membership::join(
+        client.clone(),
+        "g",
+        vec![TOPIC.to_string()],
+        Duration::from_secs(8),
+        std::sync::Arc::new(consumer.assigner()),
+    )
+    .await
+    .expect("join");
+    (consumer, member)
 }
