@@ -624,7 +624,8 @@ struct Part {
     recent_cap: usize,
     /// The last batches received on this stream, decoded: the broker
     /// does not send them again ([`covet_protocol::GROUP_BATCH_MEMORY`]).
-    /// Each entry is (base offset, its records in offset order).
+    /// Each entry is (base offset, its records in offset order). While a
+    /// message is taken in, it also holds all of that message's batches.
     batches: VecDeque<(u64, Vec<StoredRecord>)>,
 }
 
@@ -811,9 +812,6 @@ impl Part {
                 .map_err(bad_batch)?
                 .collect::<std::result::Result<_, _>>()
                 .map_err(bad_batch)?;
-            if self.batches.len() == covet_protocol::GROUP_BATCH_MEMORY {
-                self.batches.pop_front();
-            }
             self.batches.push_back((base, records));
         }
         // Handed out in offset order, as per-key order needs.
@@ -832,6 +830,12 @@ impl Part {
                     )))
                 }
             }
+        }
+        // Trimmed only now: one message may list records from more batches
+        // than are kept between messages (one record per batch, say).
+        let keep = covet_protocol::GROUP_BATCH_MEMORY;
+        if self.batches.len() > keep {
+            self.batches.drain(..self.batches.len() - keep);
         }
         Ok(())
     }
