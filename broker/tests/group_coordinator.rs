@@ -162,3 +162,63 @@ async fn bad_joins_are_refused() {
         assert_eq!(err.reason(), Some(Reason::InvalidRequest), "{why}");
     }
 }
+
+/// A partition granted to a member stays its until a heartbeat sent after
+/// that grant says it let go, even if a later plan moves it away before
+/// that heartbeat: the member may already be consuming it. (Seen in the
+/// group benchmark: four members joining at once, and a member's session
+/// fenced by another member granted the partition it was consuming.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_granted_partition_is_not_given_away_before_its_member_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), &[]);
+    let client = six_partitions(&broker.addr).await;
+    let topics = vec!["t".to_string()];
+
+    let a = client.join_group("g", &topics, 10_000).await.unwrap();
+    let a_all: BTreeSet<_> = held(&a).into_iter().collect();
+    assert_eq!(a_all.len(), 6);
+    // `a` opens all six; before its first heartbeat, two others join and
+    // one of them heartbeats (reporting nothing yet).
+    let b = client.join_group("g", &topics, 10_000).await.unwrap();
+    let c = client.join_group("g", &topics, 10_000).await.unwrap();
+    for (id, first) in [(&b.member_id, &b), (&c.member_id, &c)] {
+        assert!(first.partitions.is_empty(), "{id} got {first:?}");
+        let again = client.heartbeat("g", id, &[]).await.unwrap();
+        assert!(
+            again.partitions.is_empty(),
+            "{id} was granted {:?} while a has not yet reported letting go of any",
+            held(&again)
+        );
+    }
+    // Once `a` reports what it kept, the others get the rest.
+    let a_now = client
+        .heartbeat(
+            "g",
+            &a.member_id,
+            &a_all.iter().cloned().collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    let kept = held(&a_now);
+    assert_eq!(kept.len(), 2, "a keeps its share: {a_now:?}");
+    client.heartbeat("g", &a.member_id, &kept).await.unwrap();
+    let b_now = heartbeat_until(&client, "g", &b.member_id, vec![], |x| {
+        x.partitions.len() == 2
+    })
+    .await;
+    let c_now = heartbeat_until(&client, "g", &c.member_id, vec![], |x| {
+        x.partitions.len() == 2
+    })
+    .await;
+    let mut all: Vec<_> = kept;
+    all.extend(held(&b_now));
+    all.extend(held(&c_now));
+    all.sort();
+    all.dedup();
+    assert_eq!(
+        all.len(),
+        6,
+        "every partition in exactly one member's hands"
+    );
+}

@@ -7,8 +7,10 @@
 //! A member learns what it may consume (and the generation to open its
 //! partition sessions with) from each heartbeat's answer, and reports what
 //! it holds. A partition counts as the member's from the moment it is
-//! granted until the member stops reporting it, so a moving partition
-//! reaches its new owner only after the old one released it.
+//! granted until a heartbeat the member sent after learning of the grant
+//! does not report it (even if a later plan moved it away before that
+//! heartbeat), so a moving partition reaches its new owner only after the
+//! old one released it.
 //!
 //! A new metadata leader takes the groups over from the records: every
 //! recorded member gets one full session timeout to heartbeat, and is
@@ -45,6 +47,17 @@ struct MemberState {
     last_seen: Instant,
     /// What the member last reported holding.
     reported: BTreeSet<Partition>,
+    /// What the last answer said it may consume. It may hold those until
+    /// its next heartbeat, which reports them, even if a later plan moved
+    /// them away meanwhile (it may already be consuming them).
+    answered: BTreeSet<Partition>,
+}
+
+impl MemberState {
+    /// What the member may hold besides what it is granted now.
+    fn held(&self) -> BTreeSet<Partition> {
+        self.reported.union(&self.answered).cloned().collect()
+    }
 }
 
 #[derive(Default)]
@@ -157,6 +170,7 @@ impl Coordinator {
                 session_timeout,
                 last_seen: Instant::now(),
                 reported: BTreeSet::new(),
+                answered: BTreeSet::new(),
             },
         );
         self.settle(&req.group, group).await?;
@@ -180,7 +194,12 @@ impl Coordinator {
             .iter()
             .map(|p| Partition::new(p.topic.clone(), p.partition))
             .collect();
-        if member.reported != reported {
+        // The member applied the last answer before this heartbeat (a
+        // member's heartbeats and the application of their answers take
+        // turns), so its report now covers what that answer granted.
+        let let_go = !member.answered.is_subset(&reported);
+        member.answered.clear();
+        if member.reported != reported || let_go {
             member.reported = reported;
             self.settle(&req.group, group).await?;
         }
@@ -239,13 +258,13 @@ impl Coordinator {
                 topics: m.topics.clone(),
             })
             .collect();
-        // A partition is a member's from its grant until it stops
-        // reporting it.
+        // A partition is a member's from its grant until a heartbeat sent
+        // after the member learnt of the grant does not report it.
         let owned: Assignment = group
             .members
             .iter()
             .map(|(id, m)| {
-                let mut held = m.reported.clone();
+                let mut held = m.held();
                 if let Some(granted) = group.now.get(id) {
                     held.extend(granted.iter().cloned());
                 }
@@ -277,6 +296,7 @@ impl Coordinator {
                     session_timeout_ms: m.session_timeout.as_millis() as u32,
                     target: plan.target.get(id).map(assigned).unwrap_or_default(),
                     granted: plan.now.get(id).map(assigned).unwrap_or_default(),
+                    held: assigned(&m.held()),
                 })
                 .collect(),
         };
@@ -314,6 +334,8 @@ fn taken_over(r: &ConsumerGroupRecord, now: Instant) -> GroupState {
     };
     for m in &r.members {
         let granted = partitions_of(&m.granted);
+        let mut held = granted.clone();
+        held.extend(partitions_of(&m.held));
         group.target.insert(m.id.clone(), partitions_of(&m.target));
         group.now.insert(m.id.clone(), granted.clone());
         group.members.insert(
@@ -323,18 +345,25 @@ fn taken_over(r: &ConsumerGroupRecord, now: Instant) -> GroupState {
                 session_timeout: Duration::from_millis(u64::from(m.session_timeout_ms))
                     .clamp(MIN_SESSION_TIMEOUT, MAX_SESSION_TIMEOUT),
                 last_seen: now,
-                reported: granted,
+                reported: held,
+                answered: BTreeSet::new(),
             },
         );
     }
     group
 }
 
-fn answer(group: &GroupState, id: &str) -> MemberAssignment {
-    let session_timeout = group
-        .members
-        .get(id)
-        .map_or(DEFAULT_SESSION_TIMEOUT, |m| m.session_timeout);
+/// The answer to member `id`, which it is then taken to hold until its
+/// next heartbeat.
+fn answer(group: &mut GroupState, id: &str) -> MemberAssignment {
+    let granted = group.now.get(id).cloned().unwrap_or_default();
+    let session_timeout = match group.members.get_mut(id) {
+        Some(m) => {
+            m.answered = granted;
+            m.session_timeout
+        }
+        None => DEFAULT_SESSION_TIMEOUT,
+    };
     MemberAssignment {
         member_id: id.to_string(),
         generation: group.generation,
