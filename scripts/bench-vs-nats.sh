@@ -221,6 +221,9 @@ single_cases=(
   "ol50k1|open loop 50k/s, 1 partition|pub --rate 50000 --partitions 1 --records 10000000"
   "ol50k4|open loop 50k/s, 4 partitions|pub --rate 50000 --partitions 4 --records 10000000"
   "e2e10k|publish→deliver at 10k/s|e2e --rate 10000 --records 10000000"
+  "group1|group, 1 member, every record acked, 4 partitions|group --members 1 --partitions 4 --max-in-flight 1000 --records $read_records"
+  "group2|group, 2 members, every record acked, 4 partitions|group --members 2 --partitions 4 --max-in-flight 1000 --records $read_records"
+  "group4|group, 4 members, every record acked, 4 partitions|group --members 4 --partitions 4 --max-in-flight 1000 --records $read_records"
 )
 cluster_cases=(
   "await1|one publish awaited at a time|pub --in-flight 1 --records 10000000"
@@ -238,11 +241,11 @@ selected() { [ -z "$only_cases" ] || [[ ",$only_cases," == *",$1,"* ]]; }
 run_case() {
   local setup=$1 nodes=$2 run=$3 id=$4 label=$5; shift 5
   local system backend line end p secs_here=$secs
-  if [ "$1" = read ]; then secs_here=$read_secs; fi
+  if [ "$1" = read ] || [ "$1" = group ]; then secs_here=$read_secs; fi
   for system in "${systems[@]}"; do
     # Reading does not depend on the sync mode, and the `always` preload
     # is too slow to fill the store within the bound: skipped.
-    if [ "$1" = read ] && [ "$system" = js-always ]; then continue; fi
+    if { [ "$1" = read ] || [ "$1" = group ]; } && [ "$system" = js-always ]; then continue; fi
     # JetStream has no producer linger: its figures for a linger row would
     # be those of the linger-0 row above it, so those rows are Covet's alone.
     if [ "$system" != covet ] && [[ " $* " == *" --linger-ms "* ]] && [[ " $* " != *" --linger-ms 0 "* ]]; then

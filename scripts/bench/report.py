@@ -25,7 +25,7 @@ SETUP_TITLES = {
 
 
 def kind(result):
-    """throughput, open (open-loop latency), e2e or read."""
+    """throughput, open (open-loop latency), e2e, read or group."""
     bench = result.get("bench")
     if bench == "pub":
         return "open" if result.get("rate") else "throughput"
@@ -81,6 +81,13 @@ class Cell:
             return f"{t}, p50 {fmt_us(self.lat('p50'))}, p99 {fmt_us(self.lat('p99'))}"
         if k == "read":
             return f"{fmt_rate(self.m('records_per_sec'))} ({self.m('records'):,.0f} records)"
+        if k == "group":
+            share = self.m("share_of_plain")
+            again = self.m("redelivered")
+            return (
+                f"{fmt_rate(self.m('records_per_sec'))}, {share:.0%} of its plain read "
+                f"({fmt_rate(self.m('plain_records_per_sec'))}), {again:,.0f} redelivered"
+            )
         t = f"p50 {fmt_us(self.lat('p50'))}, p99 {fmt_us(self.lat('p99'))}"
         if self.overloaded():
             t += f", **overloaded** ({self.m('achieved_rate'):,.0f} rec/s achieved)"
@@ -91,7 +98,7 @@ class Cell:
         if not self.results:
             return None, False
         k = kind(self.results[0])
-        if k in ("throughput", "read"):
+        if k in ("throughput", "read", "group"):
             return self.m("records_per_sec"), False
         return self.lat("p99"), True
 
@@ -160,7 +167,7 @@ def table(setup, rows):
         "(below 1: Covet ahead), of the achieved rate where marked (rate), when either "
         "side was overloaded (above 1: Covet ahead). Open-loop latency is taken from each record's intended "
         "send time (corrected for coordinated omission). JetStream `always` is not run on "
-        "the read row: reading does not depend on the sync mode. JetStream has no "
+        "the read and group rows: reading does not depend on the sync mode (and its preload would not fit the time bound). A group row times a fresh consumer group that acknowledges every record on its own, from the first join to the last record, after a plain read of the same records in the same run; JetStream's members share one durable pull consumer per stream with explicit acks. JetStream has no "
         "producer linger, so rows with a linger are Covet's alone: compare them with "
         "the linger-0 row above."
     )
@@ -197,9 +204,9 @@ def plot(setups, path):
             sample = next((c.results[0] for c in cells.values() if c.results), None)
             if sample is None:
                 continue
-            if kind(sample) in ("throughput", "read"):
+            if kind(sample) in ("throughput", "read", "group"):
                 thr.append((label, cells))
-            if kind(sample) != "read":
+            if kind(sample) not in ("read", "group"):
                 lat_cases.append((label, cells))
         ax = axes[row][0]
         width = 0.27

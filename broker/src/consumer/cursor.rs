@@ -36,6 +36,10 @@ pub enum Next {
 }
 
 /// One group's progress on one partition.
+///
+/// Every operation is logarithmic in the records pending: with
+/// `max_in_flight` in the thousands, a scan per delivered record was most
+/// of a leader's work (indexes below).
 #[derive(Debug)]
 pub struct Cursor {
     /// The end of the contiguous acknowledged prefix.
@@ -44,6 +48,14 @@ pub struct Cursor {
     next_new: u64,
     /// Delivered and not acknowledged.
     pending: BTreeMap<u64, Pending>,
+    /// Indexes of `pending`, kept by [`Cursor::put`] and [`Cursor::take`]:
+    /// how many records are out, the out ones by ack deadline, the queued
+    /// ones by due time until they fall due ([`Cursor::promote`]), then
+    /// by offset.
+    out: usize,
+    deadlines: BTreeSet<(Instant, u64)>,
+    waiting: BTreeSet<(Instant, u64)>,
+    ready: BTreeSet<u64>,
     /// Acknowledged, beyond `committed`.
     acked: BTreeSet<u64>,
     /// Times each record at or beyond `committed` was delivered, for
@@ -89,6 +101,10 @@ impl Cursor {
             committed,
             next_new: committed,
             pending: BTreeMap::new(),
+            out: 0,
+            deadlines: BTreeSet::new(),
+            waiting: BTreeSet::new(),
+            ready: BTreeSet::new(),
             acked: BTreeSet::new(),
             counts,
             max_in_flight: limits.max_in_flight.max(1),
@@ -108,6 +124,73 @@ impl Cursor {
         for p in self.pending.values_mut() {
             *p = Pending::Queued { due: now };
         }
+        self.reindex();
+    }
+
+    /// Sets `offset`'s state, keeping the indexes.
+    fn put(&mut self, offset: u64, p: Pending) {
+        if let Some(old) = self.pending.insert(offset, p) {
+            self.unindex(offset, old);
+        }
+        self.index(offset, p);
+    }
+
+    /// Removes `offset`'s state, keeping the indexes.
+    fn take(&mut self, offset: u64) -> Option<Pending> {
+        let old = self.pending.remove(&offset)?;
+        self.unindex(offset, old);
+        Some(old)
+    }
+
+    fn index(&mut self, offset: u64, p: Pending) {
+        match p {
+            Pending::Out { deadline } => {
+                self.out += 1;
+                self.deadlines.insert((deadline, offset));
+            }
+            Pending::Queued { due } => {
+                self.waiting.insert((due, offset));
+            }
+            Pending::Dead => {}
+        }
+    }
+
+    fn unindex(&mut self, offset: u64, p: Pending) {
+        match p {
+            Pending::Out { deadline } => {
+                self.out -= 1;
+                self.deadlines.remove(&(deadline, offset));
+            }
+            Pending::Queued { due } => {
+                if !self.waiting.remove(&(due, offset)) {
+                    self.ready.remove(&offset);
+                }
+            }
+            Pending::Dead => {}
+        }
+    }
+
+    /// Rebuilds the indexes from `pending`.
+    fn reindex(&mut self) {
+        self.out = 0;
+        self.deadlines.clear();
+        self.waiting.clear();
+        self.ready.clear();
+        let all: Vec<(u64, Pending)> = self.pending.iter().map(|(&o, &p)| (o, p)).collect();
+        for (offset, p) in all {
+            self.index(offset, p);
+        }
+    }
+
+    /// Moves the queued records due by `now` to `ready`.
+    fn promote(&mut self, now: Instant) {
+        while let Some(&(due, offset)) = self.waiting.first() {
+            if due > now {
+                break;
+            }
+            self.waiting.pop_first();
+            self.ready.insert(offset);
+        }
     }
 
     pub fn committed(&self) -> u64 {
@@ -116,10 +199,7 @@ impl Cursor {
 
     /// Records out with the member.
     pub fn in_flight(&self) -> usize {
-        self.pending
-            .values()
-            .filter(|p| matches!(p, Pending::Out { .. }))
-            .count()
+        self.out
     }
 
     /// The next record to deliver or dead-letter, given the high watermark
@@ -129,15 +209,11 @@ impl Cursor {
     /// as `Deliver` counts as out from now.
     pub fn next(&mut self, end: u64, log_start: u64, now: Instant) -> Option<Next> {
         self.skip_trimmed(log_start);
-        if self.in_flight() >= self.max_in_flight {
+        if self.out >= self.max_in_flight {
             return None;
         }
-        let due = self
-            .pending
-            .iter()
-            .find(|(_, p)| matches!(p, Pending::Queued { due } if *due <= now))
-            .map(|(&o, _)| o);
-        let offset = match due {
+        self.promote(now);
+        let offset = match self.ready.first().copied() {
             Some(o) => o,
             None if self.next_new < end => {
                 let o = self.next_new;
@@ -150,7 +226,7 @@ impl Cursor {
         if self.max_deliveries > 0 && delivered >= self.max_deliveries {
             // Held out of the queue (and of timeouts) until the caller,
             // having written it to the dead-letter topic, acks it.
-            self.pending.insert(offset, Pending::Dead);
+            self.put(offset, Pending::Dead);
             return Some(Next::DeadLetter {
                 offset,
                 count: delivered,
@@ -158,7 +234,7 @@ impl Cursor {
         }
         let count = delivered.saturating_add(1);
         self.counts.insert(offset, count);
-        self.pending.insert(
+        self.put(
             offset,
             Pending::Out {
                 deadline: now + self.ack_timeout,
@@ -168,36 +244,43 @@ impl Cursor {
         Some(Next::Deliver { offset, count })
     }
 
-    /// When the next queued record falls due or an out record times out:
-    /// the session wakes then.
+    /// When an out record times out or, if the member has credit for it,
+    /// the next queued record falls due: the session wakes then. Queued
+    /// records the member has no credit for wait for an ack (which wakes
+    /// the session anyway) or a timeout, not for their due time: that is
+    /// past for a record due at once, and waking for it would spin.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.pending
-            .values()
-            .filter_map(|p| match *p {
-                Pending::Out { deadline } => Some(deadline),
-                Pending::Queued { due } => Some(due),
-                Pending::Dead => None,
-            })
-            .min()
+        let timeout = self.deadlines.first().map(|&(t, _)| t);
+        if self.out >= self.max_in_flight {
+            return timeout;
+        }
+        let ready = self.ready.first().and_then(|o| match self.pending.get(o) {
+            Some(Pending::Queued { due }) => Some(*due),
+            _ => None,
+        });
+        let waiting = self.waiting.first().map(|&(t, _)| t);
+        [timeout, ready, waiting].into_iter().flatten().min()
     }
 
     /// Puts the records whose ack deadline passed back in the queue, due
     /// at once. Returns how many.
     pub fn expire(&mut self, now: Instant) -> usize {
-        let mut n = 0;
-        for p in self.pending.values_mut() {
-            if matches!(p, Pending::Out { deadline } if *deadline <= now) {
-                *p = Pending::Queued { due: now };
-                n += 1;
-            }
+        let expired: Vec<u64> = self
+            .deadlines
+            .iter()
+            .take_while(|&&(deadline, _)| deadline <= now)
+            .map(|&(_, offset)| offset)
+            .collect();
+        for &offset in &expired {
+            self.put(offset, Pending::Queued { due: now });
         }
-        n
+        expired.len()
     }
 
     /// Acknowledges `offset`. Returns false for an offset that is not out
     /// or queued (never delivered, or acknowledged already): ignored.
     pub fn ack(&mut self, offset: u64) -> bool {
-        if self.pending.remove(&offset).is_none() {
+        if self.take(offset).is_none() {
             return false;
         }
         self.counts.remove(&offset);
@@ -212,8 +295,8 @@ impl Cursor {
     /// Puts a record whose dead-letter write failed back in the queue,
     /// due at `due`.
     pub fn dead_letter_failed(&mut self, offset: u64, due: Instant) {
-        if let Some(p @ Pending::Dead) = self.pending.get_mut(&offset) {
-            *p = Pending::Queued { due };
+        if let Some(Pending::Dead) = self.pending.get(&offset) {
+            self.put(offset, Pending::Queued { due });
         }
     }
 
@@ -225,9 +308,9 @@ impl Cursor {
 
     /// Asks for `offset` again after `delay`. False if it is not out.
     pub fn nack(&mut self, offset: u64, delay: Duration, now: Instant) -> bool {
-        match self.pending.get_mut(&offset) {
-            Some(p @ Pending::Out { .. }) => {
-                *p = Pending::Queued { due: now + delay };
+        match self.pending.get(&offset) {
+            Some(Pending::Out { .. }) => {
+                self.put(offset, Pending::Queued { due: now + delay });
                 true
             }
             _ => false,
@@ -243,6 +326,7 @@ impl Cursor {
         self.committed = log_start;
         self.next_new = self.next_new.max(log_start);
         self.pending = self.pending.split_off(&log_start);
+        self.reindex();
         self.acked = self.acked.split_off(&log_start);
         self.counts = self.counts.split_off(&log_start);
         while self.acked.remove(&self.committed) {
@@ -386,6 +470,78 @@ mod tests {
         );
         assert_eq!(c.in_flight(), 0);
         assert_eq!(delivered(&mut c, 5, t0), vec![(0, 2), (1, 2)]);
+    }
+
+    #[test]
+    fn queued_records_without_credit_do_not_wake_the_session() {
+        let t0 = Instant::now();
+        let mut c = Cursor::new(None, 0, 0, LIMITS);
+        delivered(&mut c, 5, t0);
+        let limits = Limits {
+            max_in_flight: 2,
+            ..LIMITS
+        };
+        c.new_session(limits, t0);
+        assert_eq!(delivered(&mut c, 5, t0), vec![(0, 2), (1, 2)]);
+        // Record 2 is due (since t0) but the member has no credit for it:
+        // the session sleeps until an ack or a timeout, not until t0.
+        assert_eq!(c.next_deadline(), Some(t0 + LIMITS.ack_timeout));
+        assert!(c.ack(0));
+        assert_eq!(c.next_deadline(), Some(t0), "credit again: record 2 is due");
+        assert_eq!(delivered(&mut c, 5, t0), vec![(2, 2)]);
+    }
+
+    /// Many operations in a pseudo-random order: the indexes always agree
+    /// with the records' states.
+    #[test]
+    fn the_indexes_follow_every_operation() {
+        let t0 = Instant::now();
+        let mut c = Cursor::new(None, 0, 0, LIMITS);
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut now = t0;
+        for _ in 0..5_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let offset = seed % 40;
+            match seed % 7 {
+                0 | 1 => {
+                    c.next(40, 0, now);
+                }
+                2 => {
+                    c.ack(offset);
+                }
+                3 => {
+                    c.nack(offset, Duration::from_secs(seed % 3), now);
+                }
+                4 => {
+                    now += Duration::from_secs(seed % 20);
+                    c.expire(now);
+                }
+                5 => c.dead_letter_failed(offset, now),
+                _ => {
+                    if seed % 50 == 0 {
+                        c.new_session(LIMITS, now);
+                    }
+                }
+            }
+            let out: Vec<u64> = c
+                .pending
+                .iter()
+                .filter(|(_, p)| matches!(p, Pending::Out { .. }))
+                .map(|(&o, _)| o)
+                .collect();
+            assert_eq!(c.out, out.len());
+            assert_eq!(c.deadlines.len(), out.len());
+            assert!(c.deadlines.iter().all(|(_, o)| out.contains(o)));
+            let queued = c
+                .pending
+                .values()
+                .filter(|p| matches!(p, Pending::Queued { .. }))
+                .count();
+            assert_eq!(c.waiting.len() + c.ready.len(), queued);
+            assert!(c.out <= LIMITS.max_in_flight);
+        }
     }
 
     #[test]

@@ -5,17 +5,23 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use std::sync::Arc;
+
 use covet_client::{
-    Client, Producer, ProducerConfig, Reason, Record, StartPosition, SubscriptionOptions, TopicSpec,
+    Client, GroupConsumerConfig, Membership, Producer, ProducerConfig, Reason, Record,
+    StartPosition, SubscriptionOptions, TopicSpec,
 };
 use covet_protocol::batch::BatchBuilder;
 use futures::{FutureExt, StreamExt};
 
+use super::group::HandledStream;
 use super::{AckFuture, Setup, ValueStream};
 use crate::cli::Conn;
 
 /// The producer remembers at most this many batches per partition.
 const MAX_BATCHES_IN_FLIGHT: usize = 128;
+/// A benchmark member's session timeout: the client's default.
+const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Covet {
     client: Client,
@@ -67,6 +73,47 @@ impl Covet {
             let item = sub.next().await?;
             Some((item.map(|r| r.value).map_err(anyhow::Error::from), sub))
         })
+        .boxed())
+    }
+}
+
+impl Covet {
+    /// Joins `group` on the topic; each record is acknowledged as it is
+    /// handed out, as a handler that finished at once would.
+    pub async fn group_member(
+        self,
+        group: &str,
+        member: usize,
+        max_in_flight: u32,
+    ) -> anyhow::Result<HandledStream> {
+        let config = GroupConsumerConfig {
+            max_in_flight,
+            ..GroupConsumerConfig::new(group, format!("bench-{member}"))
+        };
+        let consumer = self.client.group_consumer(config)?;
+        let membership = Membership::join(
+            self.client.clone(),
+            group,
+            vec![self.topic.clone()],
+            SESSION_TIMEOUT,
+            Arc::new(consumer.assigner()),
+        )
+        .await?;
+        Ok(futures::stream::unfold(
+            (consumer, membership),
+            |(mut consumer, membership)| async move {
+                let handled = consumer
+                    .next()
+                    .await?
+                    .map_err(anyhow::Error::from)
+                    .map(|r| {
+                        let at = (r.partition, r.offset);
+                        r.ack();
+                        at
+                    });
+                Some((handled, (consumer, membership)))
+            },
+        )
         .boxed())
     }
 }

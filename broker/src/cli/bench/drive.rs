@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
 use super::stats::{rates, Latency};
-use super::{Backend, PubArgs, ReadArgs, Setup};
+use super::{Backend, Common, PubArgs, ReadArgs, Setup};
 
 /// Publishes outstanding at most in an open loop; beyond, the schedule slips
 /// (and latency, taken from the schedule, shows it).
@@ -343,43 +343,15 @@ pub(super) async fn open_loop(
 pub async fn read(a: ReadArgs) -> anyhow::Result<()> {
     let c = &a.common;
     let mut setup = Setup::new(c);
-    setup.in_flight = PRELOAD_WINDOW;
-    setup.one_record_batches = !a.preload_batch;
-    setup.big_batches = a.preload_batch;
     setup.window = a.window.max(1);
     setup.nats_consumer = a.nats_consumer;
     setup.nats_batch = a.nats_batch.max(1);
-    let value = Bytes::from(vec![b'x'; c.record_size]);
-    let mut loader = Backend::open(c.backend, &c.conn, &setup).await?;
-    let name = loader.name();
-    let pre = closed_loop(
-        &mut loader,
-        &value,
-        c.records,
-        PRELOAD_WINDOW,
-        limit(c.duration_s),
-        limit(c.drain_s),
-    )
-    .await?;
-    drop(loader);
+    let (name, pre) = preload(c, &mut setup, a.preload_batch).await?;
     let (pre_rate, _) = rates(pre.acked, c.record_size, pre.elapsed());
 
     let reader = Backend::open(c.backend, &c.conn, &setup).await?;
-    let start = Instant::now();
-    let stop_at = tokio::time::Instant::from_std(start + limit(c.duration_s));
-    let mut values = reader.subscribe(true).await?;
-    let (mut count, mut bytes) = (0u64, 0u64);
-    while count < pre.acked {
-        match tokio::time::timeout_at(stop_at, values.next()).await {
-            Ok(Some(v)) => {
-                bytes += v?.len() as u64;
-                count += 1;
-            }
-            Ok(None) | Err(_) => break,
-        }
-    }
-    let elapsed = start.elapsed();
-    let (per_sec, _) = rates(count, 0, elapsed);
+    let read = timed_read(&reader, pre.acked, limit(c.duration_s)).await?;
+    let (per_sec, _) = rates(read.records, 0, read.elapsed);
     let consumer = consumer_name(name, &setup);
     println!(
         "{}",
@@ -389,19 +361,88 @@ pub async fn read(a: ReadArgs) -> anyhow::Result<()> {
             "record_size": c.record_size,
             "partitions": setup.partitions,
             "replication_factor": c.replication_factor,
-            "preload": if a.preload_batch { "large batches" } else { "one record per batch" },
+            "preload": preload_name(a.preload_batch),
             "preloaded": pre.acked,
             "preload_errors": pre.errors,
             "preload_records_per_sec": pre_rate.round(),
             "consumer": consumer,
-            "records": count,
-            "complete": count == pre.acked,
-            "seconds": elapsed.as_secs_f64(),
+            "records": read.records,
+            "complete": read.records == pre.acked,
+            "seconds": read.elapsed.as_secs_f64(),
             "records_per_sec": per_sec.round(),
-            "mb_per_sec": (bytes as f64 / elapsed.as_secs_f64().max(1e-9) / 1e4).round() / 100.0,
+            "mb_per_sec": (read.bytes as f64 / read.elapsed.as_secs_f64().max(1e-9) / 1e4).round() / 100.0,
         })
     );
     Ok(())
+}
+
+pub(super) fn preload_name(big_batches: bool) -> &'static str {
+    if big_batches {
+        "large batches"
+    } else {
+        "one record per batch"
+    }
+}
+
+/// Fills the topic with `records` records before a reading run: one record
+/// per batch (the worst case for a reader: every record its own frame),
+/// or in large batches. Returns the backend's name and what was
+/// acknowledged.
+pub(super) async fn preload(
+    c: &Common,
+    setup: &mut Setup,
+    big_batches: bool,
+) -> anyhow::Result<(&'static str, Run)> {
+    setup.in_flight = PRELOAD_WINDOW;
+    setup.one_record_batches = !big_batches;
+    setup.big_batches = big_batches;
+    let value = Bytes::from(vec![b'x'; c.record_size]);
+    let mut loader = Backend::open(c.backend, &c.conn, setup).await?;
+    let name = loader.name();
+    let run = closed_loop(
+        &mut loader,
+        &value,
+        c.records,
+        PRELOAD_WINDOW,
+        limit(c.duration_s),
+        limit(c.drain_s),
+    )
+    .await?;
+    Ok((name, run))
+}
+
+/// What a timed read from the start saw.
+pub(super) struct Read {
+    pub(super) records: u64,
+    pub(super) bytes: u64,
+    pub(super) elapsed: Duration,
+}
+
+/// Reads from the start of every partition until `expected` records came
+/// or `limit` passed.
+pub(super) async fn timed_read(
+    reader: &Backend,
+    expected: u64,
+    limit: Duration,
+) -> anyhow::Result<Read> {
+    let start = Instant::now();
+    let stop_at = tokio::time::Instant::from_std(start + limit);
+    let mut values = reader.subscribe(true).await?;
+    let (mut records, mut bytes) = (0u64, 0u64);
+    while records < expected {
+        match tokio::time::timeout_at(stop_at, values.next()).await {
+            Ok(Some(v)) => {
+                bytes += v?.len() as u64;
+                records += 1;
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    Ok(Read {
+        records,
+        bytes,
+        elapsed: start.elapsed(),
+    })
 }
 
 /// How the run reads, for the JSON line.

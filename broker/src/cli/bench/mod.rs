@@ -18,6 +18,7 @@ mod classic;
 mod covet;
 mod drive;
 mod e2e;
+mod group;
 #[cfg(feature = "nats-bench")]
 mod nats;
 mod stats;
@@ -45,6 +46,9 @@ pub enum BenchCommand {
     /// Publish→deliver latency: a subscriber on the tail while a publisher
     /// publishes at a set rate.
     E2e(E2eArgs),
+    /// Preload, read once plainly, then consume as a group with every
+    /// record acknowledged: 1 or more members against the plain read.
+    Group(group::GroupArgs),
 }
 
 /// Which broker the benchmark talks to.
@@ -237,6 +241,24 @@ impl Backend {
         }
     }
 
+    /// Opens a connection of its own and joins consumer group `group` on
+    /// the topic as member number `member`; the stream yields each record
+    /// handed out, already acknowledged.
+    async fn group_member(
+        kind: BackendKind,
+        conn: &Conn,
+        setup: &Setup,
+        group: &str,
+        member: usize,
+        max_in_flight: u32,
+    ) -> anyhow::Result<group::HandledStream> {
+        match Backend::open(kind, conn, setup).await? {
+            Backend::Covet(b) => b.group_member(group, member, max_in_flight).await,
+            #[cfg(feature = "nats-bench")]
+            Backend::Nats(b) => b.group_member(group, max_in_flight).await,
+        }
+    }
+
     fn name(&self) -> &'static str {
         match self {
             Backend::Covet(_) => "covet",
@@ -253,5 +275,6 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Pub(a) => drive::publish(a).await,
         BenchCommand::Read(a) => drive::read(a).await,
         BenchCommand::E2e(a) => e2e::e2e(a).await,
+        BenchCommand::Group(a) => group::group(a).await,
     }
 }

@@ -18,6 +18,7 @@ use async_nats::jetstream::Context;
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 
+use super::group::HandledStream;
 use super::{AckFuture, NatsConsumer, Setup, ValueStream};
 use crate::cli::Conn;
 
@@ -119,6 +120,49 @@ impl Nats {
                     .boxed(),
             };
             all.push(values);
+        }
+        Ok(futures::stream::select_all(all).boxed())
+    }
+}
+
+impl Nats {
+    /// Pulls from the durable consumer `group` of every stream (created by
+    /// the first member) and acknowledges each message as it comes.
+    pub async fn group_member(
+        self,
+        group: &str,
+        max_in_flight: u32,
+    ) -> anyhow::Result<HandledStream> {
+        let mut all = Vec::new();
+        for (index, (name, _)) in self.streams.iter().enumerate() {
+            let index = index as u32;
+            let stream = self.js.get_stream(name).await?;
+            let config = pull::Config {
+                durable_name: Some(group.to_string()),
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: AckPolicy::Explicit,
+                max_ack_pending: i64::from(max_in_flight),
+                inactive_threshold: Duration::from_secs(60),
+                ..Default::default()
+            };
+            let consumer = stream
+                .get_or_create_consumer(group, config)
+                .await
+                .with_context(|| format!("creating consumer {group} on {name}"))?;
+            let messages = consumer
+                .stream()
+                .max_messages_per_batch(self.batch.min(max_in_flight as usize).max(1))
+                .messages()
+                .await?;
+            let handled: HandledStream = messages
+                .map_err(anyhow::Error::from)
+                .and_then(move |m| async move {
+                    let sequence = m.info().map_err(|e| anyhow::anyhow!(e))?.stream_sequence;
+                    m.ack().await.map_err(|e| anyhow::anyhow!(e))?;
+                    Ok((index, sequence))
+                })
+                .boxed();
+            all.push(handled);
         }
         Ok(futures::stream::select_all(all).boxed())
     }
