@@ -811,9 +811,6 @@ impl Part {
                 .map_err(bad_batch)?
                 .collect::<std::result::Result<_, _>>()
                 .map_err(bad_batch)?;
-            if self.batches.len() == covet_protocol::GROUP_BATCH_MEMORY {
-                self.batches.pop_front();
-            }
             self.batches.push_back((base, records));
         }
         // Handed out in offset order, as per-key order needs.
@@ -833,6 +830,15 @@ impl Part {
                 }
             }
         }
+        // Trimmed only now: the records listed may be in any batch of this
+        // message (there may be more than the memory holds) or in the
+        // memory as it was before it. The broker's memory ends the same:
+        // the last batches of the two together.
+        let excess = self
+            .batches
+            .len()
+            .saturating_sub(covet_protocol::GROUP_BATCH_MEMORY);
+        self.batches.drain(..excess);
         Ok(())
     }
 
