@@ -280,9 +280,14 @@ async fn watch_overlaps(
 /// getting `PER_PARTITION / ROUNDS` records a round (even ones keyed by
 /// one of seven keys, odd ones without a key). Round `r` waits until
 /// `allowed` reaches `r`: the test holds the second and third part back
-/// until the rebalance they are to overlap has begun. Returns every
-/// record's (partition, offset).
-async fn publish(client: Client, mut allowed: watch::Receiver<u32>) -> BTreeSet<Offset> {
+/// until the rebalance they are to overlap has begun. Keeps `count` at
+/// the number acknowledged so far; returns every record's (partition,
+/// offset).
+async fn publish(
+    client: Client,
+    mut allowed: watch::Receiver<u32>,
+    count: Arc<AtomicUsize>,
+) -> BTreeSet<Offset> {
     let producer = client.producer(ProducerConfig::default());
     let per_round = PER_PARTITION / ROUNDS;
     let mut published = BTreeSet::new();
@@ -313,6 +318,7 @@ async fn publish(client: Client, mut allowed: watch::Receiver<u32>) -> BTreeSet<
                 .expect("acked");
             assert!(published.insert((m.partition, m.offset)), "{m:?} twice");
         }
+        count.store(published.len(), Ordering::Relaxed);
     }
     published
 }
@@ -369,33 +375,43 @@ async fn two_then_three_members_share_a_topic_under_load_each_record_in_one_hand
     // Two members; the first third published while they split the topic.
     let (allow, allowed) = watch::channel(ROUNDS / 3);
     let a = join(0).await;
-    let publisher = tokio::spawn(publish(client.clone(), allowed));
+    let count = Arc::new(AtomicUsize::new(0));
+    let publisher = tokio::spawn(publish(client.clone(), allowed, count.clone()));
+    let progress = |what: &str| {
+        println!(
+            "{what} at {:?}, {} records published",
+            started.elapsed(),
+            count.load(Ordering::Relaxed)
+        );
+    };
     let b = join(1).await;
     wait_for("a 3/3 split, both members handling", &ledger, || {
         a.owned() == 3 && b.owned() == 3 && handled_by(&ledger, 1) > 0
     })
     .await;
-    println!("3/3 split at {:?}", started.elapsed());
+    progress("3/3 split");
 
     // A third member joins mid-stream: partitions move from the two
     // others while the second third is published.
     allow.send_replace(2 * ROUNDS / 3);
+    progress("c joins");
     let c = join(2).await;
     wait_for("a 2/2/2 split", &ledger, || {
         a.owned() == 2 && b.owned() == 2 && c.owned() == 2
     })
     .await;
-    println!("2/2/2 split at {:?}", started.elapsed());
+    progress("2/2/2 split");
 
     // The first member leaves gracefully while the last third is
     // published.
     allow.send_replace(ROUNDS);
+    progress("a leaves");
     a.leave().await;
     wait_for("a 3/3 split between the two left", &ledger, || {
         b.owned() == 3 && c.owned() == 3
     })
     .await;
-    println!("a left; 3/3 split at {:?}", started.elapsed());
+    progress("a left; 3/3 split");
 
     let published = tokio::time::timeout(STEP, publisher)
         .await

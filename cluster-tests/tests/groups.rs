@@ -1,7 +1,10 @@
 //! Consumer groups on a real 3-node cluster: the coordinator (the metadata
 //! leader) is killed with -9 and the group goes on under the new one, the
 //! members keeping their ids and partitions; a member that then goes
-//! silent times out and the other takes its partitions.
+//! silent times out and the other takes its partitions. Members consume
+//! through a partition leader's kill and through the kill of every node;
+//! a member killed with -9 mid-stream hands its unacknowledged records to
+//! the survivor, and none is lost.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
