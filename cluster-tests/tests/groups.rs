@@ -480,9 +480,11 @@ async fn publish_range(client: &Client, from: u32, to: u32) -> BTreeSet<(u32, u6
 /// timeout and a rebalance, gets those records again, and between them
 /// the two handle every record; every node's applied state ends at lag 0.
 ///
-/// The killed member is a real `covet subscribe --group` process (an
-/// in-process consumer cannot be killed: dropping it still closes its
-/// streams in order). It is frozen (SIGSTOP) before a burst is published,
+/// The killed member is a real `covet subscribe --group` process: an
+/// in-process consumer cannot be killed (dropping it cancels its streams
+/// through the client library while its connections and its heartbeat
+/// task live on, which is not what a crash looks like to the broker and
+/// the coordinator). It is frozen (SIGSTOP) before a burst is published,
 /// so the broker sends it records it can never acknowledge, and killed
 /// once the group's commits show them out: "while it holds unacked
 /// records" is then certain, not a matter of timing. The broker sees what
