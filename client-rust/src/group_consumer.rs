@@ -873,12 +873,15 @@ impl Part {
                 }
             }
         }
-        // Trimmed only now: one message may list records from more batches
-        // than are kept between messages (one record per batch, say).
-        let keep = covet_protocol::GROUP_BATCH_MEMORY;
-        if self.batches.len() > keep {
-            self.batches.drain(..self.batches.len() - keep);
-        }
+        // Trimmed only now: the records listed may be in any batch of this
+        // message (there may be more than the memory holds) or in the
+        // memory as it was before it. The broker's memory ends the same:
+        // the last batches of the two together.
+        let excess = self
+            .batches
+            .len()
+            .saturating_sub(covet_protocol::GROUP_BATCH_MEMORY);
+        self.batches.drain(..excess);
         Ok(())
     }
 

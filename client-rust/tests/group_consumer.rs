@@ -536,37 +536,3 @@ async fn a_release_waits_for_the_records_in_hand_and_their_acks_count() {
     r.ack();
     assert_quiet(&mut b, "only the nacked record comes again").await;
 }
-
-/// One delivery message can list records from more batches than the
-/// client keeps between messages (GROUP_BATCH_MEMORY): with one record
-/// per batch, the records of a message must still all be found.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn records_written_one_per_batch_are_all_delivered() {
-    let broker = Broker::start();
-    let client = Client::connect(&broker.addr).await.unwrap();
-    client.create_topic(TopicSpec::new("t")).await.unwrap();
-    let producer = client.producer(ProducerConfig::default());
-    for v in values(40) {
-        // Awaited one by one, so each record is a batch of its own.
-        let r = Record {
-            value: Bytes::from(v),
-            ..Default::default()
-        };
-        let ack = producer.send_to("t", 0, r).await.expect("send");
-        tokio::time::timeout(STEP, ack)
-            .await
-            .expect("produced in time")
-            .expect("produced");
-    }
-    let mut c = client.group_consumer(config("m1")).unwrap();
-    c.assign(1, vec![("t".to_string(), 0)]).await.unwrap();
-    let mut offsets = Vec::new();
-    for r in take(&mut c, 40).await {
-        assert_eq!(&r.value[..], r.offset.to_string().as_bytes());
-        offsets.push(r.offset);
-        r.ack();
-    }
-    assert_eq!(offsets, (0..40).collect::<Vec<_>>());
-    wait_committed(&client, "t", &[(0, 40)]).await;
-    c.close().await.unwrap();
-}
