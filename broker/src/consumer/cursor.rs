@@ -71,6 +71,10 @@ pub struct Cursor {
     changed: bool,
 }
 
+/// The most free slots a delivery round waits for
+/// ([`Cursor::worth_delivering`]).
+pub const MIN_ROUND: usize = 256;
+
 /// The limits a member's session sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -202,6 +206,17 @@ impl Cursor {
         self.out
     }
 
+    /// Whether a round of deliveries should start now: the member holds
+    /// nothing, or has room for a quarter of its `max_in_flight` (at most
+    /// [`MIN_ROUND`]). A member acking record by record would otherwise
+    /// get a message per record, each with its own read, as it frees
+    /// each slot; a member still holding three quarters of its window has
+    /// plenty to do meanwhile. A window of 1 to 4 is used slot by slot.
+    pub fn worth_delivering(&self) -> bool {
+        let room = self.max_in_flight.saturating_sub(self.out);
+        self.out == 0 || room >= (self.max_in_flight / 4).clamp(1, MIN_ROUND)
+    }
+
     /// The next record to deliver or dead-letter, given the high watermark
     /// `end` and the log's start: a queued record that is due first
     /// (oldest offset first), else the next new one. `None` when the member
@@ -244,14 +259,14 @@ impl Cursor {
         Some(Next::Deliver { offset, count })
     }
 
-    /// When an out record times out or, if the member has credit for it,
-    /// the next queued record falls due: the session wakes then. Queued
-    /// records the member has no credit for wait for an ack (which wakes
-    /// the session anyway) or a timeout, not for their due time: that is
-    /// past for a record due at once, and waking for it would spin.
+    /// When an out record times out or, if a delivery round is worth
+    /// starting, the next queued record falls due: the session wakes then.
+    /// Queued records waiting for credit wait for an ack (which wakes the
+    /// session anyway) or a timeout, not for their due time: that is past
+    /// for a record due at once, and waking for it would spin.
     pub fn next_deadline(&self) -> Option<Instant> {
         let timeout = self.deadlines.first().map(|&(t, _)| t);
-        if self.out >= self.max_in_flight {
+        if !self.worth_delivering() {
             return timeout;
         }
         let ready = self.ready.first().and_then(|o| match self.pending.get(o) {
@@ -542,6 +557,28 @@ mod tests {
             assert_eq!(c.waiting.len() + c.ready.len(), queued);
             assert!(c.out <= LIMITS.max_in_flight);
         }
+    }
+
+    #[test]
+    fn a_round_starts_when_a_quarter_of_the_window_is_free() {
+        let t0 = Instant::now();
+        let limits = Limits {
+            max_in_flight: 8,
+            ..LIMITS
+        };
+        let mut c = Cursor::new(None, 0, 0, limits);
+        assert!(c.worth_delivering(), "nothing out");
+        while c.next(100, 0, t0).is_some() {}
+        assert_eq!(c.in_flight(), 8);
+        assert!(c.ack(0));
+        assert!(!c.worth_delivering(), "one slot free of 8");
+        assert!(c.ack(1));
+        assert!(c.worth_delivering(), "two slots free of 8");
+        // A window of 4 or less is used slot by slot.
+        let mut d = Cursor::new(None, 0, 0, LIMITS);
+        while d.next(100, 0, t0).is_some() {}
+        assert!(d.ack(0));
+        assert!(d.worth_delivering());
     }
 
     #[test]

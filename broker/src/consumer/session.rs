@@ -409,6 +409,9 @@ impl Session {
                 };
                 let now = Instant::now();
                 cursor.expire(now);
+                if !cursor.worth_delivering() {
+                    return Ok(true);
+                }
                 let mut records = Vec::new();
                 let mut dead = Vec::new();
                 while records.len() < RECORDS_PER_MESSAGE {
