@@ -272,7 +272,27 @@ pub(crate) fn read_batches(
     next: u64,
     limit: usize,
 ) -> Result<Read> {
-    let locations = index.batches_from(next, limit)?;
+    read_batches_through(index, storage, next, u64::MAX, limit)
+}
+
+/// [`read_batches`], reading no batch that starts after offset `through`:
+/// a group session that needs a few records of one large batch reads that
+/// batch, not the next few megabytes as well.
+pub(crate) fn read_batches_through(
+    index: &OffsetIndex,
+    storage: &GroupStorage,
+    next: u64,
+    through: u64,
+    limit: usize,
+) -> Result<Read> {
+    let mut locations = index.batches_from(next, limit)?;
+    // The first is always read: it holds `next`.
+    let keep = 1 + locations
+        .iter()
+        .skip(1)
+        .take_while(|l| l.base_offset <= through)
+        .count();
+    locations.truncate(keep);
     let (Some(first), Some(last)) = (locations.first(), locations.last()) else {
         return Err(BrokerError::Internal(format!(
             "offset {next} is committed but not indexed"

@@ -38,6 +38,8 @@ const MIN_SESSION_TIMEOUT: Duration = Duration::from_secs(1);
 const MAX_SESSION_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often expired members are looked for.
 pub const EXPIRY_CHECK: Duration = Duration::from_millis(100);
+/// A member's heartbeat interval while a rebalance is under way.
+const IN_TRANSIT_HEARTBEAT: Duration = Duration::from_millis(50);
 /// Most members of one group.
 const MAX_MEMBERS: usize = 1000;
 
@@ -377,8 +379,27 @@ fn answer(group: &mut GroupState, id: &str) -> MemberAssignment {
                 partition: p.index,
             })
             .collect(),
-        heartbeat_interval_ms: (session_timeout.as_millis() / 5).clamp(100, 3000) as u32,
+        heartbeat_interval_ms: heartbeat_interval(group, session_timeout).as_millis() as u32,
         session_timeout_ms: session_timeout.as_millis() as u32,
+    }
+}
+
+/// How soon a member heartbeats again: a tenth of its session timeout
+/// (100 ms to 3 s) while the group is settled, [`IN_TRANSIT_HEARTBEAT`]
+/// while a partition is on its way between members, so that the old owner
+/// reports the release and the new one learns of its grant without waiting
+/// a whole interval each.
+fn heartbeat_interval(group: &GroupState, session_timeout: Duration) -> Duration {
+    let in_transit = group.target.iter().any(|(id, target)| {
+        group
+            .now
+            .get(id)
+            .map_or(!target.is_empty(), |now| now != target)
+    });
+    if in_transit {
+        IN_TRANSIT_HEARTBEAT
+    } else {
+        (session_timeout / 10).clamp(Duration::from_millis(100), Duration::from_secs(3))
     }
 }
 

@@ -35,7 +35,7 @@ use crate::consumer::dead_letters::DeadLetters;
 use crate::driver::NodeHandle;
 use crate::error::{BrokerError, Result};
 use crate::state::groups::GroupEntry;
-use crate::subscribe::{blocking, matching, read_batches, Read};
+use crate::subscribe::{blocking, matching, read_batches_through, Read};
 
 /// How often a session commits its group's progress when it changed.
 pub const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
@@ -488,7 +488,9 @@ impl Session {
                     i += 1;
                     continue;
                 }
-                let Read::Found(entries, locations) = read_batches(&index, &storage, first, 64)?
+                let last = offsets[offsets.len() - 1];
+                let Read::Found(entries, locations) =
+                    read_batches_through(&index, &storage, first, last, 64)?
                 else {
                     return Err(BrokerError::OffsetOutOfRange {
                         requested: first,

@@ -14,7 +14,7 @@ use covet_client::{
 use covet_protocol::batch::BatchBuilder;
 use futures::{FutureExt, StreamExt};
 
-use super::group::HandledStream;
+use super::group::Member;
 use super::{AckFuture, Setup, ValueStream};
 use crate::cli::Conn;
 
@@ -85,9 +85,13 @@ impl Covet {
         group: &str,
         member: usize,
         max_in_flight: u32,
-    ) -> anyhow::Result<HandledStream> {
+    ) -> anyhow::Result<Member> {
         let config = GroupConsumerConfig {
             max_in_flight,
+            // The harness takes nothing until the group settled, and acks
+            // every record it takes at once: a partition released while it
+            // settles has nothing worth waiting for.
+            release_grace: Duration::ZERO,
             ..GroupConsumerConfig::new(group, format!("bench-{member}"))
         };
         let consumer = self.client.group_consumer(config)?;
@@ -99,7 +103,8 @@ impl Covet {
             Arc::new(consumer.assigner()),
         )
         .await?;
-        Ok(futures::stream::unfold(
+        let assigner = consumer.assigner();
+        let handled = futures::stream::unfold(
             (consumer, membership),
             |(mut consumer, membership)| async move {
                 let handled = consumer
@@ -114,7 +119,11 @@ impl Covet {
                 Some((handled, (consumer, membership)))
             },
         )
-        .boxed())
+        .boxed();
+        Ok(Member {
+            handled,
+            owned: Some(Box::new(move || assigner.owned().len())),
+        })
     }
 }
 

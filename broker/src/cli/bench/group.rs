@@ -10,8 +10,8 @@
 //! consumer with explicit acks per stream, JetStream's way of sharing work.
 //! `--max-in-flight` bounds unacknowledged records per partition (Covet's
 //! `max_in_flight`) or per stream (JetStream's `max_ack_pending`). The group
-//! clock starts before the first member joins, so joining and rebalancing
-//! are part of the figure.
+//! clock starts once every member joined and the group settled; the time
+//! that took is reported apart (`join_seconds`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -55,6 +55,13 @@ pub struct GroupArgs {
 /// a partition's session ending (taken over in a rebalance, say); the
 /// member goes on with the others, as `covet subscribe --group` does.
 pub type HandledStream = BoxStream<'static, anyhow::Result<(u32, u64)>>;
+
+/// One member: what it handles, and (Covet) how many partitions it holds.
+pub struct Member {
+    pub handled: HandledStream,
+    /// `None` where members share every stream (JetStream).
+    pub owned: Option<Box<dyn Fn() -> usize + Send + Sync>>,
+}
 
 /// What every member adds to.
 struct Tally {
@@ -128,14 +135,26 @@ pub async fn group(a: GroupArgs) -> anyhow::Result<()> {
         done: Notify::new(),
         target: pre.acked,
     });
+    // Every member joins, and the group settles (each partition with one
+    // member, each member with its share), before the clock starts: the
+    // figure is steady group consumption, and joining is reported apart.
+    // Members take nothing meanwhile, so a moving partition is released at
+    // once; what they fetched ahead is delivered again to its new owner.
+    let joining = Instant::now();
+    let mut joined = Vec::new();
+    for member in 0..members {
+        joined.push(
+            Backend::group_member(c.backend, &c.conn, &setup, &group, member, max_in_flight)
+                .await?,
+        );
+    }
+    let settled = settle(&joined, setup.partitions, joining + limit(c.duration_s)).await;
+    let join_seconds = joining.elapsed().as_secs_f64();
     let start = Instant::now();
     let stop_at = tokio::time::Instant::from_std(start + limit(c.duration_s));
     let mut tasks = JoinSet::new();
-    for member in 0..members {
-        let handled =
-            Backend::group_member(c.backend, &c.conn, &setup, &group, member, max_in_flight)
-                .await?;
-        tasks.spawn(consume(handled, tally.clone()));
+    for member in joined {
+        tasks.spawn(consume(member.handled, tally.clone()));
     }
     let finished = loop {
         tokio::select! {
@@ -178,6 +197,8 @@ pub async fn group(a: GroupArgs) -> anyhow::Result<()> {
             "records": distinct,
             "complete": finished,
             "redelivered": redelivered,
+            "join_seconds": join_seconds,
+            "settled": settled,
             "session_ends": tally.session_ends.load(Ordering::Relaxed),
             "first_session_end": tally.first_session_end.get(),
             "seconds": elapsed.as_secs_f64(),
@@ -186,6 +207,26 @@ pub async fn group(a: GroupArgs) -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+/// Waits until the members' partitions add up to `partitions` and each
+/// member that can have one has one, or until `deadline`; whether they did.
+async fn settle(members: &[Member], partitions: u32, deadline: Instant) -> bool {
+    let owned: Vec<_> = members.iter().filter_map(|m| m.owned.as_ref()).collect();
+    if owned.is_empty() {
+        return true;
+    }
+    let each = usize::from(owned.len() <= partitions as usize);
+    loop {
+        let held: Vec<usize> = owned.iter().map(|f| f()).collect();
+        if held.iter().sum::<usize>() == partitions as usize && held.iter().all(|&n| n >= each) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
 }
 
 /// Counts what one member handles until its stream ends.

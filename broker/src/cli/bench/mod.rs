@@ -251,7 +251,7 @@ impl Backend {
         group: &str,
         member: usize,
         max_in_flight: u32,
-    ) -> anyhow::Result<group::HandledStream> {
+    ) -> anyhow::Result<group::Member> {
         match Backend::open(kind, conn, setup).await? {
             Backend::Covet(b) => b.group_member(group, member, max_in_flight).await,
             #[cfg(feature = "nats-bench")]

@@ -18,7 +18,7 @@ use async_nats::jetstream::Context;
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 
-use super::group::HandledStream;
+use super::group::{HandledStream, Member};
 use super::{AckFuture, NatsConsumer, Setup, ValueStream};
 use crate::cli::Conn;
 
@@ -128,11 +128,7 @@ impl Nats {
 impl Nats {
     /// Pulls from the durable consumer `group` of every stream (created by
     /// the first member) and acknowledges each message as it comes.
-    pub async fn group_member(
-        self,
-        group: &str,
-        max_in_flight: u32,
-    ) -> anyhow::Result<HandledStream> {
+    pub async fn group_member(self, group: &str, max_in_flight: u32) -> anyhow::Result<Member> {
         let mut all = Vec::new();
         for (index, (name, _)) in self.streams.iter().enumerate() {
             let index = index as u32;
@@ -164,7 +160,10 @@ impl Nats {
                 .boxed();
             all.push(handled);
         }
-        Ok(futures::stream::select_all(all).boxed())
+        Ok(Member {
+            handled: futures::stream::select_all(all).boxed(),
+            owned: None,
+        })
     }
 }
 
