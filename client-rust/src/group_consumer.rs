@@ -70,7 +70,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use covet_protocol::api::{subscribe_request, subscribe_response, Acks, GroupSession, Nack};
-use covet_protocol::api::{SubscribeOpen, SubscribeRequest, SubscribeResponse};
+use covet_protocol::api::{RecordDelivery, SubscribeOpen, SubscribeRequest, SubscribeResponse};
 use covet_protocol::batch::{BatchRecords, Header, StoredRecord};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -811,29 +811,45 @@ impl Part {
                 .map_err(bad_batch)?
                 .collect::<std::result::Result<_, _>>()
                 .map_err(bad_batch)?;
-            if self.batches.len() == covet_protocol::GROUP_BATCH_MEMORY {
-                self.batches.pop_front();
-            }
             self.batches.push_back((base, records));
         }
-        // Handed out in offset order, as per-key order needs.
-        let mut wanted: Vec<(u64, u32)> = d.records.iter().map(|r| (r.offset, r.count)).collect();
-        wanted.sort_unstable();
-        for (offset, count) in wanted {
-            let record = self.batches.iter().find_map(|(base, records)| {
-                let i = usize::try_from(offset.checked_sub(*base)?).ok()?;
-                records.get(i).filter(|r| r.offset == offset).cloned()
-            });
-            match record {
-                Some(r) => self.arrive(r, count),
-                None => {
-                    return Err(Error::Protocol(format!(
-                        "record {offset} was listed but is in none of the batches kept"
-                    )))
-                }
-            }
+        // The listed records may be in any batch of this message or among
+        // the last batches kept before it: the memory is cut back to its
+        // size only once they are found.
+        let found = self.take_listed(&d.records);
+        let excess = self
+            .batches
+            .len()
+            .saturating_sub(covet_protocol::GROUP_BATCH_MEMORY);
+        self.batches.drain(..excess);
+        for (record, count) in found? {
+            self.arrive(record, count);
         }
         Ok(())
+    }
+
+    /// The records `listed` (handed out in offset order, as per-key order
+    /// needs), found in the batches kept.
+    fn take_listed(&self, listed: &[RecordDelivery]) -> Result<Vec<(StoredRecord, u32)>> {
+        let mut wanted: Vec<(u64, u32)> = listed.iter().map(|r| (r.offset, r.count)).collect();
+        wanted.sort_unstable();
+        wanted
+            .into_iter()
+            .map(|(offset, count)| {
+                self.batches
+                    .iter()
+                    .find_map(|(base, records)| {
+                        let i = usize::try_from(offset.checked_sub(*base)?).ok()?;
+                        records.get(i).filter(|r| r.offset == offset).cloned()
+                    })
+                    .map(|r| (r, count))
+                    .ok_or_else(|| {
+                        Error::Protocol(format!(
+                            "record {offset} was listed but is in none of the batches kept"
+                        ))
+                    })
+            })
+            .collect()
     }
 
     /// A delivered record: handed out, held behind its key, or dropped.
