@@ -239,6 +239,32 @@ pub fn commits_after_restart(
     found
 }
 
+/// A member that resumes after a restart starts each partition at its
+/// committed offset (ADR 0009: "consumes each assigned partition from the
+/// group's committed offset"): the lowest offset it handled on a partition
+/// (`resumed`, its handlings only) is that partition's committed offset
+/// (`committed`) when it had records there at or after it. Every
+/// partition that started below (records committed handled again) or
+/// above (records skipped), described.
+pub fn resumed_at_committed(committed: &BTreeMap<u32, u64>, resumed: &[Handled]) -> Vec<String> {
+    let mut first: BTreeMap<u32, u64> = BTreeMap::new();
+    for h in resumed {
+        let f = first.entry(h.partition).or_insert(h.offset);
+        *f = (*f).min(h.offset);
+    }
+    let mut found = Vec::new();
+    for (p, &offset) in &first {
+        let at = committed.get(p).copied().unwrap_or(0);
+        if offset != at {
+            found.push(format!(
+                "partition {p}: the resumed member started at offset {offset}, the committed \
+                 offset was {at}"
+            ));
+        }
+    }
+    found
+}
+
 /// What a group run found; see the module docs.
 #[derive(Debug, Clone, Default)]
 pub struct GroupReport {

@@ -261,3 +261,18 @@ fn staleness_after_a_restart_fails_the_run_unless_allowed() {
     r.allow_stale_after_restart = true;
     assert!(r.problems().is_empty());
 }
+
+#[test]
+fn a_resumed_member_must_start_at_the_committed_offset() {
+    let committed: BTreeMap<u32, u64> = [(0, 5), (1, 0)].into();
+    let fine = [handling(0, 6, 1), handling(0, 5, 2), handling(1, 0, 1)];
+    assert!(resumed_at_committed(&committed, &fine).is_empty());
+    // Partition 0 from 4: a committed record handled again.
+    let early = [handling(0, 4, 1), handling(0, 5, 1)];
+    let found = resumed_at_committed(&committed, &early);
+    assert_eq!(found.len(), 1);
+    assert!(found[0].contains("started at offset 4"));
+    // Partition 1 from 2: records 0 and 1 skipped.
+    let late = [handling(1, 2, 1)];
+    assert_eq!(resumed_at_committed(&committed, &late).len(), 1);
+}

@@ -381,12 +381,21 @@ async fn a_group_through_a_power_cut_of_every_node() {
             .collect::<Vec<_>>()
     );
 
+    let handled_before = run.handled.handlings();
     run.members.push(Member::start(
         &seeds,
         Run::member_config(Duration::from_secs(8)),
         run.handled.clone(),
     ));
     run.progress(200, "after the restart").await;
+    // The new member started every partition where the group's commits
+    // left off (nothing was committed between those answers and its
+    // start: no member was there).
+    let resumed = run.handled()[handled_before..].to_vec();
+    other.extend(group_check::resumed_at_committed(
+        &group_check::highest_committed(&answers),
+        &resumed,
+    ));
     assert!(
         discarded > 0,
         "{name}: the cut discarded nothing: the scenario proved nothing"
@@ -453,5 +462,95 @@ async fn a_backlog_of_more_batches_than_the_batch_memory_is_delivered() {
             Err(_) => panic!("only {offsets:?} handled in {TIMEOUT:?}"),
         }
     }
+    member.leave().await.expect("leave");
+}
+
+/// A member whose session on a partition ends for good (here `FENCED` by a
+/// forced reset to the earliest offset; a session that fails otherwise is
+/// the same case) consumes that partition again: the records are handled
+/// again from the reset offset, and later ones too.
+///
+/// Fails today: the coordinator still counts the partition as the
+/// member's, so the heartbeat answers do not change and `Membership` never
+/// assigns it again (the fix, in `client-rust/src/membership.rs`, assigns
+/// again when an assigned partition is no longer owned).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fails until Membership reopens a partition whose session ended (issue 9)"]
+async fn a_member_whose_session_was_ended_consumes_the_partition_again() {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start(1).await.expect("cluster");
+    let client = Client::connect(&cluster.client_addrs())
+        .await
+        .expect("client");
+    let mut spec = covet_client::TopicSpec::new(TOPIC).partitions(1);
+    spec.replication_factor = 1;
+    client.create_topic(spec).await.expect("create topic");
+    cluster
+        .wait_leader(TOPIC, 0, TIMEOUT, |_| true)
+        .await
+        .expect("leader");
+    let producer = client.producer(covet_client::ProducerConfig::default());
+    let publish = |from: u64, to: u64| {
+        let producer = &producer;
+        async move {
+            for i in from..to {
+                let record = covet_client::Record {
+                    value: format!("r{i}").into(),
+                    ..Default::default()
+                };
+                drop(producer.send_to(TOPIC, 0, record).await.expect("send"));
+            }
+            tokio::time::timeout(TIMEOUT, producer.flush())
+                .await
+                .expect("flushed in time")
+                .expect("flushed");
+        }
+    };
+    publish(0, 10).await;
+    let log = HandledLog::default();
+    let member = Member::start(
+        &cluster.client_addrs(),
+        Run::member_config(Duration::from_secs(8)),
+        log.clone(),
+    );
+    let handled_at_least = |n: usize| {
+        let log = log.clone();
+        async move {
+            wait_until(TIMEOUT, || async { (log.handlings() >= n).then_some(()) })
+                .await
+                .is_ok()
+        }
+    };
+    assert!(handled_at_least(10).await, "the first 10 never handled");
+    // Every acknowledgement committed, so the reset has something to undo.
+    let committed = wait_until(TIMEOUT, || async {
+        let d = client.describe_group(GROUP).await.ok()?;
+        d.partitions.iter().all(|p| p.committed == 10).then_some(())
+    })
+    .await;
+    assert!(
+        committed.is_ok(),
+        "the acknowledgements were never committed"
+    );
+    client
+        .reset_group(
+            GROUP,
+            TOPIC,
+            None,
+            covet_client::StartPosition::Earliest,
+            true,
+        )
+        .await
+        .expect("forced reset");
+    publish(10, 15).await;
+    // 10 again from the start, and 5 new ones.
+    let again = handled_at_least(25).await;
+    assert!(
+        again,
+        "after the forced reset the member handled {} records in all (25 expected); session \
+         errors: {:?}",
+        log.handlings(),
+        log.errors()
+    );
     member.leave().await.expect("leave");
 }
