@@ -54,6 +54,15 @@ impl GroupLog {
         self.handled.lock().expect("handled lock").len()
     }
 
+    /// Handlings so far on each partition that has any.
+    pub fn per_partition(&self) -> BTreeMap<u32, usize> {
+        let mut out = BTreeMap::new();
+        for h in self.handled.lock().expect("handled lock").iter() {
+            *out.entry(h.partition).or_default() += 1;
+        }
+        out
+    }
+
     /// Every session-ending error so far.
     pub fn errors(&self) -> Vec<String> {
         self.errors.lock().expect("errors lock").clone()

@@ -16,8 +16,18 @@
 //!   survives, nothing beyond what was acknowledged is committed, and a new
 //!   member resumes from there.
 //!
-//! Scenarios run one at a time (a process-wide lock). Fixed durations are
-//! fault windows, never waits for something to happen.
+//! Known and tolerated for now: a restarted node describes the checkpoint
+//! it restarted from until it has replayed its log, older than what it
+//! described before (`stale_after_restart` in the report; see
+//! `GroupReport::allow_stale_after_restart`).
+//!
+//! Two narrower tests: a member joining behind a backlog of more batches
+//! than the batch memory (a client bug the kill scenario found), and a
+//! member whose session was ended by a forced reset (ignored until
+//! `Membership` reopens such a partition).
+//!
+//! Scenarios run one at a time (a process-wide lock); no fixed sleep: every
+//! wait is for a condition, with a deadline.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -35,8 +45,6 @@ const GROUP: &str = "g";
 const PARTITIONS: u32 = 3;
 /// Bound on every wait for progress or convergence.
 const TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a killed node stays down.
-const FAULT_WINDOW: Duration = Duration::from_secs(2);
 
 /// A cluster, its load, the group's members and the sampler.
 struct Run {
@@ -104,24 +112,37 @@ impl Run {
     }
 
     /// Waits until `more` records were acknowledged to the producers and
-    /// `more` more were handled by the group, from now.
+    /// the group handled `more / PARTITIONS` more on every partition (so a
+    /// partition whose leader was lost must have resumed), from now.
     async fn progress(&self, more: u64, what: &str) {
-        let handled = self.handled.handlings() as u64;
+        let before = self.handled.per_partition();
         if let Err(e) = self.load.wait_acked(more, TIMEOUT).await {
             self.fail(&format!("producing {what}"), e);
         }
+        let each = (more / u64::from(PARTITIONS)) as usize;
         let group = wait_until(TIMEOUT, || async {
-            (self.handled.handlings() as u64 >= handled + more).then_some(())
+            let now = self.handled.per_partition();
+            (0..PARTITIONS)
+                .all(|p| {
+                    let was = before.get(&p).copied().unwrap_or(0);
+                    now.get(&p).copied().unwrap_or(0) >= was + each
+                })
+                .then_some(())
         })
         .await;
         if let Err(e) = group {
-            self.fail(&format!("the group handling records {what}"), e);
+            let now = self.handled.per_partition();
+            self.fail(
+                &format!("the group handling records on every partition {what}"),
+                format!("{e:#}: per partition {before:?} then {now:?}"),
+            );
         }
     }
 
-    /// Kills `node` with -9, keeps it down for the fault window while the
-    /// load and the group go on, and restarts it.
-    async fn kill_and_restart(&mut self, node: NodeId, what: &str) {
+    /// Kills `node` with -9; while it is down the load and the group must
+    /// go on (one election, and a rebalance or session move); then
+    /// restarts it, and they must go on again.
+    async fn kill_and_restart(&mut self, node: NodeId, what: &str, coordinator: bool) {
         println!(
             "{}: {:?}: kill -9 of node {node} ({what})",
             self.name,
@@ -132,11 +153,29 @@ impl Run {
         if let Err(e) = self.cluster.kill9(node).await {
             self.fail("kill -9", e);
         }
-        tokio::time::sleep(FAULT_WINDOW).await;
+        if coordinator {
+            // A new coordinator first: the group goes on under it.
+            let elected = wait_until(TIMEOUT, || async {
+                let now = self.cluster.metadata_leader().await.ok().flatten()?;
+                (now != node).then_some(now)
+            })
+            .await;
+            match elected {
+                Ok(n) => println!("{}: node {n} coordinates now", self.name),
+                Err(e) => self.fail("electing a new coordinator", e),
+            }
+        }
+        self.progress(100, &format!("while the {what}'s node is down"))
+            .await;
+        println!(
+            "{}: {:?}: restarting node {node}",
+            self.name,
+            self.started.elapsed()
+        );
         if let Err(e) = self.cluster.restart(node).await {
             self.fail("restart", e);
         }
-        self.progress(100, &format!("after the kill of the {what}"))
+        self.progress(100, &format!("after the {what}'s node restarted"))
             .await;
     }
 
@@ -250,7 +289,7 @@ async fn a_group_through_the_kill_of_its_coordinator_and_of_a_partition_leader()
         Ok(None) => run.fail("finding the coordinator", "no metadata leader"),
         Err(e) => run.fail("finding the coordinator", e),
     };
-    run.kill_and_restart(coordinator, "coordinator").await;
+    run.kill_and_restart(coordinator, "coordinator", true).await;
 
     // A partition leader's node, other than the coordinator's now when
     // some partition allows it, so that the second fault hits the group
@@ -268,7 +307,8 @@ async fn a_group_through_the_kill_of_its_coordinator_and_of_a_partition_leader()
         .copied()
         .find(|&l| Some(l) != meta)
         .unwrap_or(leaders[0]);
-    run.kill_and_restart(leader, "partition leader").await;
+    run.kill_and_restart(leader, "partition leader", false)
+        .await;
     run.finish(Vec::new()).await;
 }
 
