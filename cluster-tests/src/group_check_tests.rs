@@ -258,7 +258,7 @@ fn staleness_after_a_restart_fails_the_run_unless_allowed() {
     assert_eq!(r.stale_after_restart.len(), 1);
     assert!(r.backwards.is_empty());
     assert_eq!(r.problems().len(), 1, "{:?}", r.problems());
-    r.allow_stale_after_restart = true;
+    r.allow_restart_replay = true;
     assert!(r.problems().is_empty());
 }
 
@@ -275,4 +275,29 @@ fn a_resumed_member_must_start_at_the_committed_offset() {
     // Partition 1 from 2: records 0 and 1 skipped.
     let late = [handling(1, 2, 1)];
     assert_eq!(resumed_at_committed(&committed, &late).len(), 1);
+}
+
+#[test]
+fn only_restarted_nodes_may_answer_beyond_the_high_watermark_when_replay_is_allowed() {
+    let (acks, handled, mut samples) = clean_run();
+    let mut restarted = sample(2, 1, 3, 2);
+    restarted.incarnation = 1;
+    samples.insert(samples.len() - 4, restarted);
+    let mut r = report(&acks, &handled, &samples);
+    assert_eq!(
+        (
+            r.beyond_high_watermark.len(),
+            r.beyond_high_watermark_restarted
+        ),
+        (1, 1)
+    );
+    assert_eq!(r.problems().len(), 1, "{:?}", r.problems());
+    r.allow_restart_replay = true;
+    assert!(r.problems().is_empty(), "{:?}", r.problems());
+    // A node that never restarted is judged all the same.
+    let last = samples.len() - 1;
+    samples[last].committed = 4;
+    let mut r = report(&acks, &handled, &samples);
+    r.allow_restart_replay = true;
+    assert_eq!(r.problems().len(), 1, "{:?}", r.problems());
 }

@@ -9,10 +9,14 @@
 //! down at once, so that the member dies as a killed process would,
 //! heartbeats, sessions and unsent acknowledgements included.
 //!
-//! The [`Sampler`] asks each node in turn (one call in flight per node, so
-//! a node's answers are recorded in the order it gave them) every
-//! [`SAMPLE_EVERY`], each call bounded by [`SAMPLE_TIMEOUT`]; a node that
-//! is down simply gives no sample.
+//! The [`Sampler`] asks every node at once every [`SAMPLE_EVERY`], each
+//! call bounded by [`SAMPLE_TIMEOUT`], and waits for all before the next
+//! round: one call in flight per node, so a node's answers are recorded in
+//! the order it gave them. A node that is down simply gives no sample.
+//! Each answer is tagged with the node's incarnation, which the test raises
+//! before it kills or cuts the node ([`Sampler::restarting`]), so that
+//! going backwards within one process and staleness after a restart are
+//! told apart.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
