@@ -96,6 +96,9 @@ pub struct NodeHandle {
     tx: mpsc::Sender<Request>,
     pub catalog: Arc<Catalog>,
     pub node_id: u64,
+    /// True once every group has a leader and applied what it found
+    /// committed (see `Driver::update_ready`); never false again.
+    pub ready: watch::Receiver<bool>,
 }
 
 impl NodeHandle {
@@ -234,6 +237,7 @@ pub fn start(
             tx,
             catalog,
             node_id: config.node_id,
+            ready: ready.clone(),
         },
         ready,
         done,

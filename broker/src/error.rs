@@ -78,6 +78,11 @@ pub enum BrokerError {
     Timeout(String),
     #[error("the broker is shutting down")]
     ShuttingDown,
+    /// The node started and has not yet applied what its groups had
+    /// committed: its answer could be older than one it gave before it
+    /// stopped.
+    #[error("this node is starting: {0}")]
+    NotReady(String),
     #[error("membership change refused: {0}")]
     MembershipConflict(String),
     #[error("this node's replica of group {group} is out of service: {reason}")]
@@ -124,6 +129,7 @@ impl BrokerError {
             BrokerError::GroupActive(_) => Reason::GroupActive,
             BrokerError::UnknownMember(_) => Reason::UnknownMember,
             BrokerError::ShuttingDown => Reason::ShuttingDown,
+            BrokerError::NotReady(_) => Reason::NotReady,
             BrokerError::MembershipConflict(_) => Reason::MembershipConflict,
             BrokerError::ReplicaFaulted { .. } => Reason::ReplicaFaulted,
             BrokerError::DuplicateSequence { .. } => Reason::DuplicateSequence,

@@ -537,6 +537,15 @@ impl Covet for CovetService {
         request: Request<DescribeGroupRequest>,
     ) -> std::result::Result<Response<DescribeGroupResponse>, Status> {
         let group = request.into_inner().group;
+        // Until then this node's applied state may be older than what it
+        // described before a restart (committed offsets would seem to move
+        // back): another node answers instead.
+        if !*self.node.ready.borrow() {
+            return Err(BrokerError::NotReady(
+                "its applied state has not caught up yet; ask another node".into(),
+            )
+            .to_status());
+        }
         Ok(Response::new(crate::consumer::admin::describe(
             &self.node.catalog,
             &group,

@@ -188,7 +188,11 @@ async fn heartbeat_loop(
                 || s.generation != answer.generation
                 || s.partitions != partitions
         };
-        if changed {
+        // A session that ended on its own (fenced by a forced reset, or
+        // failed) left an assigned partition unowned; the coordinator still
+        // counts it as this member's, so only assigning again reopens it.
+        let lost = partitions.iter().any(|p| !owned.contains(p));
+        if changed || lost {
             if let Err(e) = target.assign(answer.generation, partitions.clone()).await {
                 tracing::warn!(%group, error = %e, "applying the assignment failed");
             }

@@ -17,12 +17,18 @@
 //!   unanswered sends, crashes and panics in node logs, time from fault to
 //!   first produce), printed as one JSON line per scenario;
 //!   [`Report::assert_clean`] is the one verdict every scenario uses;
+//! - [`group_load`] and [`group_check`]: a consumer group under test
+//!   (members that handle and acknowledge every record, and a sampler of
+//!   every node's `describe`) and the pure checks of what they recorded
+//!   (every acknowledged record handled, committed offsets monotonic and
+//!   within the high watermark, lag 0 on every node at the end);
 //! - [`replicas`]: the byte-for-byte comparison of replicas' committed logs
 //!   (every assigned replica must serve its partition, reach lag 0 and hold
 //!   everything up to the highest commit).
 //!
-//! The scenarios live in `tests/scenarios.rs`; the proxy and the checker
-//! have their own tests in `tests/`.
+//! The scenarios live in `tests/scenarios.rs` (consumer groups under faults
+//! in `tests/group_faults.rs`); the proxy and the checkers have their own
+//! tests in `tests/`.
 //!
 //! Invariants of the harness:
 //! - no fixed sleep is used to synchronise: readiness is a node's `ready`
@@ -43,6 +49,8 @@
 mod bin_path;
 pub mod checker;
 pub mod cluster;
+pub mod group_check;
+pub mod group_load;
 pub mod nemesis;
 mod node;
 pub mod power;

@@ -146,6 +146,8 @@ impl Shared {
 pub struct Load {
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
+    /// Stops the producers only (see [`Load::stop_producers`]).
+    stop_producing: watch::Sender<bool>,
     producers: Vec<JoinHandle<()>>,
     consumers: Vec<JoinHandle<()>>,
     started: Instant,
@@ -177,8 +179,9 @@ impl Load {
             faults: Mutex::default(),
         });
         let (stop, _) = watch::channel(false);
+        let (stop_producing, _) = watch::channel(false);
         let producers = (0..config.producers)
-            .map(|id| tokio::spawn(produce(shared.clone(), id, stop.subscribe())))
+            .map(|id| tokio::spawn(produce(shared.clone(), id, stop_producing.subscribe())))
             .collect();
         let consumers = (0..config.partitions)
             .map(|p| tokio::spawn(consume(shared.clone(), p, stop.subscribe())))
@@ -186,6 +189,7 @@ impl Load {
         Ok(Load {
             shared,
             stop,
+            stop_producing,
             producers,
             consumers,
             started: Instant::now(),
@@ -238,6 +242,26 @@ impl Load {
         Ok(())
     }
 
+    /// Every acknowledgement so far: where each acknowledged record landed.
+    pub fn acks(&self) -> Vec<Ack> {
+        self.shared
+            .lock_acks()
+            .iter()
+            .map(|(a, _)| a.clone())
+            .collect()
+    }
+
+    /// Stops the producers and waits until each collected its last
+    /// answers (the consumers go on until [`Load::finish`]): afterwards
+    /// [`Load::acks`] is final.
+    pub async fn stop_producers(&mut self) -> anyhow::Result<()> {
+        let _ = self.stop_producing.send(true);
+        for task in std::mem::take(&mut self.producers) {
+            task.await.context("a producer task panicked")?;
+        }
+        Ok(())
+    }
+
     /// Notes that a fault is being injected now.
     pub fn mark_fault(&self) {
         self.shared
@@ -275,6 +299,7 @@ impl Load {
     /// kills every node, so the cluster is stopped afterwards (see
     /// [`replicas::check`]).
     pub async fn finish(mut self, cluster: &mut Cluster, scenario: &str) -> anyhow::Result<Report> {
+        let _ = self.stop_producing.send(true);
         let _ = self.stop.send(true);
         let tasks = std::mem::take(&mut self.producers)
             .into_iter()

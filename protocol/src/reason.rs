@@ -68,6 +68,7 @@ reasons! {
     Fenced => "FENCED", FailedPrecondition;
     GroupActive => "GROUP_ACTIVE", FailedPrecondition;
     UnknownMember => "UNKNOWN_MEMBER", NotFound;
+    NotReady => "NOT_READY", Unavailable;
 }
 
 impl Reason {
@@ -83,6 +84,7 @@ impl Reason {
                 | Reason::OutOfOrderSequence
                 | Reason::ReplicaFaulted
                 | Reason::UnknownProducerId
+                | Reason::NotReady
         )
     }
 }

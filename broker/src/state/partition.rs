@@ -360,7 +360,6 @@ impl PartitionState {
     }
 
     fn publish(&mut self) {
-        self.groups.publish();
         let p = Progress {
             start_offset: self.durable.start_offset,
             high_watermark: self.durable.next_offset,
@@ -370,6 +369,10 @@ impl PartitionState {
             *cur = p;
             changed
         });
+        // After the progress: a reader that sees a group's new commit (and
+        // reads the progress after it, as `describe` does) sees the records
+        // it covers, never a committed offset above the high watermark.
+        self.groups.publish();
     }
 
     /// The snapshot describing the state right after `raft_index`, for a
