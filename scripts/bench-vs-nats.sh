@@ -224,6 +224,7 @@ single_cases=(
   "group1|group, 1 member, every record acked, 4 partitions|group --members 1 --partitions 4 --max-in-flight 1000 --records $read_records"
   "group2|group, 2 members, every record acked, 4 partitions|group --members 2 --partitions 4 --max-in-flight 1000 --records $read_records"
   "group4|group, 4 members, every record acked, 4 partitions|group --members 4 --partitions 4 --max-in-flight 1000 --records $read_records"
+  "group1b|group, 1 member, every record acked, 4 partitions, written in large batches|group --members 1 --partitions 4 --max-in-flight 1000 --preload-batch --records $read_records"
 )
 cluster_cases=(
   "await1|one publish awaited at a time|pub --in-flight 1 --records 10000000"
