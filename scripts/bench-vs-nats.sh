@@ -233,6 +233,7 @@ cluster_cases=(
   "w4096l1|4096 in flight, linger 1 ms|pub --in-flight 4096 --linger-ms 1 --records 10000000"
   "read|read from the start, written in large batches|read --preload-batch --records $read_records"
   "ol10k1|open loop 10k/s, 1 partition|pub --rate 10000 --partitions 1 --records 10000000"
+  "group2|group, 2 members, every record acked, 4 partitions, written in large batches|group --members 2 --partitions 4 --max-in-flight 1000 --preload-batch --records $read_records"
 )
 systems=(covet js-always js-lazy)
 

@@ -167,7 +167,7 @@ def table(setup, rows):
         "(below 1: Covet ahead), of the achieved rate where marked (rate), when either "
         "side was overloaded (above 1: Covet ahead). Open-loop latency is taken from each record's intended "
         "send time (corrected for coordinated omission). JetStream `always` is not run on "
-        "the read and group rows: reading does not depend on the sync mode (and its preload would not fit the time bound). A group row times a fresh consumer group that acknowledges every record on its own, from the first join to the last record, after a plain read of the same records in the same run; JetStream's members share one durable pull consumer per stream with explicit acks. JetStream has no "
+        "the read and group rows: reading does not depend on the sync mode (and its preload would not fit the time bound). A group row times a fresh consumer group that acknowledges every record on its own, from when its members had joined and it settled to the last record, against a plain read of the same records in the same run; JetStream's members share one durable pull consumer per stream with explicit acks. JetStream has no "
         "producer linger, so rows with a linger are Covet's alone: compare them with "
         "the linger-0 row above."
     )
@@ -221,6 +221,10 @@ def plot(setups, path):
         ax.set_title(f"{PLOT_TITLES.get(setup, setup)}: throughput (higher is better)")
         ax.legend(fontsize=8)
         ax = axes[row][1]
+        if not lat_cases:
+            # A run of throughput-only cases (`--cases`): nothing to plot.
+            ax.set_axis_off()
+            continue
         for i, s in enumerate(SYSTEMS):
             xs = [j + (i - 1) * width for j in range(len(lat_cases))]
             p50 = [c[s].lat("p50") or 0 for _, c in lat_cases]
