@@ -102,7 +102,7 @@ pub(super) fn linger(ms: f64) -> Duration {
 }
 
 /// Merges `extra` into the JSON object `base` and prints it as one line.
-fn print(mut base: Value, extra: Value) {
+pub(super) fn print(mut base: Value, extra: Value) {
     if let (Some(b), Value::Object(e)) = (base.as_object_mut(), extra) {
         b.extend(e);
     }
@@ -352,36 +352,40 @@ pub async fn read(a: ReadArgs) -> anyhow::Result<()> {
     let reader = Backend::open(c.backend, &c.conn, &setup).await?;
     let read = timed_read(&reader, pre.acked, limit(c.duration_s)).await?;
     let (per_sec, _) = rates(read.records, 0, read.elapsed);
-    let consumer = consumer_name(name, &setup);
-    println!(
-        "{}",
+    print(
+        read_head("read", name, c, &setup, a.preload_batch, &pre),
         json!({
-            "bench": "read",
-            "backend": name,
-            "record_size": c.record_size,
-            "partitions": setup.partitions,
-            "replication_factor": c.replication_factor,
-            "preload": preload_name(a.preload_batch),
-            "preloaded": pre.acked,
-            "preload_errors": pre.errors,
             "preload_records_per_sec": pre_rate.round(),
-            "consumer": consumer,
+            "consumer": consumer_name(name, &setup),
             "records": read.records,
             "complete": read.records == pre.acked,
             "seconds": read.elapsed.as_secs_f64(),
             "records_per_sec": per_sec.round(),
             "mb_per_sec": (read.bytes as f64 / read.elapsed.as_secs_f64().max(1e-9) / 1e4).round() / 100.0,
-        })
+        }),
     );
     Ok(())
 }
 
-pub(super) fn preload_name(big_batches: bool) -> &'static str {
-    if big_batches {
-        "large batches"
-    } else {
-        "one record per batch"
-    }
+/// What the JSON line of a run that preloads and then reads starts with.
+pub(super) fn read_head(
+    bench: &str,
+    backend: &str,
+    c: &Common,
+    setup: &Setup,
+    big_batches: bool,
+    pre: &Run,
+) -> Value {
+    json!({
+        "bench": bench,
+        "backend": backend,
+        "record_size": c.record_size,
+        "partitions": setup.partitions,
+        "replication_factor": c.replication_factor,
+        "preload": if big_batches { "large batches" } else { "one record per batch" },
+        "preloaded": pre.acked,
+        "preload_errors": pre.errors,
+    })
 }
 
 /// Fills the topic with `records` records before a reading run: one record

@@ -24,7 +24,7 @@ use serde_json::json;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
-use super::drive::{limit, preload, preload_name, timed_read};
+use super::drive::{limit, preload, print, read_head, timed_read};
 use super::stats::rates;
 use super::{Backend, Common, Setup};
 
@@ -179,17 +179,9 @@ pub async fn group(a: GroupArgs) -> anyhow::Result<()> {
             "durable pull consumer shared by {members} member(s), explicit acks, max_ack_pending {max_in_flight} per stream"
         ),
     };
-    println!(
-        "{}",
+    print(
+        read_head("group", name, c, &setup, a.preload_batch, &pre),
         json!({
-            "bench": "group",
-            "backend": name,
-            "record_size": c.record_size,
-            "partitions": setup.partitions,
-            "replication_factor": c.replication_factor,
-            "preload": preload_name(a.preload_batch),
-            "preloaded": pre.acked,
-            "preload_errors": pre.errors,
             "members": members,
             "consumer": consumer,
             "plain_records": plain.records,
@@ -204,7 +196,7 @@ pub async fn group(a: GroupArgs) -> anyhow::Result<()> {
             "seconds": elapsed.as_secs_f64(),
             "records_per_sec": group_rate.round(),
             "share_of_plain": if plain_rate > 0.0 { (group_rate / plain_rate * 1000.0).round() / 1000.0 } else { 0.0 },
-        })
+        }),
     );
     Ok(())
 }
