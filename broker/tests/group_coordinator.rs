@@ -222,3 +222,59 @@ async fn a_granted_partition_is_not_given_away_before_its_member_reports() {
         "every partition in exactly one member's hands"
     );
 }
+
+/// `DescribeGroup` shows the members and what each may consume, and
+/// `ListGroups` shows a group that has members but no progress yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn describe_shows_the_members_and_list_a_group_without_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), &[]);
+    let client = six_partitions(&broker.addr).await;
+    let topics = vec!["t".to_string()];
+
+    let a = client.join_group("g", &topics, 10_000).await.unwrap();
+    let b = client.join_group("g", &topics, 10_000).await.unwrap();
+    let a_kept = heartbeat_until(&client, "g", &a.member_id, held(&a), |x| {
+        x.partitions.len() == 3
+    })
+    .await;
+    client
+        .heartbeat("g", &a.member_id, &held(&a_kept))
+        .await
+        .unwrap();
+    let b_now = heartbeat_until(&client, "g", &b.member_id, vec![], |x| {
+        x.partitions.len() == 3
+    })
+    .await;
+
+    assert_eq!(client.list_groups().await.unwrap(), vec!["g".to_string()]);
+    let d = client.describe_group("g").await.unwrap();
+    assert!(d.generation >= b_now.generation, "{d:?}");
+    let mut members: Vec<(String, Owned)> = d
+        .members
+        .iter()
+        .map(|m| {
+            let parts = m
+                .partitions
+                .iter()
+                .map(|p| (p.topic.clone(), p.partition))
+                .collect();
+            (m.id.clone(), parts)
+        })
+        .collect();
+    members.sort();
+    let mut expected = vec![
+        (a.member_id.clone(), held(&a_kept)),
+        (b.member_id.clone(), held(&b_now)),
+    ];
+    expected.sort();
+    assert_eq!(members, expected);
+    assert!(d.members.iter().all(|m| m.topics == topics));
+
+    client.leave_group("g", &a.member_id).await.unwrap();
+    client.leave_group("g", &b.member_id).await.unwrap();
+    assert!(
+        client.list_groups().await.unwrap().is_empty(),
+        "no members and no progress: not listed"
+    );
+}

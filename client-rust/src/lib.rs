@@ -28,8 +28,8 @@ pub use consumer::{
     ConsumedRecord, PartitionStream, StartPosition, Subscription, SubscriptionOptions,
 };
 pub use covet_protocol::api::{
-    ClusterStatusResponse, DescribeGroupResponse, GroupPartition, GroupStatus, NodeInfo,
-    PartitionInfo, ReplicaProgress, TopicConfig, TopicInfo,
+    ClusterStatusResponse, DescribeGroupResponse, GroupMember, GroupPartition, GroupStatus,
+    NodeInfo, PartitionInfo, ReplicaProgress, TopicConfig, TopicInfo,
 };
 pub use covet_protocol::batch::{Header, Record};
 pub use covet_protocol::Reason;

@@ -1,7 +1,7 @@
 //! `covet group ...`: list, describe, reset and delete consumer groups.
 
 use clap::{ArgGroup, Args, Subcommand};
-use covet_client::{GroupPartition, StartPosition};
+use covet_client::{DescribeGroupResponse, GroupPartition, StartPosition};
 use serde_json::json;
 
 use super::output::print_table;
@@ -92,10 +92,17 @@ pub async fn run(cmd: GroupCommand) -> anyhow::Result<()> {
         }
         GroupCommand::Describe(a) => {
             let d = a.conn.connect().await?.describe_group(&a.group).await?;
-            if d.partitions.is_empty() {
-                anyhow::bail!("group '{}' has no progress on any partition", a.group);
+            if d.partitions.is_empty() && d.members.is_empty() {
+                anyhow::bail!(
+                    "group '{}' has no members and no progress on any partition",
+                    a.group
+                );
             }
-            print_partitions(&d.group, &d.partitions, TableFormat::resolve(a.format));
+            let format = TableFormat::resolve(a.format);
+            if format == TableFormat::Table {
+                print_members(&d);
+            }
+            print_partitions(&d.group, &d.partitions, format, false);
         }
         GroupCommand::Reset(a) => {
             let to = match (a.to_earliest, a.to_latest, a.to_offset, &a.to_time) {
@@ -109,7 +116,7 @@ pub async fn run(cmd: GroupCommand) -> anyhow::Result<()> {
             let done = client
                 .reset_group(&a.group, &a.topic, a.partition, to, a.force)
                 .await?;
-            print_partitions(&a.group, &done, TableFormat::resolve(a.format));
+            print_partitions(&a.group, &done, TableFormat::resolve(a.format), true);
         }
         GroupCommand::Delete(a) => {
             a.conn
@@ -123,7 +130,46 @@ pub async fn run(cmd: GroupCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_partitions(group: &str, partitions: &[GroupPartition], format: TableFormat) {
+/// The membership part of `group describe` as a table: who is in the
+/// group and what each may consume in the recorded generation.
+fn print_members(d: &DescribeGroupResponse) {
+    println!(
+        "group {}: generation {}, {} member(s)",
+        d.group,
+        d.generation,
+        d.members.len()
+    );
+    if d.members.is_empty() {
+        println!();
+        return;
+    }
+    let rows: Vec<Vec<String>> = d
+        .members
+        .iter()
+        .map(|m| {
+            let parts: Vec<String> = m
+                .partitions
+                .iter()
+                .map(|p| format!("{}/{}", p.topic, p.partition))
+                .collect();
+            vec![
+                m.id.clone(),
+                m.topics.join(","),
+                if parts.is_empty() {
+                    "-".to_string()
+                } else {
+                    parts.join(",")
+                },
+            ]
+        })
+        .collect();
+    print_table(&["MEMBER", "TOPICS", "PARTITIONS"], &rows);
+    println!();
+}
+
+/// Partitions as JSON lines or a table (under a `group G` line if
+/// `header`).
+fn print_partitions(group: &str, partitions: &[GroupPartition], format: TableFormat, header: bool) {
     match format {
         TableFormat::Json => {
             for p in partitions {
@@ -140,6 +186,7 @@ fn print_partitions(group: &str, partitions: &[GroupPartition], format: TableFor
                         "delivered_unacked": p.delivered_unacked,
                         "redelivered": p.redelivered,
                         "leader": p.leader,
+                        "member": (!p.member.is_empty()).then_some(&p.member),
                     })
                 );
             }
@@ -157,10 +204,17 @@ fn print_partitions(group: &str, partitions: &[GroupPartition], format: TableFor
                         p.delivered_unacked.to_string(),
                         p.redelivered.to_string(),
                         p.leader.to_string(),
+                        if p.member.is_empty() {
+                            "-".to_string()
+                        } else {
+                            p.member.clone()
+                        },
                     ]
                 })
                 .collect();
-            println!("group {group}");
+            if header {
+                println!("group {group}");
+            }
             print_table(
                 &[
                     "TOPIC",
@@ -171,6 +225,7 @@ fn print_partitions(group: &str, partitions: &[GroupPartition], format: TableFor
                     "UNACKED",
                     "REDELIVERED",
                     "LEADER",
+                    "MEMBER",
                 ],
                 &rows,
             );

@@ -1,10 +1,13 @@
 //! Consumer group administration: list, describe (from any replica's
-//! applied state), and reset or delete a group's progress on a partition
-//! (at its leader, through its Raft group).
+//! applied state and the membership record every node holds), and reset
+//! or delete a group's progress on a partition (at its leader, through its
+//! Raft group).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use covet_protocol::api::{position, DescribeGroupResponse, GroupPartition, Position};
+use covet_protocol::api::{
+    position, DescribeGroupResponse, GroupMember, GroupPartition, Position, TopicPartition,
+};
 use covet_protocol::internal::{GroupCommit, GroupDelete, GroupReset};
 use covet_protocol::topic::validate_group_name;
 
@@ -15,9 +18,15 @@ use crate::error::{BrokerError, Result};
 use crate::state::groups::GroupEntry;
 use crate::subscribe::blocking;
 
-/// Groups with progress on any partition this node holds, by name.
+/// Groups with progress on any partition this node holds, or with
+/// members, by name.
 pub fn list(catalog: &Catalog) -> Vec<String> {
-    let mut names = BTreeSet::new();
+    let mut names: BTreeSet<String> = catalog
+        .consumer_groups()
+        .values()
+        .filter(|r| !r.members.is_empty())
+        .map(|r| r.name.clone())
+        .collect();
     for topic in catalog.topics() {
         for p in &topic.partitions {
             if let Some(local) = &p.local {
@@ -31,6 +40,32 @@ pub fn list(catalog: &Catalog) -> Vec<String> {
 /// `group`'s progress on every partition this node holds a replica of.
 pub fn describe(catalog: &Catalog, group: &str) -> Result<DescribeGroupResponse> {
     validate_group_name(group).map_err(BrokerError::InvalidRequest)?;
+    let record = catalog.consumer_groups().get(group).cloned();
+    let members: Vec<GroupMember> = record
+        .iter()
+        .flat_map(|r| &r.members)
+        .map(|m| GroupMember {
+            id: m.id.clone(),
+            topics: m.topics.clone(),
+            partitions: m
+                .granted
+                .iter()
+                .map(|p| TopicPartition {
+                    topic: p.topic.clone(),
+                    partition: p.partition,
+                })
+                .collect(),
+            session_timeout_ms: m.session_timeout_ms,
+        })
+        .collect();
+    let holder: BTreeMap<(&str, u32), &str> = members
+        .iter()
+        .flat_map(|m| {
+            m.partitions
+                .iter()
+                .map(move |p| ((p.topic.as_str(), p.partition), m.id.as_str()))
+        })
+        .collect();
     let mut partitions = Vec::new();
     let mut topics = catalog.topics();
     topics.sort_by(|a, b| a.record.name.cmp(&b.record.name));
@@ -39,13 +74,19 @@ pub fn describe(catalog: &Catalog, group: &str) -> Result<DescribeGroupResponse>
             let Some(local) = &p.local else { continue };
             let state = local.groups.borrow().get(group).cloned();
             if let Some(state) = state {
-                partitions.push(view(&topic.record.name, p, local, &state));
+                let mut v = view(&topic.record.name, p, local, &state);
+                if let Some(m) = holder.get(&(topic.record.name.as_str(), p.partition)) {
+                    v.member = m.to_string();
+                }
+                partitions.push(v);
             }
         }
     }
     Ok(DescribeGroupResponse {
         group: group.to_string(),
         partitions,
+        generation: record.as_ref().map_or(0, |r| r.generation),
+        members,
     })
 }
 
@@ -64,6 +105,7 @@ fn view(topic: &str, p: &PartitionHandle, local: &LocalReplica, s: &GroupCommit)
         redelivered: u32::try_from(s.deliveries.iter().filter(|d| d.count > 1).count())
             .unwrap_or(u32::MAX),
         leader,
+        member: String::new(),
     }
 }
 
