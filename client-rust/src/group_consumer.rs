@@ -23,8 +23,11 @@
 //! still holds (the broker delivers again what is not acknowledged within
 //! `ack_timeout`) is never handed out: the ack or nack of the held record
 //! settles it, and a nacked record is delivered again by the broker.
-//! Records held back here keep using their ack time: handling a key's
-//! records must take well under `ack_timeout` in all.
+//! Records held back here are not the application's yet: their ack
+//! deadlines are extended at the broker (`Extend`) every third of
+//! `ack_timeout` while they wait, so a key whose records take longer than
+//! `ack_timeout` in all loses none of them to a timeout. A record the
+//! application holds gets `ack_timeout` to be resolved.
 //!
 //! **Failures.** A session whose stream breaks for a retriable reason (a
 //! leader change, a restart, a lost connection) opens again on the
@@ -69,7 +72,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use covet_protocol::api::{subscribe_request, subscribe_response, Acks, GroupSession, Nack};
+use covet_protocol::api::{
+    subscribe_request, subscribe_response, Acks, Extend, GroupSession, Nack,
+};
 use covet_protocol::api::{SubscribeOpen, SubscribeRequest, SubscribeResponse};
 use covet_protocol::batch::{BatchRecords, Header, StoredRecord};
 use tokio::sync::{mpsc, oneshot};
@@ -80,6 +85,9 @@ use tonic::Streaming;
 
 use crate::routing::Rpc;
 use crate::{Client, Error, Result};
+
+/// Held-back records are extended at most this often.
+const EXTEND_MIN: Duration = Duration::from_millis(100);
 
 /// Acks made within this of the first unsent one travel in one message.
 pub const ACK_LINGER: Duration = Duration::from_millis(2);
@@ -682,9 +690,16 @@ async fn run_session(
     };
     let mut backoff = BACKOFF.0;
     let mut opened_at = Instant::now();
+    // Held-back records are extended well before their deadline.
+    let mut extend = tokio::time::interval((ctx.config.ack_timeout / 3).max(EXTEND_MIN));
+    extend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let flush_at = part.flush_at;
         let failure = tokio::select! {
+            _ = extend.tick() => {
+                part.extend_held_back(&conn.requests);
+                continue;
+            }
             // A dropped sender (the consumer is gone) releases too.
             _ = &mut release => {
                 return part.release(conn, &mut resolutions, ctx.config.release_grace).await;
@@ -1021,6 +1036,29 @@ impl Part {
             };
             if requests.send(msg).is_err() {
                 self.nacks.push(nack);
+                return;
+            }
+        }
+    }
+
+    /// Restarts, at the broker, the ack deadlines of the records held back
+    /// behind their key.
+    fn extend_held_back(&self, requests: &mpsc::UnboundedSender<SubscribeRequest>) {
+        let offsets: Vec<u64> = self
+            .busy
+            .values()
+            .flatten()
+            .map(|(r, _)| r.offset)
+            .collect();
+        for chunk in offsets.chunks(ACKS_PER_MESSAGE) {
+            let msg = SubscribeRequest {
+                kind: Some(subscribe_request::Kind::Extend(Extend {
+                    offsets: chunk.to_vec(),
+                })),
+            };
+            // A broken stream is opened again, and the new session takes
+            // back what the old one held: nothing to extend there.
+            if requests.send(msg).is_err() {
                 return;
             }
         }

@@ -536,3 +536,42 @@ async fn a_release_waits_for_the_records_in_hand_and_their_acks_count() {
     r.ack();
     assert_quiet(&mut b, "only the nacked record comes again").await;
 }
+
+/// Records this layer holds back behind a record of the same key are not
+/// with the application: their ack deadlines are extended while they wait,
+/// so a key whose records take longer than `ack_timeout` in all does not
+/// have its later records timed out, redelivered or dead-lettered unseen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_held_behind_their_key_do_not_time_out() {
+    let broker = Broker::start();
+    let client = Client::connect(&broker.addr).await.unwrap();
+    let records: Vec<_> = values(4).map(|v| (0, Some("k"), v)).collect();
+    produce(&client, "jobs", 1, &records).await;
+
+    let mut c = client
+        .group_consumer(GroupConsumerConfig {
+            max_in_flight: 10,
+            ack_timeout: Duration::from_millis(1000),
+            // A single timeout would make a record a dead letter.
+            max_deliveries: 1,
+            ..config("m1")
+        })
+        .unwrap();
+    c.assign(1, vec![("jobs".into(), 0)]).await.unwrap();
+    // Each record is handled in 700 ms, within its own ack timeout; the
+    // last waits about 2.1 s behind the others.
+    for expected in 0..4 {
+        let r = next(&mut c).await;
+        assert_eq!((r.offset, r.delivery_count), (expected, 1));
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        r.ack();
+    }
+    wait_committed(&client, "jobs", &[(0, 4)]).await;
+    let dead = match client.describe_topic("jobs.dlq").await {
+        Ok(t) => t.partitions.iter().map(|p| p.high_watermark).sum(),
+        Err(e) if e.reason() == Some(Reason::UnknownTopic) => 0,
+        Err(e) => panic!("describe jobs.dlq: {e}"),
+    };
+    assert_eq!(dead, 0, "a record waiting behind its key was dead-lettered");
+    c.close().await.unwrap();
+}

@@ -307,6 +307,19 @@ impl Cursor {
         true
     }
 
+    /// Restarts the ack deadline of `offset` from `now`. False if it is
+    /// not out.
+    pub fn extend(&mut self, offset: u64, now: Instant) -> bool {
+        match self.pending.get(&offset) {
+            Some(Pending::Out { .. }) => {
+                let deadline = now + self.ack_timeout;
+                self.put(offset, Pending::Out { deadline });
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Puts a record whose dead-letter write failed back in the queue,
     /// due at `due`.
     pub fn dead_letter_failed(&mut self, offset: u64, due: Instant) {
@@ -579,6 +592,20 @@ mod tests {
         while d.next(100, 0, t0).is_some() {}
         assert!(d.ack(0));
         assert!(d.worth_delivering());
+    }
+
+    #[test]
+    fn an_extended_record_times_out_an_ack_timeout_after_the_extension() {
+        let t0 = Instant::now();
+        let mut c = Cursor::new(None, 0, 0, LIMITS);
+        delivered(&mut c, 1, t0);
+        let t1 = t0 + Duration::from_secs(20);
+        assert!(c.extend(0, t1));
+        assert_eq!(c.expire(t0 + LIMITS.ack_timeout), 0, "extended");
+        assert_eq!(c.next_deadline(), Some(t1 + LIMITS.ack_timeout));
+        assert_eq!(c.expire(t1 + LIMITS.ack_timeout), 1);
+        assert!(!c.extend(0, t1), "queued, not out: nothing to extend");
+        assert!(!c.extend(7, t1), "never delivered");
     }
 
     #[test]

@@ -381,9 +381,15 @@ impl Session {
                 let delay = Duration::from_millis(u64::from(n.delay_ms));
                 cursor.nack(n.offset, delay, Instant::now());
             }
+            Some(subscribe_request::Kind::Extend(e)) => {
+                let now = Instant::now();
+                for offset in e.offsets {
+                    cursor.extend(offset, now);
+                }
+            }
             _ => {
                 return Err(BrokerError::InvalidRequest(
-                    "only acks and nacks may follow a group open".into(),
+                    "only acks, nacks and extends may follow a group open".into(),
                 ))
             }
         }
