@@ -73,7 +73,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use covet_protocol::api::{
-    subscribe_request, subscribe_response, Acks, Extend, GroupSession, Nack,
+    subscribe_request, subscribe_response, Acks, Extend, GroupSession, Nack, Returned,
 };
 use covet_protocol::api::{SubscribeOpen, SubscribeRequest, SubscribeResponse};
 use covet_protocol::batch::{BatchRecords, Header, StoredRecord};
@@ -561,6 +561,7 @@ impl Assigner {
             recent_order: VecDeque::new(),
             recent_cap: 2 * self.inner.config.max_in_flight as usize + 64,
             batches: VecDeque::new(),
+            returned: Vec::new(),
         };
         let ctx = Ctx {
             client: self.inner.client.clone(),
@@ -635,6 +636,9 @@ struct Part {
     /// Each entry is (base offset, its records in offset order). While a
     /// message is taken in, it also holds all of that message's batches.
     batches: VecDeque<(u64, Vec<StoredRecord>)>,
+    /// Records that reached this session and never the application, to
+    /// give back (uncounted) when the partition is released.
+    returned: Vec<u64>,
 }
 
 /// Hashes an offset by one multiplication (Fibonacci hashing): offsets
@@ -973,7 +977,7 @@ impl Part {
                 offset: o,
                 delay_ms: u32::try_from(delay.as_millis()).unwrap_or(u32::MAX),
             }),
-            Resolution::Abandon(_) => {}
+            Resolution::Abandon(o) => self.returned.push(o),
         }
         let Some(key) = key else {
             return;
@@ -1041,6 +1045,21 @@ impl Part {
         }
     }
 
+    /// Notes the records of a delivery made after the release began: none
+    /// reaches the application (copies of records it holds or acked are
+    /// settled by their own ack, and are not given back).
+    fn unseen(&mut self, m: SubscribeResponse) {
+        if let Some(subscribe_response::Kind::Deliveries(d)) = m.kind {
+            let fresh: Vec<u64> = d
+                .records
+                .iter()
+                .map(|r| r.offset)
+                .filter(|o| !self.in_hand.contains_key(o) && !self.recent.contains(o))
+                .collect();
+            self.returned.extend(fresh);
+        }
+    }
+
     /// Restarts, at the broker, the ack deadlines of the records held back
     /// behind their key.
     fn extend_held_back(&self, requests: &mpsc::UnboundedSender<SubscribeRequest>) {
@@ -1072,7 +1091,12 @@ impl Part {
         grace: Duration,
     ) -> Result<()> {
         self.released.store(true, Ordering::Release);
-        self.busy.values_mut().for_each(VecDeque::clear);
+        let held_back = self
+            .busy
+            .drain()
+            .flat_map(|(_, q)| q)
+            .map(|(r, _)| r.offset);
+        self.returned.extend(held_back);
         let Conn {
             requests,
             mut responses,
@@ -1083,9 +1107,9 @@ impl Part {
                 Some(r) = resolutions.recv() => self.resolve(r),
                 _ = tokio::time::sleep_until(deadline) => break,
                 msg = responses.message() => match msg {
-                    // Delivered to a released session: the next owner
-                    // gets it.
-                    Ok(Some(_)) => {}
+                    // Delivered to a released session: given back, and
+                    // the next owner gets it.
+                    Ok(Some(m)) => self.unseen(m),
                     Ok(None) => {
                         return Err(self.name(Error::Transport("the group session ended".into())))
                     }
@@ -1097,6 +1121,18 @@ impl Part {
             self.resolve(r);
         }
         self.flush(&requests);
+        // Last: the broker delivers nothing more after it.
+        let returned = std::mem::take(&mut self.returned);
+        for chunk in returned.chunks(ACKS_PER_MESSAGE) {
+            let msg = SubscribeRequest {
+                kind: Some(subscribe_request::Kind::Returned(Returned {
+                    offsets: chunk.to_vec(),
+                })),
+            };
+            if requests.send(msg).is_err() {
+                break;
+            }
+        }
         // Closing the request side makes the broker commit and end the
         // stream.
         drop(requests);

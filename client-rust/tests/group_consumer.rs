@@ -575,3 +575,61 @@ async fn records_held_behind_their_key_do_not_time_out() {
     assert_eq!(dead, 0, "a record waiting behind its key was dead-lettered");
     c.close().await.unwrap();
 }
+
+/// Records a released session received and never handed to the
+/// application (here: held back behind a record of the same key) are given
+/// back uncounted: the next owner gets them with their delivery count
+/// unchanged, not as redeliveries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_a_released_session_never_handed_out_keep_their_count() {
+    let broker = Broker::start();
+    let client = Client::connect(&broker.addr).await.unwrap();
+    let records: Vec<_> = values(5).map(|v| (0, Some("k"), v)).collect();
+    produce(&client, "t", 1, &records).await;
+
+    let grace0 = |member| GroupConsumerConfig {
+        release_grace: Duration::ZERO,
+        ..config(member)
+    };
+    let mut a = client.group_consumer(grace0("a")).unwrap();
+    a.assign(1, vec![("t".into(), 0)]).await.unwrap();
+    // Record 0 in hand; 1 to 4 wait behind it (same key), unseen.
+    let held = next(&mut a).await;
+    assert_eq!(held.offset, 0);
+    wait_for_delivered(&client, 5).await;
+    a.assign(2, vec![]).await.unwrap();
+
+    let mut b = client.group_consumer(grace0("b")).unwrap();
+    b.assign(2, vec![("t".into(), 0)]).await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let r = next(&mut b).await;
+        seen.push((r.offset, r.delivery_count));
+        r.ack();
+    }
+    assert_eq!(
+        seen,
+        vec![(0, 2), (1, 1), (2, 1), (3, 1), (4, 1)],
+        "only the record the application held counts a second delivery"
+    );
+    wait_committed(&client, "t", &[(0, 5)]).await;
+    drop(held);
+}
+
+/// Waits until the group's last commit shows `n` records delivered and
+/// unacknowledged on partition 0 (the broker commits every 200 ms).
+async fn wait_for_delivered(client: &Client, n: u32) {
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let d = client.describe_group("g").await.expect("describe group");
+        let out = d.partitions.first().map_or(0, |p| p.delivered_unacked);
+        if out == n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{out} delivered, expected {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -307,6 +307,24 @@ impl Cursor {
         true
     }
 
+    /// Takes back `offset`, which the member never handed to its
+    /// application: queued again, due now, and this delivery not counted.
+    /// False if it is not out.
+    pub fn returned(&mut self, offset: u64, now: Instant) -> bool {
+        if !matches!(self.pending.get(&offset), Some(Pending::Out { .. })) {
+            return false;
+        }
+        if let Some(count) = self.counts.get_mut(&offset) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.counts.remove(&offset);
+            }
+        }
+        self.put(offset, Pending::Queued { due: now });
+        self.changed = true;
+        true
+    }
+
     /// Restarts the ack deadline of `offset` from `now`. False if it is
     /// not out.
     pub fn extend(&mut self, offset: u64, now: Instant) -> bool {
@@ -606,6 +624,18 @@ mod tests {
         assert_eq!(c.expire(t1 + LIMITS.ack_timeout), 1);
         assert!(!c.extend(0, t1), "queued, not out: nothing to extend");
         assert!(!c.extend(7, t1), "never delivered");
+    }
+
+    #[test]
+    fn a_returned_record_comes_again_with_its_count_unchanged() {
+        let t0 = Instant::now();
+        let mut c = Cursor::new(None, 0, 0, LIMITS);
+        assert_eq!(delivered(&mut c, 2, t0), vec![(0, 1), (1, 1)]);
+        assert!(c.returned(1, t0));
+        assert!(!c.returned(1, t0), "queued, not out");
+        assert_eq!(delivered(&mut c, 2, t0), vec![(1, 1)]);
+        assert!(c.ack(1));
+        assert!(!c.returned(1, t0), "acknowledged");
     }
 
     #[test]

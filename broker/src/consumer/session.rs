@@ -179,6 +179,9 @@ pub struct Session {
     inbound: Streaming<SubscribeRequest>,
     shutdown: watch::Receiver<bool>,
     opened: Opened,
+    /// The member returned records: it is closing, and nothing more is
+    /// delivered on this stream (it would only come back again).
+    closing: bool,
 }
 
 impl Session {
@@ -267,6 +270,7 @@ impl Session {
                 start_offset: progress.start_offset,
                 high_watermark: progress.high_watermark,
             },
+            closing: false,
         })
     }
 
@@ -387,9 +391,16 @@ impl Session {
                     cursor.extend(offset, now);
                 }
             }
+            Some(subscribe_request::Kind::Returned(r)) => {
+                let now = Instant::now();
+                for offset in r.offsets {
+                    cursor.returned(offset, now);
+                }
+                self.closing = true;
+            }
             _ => {
                 return Err(BrokerError::InvalidRequest(
-                    "only acks, nacks and extends may follow a group open".into(),
+                    "only acks, nacks, extends and returns may follow a group open".into(),
                 ))
             }
         }
@@ -402,6 +413,9 @@ impl Session {
         &mut self,
         tx: &mpsc::Sender<std::result::Result<SubscribeResponse, Status>>,
     ) -> Result<bool> {
+        if self.closing {
+            return Ok(true);
+        }
         loop {
             let progress = *self.replica.progress.borrow();
             let (records, dead) = {
