@@ -258,7 +258,64 @@ impl TopicInfo {
     }
 }
 
-/// A consumed record. Payloads are copied into `bytes` when read.
+/// A read-only buffer over a payload's `Bytes`, shared with the batch it
+/// was decoded from: `memoryview(buffer)` reads it without a copy.
+#[pyclass(frozen, module = "covet._covet")]
+struct Buffer {
+    data: Bytes,
+}
+
+#[pymethods]
+impl Buffer {
+    /// # Safety
+    ///
+    /// Called by CPython with a `view` to fill, as the buffer protocol
+    /// requires.
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut pyo3::ffi::Py_buffer,
+        flags: std::os::raw::c_int,
+    ) -> PyResult<()> {
+        if view.is_null() {
+            return Err(pyo3::exceptions::PyBufferError::new_err("no view to fill"));
+        }
+        let data = &slf.get().data;
+        let len = isize::try_from(data.len())
+            .map_err(|_| pyo3::exceptions::PyBufferError::new_err("payload too large"))?;
+        // SAFETY: `view` is CPython's, non-null (checked). The memory is
+        // the `Bytes` of a frozen object: it never changes and lives as long
+        // as the object, which `PyBuffer_FillInfo` references from
+        // `view.obj` until the view is released. `readonly` is 1, so a
+        // writable request fails inside `PyBuffer_FillInfo` (BufferError).
+        let filled = unsafe {
+            pyo3::ffi::PyBuffer_FillInfo(
+                view,
+                slf.as_ptr(),
+                data.as_ptr() as *mut std::os::raw::c_void,
+                len,
+                1,
+                flags,
+            )
+        };
+        if filled == -1 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Ok(())
+    }
+
+    fn __len__(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// A read-only `memoryview` over `data`, without copying it.
+fn view<'py>(py: Python<'py>, data: &Bytes) -> PyResult<Bound<'py, PyMemoryView>> {
+    let buffer = Bound::new(py, Buffer { data: data.clone() })?;
+    PyMemoryView::from(buffer.as_any())
+}
+
+/// A consumed record. `value`, `key` and header values are copied into
+/// `bytes` when read; `value_view` is the payload without a copy.
 #[pyclass(frozen, module = "covet._covet")]
 struct Message {
     record: ConsumedRecord,
@@ -296,6 +353,13 @@ impl Message {
     #[getter]
     fn value<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
         PyBytes::new(py, &self.record.value)
+    }
+
+    /// The value as a read-only `memoryview` of the received batch: no
+    /// copy, whatever its size.
+    #[getter]
+    fn value_view<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyMemoryView>> {
+        view(py, &self.record.value)
     }
 
     #[getter]
@@ -576,6 +640,7 @@ fn _covet(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeClient>()?;
     m.add_class::<NativeSubscription>()?;
     m.add_class::<Message>()?;
+    m.add_class::<Buffer>()?;
     m.add_class::<PublishResult>()?;
     m.add_class::<ProducerStats>()?;
     m.add_class::<TopicInfo>()?;

@@ -45,6 +45,11 @@ def test_round_trip_with_keys_and_headers(broker: Broker) -> None:
                 ("orders", 0, i) for i in range(4)
             ]
             for m in got:
+                # The zero-copy view holds the same bytes, read-only.
+                view = m.value_view
+                assert view.readonly and view.tobytes() == m.value and len(view) == len(m.value)
+                with pytest.raises(TypeError):
+                    view[0] = 0
                 assert m.timestamp.tzinfo is not None
                 assert before <= m.timestamp <= datetime.now(UTC) + timedelta(seconds=5)
 
