@@ -122,9 +122,10 @@ fn start_of(start: &Bound<'_, PyAny>) -> PyResult<StartPosition> {
     }
     if let Ok(dt) = start.cast::<PyDateTime>() {
         // Naive datetimes are taken as local time, as `datetime.timestamp`
-        // does.
+        // does. Down to the millisecond: a record stamped in the same
+        // millisecond is included rather than skipped.
         let seconds: f64 = dt.call_method0("timestamp")?.extract()?;
-        return Ok(StartPosition::Timestamp((seconds * 1000.0).round() as i64));
+        return Ok(StartPosition::Timestamp((seconds * 1000.0).floor() as i64));
     }
     // `bool` is an `int` subclass; `start=True` is a mistake, not offset 1.
     if start.is_instance_of::<PyInt>() && !start.is_instance_of::<pyo3::types::PyBool>() {

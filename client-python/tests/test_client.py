@@ -226,3 +226,24 @@ def test_cancelled_anext_loses_nothing(broker: Broker) -> None:
                 assert [m.value for m in got] == [b"b", b"c"]
 
     run(body())
+
+
+def test_subscribe_from_a_datetime(broker: Broker) -> None:
+    async def body() -> None:
+        async with covet.connect([broker.address]) as client:
+            await client.create_topic("times")
+            await client.publish("times", b"old")
+            async with client.subscribe("times") as sub:
+                [old] = await take(sub, 1)
+            # A start strictly after the old record's millisecond.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while (start := datetime.now(UTC)) <= old.timestamp + timedelta(milliseconds=1):
+                assert loop.time() < deadline
+                await asyncio.sleep(0.001)
+            await client.publish("times", b"new")
+            async with client.subscribe("times", start=start) as sub:
+                [new] = await take(sub, 1)
+            assert (new.offset, new.value) == (1, b"new")
+
+    run(body())
