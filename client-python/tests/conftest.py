@@ -1,36 +1,25 @@
-"""Fixtures: a real `covet broker` per test (see covet.testing)."""
+"""Test set-up: the `covet` binary the `covet_broker` fixture runs (from
+covet's pytest plugin, covet/pytest_plugin.py), and a bounded runner."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from typing import Any, TypeVar
-
-import pytest
-
-from covet.testing import Broker
 
 T = TypeVar("T")
 
 # Every test's body runs under this bound, below pytest-timeout's.
 TEST_TIMEOUT = 60.0
 
-
-def _binary() -> str | None:
-    """`$COVET_BIN`, else the debug build under CARGO_TARGET_DIR (what
-    scripts/test builds), else None (covet.testing looks on PATH)."""
-    if os.environ.get("COVET_BIN"):
-        return os.environ["COVET_BIN"]
-    target = os.environ.get("CARGO_TARGET_DIR") or os.path.expanduser("~/.cache/covet/target")
-    path = os.path.join(target, "debug", "covet")
-    return path if os.path.exists(path) else None
-
-
-@pytest.fixture
-def broker() -> Iterator[Broker]:
-    with Broker(binary=_binary()) as b:
-        yield b
+# `$COVET_BIN` (scripts/test-python sets it), else the debug build under
+# CARGO_TARGET_DIR, else covet.testing looks on PATH.
+if not os.environ.get("COVET_BIN"):
+    _target = os.environ.get("CARGO_TARGET_DIR") or os.path.expanduser("~/.cache/covet/target")
+    _path = os.path.join(_target, "debug", "covet")
+    if os.path.exists(_path):
+        os.environ["COVET_BIN"] = _path
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = TEST_TIMEOUT) -> T:

@@ -21,10 +21,10 @@ async def take(sub: covet.Subscription, n: int) -> list[covet.Message]:
     return out
 
 
-def test_round_trip_with_keys_and_headers(broker: Broker) -> None:
+def test_round_trip_with_keys_and_headers(covet_broker: Broker) -> None:
     async def body() -> None:
         before = datetime.now(UTC) - timedelta(seconds=5)
-        async with covet.connect(broker.address) as client:
+        async with covet.connect(covet_broker.address) as client:
             info = await client.create_topic("orders", partitions=1)
             assert info.name == "orders" and len(info.partitions) == 1
             sent = [
@@ -64,10 +64,10 @@ def test_round_trip_with_keys_and_headers(broker: Broker) -> None:
     run(body())
 
 
-def test_connect_awaited_with_a_seed_list_and_admin(broker: Broker) -> None:
+def test_connect_awaited_with_a_seed_list_and_admin(covet_broker: Broker) -> None:
     async def body() -> None:
         # The first seed refuses connections; the second answers.
-        client = await covet.connect(f"127.0.0.1:1,{broker.address}")
+        client = await covet.connect(f"127.0.0.1:1,{covet_broker.address}")
         await client.create_topic("a", partitions=3)
         await client.create_topic("b")
         assert sorted(t.name for t in await client.list_topics()) == ["a", "b"]
@@ -84,11 +84,11 @@ def test_connect_awaited_with_a_seed_list_and_admin(broker: Broker) -> None:
     run(body())
 
 
-def test_publish_batch_of_20000_read_back_in_order(broker: Broker) -> None:
+def test_publish_batch_of_20000_read_back_in_order(covet_broker: Broker) -> None:
     n = 20_000
 
     async def body() -> None:
-        async with covet.connect(broker.address) as client:
+        async with covet.connect(covet_broker.address) as client:
             await client.create_topic("big", partitions=1)
             values = [f"record-{i}".encode() for i in range(n)]
             results = await client.publish_batch("big", values)
@@ -102,9 +102,9 @@ def test_publish_batch_of_20000_read_back_in_order(broker: Broker) -> None:
     run(body())
 
 
-def test_concurrent_publishes_share_batches(broker: Broker) -> None:
+def test_concurrent_publishes_share_batches(covet_broker: Broker) -> None:
     async def body() -> None:
-        async with covet.connect(broker.address) as client:
+        async with covet.connect(covet_broker.address) as client:
             await client.create_topic("many", partitions=2)
             results = await asyncio.gather(
                 *(client.publish("many", f"v{i}", key=f"k{i % 10}") for i in range(2000))
@@ -124,9 +124,9 @@ def test_concurrent_publishes_share_batches(broker: Broker) -> None:
     run(body())
 
 
-def test_wrong_value_type_is_a_type_error(broker: Broker) -> None:
+def test_wrong_value_type_is_a_type_error(covet_broker: Broker) -> None:
     async def body() -> None:
-        async with covet.connect(broker.address) as client:
+        async with covet.connect(covet_broker.address) as client:
             await client.create_topic("t")
             with pytest.raises(TypeError, match="value must be bytes"):
                 await client.publish("t", 42)  # type: ignore[arg-type]
@@ -146,9 +146,9 @@ def test_wrong_value_type_is_a_type_error(broker: Broker) -> None:
     run(body())
 
 
-def test_unknown_topic(broker: Broker) -> None:
+def test_unknown_topic(covet_broker: Broker) -> None:
     async def body() -> None:
-        async with covet.connect(broker.address) as client:
+        async with covet.connect(covet_broker.address) as client:
             with pytest.raises(covet.UnknownTopic) as publish_err:
                 await client.publish("nope", b"v")
             assert publish_err.value.reason == "UNKNOWN_TOPIC"
@@ -162,9 +162,9 @@ def test_unknown_topic(broker: Broker) -> None:
     run(body())
 
 
-def test_oversized_value_is_batch_too_large(broker: Broker) -> None:
+def test_oversized_value_is_batch_too_large(covet_broker: Broker) -> None:
     async def body() -> None:
-        async with covet.connect(broker.address) as client:
+        async with covet.connect(covet_broker.address) as client:
             await client.create_topic("small", max_batch_bytes=4096)
             with pytest.raises(covet.BatchTooLarge) as err:
                 await client.publish("small", b"x" * 10_000)
@@ -176,9 +176,9 @@ def test_oversized_value_is_batch_too_large(broker: Broker) -> None:
     run(body())
 
 
-def test_invalid_topic_name_is_invalid_argument(broker: Broker) -> None:
+def test_invalid_topic_name_is_invalid_argument(covet_broker: Broker) -> None:
     async def body() -> None:
-        async with covet.connect(broker.address) as client:
+        async with covet.connect(covet_broker.address) as client:
             with pytest.raises(covet.InvalidArgument) as err:
                 await client.create_topic("no spaces allowed")
             assert err.value.reason == "INVALID_TOPIC_NAME"
@@ -196,9 +196,9 @@ def test_unreachable_broker_is_connection_lost() -> None:
     run(body())
 
 
-def test_cancelled_anext_loses_nothing(broker: Broker) -> None:
+def test_cancelled_anext_loses_nothing(covet_broker: Broker) -> None:
     async def body() -> None:
-        async with covet.connect(broker.address) as client:
+        async with covet.connect(covet_broker.address) as client:
             await client.create_topic("c")
             async with client.subscribe("c", start="earliest") as sub:
                 # Cancelled (a timeout) while waiting for records that come
@@ -228,9 +228,9 @@ def test_cancelled_anext_loses_nothing(broker: Broker) -> None:
     run(body())
 
 
-def test_subscribe_from_a_datetime(broker: Broker) -> None:
+def test_subscribe_from_a_datetime(covet_broker: Broker) -> None:
     async def body() -> None:
-        async with covet.connect([broker.address]) as client:
+        async with covet.connect([covet_broker.address]) as client:
             await client.create_topic("times")
             await client.publish("times", b"old")
             async with client.subscribe("times") as sub:
