@@ -506,6 +506,17 @@ impl NativeClient {
         topic: String,
         values: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        // A str or bytes is iterable too: one record per character or byte
+        // is never what was meant.
+        if values.is_instance_of::<PyString>()
+            || values.is_instance_of::<PyBytes>()
+            || values.is_instance_of::<PyByteArray>()
+            || values.is_instance_of::<PyMemoryView>()
+        {
+            return Err(PyTypeError::new_err(
+                "values must be a list (or iterable) of payloads, not a single payload",
+            ));
+        }
         let mut records = Vec::new();
         for v in values.try_iter()? {
             records.push(Record {

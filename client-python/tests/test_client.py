@@ -136,6 +136,10 @@ def test_wrong_value_type_is_a_type_error(covet_broker: Broker) -> None:
                 await client.publish("t", b"v", headers={"h": 3})  # type: ignore[dict-item]
             with pytest.raises(TypeError):
                 await client.publish_batch("t", [b"ok", None])  # type: ignore[list-item]
+            with pytest.raises(TypeError, match="not a single payload"):
+                await client.publish_batch("t", "abc")
+            with pytest.raises(TypeError, match="not a single payload"):
+                await client.publish_batch("t", b"abc")  # type: ignore[arg-type]
             with pytest.raises(TypeError):
                 await client.subscribe("t", start=1.5).open()  # type: ignore[arg-type]
             with pytest.raises(covet.InvalidArgument):
