@@ -1,0 +1,296 @@
+"""Covet for Python: an asyncio client over the native Rust client.
+
+::
+
+    import covet
+
+    async with covet.connect("127.0.0.1:7420") as client:
+        await client.create_topic("orders", partitions=3)
+        result = await client.publish("orders", b"hello", key="customer-42")
+        async with client.subscribe("orders", start="earliest") as sub:
+            async for msg in sub:
+                print(msg.offset, msg.value)
+
+Everything that talks to the broker (connecting, batching, retries through
+leader changes, credit-paced consumption) is `covet-client`'s, in Rust,
+running on its own tokio threads without the GIL; this module only adds
+``await``, ``async with`` and ``async for`` around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+from collections.abc import Generator, Iterable, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Literal, Self
+
+from . import _covet
+from ._covet import (
+    DEFAULT_BROKER,
+    Message,
+    PartitionInfo,
+    ProducerStats,
+    PublishResult,
+    TopicInfo,
+)
+from .errors import (
+    BatchTooLarge,
+    Closed,
+    ConnectionLost,
+    CovetError,
+    InvalidArgument,
+    NotLeader,
+    OffsetOutOfRange,
+    Timeout,
+    TopicExists,
+    Unavailable,
+    UnknownPartition,
+    UnknownTopic,
+)
+
+Payload = bytes | bytearray | memoryview | str
+"""What ``value``, ``key`` and header values take; ``str`` is sent as UTF-8."""
+
+Start = Literal["earliest", "latest"] | int | datetime
+"""Where a subscription starts: the first record held, only new records, an
+offset, or the first record written at or after a time."""
+
+
+class Client:
+    """A connection to a Covet cluster, with one batching producer.
+
+    Made by :func:`connect`. Concurrent ``publish`` calls from many tasks
+    share the producer and are batched together per partition.
+    """
+
+    __slots__ = ("_native",)
+
+    def __init__(self, native: _covet.NativeClient) -> None:
+        self._native = native
+
+    async def publish(
+        self,
+        topic: str,
+        value: Payload,
+        key: Payload | None = None,
+        headers: dict[str, bytes | str] | None = None,
+    ) -> PublishResult:
+        """Publishes one record; returns where it landed once it is
+        committed (replicated to a majority and on disk)."""
+        return await self._native.publish(topic, value, key, headers)
+
+    async def publish_batch(self, topic: str, values: Iterable[Payload]) -> list[PublishResult]:
+        """Publishes unkeyed values in order; returns one result per value
+        once all are committed. Not atomic: on a failure, some may be."""
+        return await self._native.publish_batch(topic, values)
+
+    async def flush(self) -> None:
+        """Waits until every record published so far is answered."""
+        await self._native.flush()
+
+    def producer_stats(self) -> ProducerStats:
+        """Batches and records the producer sent so far: concurrent
+        publishes share batches, so records per batch grows with load."""
+        return self._native.producer_stats()
+
+    async def create_topic(
+        self,
+        name: str,
+        partitions: int = 1,
+        *,
+        replication_factor: int = 0,
+        retention_ms: int | None = None,
+        retention_bytes: int | None = None,
+        max_batch_bytes: int | None = None,
+    ) -> TopicInfo:
+        """Creates a topic; 0 for ``replication_factor`` means the broker's default."""
+        return await self._native.create_topic(
+            name, partitions, replication_factor, retention_ms, retention_bytes, max_batch_bytes
+        )
+
+    async def list_topics(self) -> list[TopicInfo]:
+        return await self._native.list_topics()
+
+    async def describe_topic(self, name: str) -> TopicInfo:
+        """A topic with each partition's offsets as its leader reports them."""
+        return await self._native.describe_topic(name)
+
+    async def delete_topic(self, name: str) -> None:
+        await self._native.delete_topic(name)
+
+    def subscribe(
+        self, topic: str, start: Start = "earliest", *, window: int = 1000
+    ) -> Subscription:
+        """Follows every partition of ``topic`` from ``start``.
+
+        Use it as ``async with client.subscribe(...) as sub: async for msg
+        in sub``. At most ``window`` records per partition are buffered on
+        the client: the broker sends more as the application takes them.
+        """
+        return Subscription(self._native, topic, start, window)
+
+    async def close(self) -> None:
+        """Waits for records published so far to be answered."""
+        await self._native.flush()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class Subscription:
+    """Records of a topic, in offset order per partition (partitions interleave).
+
+    An async iterator; it opens on ``async with`` (or on the first
+    ``async for``) and ends when closed.
+    """
+
+    __slots__ = (
+        "_batch",
+        "_buffer",
+        "_client",
+        "_native",
+        "_pending",
+        "_start",
+        "_topic",
+        "_window",
+    )
+
+    def __init__(self, client: _covet.NativeClient, topic: str, start: Start, window: int) -> None:
+        self._client = client
+        self._topic = topic
+        self._start = start
+        self._window = window
+        # Records taken off the native subscription in one hop, at most a
+        # quarter of the window, so credit flows back while they are handled.
+        self._batch = max(1, min(256, window // 4))
+        self._native: _covet.NativeSubscription | None = None
+        self._buffer: collections.deque[Message] = collections.deque()
+        # The native call in flight, kept across a cancelled `__anext__`
+        # so the records it brings are not lost (see `__anext__`).
+        self._pending: asyncio.Future[list[Message]] | None = None
+
+    async def open(self) -> Self:
+        if self._native is None:
+            self._native = await self._client.open_subscription(
+                self._topic, self._start, self._window
+            )
+        return self
+
+    def close(self) -> None:
+        """Stops following; a pending ``__anext__`` ends the iteration."""
+        self._buffer.clear()
+        if self._native is not None:
+            self._native.close()
+
+    async def __aenter__(self) -> Self:
+        return await self.open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Message:
+        if self._buffer:
+            return self._buffer.popleft()
+        native = self._native
+        if native is None:
+            native = (await self.open())._native
+            assert native is not None
+        if self._pending is None:
+            self._pending = native.next_batch(self._batch)
+        # Shielded: cancelling this `__anext__` (a timeout, a task being
+        # cancelled) leaves the native call running, and its records, even
+        # ones taken off the subscription at the moment of the cancel, go
+        # to the next `__anext__`. Records are never taken and dropped.
+        batch = await asyncio.shield(self._pending)
+        self._pending = None
+        if not batch:
+            raise StopAsyncIteration
+        self._buffer.extend(batch)
+        return self._buffer.popleft()
+
+
+class _Connecting:
+    """What :func:`connect` returns: ``await`` it for a :class:`Client`, or
+    use it as ``async with`` (the client is closed at the end)."""
+
+    __slots__ = ("_client", "_seeds")
+
+    def __init__(self, seeds: str) -> None:
+        self._seeds = seeds
+        self._client: Client | None = None
+
+    async def _connect(self) -> Client:
+        return Client(await _covet.connect(self._seeds))
+
+    def __await__(self) -> Generator[Any, None, Client]:
+        return self._connect().__await__()
+
+    async def __aenter__(self) -> Client:
+        self._client = await self._connect()
+        return self._client
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+
+def connect(brokers: str | Sequence[str] | None = None) -> _Connecting:
+    """Connects to a cluster: ``"host:port"``, a seed list ``"h:p,h:p"`` (or a
+    list of them); by default ``$COVET_BROKER``, else ``127.0.0.1:7420``.
+    Any one seed that answers is enough."""
+    if brokers is None:
+        brokers = os.environ.get("COVET_BROKER") or DEFAULT_BROKER
+    if not isinstance(brokers, str):
+        brokers = ",".join(brokers)
+    return _Connecting(brokers)
+
+
+__all__ = [
+    "DEFAULT_BROKER",
+    "BatchTooLarge",
+    "Client",
+    "Closed",
+    "ConnectionLost",
+    "CovetError",
+    "InvalidArgument",
+    "Message",
+    "NotLeader",
+    "OffsetOutOfRange",
+    "PartitionInfo",
+    "Payload",
+    "ProducerStats",
+    "PublishResult",
+    "Start",
+    "Subscription",
+    "Timeout",
+    "TopicExists",
+    "TopicInfo",
+    "Unavailable",
+    "UnknownPartition",
+    "UnknownTopic",
+    "connect",
+]

@@ -1,0 +1,143 @@
+"""A real single-node Covet broker for tests, in a temporary directory.
+
+::
+
+    from covet.testing import Broker
+
+    with Broker() as broker:            # or: async with Broker() as broker:
+        async with covet.connect(broker.address) as client: ...
+
+It runs the ``covet`` binary: ``$COVET_BIN`` if set, else ``covet`` on
+``PATH``. The broker listens on a free loopback port; ``start`` returns once
+the broker printed its ``ready`` line (or raises after ``ready_timeout``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from types import TracebackType
+from typing import IO, Self
+
+READY_TIMEOUT = 30.0
+
+
+def covet_binary() -> str:
+    """The ``covet`` binary tests run: ``$COVET_BIN``, else ``covet`` on PATH."""
+    path = os.environ.get("COVET_BIN") or shutil.which("covet")
+    if not path or not os.path.exists(path):
+        raise FileNotFoundError(
+            "no covet binary: set COVET_BIN or put `covet` on PATH "
+            "(cargo build --bin covet builds it)"
+        )
+    return path
+
+
+class Broker:
+    """One ``covet broker`` process on ``127.0.0.1:<free port>``."""
+
+    def __init__(
+        self,
+        *extra_args: str,
+        binary: str | None = None,
+        ready_timeout: float = READY_TIMEOUT,
+    ) -> None:
+        self._binary = binary
+        self._extra = list(extra_args)
+        self._ready_timeout = ready_timeout
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self._process: subprocess.Popen[str] | None = None
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self.address = ""
+
+    @property
+    def data_dir(self) -> str:
+        if self._dir is None:
+            raise RuntimeError("broker not started")
+        return self._dir.name
+
+    def start(self) -> Self:
+        binary = self._binary or covet_binary()
+        self._dir = tempfile.TemporaryDirectory(prefix="covet-test-")
+        self._process = subprocess.Popen(
+            [
+                binary,
+                "broker",
+                "--data-dir",
+                self._dir.name,
+                "--listen",
+                "127.0.0.1:0",
+                "--log-level",
+                "warn",
+                *self._extra,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._process.stdout is not None
+        # A thread keeps reading stdout so the broker never blocks on a full
+        # pipe; the ready line is awaited with a deadline, never a sleep.
+        threading.Thread(target=self._pump, args=(self._process.stdout,), daemon=True).start()
+        deadline = time.monotonic() + self._ready_timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                line = self._lines.get(timeout=max(left, 0.0))
+            except queue.Empty:
+                self.stop()
+                raise TimeoutError(
+                    f"covet broker did not print a ready line within {self._ready_timeout} s"
+                ) from None
+            if line is None:
+                code = self._process.wait()
+                self.stop()
+                raise RuntimeError(f"covet broker exited with status {code} before ready")
+            if "ready" in line and "listening on " in line:
+                self.address = line.split("listening on ", 1)[1].split(",", 1)[0].strip()
+                return self
+
+    def _pump(self, stdout: IO[str]) -> None:
+        for line in stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def stop(self) -> None:
+        """Kills the broker (SIGKILL) and removes its data directory."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Self:
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self.stop)
+
+
+__all__ = ["READY_TIMEOUT", "Broker", "covet_binary"]
