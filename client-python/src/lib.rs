@@ -12,8 +12,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use covet_client::{
-    Client, ConsumedRecord, Error, Header, Producer, ProducerConfig, Reason, Record,
-    RecordMetadata, StartPosition, Subscription, SubscriptionOptions, TopicSpec,
+    Acker, Client, ConsumedRecord, Error, GroupConsumer, GroupConsumerConfig, GroupRecord, Header,
+    Membership, Producer, ProducerConfig, Reason, Record, RecordMetadata, StartPosition,
+    Subscription, SubscriptionOptions, TopicSpec,
 };
 use futures::FutureExt;
 use pyo3::exceptions::PyTypeError;
@@ -464,6 +465,234 @@ impl NativeSubscription {
     }
 }
 
+/// A record of a consumer group: a [`Message`]'s fields, its delivery
+/// count, and `ack` / `nack`, each of which settles it once (later calls
+/// do nothing). Dropped unsettled, it is nacked (the client's `Acker`).
+#[pyclass(frozen, module = "covet._covet")]
+struct GroupMessage {
+    record: ConsumedRecord,
+    delivery_count: u32,
+    acker: std::sync::Mutex<Option<Acker>>,
+}
+
+impl GroupMessage {
+    fn new(r: GroupRecord) -> Self {
+        let delivery_count = r.delivery_count;
+        let acker = r.acker;
+        GroupMessage {
+            record: ConsumedRecord {
+                topic: r.topic,
+                partition: r.partition,
+                offset: r.offset,
+                timestamp_ms: r.timestamp_ms,
+                key: r.key,
+                value: r.value,
+                headers: r.headers,
+            },
+            delivery_count,
+            acker: std::sync::Mutex::new(Some(acker)),
+        }
+    }
+
+    fn take(&self) -> Option<Acker> {
+        self.acker.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+#[pymethods]
+impl GroupMessage {
+    #[getter]
+    fn topic(&self) -> &str {
+        &self.record.topic
+    }
+
+    #[getter]
+    fn partition(&self) -> u32 {
+        self.record.partition
+    }
+
+    #[getter]
+    fn offset(&self) -> u64 {
+        self.record.offset
+    }
+
+    /// Deliveries of this record so far, this one included.
+    #[getter]
+    fn delivery_count(&self) -> u32 {
+        self.delivery_count
+    }
+
+    #[getter]
+    fn timestamp_ms(&self) -> i64 {
+        self.record.timestamp_ms
+    }
+
+    #[getter]
+    fn timestamp<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDateTime>> {
+        let utc = PyTzInfo::utc(py)?.to_owned();
+        PyDateTime::from_timestamp(py, self.record.timestamp_ms as f64 / 1000.0, Some(&utc))
+    }
+
+    #[getter]
+    fn value<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.record.value)
+    }
+
+    #[getter]
+    fn value_view<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyMemoryView>> {
+        view(py, &self.record.value)
+    }
+
+    #[getter]
+    fn key<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        self.record.key.as_ref().map(|k| PyBytes::new(py, k))
+    }
+
+    #[getter]
+    fn headers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        for h in &self.record.headers {
+            out.set_item(&h.key, PyBytes::new(py, &h.value))?;
+        }
+        Ok(out)
+    }
+
+    /// Marks the record handled. Returns an awaitable that is already
+    /// done: the ack travels with others, and the broker commits it.
+    fn ack(&self) -> Ready {
+        if let Some(a) = self.take() {
+            a.ack();
+        }
+        Ready
+    }
+
+    /// Asks for the record again after `delay` seconds.
+    #[pyo3(signature = (delay = 0.0))]
+    fn nack(&self, delay: f64) -> PyResult<Ready> {
+        if !(0.0..=86_400.0).contains(&delay) {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "delay must be between 0 and 86400 seconds",
+            ));
+        }
+        if let Some(a) = self.take() {
+            a.nack(std::time::Duration::from_secs_f64(delay));
+        }
+        Ok(Ready)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "GroupMessage(topic={:?}, partition={}, offset={}, delivery_count={}, {} value bytes)",
+            &*self.record.topic,
+            self.record.partition,
+            self.record.offset,
+            self.delivery_count,
+            self.record.value.len()
+        )
+    }
+}
+
+/// An awaitable that is done at once: what `ack` and `nack` return, so
+/// that `await msg.ack()` reads as the rest of the API does without a trip
+/// through the event loop.
+#[pyclass(frozen, module = "covet._covet")]
+struct Ready;
+
+#[pymethods]
+impl Ready {
+    fn __await__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self) -> Option<()> {
+        None
+    }
+}
+
+/// A group member's consumer and membership.
+struct GroupState {
+    consumer: Option<GroupConsumer>,
+    membership: Option<Membership>,
+}
+
+/// A consumer group member opened by `Client.open_group`; the Python
+/// `covet.GroupSubscription` iterates over it.
+#[pyclass(frozen, module = "covet._covet")]
+struct NativeGroupSubscription {
+    state: Arc<Mutex<GroupState>>,
+    closed: watch::Sender<bool>,
+}
+
+#[pymethods]
+impl NativeGroupSubscription {
+    /// The next records, at least one and at most `max`, waiting for the
+    /// first; an empty list once the member left. A partition whose
+    /// session ended (taken over, reset) is not an error here: the
+    /// membership hands out the group's current assignment.
+    #[pyo3(signature = (max = DEFAULT_BATCH))]
+    fn next_batch<'py>(&self, py: Python<'py>, max: usize) -> PyResult<Bound<'py, PyAny>> {
+        let state = self.state.clone();
+        let mut closed = self.closed.subscribe();
+        future_into_py(py, async move {
+            let mut guard = state.lock().await;
+            let mut out = Vec::new();
+            let Some(consumer) = guard.consumer.as_mut() else {
+                return Ok(out);
+            };
+            loop {
+                if *closed.borrow() {
+                    return Ok(out);
+                }
+                let first = tokio::select! {
+                    next = consumer.next() => next,
+                    _ = closed.wait_for(|c| *c) => return Ok(out),
+                };
+                match first {
+                    None => return Ok(out),
+                    Some(Err(_)) => continue,
+                    Some(Ok(r)) => {
+                        out.push(GroupMessage::new(r));
+                        break;
+                    }
+                }
+            }
+            while out.len() < max.max(1) {
+                match consumer.next().now_or_never() {
+                    Some(Some(Ok(r))) => out.push(GroupMessage::new(r)),
+                    Some(Some(Err(_))) => continue,
+                    Some(None) | None => break,
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Leaves the group: partitions are released (what was acked is
+    /// committed) and the coordinator told; a pending `next_batch` returns
+    /// an empty list.
+    fn close<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.closed.send_replace(true);
+        let state = self.state.clone();
+        future_into_py(py, async move {
+            let mut guard = state.lock().await;
+            if let Some(m) = guard.membership.take() {
+                m.leave().await.map_err(to_py_err)?;
+            }
+            if let Some(c) = guard.consumer.take() {
+                c.close().await.map_err(to_py_err)?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Member ids this process gave out, for distinct names in logs.
+static NEXT_MEMBER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// A connection to a Covet cluster with its producer.
 #[pyclass(frozen, module = "covet._covet")]
 struct NativeClient {
@@ -603,6 +832,52 @@ impl NativeClient {
         })
     }
 
+    /// Joins consumer group `group` on `topic`: the coordinator assigns
+    /// this member partitions, at most `max_in_flight` records of each are
+    /// held unacknowledged (the broker's credit), heartbeats run in Rust.
+    #[pyo3(signature = (topic, group, max_in_flight, session_timeout_ms, ack_timeout_ms, max_deliveries, dead_letter_topic = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn open_group<'py>(
+        &self,
+        py: Python<'py>,
+        topic: String,
+        group: String,
+        max_in_flight: u32,
+        session_timeout_ms: u64,
+        ack_timeout_ms: u64,
+        max_deliveries: u32,
+        dead_letter_topic: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let n = NEXT_MEMBER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let config = GroupConsumerConfig {
+            max_in_flight,
+            ack_timeout: std::time::Duration::from_millis(ack_timeout_ms),
+            max_deliveries,
+            dead_letter_topic,
+            ..GroupConsumerConfig::new(group.clone(), format!("py-{}-{n}", std::process::id()))
+        };
+        let consumer = self.client.group_consumer(config).map_err(to_py_err)?;
+        let client = self.client.clone();
+        future_into_py(py, async move {
+            let membership = Membership::join(
+                client,
+                &group,
+                vec![topic],
+                std::time::Duration::from_millis(session_timeout_ms),
+                Arc::new(consumer.assigner()),
+            )
+            .await
+            .map_err(to_py_err)?;
+            Ok(NativeGroupSubscription {
+                state: Arc::new(Mutex::new(GroupState {
+                    consumer: Some(consumer),
+                    membership: Some(membership),
+                })),
+                closed: watch::Sender::new(false),
+            })
+        })
+    }
+
     /// Opens every partition of `topic` at `start`, buffering at most
     /// `window` records per partition (the broker's credit).
     #[pyo3(signature = (topic, start, window = 1000))]
@@ -651,6 +926,9 @@ fn _covet(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(connect, m)?)?;
     m.add_class::<NativeClient>()?;
     m.add_class::<NativeSubscription>()?;
+    m.add_class::<NativeGroupSubscription>()?;
+    m.add_class::<GroupMessage>()?;
+    m.add_class::<Ready>()?;
     m.add_class::<Message>()?;
     m.add_class::<Buffer>()?;
     m.add_class::<PublishResult>()?;

@@ -30,6 +30,7 @@ from typing import Any, Literal, Self
 from . import _covet
 from ._covet import (
     DEFAULT_BROKER,
+    GroupMessage,
     Message,
     PartitionInfo,
     ProducerStats,
@@ -129,8 +130,44 @@ class Client:
         Use it as ``async with client.subscribe(...) as sub: async for msg
         in sub``. At most ``window`` records per partition are buffered on
         the client: the broker sends more as the application takes them.
+        For a consumer group, see :meth:`subscribe_group`.
         """
         return Subscription(self._native, topic, start, window)
+
+    def subscribe_group(
+        self,
+        topic: str,
+        group: str,
+        *,
+        max_in_flight: int = 100,
+        session_timeout: float = 10.0,
+        ack_timeout: float = 30.0,
+        max_deliveries: int = 0,
+        dead_letter_topic: str | None = None,
+    ) -> GroupSubscription:
+        """Joins consumer group ``group`` on ``topic``.
+
+        The group's members share the topic's partitions; this one gets
+        the records of its partitions from the group's committed offset,
+        and settles each with ``await msg.ack()`` or ``await
+        msg.nack(delay=...)``. At most ``max_in_flight`` records per
+        partition are unacknowledged: that is the credit the broker sees,
+        so a slow handler slows delivery and nothing piles up. A record not
+        settled within ``ack_timeout`` seconds is delivered again; after
+        ``max_deliveries`` deliveries (0: the broker's default, 5) it goes to
+        ``dead_letter_topic`` (default ``<topic>.dlq``). Heartbeats run in
+        Rust. Leaving (``async with`` exit) commits what was acked.
+        """
+        return GroupSubscription(
+            self._native,
+            topic,
+            group,
+            max_in_flight,
+            session_timeout,
+            ack_timeout,
+            max_deliveries,
+            dead_letter_topic,
+        )
 
     async def close(self) -> None:
         """Waits for records published so far to be answered."""
@@ -228,6 +265,88 @@ class Subscription:
         return self._buffer.popleft()
 
 
+class GroupSubscription:
+    """A consumer group member's records, as an async iterator of
+    :class:`GroupMessage` (each to be acked or nacked).
+
+    It joins on ``async with`` (or the first ``async for``) and leaves the
+    group on exit, committing what was acknowledged.
+    """
+
+    __slots__ = ("_args", "_buffer", "_client", "_native", "_pending")
+
+    def __init__(
+        self,
+        client: _covet.NativeClient,
+        topic: str,
+        group: str,
+        max_in_flight: int,
+        session_timeout: float,
+        ack_timeout: float,
+        max_deliveries: int,
+        dead_letter_topic: str | None,
+    ) -> None:
+        if not 1 <= max_in_flight <= 10_000:
+            raise InvalidArgument(f"max_in_flight must be between 1 and 10000, not {max_in_flight}")
+        self._client = client
+        self._args = (
+            topic,
+            group,
+            max_in_flight,
+            round(session_timeout * 1000),
+            round(ack_timeout * 1000),
+            max_deliveries,
+            dead_letter_topic,
+        )
+        self._native: _covet.NativeGroupSubscription | None = None
+        self._buffer: collections.deque[GroupMessage] = collections.deque()
+        self._pending: asyncio.Future[list[GroupMessage]] | None = None
+
+    async def open(self) -> Self:
+        if self._native is None:
+            self._native = await self._client.open_group(*self._args)
+        return self
+
+    async def close(self) -> None:
+        """Leaves the group; records taken and not settled are given to the
+        next owner of their partition."""
+        self._buffer.clear()
+        if self._native is not None:
+            await self._native.close()
+
+    async def __aenter__(self) -> Self:
+        return await self.open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> GroupMessage:
+        if self._buffer:
+            return self._buffer.popleft()
+        native = self._native
+        if native is None:
+            native = (await self.open())._native
+            assert native is not None
+        if self._pending is None:
+            self._pending = native.next_batch(256)
+        # Shielded, as in `Subscription.__anext__`: a cancelled call loses
+        # no record.
+        batch = await asyncio.shield(self._pending)
+        self._pending = None
+        if not batch:
+            raise StopAsyncIteration
+        self._buffer.extend(batch)
+        return self._buffer.popleft()
+
+
 class _Connecting:
     """What :func:`connect` returns: ``await`` it for a :class:`Client`, or
     use it as ``async with`` (the client is closed at the end)."""
@@ -276,6 +395,8 @@ __all__ = [
     "Closed",
     "ConnectionLost",
     "CovetError",
+    "GroupMessage",
+    "GroupSubscription",
     "InvalidArgument",
     "Message",
     "NotLeader",
