@@ -141,9 +141,9 @@ def test_wrong_value_type_is_a_type_error(covet_broker: Broker) -> None:
             with pytest.raises(TypeError, match="not a single payload"):
                 await client.publish_batch("t", b"abc")  # type: ignore[arg-type]
             with pytest.raises(TypeError):
-                await client.subscribe("t", start=1.5).open()  # type: ignore[arg-type]
+                await client.subscribe("t", start=1.5).open()  # type: ignore[call-overload]
             with pytest.raises(covet.InvalidArgument):
-                await client.subscribe("t", start="middle").open()  # type: ignore[arg-type]
+                await client.subscribe("t", start="middle").open()  # type: ignore[call-overload]
             # Nothing of it was written.
             assert (await client.describe_topic("t")).partitions[0].high_watermark == 0
 

@@ -81,7 +81,7 @@ def test_a_nack_comes_again_and_acks_are_committed_on_leaving(covet_broker: Brok
                 # Settling twice does nothing.
                 await again[0].ack()
             await client.publish("orders", b"3")
-            async with client.subscribe_group("orders", "billing") as later:
+            async with client.subscribe("orders", group="billing") as later:
                 nxt = await take(later, 1)
                 assert (nxt[0].offset, nxt[0].delivery_count) == (3, 1), (
                     "the next member starts after what was acked"

@@ -25,7 +25,7 @@ import os
 from collections.abc import Generator, Iterable, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, overload
 
 from . import _covet
 from ._covet import (
@@ -122,17 +122,60 @@ class Client:
     async def delete_topic(self, name: str) -> None:
         await self._native.delete_topic(name)
 
+    @overload
     def subscribe(
-        self, topic: str, start: Start = "earliest", *, window: int = 1000
-    ) -> Subscription:
-        """Follows every partition of ``topic`` from ``start``.
+        self, topic: str, start: Start = "earliest", *, window: int = 1000, group: None = None
+    ) -> Subscription: ...
+
+    @overload
+    def subscribe(
+        self,
+        topic: str,
+        *,
+        group: str,
+        max_in_flight: int = 100,
+        session_timeout: float = 10.0,
+        ack_timeout: float = 30.0,
+        max_deliveries: int = 0,
+        dead_letter_topic: str | None = None,
+    ) -> GroupSubscription: ...
+
+    def subscribe(
+        self,
+        topic: str,
+        start: Start = "earliest",
+        *,
+        window: int = 1000,
+        group: str | None = None,
+        max_in_flight: int = 100,
+        session_timeout: float = 10.0,
+        ack_timeout: float = 30.0,
+        max_deliveries: int = 0,
+        dead_letter_topic: str | None = None,
+    ) -> Subscription | GroupSubscription:
+        """Follows every partition of ``topic`` from ``start``, or, with
+        ``group``, joins that consumer group (see :meth:`subscribe_group`).
 
         Use it as ``async with client.subscribe(...) as sub: async for msg
         in sub``. At most ``window`` records per partition are buffered on
         the client: the broker sends more as the application takes them.
-        For a consumer group, see :meth:`subscribe_group`.
         """
-        return Subscription(self._native, topic, start, window)
+        if group is None:
+            return Subscription(self._native, topic, start, window)
+        if start != "earliest":
+            raise InvalidArgument(
+                "a group starts at its committed offset (a new group at the earliest "
+                "record): move it with `covet group reset`, not with start="
+            )
+        return self.subscribe_group(
+            topic,
+            group,
+            max_in_flight=max_in_flight,
+            session_timeout=session_timeout,
+            ack_timeout=ack_timeout,
+            max_deliveries=max_deliveries,
+            dead_letter_topic=dead_letter_topic,
+        )
 
     def subscribe_group(
         self,
