@@ -323,62 +323,75 @@ struct Message {
     record: ConsumedRecord,
 }
 
-#[pymethods]
-impl Message {
-    #[getter]
-    fn topic(&self) -> &str {
-        &self.record.topic
-    }
+/// The getters a consumed record's Python class has, over its `record:
+/// ConsumedRecord` field, then `$extra` (the class's own methods): one
+/// `#[pymethods]` block per class, as pyo3 wants without its
+/// `multiple-pymethods` feature.
+macro_rules! record_class {
+    ($class:ident { $($extra:tt)* }) => {
+        #[pymethods]
+        impl $class {
+            #[getter]
+            fn topic(&self) -> &str {
+                &self.record.topic
+            }
 
-    #[getter]
-    fn partition(&self) -> u32 {
-        self.record.partition
-    }
+            #[getter]
+            fn partition(&self) -> u32 {
+                self.record.partition
+            }
 
-    #[getter]
-    fn offset(&self) -> u64 {
-        self.record.offset
-    }
+            #[getter]
+            fn offset(&self) -> u64 {
+                self.record.offset
+            }
 
-    #[getter]
-    fn timestamp_ms(&self) -> i64 {
-        self.record.timestamp_ms
-    }
+            #[getter]
+            fn timestamp_ms(&self) -> i64 {
+                self.record.timestamp_ms
+            }
 
-    /// The producer's timestamp as an aware `datetime` in UTC.
-    #[getter]
-    fn timestamp<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDateTime>> {
-        let utc = PyTzInfo::utc(py)?.to_owned();
-        PyDateTime::from_timestamp(py, self.record.timestamp_ms as f64 / 1000.0, Some(&utc))
-    }
+            /// The producer's timestamp as an aware `datetime` in UTC.
+            #[getter]
+            fn timestamp<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDateTime>> {
+                let utc = PyTzInfo::utc(py)?.to_owned();
+                PyDateTime::from_timestamp(py, self.record.timestamp_ms as f64 / 1000.0, Some(&utc))
+            }
 
-    #[getter]
-    fn value<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &self.record.value)
-    }
+            #[getter]
+            fn value<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+                PyBytes::new(py, &self.record.value)
+            }
 
-    /// The value as a read-only `memoryview` of the received batch: no
-    /// copy, whatever its size.
-    #[getter]
-    fn value_view<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyMemoryView>> {
-        view(py, &self.record.value)
-    }
+            /// The value as a read-only `memoryview` of the received batch:
+            /// no copy, whatever its size.
+            #[getter]
+            fn value_view<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyMemoryView>> {
+                view(py, &self.record.value)
+            }
 
-    #[getter]
-    fn key<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
-        self.record.key.as_ref().map(|k| PyBytes::new(py, k))
-    }
+            #[getter]
+            fn key<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+                self.record.key.as_ref().map(|k| PyBytes::new(py, k))
+            }
 
-    /// Headers by name; of a name given more than once, the last value.
-    #[getter]
-    fn headers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let out = PyDict::new(py);
-        for h in &self.record.headers {
-            out.set_item(&h.key, PyBytes::new(py, &h.value))?;
+            /// Headers by name; of a name given more than once, the last
+            /// value.
+            #[getter]
+            fn headers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+                let out = PyDict::new(py);
+                for h in &self.record.headers {
+                    out.set_item(&h.key, PyBytes::new(py, &h.value))?;
+                }
+                Ok(out)
+            }
+
+            $($extra)*
         }
-        Ok(out)
-    }
+    };
+}
 
+record_class!(Message {
     fn __repr__(&self) -> String {
         format!(
             "Message(topic={:?}, partition={}, offset={}, {} value bytes)",
@@ -388,7 +401,7 @@ impl Message {
             self.record.value.len()
         )
     }
-}
+});
 
 /// What a subscription's `next_batch` works on.
 struct SubState {
@@ -499,62 +512,11 @@ impl GroupMessage {
     }
 }
 
-#[pymethods]
-impl GroupMessage {
-    #[getter]
-    fn topic(&self) -> &str {
-        &self.record.topic
-    }
-
-    #[getter]
-    fn partition(&self) -> u32 {
-        self.record.partition
-    }
-
-    #[getter]
-    fn offset(&self) -> u64 {
-        self.record.offset
-    }
-
+record_class!(GroupMessage {
     /// Deliveries of this record so far, this one included.
     #[getter]
     fn delivery_count(&self) -> u32 {
         self.delivery_count
-    }
-
-    #[getter]
-    fn timestamp_ms(&self) -> i64 {
-        self.record.timestamp_ms
-    }
-
-    #[getter]
-    fn timestamp<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDateTime>> {
-        let utc = PyTzInfo::utc(py)?.to_owned();
-        PyDateTime::from_timestamp(py, self.record.timestamp_ms as f64 / 1000.0, Some(&utc))
-    }
-
-    #[getter]
-    fn value<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &self.record.value)
-    }
-
-    #[getter]
-    fn value_view<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyMemoryView>> {
-        view(py, &self.record.value)
-    }
-
-    #[getter]
-    fn key<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
-        self.record.key.as_ref().map(|k| PyBytes::new(py, k))
-    }
-
-    #[getter]
-    fn headers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let out = PyDict::new(py);
-        for h in &self.record.headers {
-            out.set_item(&h.key, PyBytes::new(py, &h.value))?;
-        }
-        Ok(out)
     }
 
     /// Marks the record handled. Returns an awaitable that is already
@@ -590,7 +552,7 @@ impl GroupMessage {
             self.record.value.len()
         )
     }
-}
+});
 
 /// An awaitable that is done at once: what `ack` and `nack` return, so
 /// that `await msg.ack()` reads as the rest of the API does without a trip

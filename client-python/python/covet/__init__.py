@@ -25,7 +25,7 @@ import os
 from collections.abc import Generator, Iterable, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Literal, Self, overload
+from typing import Any, Generic, Literal, Self, TypeVar, overload
 
 from . import _covet
 from ._covet import (
@@ -51,6 +51,8 @@ from .errors import (
     UnknownPartition,
     UnknownTopic,
 )
+
+M = TypeVar("M")
 
 Payload = bytes | bytearray | memoryview | str
 """What ``value``, ``key`` and header values take; ``str`` is sent as UTF-8."""
@@ -228,25 +230,53 @@ class Client:
         await self.close()
 
 
-class Subscription:
+class _Batches(Generic[M]):
+    """An async iterator over records taken from a native subscription a
+    batch at a time (one hop between tokio and the event loop per batch)."""
+
+    __slots__ = ("_buffer", "_pending")
+
+    def __init__(self) -> None:
+        self._buffer: collections.deque[M] = collections.deque()
+        # The native call in flight, kept across a cancelled `__anext__`
+        # so the records it brings are not lost (see `__anext__`).
+        self._pending: asyncio.Future[list[M]] | None = None
+
+    async def _next_batch(self) -> asyncio.Future[list[M]]:
+        """Starts the native call for the next records (opening first)."""
+        raise NotImplementedError
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> M:
+        if self._buffer:
+            return self._buffer.popleft()
+        if self._pending is None:
+            self._pending = await self._next_batch()
+        # Shielded: cancelling this `__anext__` (a timeout, a task being
+        # cancelled) leaves the native call running, and its records, even
+        # ones taken off the subscription at the moment of the cancel, go
+        # to the next `__anext__`. Records are never taken and dropped.
+        batch = await asyncio.shield(self._pending)
+        self._pending = None
+        if not batch:
+            raise StopAsyncIteration
+        self._buffer.extend(batch)
+        return self._buffer.popleft()
+
+
+class Subscription(_Batches[Message]):
     """Records of a topic, in offset order per partition (partitions interleave).
 
     An async iterator; it opens on ``async with`` (or on the first
     ``async for``) and ends when closed.
     """
 
-    __slots__ = (
-        "_batch",
-        "_buffer",
-        "_client",
-        "_native",
-        "_pending",
-        "_start",
-        "_topic",
-        "_window",
-    )
+    __slots__ = ("_batch", "_client", "_native", "_start", "_topic", "_window")
 
     def __init__(self, client: _covet.NativeClient, topic: str, start: Start, window: int) -> None:
+        super().__init__()
         self._client = client
         self._topic = topic
         self._start = start
@@ -255,10 +285,6 @@ class Subscription:
         # quarter of the window, so credit flows back while they are handled.
         self._batch = max(1, min(256, window // 4))
         self._native: _covet.NativeSubscription | None = None
-        self._buffer: collections.deque[Message] = collections.deque()
-        # The native call in flight, kept across a cancelled `__anext__`
-        # so the records it brings are not lost (see `__anext__`).
-        self._pending: asyncio.Future[list[Message]] | None = None
 
     async def open(self) -> Self:
         if self._native is None:
@@ -284,31 +310,13 @@ class Subscription:
     ) -> None:
         self.close()
 
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> Message:
-        if self._buffer:
-            return self._buffer.popleft()
-        native = self._native
-        if native is None:
-            native = (await self.open())._native
-            assert native is not None
-        if self._pending is None:
-            self._pending = native.next_batch(self._batch)
-        # Shielded: cancelling this `__anext__` (a timeout, a task being
-        # cancelled) leaves the native call running, and its records, even
-        # ones taken off the subscription at the moment of the cancel, go
-        # to the next `__anext__`. Records are never taken and dropped.
-        batch = await asyncio.shield(self._pending)
-        self._pending = None
-        if not batch:
-            raise StopAsyncIteration
-        self._buffer.extend(batch)
-        return self._buffer.popleft()
+    async def _next_batch(self) -> asyncio.Future[list[Message]]:
+        native = self._native or (await self.open())._native
+        assert native is not None
+        return native.next_batch(self._batch)
 
 
-class GroupSubscription:
+class GroupSubscription(_Batches[GroupMessage]):
     """A consumer group member's records, as an async iterator of
     :class:`GroupMessage` (each to be acked or nacked).
 
@@ -316,7 +324,7 @@ class GroupSubscription:
     group on exit, committing what was acknowledged.
     """
 
-    __slots__ = ("_args", "_buffer", "_client", "_native", "_pending")
+    __slots__ = ("_args", "_client", "_native")
 
     def __init__(
         self,
@@ -329,6 +337,7 @@ class GroupSubscription:
         max_deliveries: int,
         dead_letter_topic: str | None,
     ) -> None:
+        super().__init__()
         if not 1 <= max_in_flight <= 10_000:
             raise InvalidArgument(f"max_in_flight must be between 1 and 10000, not {max_in_flight}")
         self._client = client
@@ -342,8 +351,6 @@ class GroupSubscription:
             dead_letter_topic,
         )
         self._native: _covet.NativeGroupSubscription | None = None
-        self._buffer: collections.deque[GroupMessage] = collections.deque()
-        self._pending: asyncio.Future[list[GroupMessage]] | None = None
 
     async def open(self) -> Self:
         if self._native is None:
@@ -368,26 +375,10 @@ class GroupSubscription:
     ) -> None:
         await self.close()
 
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> GroupMessage:
-        if self._buffer:
-            return self._buffer.popleft()
-        native = self._native
-        if native is None:
-            native = (await self.open())._native
-            assert native is not None
-        if self._pending is None:
-            self._pending = native.next_batch(256)
-        # Shielded, as in `Subscription.__anext__`: a cancelled call loses
-        # no record.
-        batch = await asyncio.shield(self._pending)
-        self._pending = None
-        if not batch:
-            raise StopAsyncIteration
-        self._buffer.extend(batch)
-        return self._buffer.popleft()
+    async def _next_batch(self) -> asyncio.Future[list[GroupMessage]]:
+        native = self._native or (await self.open())._native
+        assert native is not None
+        return native.next_batch(256)
 
 
 class _Connecting:
