@@ -422,13 +422,17 @@ def connect(brokers: str | Sequence[str] | None = None) -> _Connecting:
     return _Connecting(brokers)
 
 
+from .app import App, Event, Retry, on_event, run  # noqa: E402
+
 __all__ = [
     "DEFAULT_BROKER",
+    "App",
     "BatchTooLarge",
     "Client",
     "Closed",
     "ConnectionLost",
     "CovetError",
+    "Event",
     "GroupMessage",
     "GroupSubscription",
     "InvalidArgument",
@@ -439,6 +443,7 @@ __all__ = [
     "Payload",
     "ProducerStats",
     "PublishResult",
+    "Retry",
     "Start",
     "Subscription",
     "Timeout",
@@ -448,4 +453,6 @@ __all__ = [
     "UnknownPartition",
     "UnknownTopic",
     "connect",
+    "on_event",
+    "run",
 ]
