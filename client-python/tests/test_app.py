@@ -198,3 +198,88 @@ def test_python_m_covet_run_stops_on_sigterm_and_commits(
             assert await next_for_group(client, "events", "service") == 30
 
     run(body())
+
+
+def test_a_broker_killed_and_restarted_under_a_running_app_loses_nothing() -> None:
+    async def body() -> None:
+        async with Broker() as broker:
+            app = covet.App(brokers=broker.address, name="svc", session_timeout=3.0)
+            handled: set[str] = set()
+
+            @app.on_event("events", max_in_flight=8)
+            async def handle(text: str) -> None:
+                handled.add(text)
+
+            async with covet.connect(broker.address) as client:
+                await client.create_topic("events", partitions=2)
+                runner = asyncio.create_task(app.run())
+                first = [f"before-{i}" for i in range(100)]
+                await client.publish_batch("events", first)
+                await wait_until("the first records handled", lambda: handled >= set(first))
+                await asyncio.to_thread(broker.kill)
+                try:
+                    await covet.connect(broker.address)
+                except covet.ConnectionLost:
+                    pass
+                else:
+                    raise AssertionError("the broker still answered after the kill")
+                await asyncio.to_thread(broker.restart)
+                later = [f"after-{i}" for i in range(100)]
+                await client.publish_batch("events", later)
+                await wait_until(
+                    "every record handled after the restart",
+                    lambda: handled >= set(first) | set(later),
+                    within=45,
+                )
+                app.stop()
+                await asyncio.wait_for(runner, 20)
+
+    run(body(), timeout=90)
+
+
+def rss_mb() -> float:
+    """This process's resident set size in MB (Linux)."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def test_a_slow_consumer_holds_at_most_max_in_flight_and_memory_stays_flat(
+    covet_broker: Broker,
+) -> None:
+    n = 200_000
+    chunk = 10_000
+
+    async def body() -> None:
+        app = covet.App(brokers=covet_broker.address, name="flat", session_timeout=5.0)
+        now = peak = done = 0
+        rss: dict[str, float] = {}
+
+        @app.on_event("firehose", max_in_flight=4)
+        async def handle(e: covet.Event) -> None:
+            nonlocal now, peak, done
+            now += 1
+            peak = max(peak, now)
+            await asyncio.sleep(0)  # yields, as a handler doing I/O would
+            now -= 1
+            done += 1
+            if done == n // 4:
+                rss["quarter"] = rss_mb()
+
+        async with covet.connect(covet_broker.address) as client:
+            await client.create_topic("firehose", partitions=2)
+            runner = asyncio.create_task(app.run())
+            # Published while the handler runs, in chunks whose results
+            # are dropped, so the test's own memory does not grow either.
+            for _ in range(n // chunk):
+                await client.publish_batch("firehose", [b"x" * 100] * chunk)
+            await wait_until("every record handled", lambda: done == n, within=240)
+            rss["end"] = rss_mb()
+            app.stop()
+            await asyncio.wait_for(runner, 20)
+        growth = rss["end"] - rss["quarter"]
+        print(f"RSS at a quarter {rss['quarter']:.1f} MB, at the end {rss['end']:.1f} MB")
+        assert peak <= 4, f"{peak} handlers ran at once"
+        assert growth < 30, f"RSS grew {growth:.1f} MB over the last 150,000 records"
+
+    run(body(), timeout=300)

@@ -63,8 +63,29 @@ class Broker:
         return self._dir.name
 
     def start(self) -> Self:
-        binary = self._binary or covet_binary()
         self._dir = tempfile.TemporaryDirectory(prefix="covet-test-")
+        return self._spawn("127.0.0.1:0")
+
+    def kill(self) -> None:
+        """Kills the broker process (SIGKILL) as a crash would, keeping its
+        data directory and address for :meth:`restart`."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+
+    def restart(self) -> Self:
+        """Starts the broker again on the same data directory and address
+        (after :meth:`kill`), so connected clients find it again."""
+        if self._dir is None or not self.address:
+            raise RuntimeError("broker not started")
+        self.kill()
+        return self._spawn(self.address)
+
+    def _spawn(self, listen: str) -> Self:
+        binary = self._binary or covet_binary()
+        assert self._dir is not None
+        self._lines = queue.Queue()
         self._process = subprocess.Popen(
             [
                 binary,
@@ -72,7 +93,7 @@ class Broker:
                 "--data-dir",
                 self._dir.name,
                 "--listen",
-                "127.0.0.1:0",
+                listen,
                 "--log-level",
                 "warn",
                 *self._extra,
@@ -109,10 +130,7 @@ class Broker:
 
     def stop(self) -> None:
         """Kills the broker (SIGKILL) and removes its data directory."""
-        if self._process is not None:
-            self._process.kill()
-            self._process.wait()
-            self._process = None
+        self.kill()
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None
