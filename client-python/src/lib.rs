@@ -2,11 +2,17 @@
 //!
 //! A thin binding over `covet-client`: every call converts its Python
 //! arguments (under the GIL, a copy of each payload), then runs the
-//! client's future on the tokio runtime of `pyo3-async-runtimes`, without
-//! the GIL, and hands the result back to the asyncio loop that awaited it.
-//! Batching, retries, routing and credit all stay in `covet-client`; the
-//! Python layer (`python/covet/__init__.py`) only adds `async with` and
-//! `async for` on top of these classes.
+//! client's work on a tokio runtime of its own, without the GIL, and hands
+//! the result back to the asyncio loop through the client's bridge
+//! (one eventfd wake-up per burst of results, the GIL never taken on a
+//! tokio thread). Where the work can finish at once (queueing a record,
+//! taking buffered records) it runs on the caller's thread instead: no
+//! future, no thread switch. Batching, retries, routing and credit all
+//! stay in `covet-client`; the Python layer (`python/covet/__init__.py`)
+//! only adds `async with` and `async for` on top of these classes.
+
+mod bridge;
+mod reader;
 
 use std::sync::Arc;
 
@@ -16,14 +22,15 @@ use covet_client::{
     Membership, Producer, ProducerConfig, Reason, Record, RecordMetadata, StartPosition,
     Subscription, SubscriptionOptions, TopicSpec,
 };
-use futures::FutureExt;
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{
     PyByteArray, PyBytes, PyDateTime, PyDict, PyInt, PyMemoryView, PyString, PyTzInfo,
 };
-use pyo3_async_runtimes::tokio::future_into_py;
-use tokio::sync::{watch, Mutex};
+use tokio::sync::Mutex;
+
+use bridge::{runtime, settle, Bridge, WakeDriven};
+use reader::Reader;
 
 /// Records one `next_batch` call hands to Python at most: enough to
 /// amortise the hop between tokio and the event loop, small enough that
@@ -403,78 +410,34 @@ record_class!(Message {
     }
 });
 
-/// What a subscription's `next_batch` works on.
-struct SubState {
-    sub: Option<Subscription>,
-    /// A failure met after some records of a batch were taken: raised by
-    /// the next call, after those records were handed out.
-    error: Option<Error>,
-}
-
 /// A subscription opened by `Client.open_subscription`; the Python
 /// `covet.Subscription` iterates over it.
 #[pyclass(frozen, module = "covet._covet")]
 struct NativeSubscription {
-    state: Arc<Mutex<SubState>>,
-    closed: watch::Sender<bool>,
+    reader: Reader<Subscription>,
 }
 
 #[pymethods]
 impl NativeSubscription {
+    /// Up to `max` records ready now, without waiting (maybe none).
+    #[pyo3(signature = (max = DEFAULT_BATCH))]
+    fn take(&self, max: usize) -> PyResult<Vec<Message>> {
+        self.reader.take(max)
+    }
+
     /// The next records, at least one and at most `max`, waiting for the
     /// first; an empty list once the subscription ended or was closed.
     #[pyo3(signature = (max = DEFAULT_BATCH))]
     fn next_batch<'py>(&self, py: Python<'py>, max: usize) -> PyResult<Bound<'py, PyAny>> {
-        let state = self.state.clone();
-        let mut closed = self.closed.subscribe();
-        future_into_py(py, async move {
-            let mut guard = state.lock().await;
-            if let Some(e) = guard.error.take() {
-                return Err(to_py_err(e));
-            }
-            if *closed.borrow() {
-                guard.sub = None;
-            }
-            let Some(sub) = guard.sub.as_mut() else {
-                return Ok(Vec::new());
-            };
-            let first = tokio::select! {
-                next = sub.next() => next,
-                _ = closed.wait_for(|c| *c) => None,
-            };
-            let mut out = Vec::new();
-            match first {
-                None => {
-                    guard.sub = None;
-                    return Ok(out);
-                }
-                Some(Err(e)) => return Err(to_py_err(e)),
-                Some(Ok(record)) => out.push(Message { record }),
-            }
-            // Whatever else is already buffered, without waiting.
-            // `Subscription::next` is cancel-safe, so dropping a pending
-            // one loses nothing.
-            while out.len() < max.max(1) {
-                match sub.next().now_or_never() {
-                    Some(Some(Ok(record))) => out.push(Message { record }),
-                    Some(Some(Err(e))) => {
-                        guard.error = Some(e);
-                        break;
-                    }
-                    Some(None) | None => break,
-                }
-            }
-            Ok(out)
-        })
+        self.reader.next_batch(py, max)
     }
 
     /// Stops the subscription: a pending `next_batch` returns an empty
     /// list, and the partition streams are dropped.
     fn close(&self) {
-        self.closed.send_replace(true);
-        if let Ok(mut guard) = self.state.try_lock() {
-            guard.sub = None;
-        }
+        let handle = self.reader.handle();
+        self.reader.interrupt();
+        runtime().spawn(async move { drop(Reader::take_source(&handle).await) });
     }
 }
 
@@ -575,77 +538,50 @@ impl Ready {
     }
 }
 
-/// A group member's consumer and membership.
-struct GroupState {
-    consumer: Option<GroupConsumer>,
-    membership: Option<Membership>,
-}
-
 /// A consumer group member opened by `Client.open_group`; the Python
 /// `covet.GroupSubscription` iterates over it.
 #[pyclass(frozen, module = "covet._covet")]
 struct NativeGroupSubscription {
-    state: Arc<Mutex<GroupState>>,
-    closed: watch::Sender<bool>,
+    reader: Reader<GroupConsumer>,
+    membership: Arc<Mutex<Option<Membership>>>,
+    bridge: Bridge,
 }
 
 #[pymethods]
 impl NativeGroupSubscription {
+    /// Up to `max` records ready now, without waiting (maybe none).
+    #[pyo3(signature = (max = DEFAULT_BATCH))]
+    fn take(&self, max: usize) -> PyResult<Vec<GroupMessage>> {
+        self.reader.take(max)
+    }
+
     /// The next records, at least one and at most `max`, waiting for the
-    /// first; an empty list once the member left. A partition whose
-    /// session ended (taken over, reset) is not an error here: the
-    /// membership hands out the group's current assignment.
+    /// first; an empty list once the member left or stopped reading.
     #[pyo3(signature = (max = DEFAULT_BATCH))]
     fn next_batch<'py>(&self, py: Python<'py>, max: usize) -> PyResult<Bound<'py, PyAny>> {
-        let state = self.state.clone();
-        let mut closed = self.closed.subscribe();
-        future_into_py(py, async move {
-            let mut guard = state.lock().await;
-            let mut out = Vec::new();
-            let Some(consumer) = guard.consumer.as_mut() else {
-                return Ok(out);
-            };
-            loop {
-                if *closed.borrow() {
-                    return Ok(out);
-                }
-                let first = tokio::select! {
-                    next = consumer.next() => next,
-                    _ = closed.wait_for(|c| *c) => return Ok(out),
-                };
-                match first {
-                    None => return Ok(out),
-                    Some(Err(_)) => continue,
-                    Some(Ok(r)) => {
-                        out.push(GroupMessage::new(r));
-                        break;
-                    }
-                }
-            }
-            while out.len() < max.max(1) {
-                match consumer.next().now_or_never() {
-                    Some(Some(Ok(r))) => out.push(GroupMessage::new(r)),
-                    Some(Some(Err(_))) => continue,
-                    Some(None) | None => break,
-                }
-            }
-            Ok(out)
-        })
+        self.reader.next_batch(py, max)
+    }
+
+    /// Takes no more records (a pending `next_batch` returns an empty
+    /// list) but stays in the group, so records handed out can still be
+    /// acked: how an app drains before it leaves.
+    fn stop_reading(&self) {
+        self.reader.interrupt();
     }
 
     /// Leaves the group: partitions are released (what was acked is
     /// committed) and the coordinator told; a pending `next_batch` returns
     /// an empty list.
     fn close<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.closed.send_replace(true);
-        let state = self.state.clone();
-        future_into_py(py, async move {
-            let mut guard = state.lock().await;
-            if let Some(m) = guard.membership.take() {
-                m.leave().await.map_err(to_py_err)?;
+        let handle = self.reader.handle();
+        self.reader.interrupt();
+        let membership = self.membership.clone();
+        self.bridge.spawn(py, async move {
+            if let Some(m) = membership.lock().await.take() {
+                m.leave().await?;
             }
-            if let Some(c) = guard.consumer.take() {
-                c.close().await.map_err(to_py_err)?;
+            if let Some(c) = Reader::take_source(&handle).await {
+                c.close().await?;
             }
             Ok(())
         })
@@ -655,17 +591,31 @@ impl NativeGroupSubscription {
 /// Member ids this process gave out, for distinct names in logs.
 static NEXT_MEMBER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-/// A connection to a Covet cluster with its producer.
+/// A connection to a Covet cluster with its producer, bound to the event
+/// loop it was made on.
 #[pyclass(frozen, module = "covet._covet")]
 struct NativeClient {
     client: Client,
     producer: Producer,
+    bridge: Bridge,
+}
+
+/// How a record's delivery resolves its Python future.
+fn published(outcome: covet_client::Result<RecordMetadata>) -> bridge::Finish {
+    Box::new(move |py, future| settle(py, future, outcome.map(PublishResult::from)))
 }
 
 #[pymethods]
 impl NativeClient {
     /// Publishes one record; resolves with its partition and offset once
     /// it is committed.
+    ///
+    /// The record is queued on the calling thread when the producer can
+    /// take it at once (the common case), and its delivery resolves the
+    /// future straight from the thread that reads the broker's answer: no
+    /// task per record, one event-loop wake-up per answered batch. When the
+    /// producer's buffer is full the queueing waits on the runtime, and so
+    /// does the caller: a bounded window, never an error.
     #[pyo3(signature = (topic, value, key = None, headers = None))]
     fn publish<'py>(
         &self,
@@ -681,12 +631,25 @@ impl NativeClient {
             headers: headers_of(headers)?,
             timestamp_ms: 0,
         };
+        let future = self.bridge.future(py)?;
+        let handle = future.clone().unbind();
         let producer = self.producer.clone();
-        future_into_py(py, async move {
-            let delivery = producer.send(&topic, record).await.map_err(to_py_err)?;
-            let meta = delivery.await.map_err(to_py_err)?;
-            Ok(PublishResult::from(meta))
-        })
+        let send = Box::pin(async move { producer.send(&topic, record).await });
+        match bridge::poll_once(send) {
+            Ok(Ok(delivery)) => WakeDriven::start(&self.bridge, delivery, handle, published),
+            Ok(Err(e)) => return Err(to_py_err(e)),
+            Err(send) => {
+                let bridge = self.bridge.clone();
+                runtime().spawn(async move {
+                    let outcome = match send.await {
+                        Ok(delivery) => delivery.await,
+                        Err(e) => Err(e),
+                    };
+                    bridge.finish_later(handle, published(outcome));
+                });
+            }
+        }
+        Ok(future)
     }
 
     /// Publishes values in order (unkeyed); resolves with one result per
@@ -716,14 +679,14 @@ impl NativeClient {
             });
         }
         let producer = self.producer.clone();
-        future_into_py(py, async move {
+        self.bridge.spawn(py, async move {
             let mut deliveries = Vec::with_capacity(records.len());
             for r in records {
-                deliveries.push(producer.send(&topic, r).await.map_err(to_py_err)?);
+                deliveries.push(producer.send(&topic, r).await?);
             }
             let mut out = Vec::with_capacity(deliveries.len());
             for d in deliveries {
-                out.push(PublishResult::from(d.await.map_err(to_py_err)?));
+                out.push(PublishResult::from(d.await?));
             }
             Ok(out)
         })
@@ -740,7 +703,12 @@ impl NativeClient {
     /// Waits until every record published before the call is answered.
     fn flush<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let producer = self.producer.clone();
-        future_into_py(py, async move { producer.flush().await.map_err(to_py_err) })
+        self.bridge.spawn(py, async move { producer.flush().await })
+    }
+
+    /// Stops delivering results to the event loop (the client is closed).
+    fn detach(&self, py: Python<'_>) -> PyResult<()> {
+        self.bridge.detach(py)
     }
 
     // Each argument is a Python keyword argument of `create_topic`.
@@ -765,33 +733,30 @@ impl NativeClient {
             replication_factor,
         };
         let client = self.client.clone();
-        future_into_py(py, async move {
-            let t = client.create_topic(spec).await.map_err(to_py_err)?;
-            Ok(TopicInfo::from(t))
+        self.bridge.spawn(py, async move {
+            Ok(TopicInfo::from(client.create_topic(spec).await?))
         })
     }
 
     fn list_topics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let client = self.client.clone();
-        future_into_py(py, async move {
-            let topics = client.list_topics().await.map_err(to_py_err)?;
+        self.bridge.spawn(py, async move {
+            let topics = client.list_topics().await?;
             Ok(topics.into_iter().map(TopicInfo::from).collect::<Vec<_>>())
         })
     }
 
     fn describe_topic<'py>(&self, py: Python<'py>, name: String) -> PyResult<Bound<'py, PyAny>> {
         let client = self.client.clone();
-        future_into_py(py, async move {
-            let t = client.describe_topic(&name).await.map_err(to_py_err)?;
-            Ok(TopicInfo::from(t))
+        self.bridge.spawn(py, async move {
+            Ok(TopicInfo::from(client.describe_topic(&name).await?))
         })
     }
 
     fn delete_topic<'py>(&self, py: Python<'py>, name: String) -> PyResult<Bound<'py, PyAny>> {
         let client = self.client.clone();
-        future_into_py(py, async move {
-            client.delete_topic(&name).await.map_err(to_py_err)
-        })
+        self.bridge
+            .spawn(py, async move { client.delete_topic(&name).await })
     }
 
     /// Joins consumer group `group` on `topic`: the coordinator assigns
@@ -818,9 +783,13 @@ impl NativeClient {
             dead_letter_topic,
             ..GroupConsumerConfig::new(group.clone(), format!("py-{}-{n}", std::process::id()))
         };
-        let consumer = self.client.group_consumer(config).map_err(to_py_err)?;
+        let consumer = {
+            let _guard = runtime().enter();
+            self.client.group_consumer(config).map_err(to_py_err)?
+        };
         let client = self.client.clone();
-        future_into_py(py, async move {
+        let bridge = self.bridge.clone();
+        self.bridge.spawn(py, async move {
             let membership = Membership::join(
                 client,
                 &group,
@@ -828,14 +797,11 @@ impl NativeClient {
                 std::time::Duration::from_millis(session_timeout_ms),
                 Arc::new(consumer.assigner()),
             )
-            .await
-            .map_err(to_py_err)?;
+            .await?;
             Ok(NativeGroupSubscription {
-                state: Arc::new(Mutex::new(GroupState {
-                    consumer: Some(consumer),
-                    membership: Some(membership),
-                })),
-                closed: watch::Sender::new(false),
+                reader: Reader::new(consumer, bridge.clone()),
+                membership: Arc::new(Mutex::new(Some(membership))),
+                bridge,
             })
         })
     }
@@ -853,24 +819,28 @@ impl NativeClient {
         let mut options = SubscriptionOptions::new(topic, start_of(start)?);
         options.window = window;
         let client = self.client.clone();
-        future_into_py(py, async move {
-            let sub = client.subscribe(options).await.map_err(to_py_err)?;
+        let bridge = self.bridge.clone();
+        self.bridge.spawn(py, async move {
+            let sub = client.subscribe(options).await?;
             Ok(NativeSubscription {
-                state: Arc::new(Mutex::new(SubState {
-                    sub: Some(sub),
-                    error: None,
-                })),
-                closed: watch::Sender::new(false),
+                reader: Reader::new(sub, bridge),
             })
         })
     }
 }
 
-/// Connects to a cluster through a comma-separated seed list.
+/// Connects to a cluster through a comma-separated seed list; the client
+/// delivers its results to `event_loop` (the running loop of the caller).
 #[pyfunction]
-fn connect(py: Python<'_>, seeds: String) -> PyResult<Bound<'_, PyAny>> {
-    future_into_py(py, async move {
-        let client = Client::connect(&seeds).await.map_err(to_py_err)?;
+fn connect<'py>(
+    py: Python<'py>,
+    seeds: String,
+    event_loop: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let bridge = Bridge::new(event_loop)?;
+    let for_client = bridge.clone();
+    bridge.spawn(py, async move {
+        let client = Client::connect(&seeds).await?;
         // Linger 0: a record goes out at once while its partition has a
         // free in-flight slot, and records that arrive while every slot is
         // taken fill one batch (the producer's natural batching), so one
@@ -879,7 +849,11 @@ fn connect(py: Python<'_>, seeds: String) -> PyResult<Bound<'_, PyAny>> {
             linger: std::time::Duration::ZERO,
             ..ProducerConfig::default()
         });
-        Ok(NativeClient { client, producer })
+        Ok(NativeClient {
+            client,
+            producer,
+            bridge: for_client,
+        })
     })
 }
 

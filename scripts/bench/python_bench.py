@@ -2,7 +2,7 @@
 JetStream, the same loops for both (run by scripts/bench-python.sh, which
 starts the brokers). Prints one JSON line per case; asserts nothing.
 
-    python python_bench.py {covet|nats} ADDRESS [--records N]
+    python python_bench.py {covet|nats} ADDRESS [--records N] [--label NAME]
 
 Cases (128-byte values, one partition or stream, each on a fresh topic):
   await1     one awaited publish at a time
@@ -75,7 +75,7 @@ async def covet_cases(address: str, n: int) -> list[dict[str, Any]]:
     return out
 
 
-async def nats_cases(address: str, n: int) -> list[dict[str, Any]]:
+async def nats_cases(address: str, n: int, label: str) -> list[dict[str, Any]]:
     import nats
     from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
@@ -120,7 +120,7 @@ async def nats_cases(address: str, n: int) -> list[dict[str, Any]]:
                 for msg in await sub.fetch(1000, timeout=30):
                     await handle(msg)
                     await msg.ack()
-        out.append(line("nats-py", case, count, time.perf_counter() - start))
+        out.append(line(label, case, count, time.perf_counter() - start))
     await nc.close()
     return out
 
@@ -140,9 +140,13 @@ def main() -> None:
     p.add_argument("system", choices=["covet", "nats"])
     p.add_argument("address")
     p.add_argument("--records", type=int, default=100_000)
+    p.add_argument("--label", default="nats-py", help="the system's name in the output (nats)")
     a = p.parse_args()
-    cases = covet_cases if a.system == "covet" else nats_cases
-    for result in asyncio.run(cases(a.address, a.records)):
+    if a.system == "covet":
+        results = asyncio.run(covet_cases(a.address, a.records))
+    else:
+        results = asyncio.run(nats_cases(a.address, a.records, a.label))
+    for result in results:
         print(json.dumps(result), flush=True)
 
 

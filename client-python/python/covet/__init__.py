@@ -25,7 +25,7 @@ import os
 from collections.abc import Generator, Iterable, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Generic, Literal, Self, TypeVar, overload
+from typing import Any, Generic, Literal, Protocol, Self, TypeVar, overload
 
 from . import _covet
 from ._covet import (
@@ -215,8 +215,12 @@ class Client:
         )
 
     async def close(self) -> None:
-        """Waits for records published so far to be answered."""
-        await self._native.flush()
+        """Waits for records published so far to be answered, then stops
+        delivering results to the event loop: close subscriptions first."""
+        try:
+            await self._native.flush()
+        finally:
+            self._native.detach()
 
     async def __aenter__(self) -> Self:
         return self
@@ -230,21 +234,33 @@ class Client:
         await self.close()
 
 
+class _Native(Protocol[M]):
+    """What a native subscription offers :class:`_Batches`."""
+
+    def take(self, max: int = ...) -> list[M]: ...
+    def next_batch(self, max: int = ...) -> asyncio.Future[list[M]]: ...
+
+
 class _Batches(Generic[M]):
     """An async iterator over records taken from a native subscription a
-    batch at a time (one hop between tokio and the event loop per batch)."""
+    batch at a time: what is buffered already is taken at once, and only
+    an empty buffer costs a wait (one hop between tokio and the event loop
+    per batch)."""
 
     __slots__ = ("_buffer", "_pending")
 
     def __init__(self) -> None:
         self._buffer: collections.deque[M] = collections.deque()
-        # The native call in flight, kept across a cancelled `__anext__`
-        # so the records it brings are not lost (see `__anext__`).
+        # The native wait in progress, kept until its records are in the
+        # buffer (see `__anext__`).
         self._pending: asyncio.Future[list[M]] | None = None
 
-    async def _next_batch(self) -> asyncio.Future[list[M]]:
-        """Starts the native call for the next records (opening first)."""
+    async def _opened(self) -> _Native[M]:
+        """The native subscription (opening it first)."""
         raise NotImplementedError
+
+    def _batch_size(self) -> int:
+        return 256
 
     def __aiter__(self) -> Self:
         return self
@@ -252,13 +268,27 @@ class _Batches(Generic[M]):
     async def __anext__(self) -> M:
         if self._buffer:
             return self._buffer.popleft()
-        if self._pending is None:
-            self._pending = await self._next_batch()
-        # Shielded: cancelling this `__anext__` (a timeout, a task being
-        # cancelled) leaves the native call running, and its records, even
-        # ones taken off the subscription at the moment of the cancel, go
-        # to the next `__anext__`. Records are never taken and dropped.
-        batch = await asyncio.shield(self._pending)
+        pending = self._pending
+        if pending is not None and pending.cancelled():
+            # A cancelled `__anext__` cancelled its wait; the native side
+            # kept whatever that wait had taken, and `take` returns it.
+            pending = self._pending = None
+        if pending is None:
+            native = await self._opened()
+            batch = native.take(self._batch_size())
+            if batch:
+                self._buffer.extend(batch)
+                # Records were ready: still let the event loop run once
+                # per batch, or a busy subscription would starve every
+                # other task. Cancelled here, the records stay buffered.
+                await asyncio.sleep(0)
+                return self._buffer.popleft()
+            pending = self._pending = native.next_batch(self._batch_size())
+        # Cancelling this wait cancels the native one, which keeps the
+        # records it took for the next call; a task cancelled after the
+        # wait ended but before it resumed leaves the finished wait in
+        # `_pending`, and the next call takes its records.
+        batch = await pending
         self._pending = None
         if not batch:
             raise StopAsyncIteration
@@ -310,10 +340,13 @@ class Subscription(_Batches[Message]):
     ) -> None:
         self.close()
 
-    async def _next_batch(self) -> asyncio.Future[list[Message]]:
+    async def _opened(self) -> _Native[Message]:
         native = self._native or (await self.open())._native
         assert native is not None
-        return native.next_batch(self._batch)
+        return native
+
+    def _batch_size(self) -> int:
+        return self._batch
 
 
 class GroupSubscription(_Batches[GroupMessage]):
@@ -375,10 +408,10 @@ class GroupSubscription(_Batches[GroupMessage]):
     ) -> None:
         await self.close()
 
-    async def _next_batch(self) -> asyncio.Future[list[GroupMessage]]:
+    async def _opened(self) -> _Native[GroupMessage]:
         native = self._native or (await self.open())._native
         assert native is not None
-        return native.next_batch(256)
+        return native
 
 
 class _Connecting:
@@ -392,7 +425,7 @@ class _Connecting:
         self._client: Client | None = None
 
     async def _connect(self) -> Client:
-        return Client(await _covet.connect(self._seeds))
+        return Client(await _covet.connect(self._seeds, asyncio.get_running_loop()))
 
     def __await__(self) -> Generator[Any, None, Client]:
         return self._connect().__await__()

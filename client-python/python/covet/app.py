@@ -32,12 +32,14 @@ never block the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import inspect
 import json
 import os
 import signal
-from collections.abc import Awaitable, Callable
+import types
+from collections.abc import Callable, Coroutine, Generator
 from datetime import datetime
 from typing import Any, TypeVar, get_type_hints
 
@@ -183,7 +185,7 @@ class _Handler:
     group: str
     max_in_flight: int
     retry: Retry
-    call: Callable[[Any], Awaitable[None]]
+    call: Callable[[Any], Coroutine[Any, Any, None]]
     decode: Callable[[Event], Any]
     name: str
 
@@ -206,6 +208,7 @@ class App:
         self._handlers: list[_Handler] = []
         self._client: Any = None
         self._stopping: asyncio.Event | None = None
+        self._members: list[_Member] = []
 
     def on_event(
         self,
@@ -221,7 +224,7 @@ class App:
         def register(handler: F) -> F:
             decode = _decoder(handler)
             if inspect.iscoroutinefunction(handler):
-                call: Callable[[Any], Awaitable[None]] = handler
+                call: Callable[[Any], Coroutine[Any, Any, None]] = handler
             else:
 
                 async def call(arg: Any) -> None:
@@ -265,6 +268,8 @@ class App:
         flight finish, what they acked is committed, members leave."""
         if self._stopping is not None:
             self._stopping.set()
+        for member in self._members:
+            member.stop()
 
     async def run(self) -> None:
         """Runs every handler until :meth:`stop`, SIGINT or SIGTERM."""
@@ -300,51 +305,131 @@ class App:
             ack_timeout=self.ack_timeout,
             max_deliveries=h.retry.max_deliveries,
         )
-        slots = asyncio.Semaphore(h.max_in_flight)
-        running: set[asyncio.Task[None]] = set()
         async with sub:
-            stop = asyncio.ensure_future(stopping.wait())
+            assert sub._native is not None  # opened by `async with`
+            member = _Member(h, sub._native, stopping)
+            self._members.append(member)
             try:
-                while True:
-                    # A slot first: with every slot busy, no record is
-                    # taken, the broker's credit runs out, and it stops.
-                    await slots.acquire()
-                    nxt = asyncio.ensure_future(sub.__anext__())
-                    done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
-                    if nxt not in done:
-                        # Stopping: the pending call keeps its records for
-                        # the next owner (the subscription is shielded).
-                        nxt.cancel()
-                        slots.release()
-                        break
-                    try:
-                        message = nxt.result()
-                    except StopAsyncIteration:
-                        slots.release()
-                        break
-                    task = asyncio.create_task(self._handle(h, message, slots))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
+                await member.run()
             finally:
-                stop.cancel()
-                # Drain: handlers in flight finish and settle their records
-                # before the member leaves (which commits).
-                if running:
-                    await asyncio.gather(*running, return_exceptions=True)
+                self._members.remove(member)
 
-    async def _handle(
-        self, h: _Handler, message: _covet.GroupMessage, slots: asyncio.Semaphore
+
+class _Member:
+    """One handler's consumer group member: takes records as handler slots
+    free up and runs the handler on each.
+
+    A handler call starts at once, on the dispatching task, and runs as far
+    as it can without waiting: one that finishes without waiting (the
+    common case for a quick handler) costs no task, and one that waits
+    continues in a task of its own (see :func:`_resume`). Either way the
+    record is acked when the handler returns and nacked when it raises.
+    """
+
+    def __init__(
+        self, h: _Handler, native: _covet.NativeGroupSubscription, stopping: asyncio.Event
+    ) -> None:
+        self.h = h
+        self.native = native
+        self.stopping = stopping
+        self.free = h.max_in_flight
+        # Set when a slot frees while the member waits for one.
+        self.room: asyncio.Future[None] | None = None
+        self.running: set[asyncio.Task[None]] = set()
+
+    def stop(self) -> None:
+        """Takes no more records; handlers in flight finish."""
+        self.native.stop_reading()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.room is not None and not self.room.done():
+            self.room.set_result(None)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        native = self.native
+        try:
+            while not self.stopping.is_set():
+                if self.free == 0:
+                    # Every slot is busy: no record is taken, the broker's
+                    # credit runs out, and it stops sending.
+                    self.room = loop.create_future()
+                    await self.room
+                    self.room = None
+                    continue
+                batch = native.take(self.free)
+                if batch:
+                    self._start_all(loop, batch)
+                    # Let the event loop run between batches: handlers that
+                    # wait, signals, other members.
+                    await asyncio.sleep(0)
+                    continue
+                batch = await native.next_batch(self.free)
+                if not batch:
+                    break  # stopped, or the member left
+                self._start_all(loop, batch)
+        finally:
+            # Drain: handlers in flight finish and settle their records
+            # before the member leaves (which commits).
+            if self.running:
+                await asyncio.gather(*self.running, return_exceptions=True)
+
+    def _start_all(self, loop: asyncio.AbstractEventLoop, batch: list[_covet.GroupMessage]) -> None:
+        h = self.h
+        for message in batch:
+            self.free -= 1
+            ctx = contextvars.copy_context()
+            try:
+                coro = h.call(h.decode(Event(message)))
+                step = ctx.run(coro.send, None)
+            except StopIteration:
+                message.ack()
+                self._settled()
+            except Exception:
+                message.nack(h.retry.delay(message.delivery_count))
+                self._settled()
+            else:
+                task = loop.create_task(self._finish(message, coro, step), context=ctx)
+                self.running.add(task)
+                task.add_done_callback(self.running.discard)
+
+    async def _finish(
+        self, message: _covet.GroupMessage, coro: Coroutine[Any, Any, None], step: Any
     ) -> None:
         try:
-            event = Event(message)
-            try:
-                await h.call(h.decode(event))
-            except Exception:
-                await message.nack(h.retry.delay(message.delivery_count))
-            else:
-                await message.ack()
+            await _resume(coro, step)
+        except Exception:
+            message.nack(self.h.retry.delay(message.delivery_count))
+        else:
+            message.ack()
         finally:
-            slots.release()
+            self._settled()
+
+    def _settled(self) -> None:
+        self.free += 1
+        self._wake()
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, None], step: Any) -> Generator[Any, Any, None]:
+    """Continues a coroutine that was started outside any task and is
+    waiting on ``step`` (what its last step yielded): yields ``step`` to the
+    task running this, and passes every answer back in, as the task would
+    have done had it run the coroutine from the start."""
+    while True:
+        try:
+            answer = yield step
+        except BaseException as exc:  # handed to the coroutine, as a task would
+            try:
+                step = coro.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                step = coro.send(answer)
+            except StopIteration:
+                return
 
 
 _default: App | None = None
