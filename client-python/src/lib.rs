@@ -831,22 +831,33 @@ impl NativeClient {
 
 /// Connects to a cluster through a comma-separated seed list; the client
 /// delivers its results to `event_loop` (the running loop of the caller).
+/// `linger_ms` and `buffer_bytes` are the producer's (see
+/// `covet.connect`).
 #[pyfunction]
+#[pyo3(signature = (seeds, event_loop, linger_ms = 0, buffer_bytes = 64 << 20))]
 fn connect<'py>(
     py: Python<'py>,
     seeds: String,
     event_loop: &Bound<'py, PyAny>,
+    linger_ms: u64,
+    buffer_bytes: usize,
 ) -> PyResult<Bound<'py, PyAny>> {
+    if buffer_bytes == 0 {
+        return Err(to_py_err(Error::InvalidArgument(
+            "buffer_bytes must be at least 1".into(),
+        )));
+    }
     let bridge = Bridge::new(event_loop)?;
     let for_client = bridge.clone();
     bridge.spawn(py, async move {
         let client = Client::connect(&seeds).await?;
-        // Linger 0: a record goes out at once while its partition has a
-        // free in-flight slot, and records that arrive while every slot is
-        // taken fill one batch (the producer's natural batching), so one
-        // awaited publish is not held back by a timer.
+        // Linger 0 by default: a record goes out at once while its
+        // partition has a free in-flight slot, and records that arrive
+        // while every slot is taken fill one batch (the producer's natural
+        // batching), so one awaited publish is not held back by a timer.
         let producer = client.producer(ProducerConfig {
-            linger: std::time::Duration::ZERO,
+            linger: std::time::Duration::from_millis(linger_ms),
+            buffer_bytes,
             ..ProducerConfig::default()
         });
         Ok(NativeClient {

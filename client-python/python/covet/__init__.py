@@ -418,14 +418,17 @@ class _Connecting:
     """What :func:`connect` returns: ``await`` it for a :class:`Client`, or
     use it as ``async with`` (the client is closed at the end)."""
 
-    __slots__ = ("_client", "_seeds")
+    __slots__ = ("_buffer_bytes", "_client", "_linger_ms", "_seeds")
 
-    def __init__(self, seeds: str) -> None:
+    def __init__(self, seeds: str, linger_ms: int, buffer_bytes: int) -> None:
         self._seeds = seeds
+        self._linger_ms = linger_ms
+        self._buffer_bytes = buffer_bytes
         self._client: Client | None = None
 
     async def _connect(self) -> Client:
-        return Client(await _covet.connect(self._seeds, asyncio.get_running_loop()))
+        loop = asyncio.get_running_loop()
+        return Client(await _covet.connect(self._seeds, loop, self._linger_ms, self._buffer_bytes))
 
     def __await__(self) -> Generator[Any, None, Client]:
         return self._connect().__await__()
@@ -444,15 +447,31 @@ class _Connecting:
             await self._client.close()
 
 
-def connect(brokers: str | Sequence[str] | None = None) -> _Connecting:
+def connect(
+    brokers: str | Sequence[str] | None = None,
+    *,
+    linger: float = 0.0,
+    buffer_bytes: int = 64 << 20,
+) -> _Connecting:
     """Connects to a cluster: ``"host:port"``, a seed list ``"h:p,h:p"`` (or a
     list of them); by default ``$COVET_BROKER``, else ``127.0.0.1:7420``.
-    Any one seed that answers is enough."""
+    Any one seed that answers is enough.
+
+    The client's producer sends a record at once while its partition has a
+    batch slot free and batches records that arrive meanwhile; ``linger``
+    (seconds) makes it wait that long for more records first. At most
+    ``buffer_bytes`` of records are published and not yet acknowledged:
+    beyond that ``publish`` waits, it never fails for lack of room.
+    """
     if brokers is None:
         brokers = os.environ.get("COVET_BROKER") or DEFAULT_BROKER
     if not isinstance(brokers, str):
         brokers = ",".join(brokers)
-    return _Connecting(brokers)
+    if not 0.0 <= linger <= 60.0:
+        raise InvalidArgument(f"linger must be between 0 and 60 seconds, not {linger}")
+    if buffer_bytes < 1:
+        raise InvalidArgument(f"buffer_bytes must be at least 1, not {buffer_bytes}")
+    return _Connecting(brokers, round(linger * 1000), buffer_bytes)
 
 
 from .app import App, Event, Retry, on_event, run  # noqa: E402

@@ -1,0 +1,181 @@
+"""How records reach handlers and subscribers: handlers that finish at once
+and handlers that wait (a task only for those), failures before and after
+a wait, context variables kept apart, a busy subscription that still lets
+other tasks run, and publishers waiting for room in a small buffer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+
+from test_app import eventually, wait_until
+
+import covet
+from conftest import run
+from covet.testing import Broker
+
+current: contextvars.ContextVar[int] = contextvars.ContextVar("current", default=-1)
+
+
+def test_handlers_that_finish_at_once_or_wait_succeed_or_fail_alike(
+    covet_broker: Broker,
+) -> None:
+    # Four kinds of record: the handler returns at once, returns after
+    # waiting, raises at once, raises after waiting. Each must be acked or
+    # retried then dead-lettered the same way whichever path ran it.
+    kinds = [b"ok-now", b"ok-later", b"fail-now", b"fail-later"]
+    n = 50
+
+    async def body() -> None:
+        app = covet.App(brokers=covet_broker.address, name="kinds", session_timeout=3.0)
+        seen: dict[bytes, list[int]] = {}
+
+        @app.on_event("kinds", retry=covet.Retry(max_deliveries=2, backoff=0.01))
+        async def handle(e: covet.Event) -> None:
+            seen.setdefault(e.value, []).append(e.delivery_count)
+            if b"later" in e.value:
+                await asyncio.sleep(0)  # a real suspension: the task path
+            if e.value.startswith(b"fail"):
+                raise RuntimeError("refused")
+
+        async with covet.connect(covet_broker.address) as client:
+            await client.create_topic("kinds")
+            values = [k + b"-" + str(i).encode() for i in range(n) for k in kinds]
+            runner = asyncio.create_task(app.run())
+            await client.publish_batch("kinds", values)
+
+            async def all_dead() -> bool:
+                try:
+                    info = await client.describe_topic("kinds.dlq")
+                except covet.UnknownTopic:
+                    return False
+                return sum(p.high_watermark for p in info.partitions) == 2 * n
+
+            await eventually("every failing record was dead-lettered", all_dead, 40)
+            app.stop()
+            await asyncio.wait_for(runner, 20)
+
+            for v in values:
+                expected = [1, 2] if v.startswith(b"fail") else [1]
+                assert seen.get(v) == expected, (v, seen.get(v))
+            async with client.subscribe("kinds.dlq", start="earliest") as dlq:
+                dead = sorted(
+                    [(await asyncio.wait_for(anext(dlq), 10)).value for _ in range(2 * n)]
+                )
+            assert dead == sorted(v for v in values if v.startswith(b"fail"))
+
+            # Everything else was acked and committed: a new member of the
+            # group starts after it, at a record published now.
+            marker = await client.publish("kinds", b"marker")
+            async with client.subscribe("kinds", group="kinds") as sub:
+                first = await asyncio.wait_for(anext(sub), 20)
+                assert (first.offset, first.value) == (marker.offset, b"marker")
+                await first.ack()
+
+    run(body())
+
+
+def test_each_handler_call_has_its_own_context(covet_broker: Broker) -> None:
+    # Context variables set by one call are not seen by another, whether
+    # the calls finish at once or interleave while waiting.
+    async def body() -> None:
+        app = covet.App(brokers=covet_broker.address, name="ctx", session_timeout=3.0)
+        wrong: list[tuple[int, int]] = []
+        handled = 0
+
+        @app.on_event("ctx", max_in_flight=16)
+        async def handle(e: covet.Event) -> None:
+            nonlocal handled
+            if current.get() != -1:
+                wrong.append((e.offset, current.get()))
+            current.set(e.offset)
+            if e.offset % 2:
+                await asyncio.sleep(0)
+            if current.get() != e.offset:
+                wrong.append((e.offset, current.get()))
+            handled += 1
+
+        async with covet.connect(covet_broker.address) as client:
+            await client.create_topic("ctx")
+            await client.publish_batch("ctx", [b"x"] * 500)
+            runner = asyncio.create_task(app.run())
+            await wait_until("500 records handled", lambda: handled == 500)
+            app.stop()
+            await asyncio.wait_for(runner, 20)
+        assert current.get() == -1
+        assert wrong == []
+
+    run(body())
+
+
+def test_a_busy_subscription_lets_other_tasks_run(covet_broker: Broker) -> None:
+    # Records already buffered are taken without waiting; the iteration
+    # must still give the event loop a turn, or a busy consumer starves
+    # every other task of the process.
+    n = 20_000
+
+    async def body() -> None:
+        async with covet.connect(covet_broker.address) as client:
+            await client.create_topic("busy")
+            await client.publish_batch("busy", [b"r"] * n)
+            ticks = 0
+            ticks_at_end = -1
+
+            async def ticker() -> None:
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0)
+
+            async with client.subscribe("busy", start="earliest") as sub:
+                # Wait until the subscription's buffers hold records, so
+                # the loop below mostly takes without waiting.
+                first = await asyncio.wait_for(anext(sub), 10)
+                assert first.offset == 0
+                t = asyncio.create_task(ticker())
+                got = 1
+                async for _ in sub:
+                    got += 1
+                    if got == n:
+                        break
+                ticks_at_end = ticks
+                t.cancel()
+            # Turns all along (one per batch of at most 250 in fact).
+            assert ticks_at_end >= n // 1000, ticks_at_end
+
+    run(body())
+
+
+def test_publishers_wait_for_room_in_a_small_buffer(covet_broker: Broker) -> None:
+    # 200 concurrent 64 KiB publishes through a 256 KiB buffer: most must
+    # wait for room (the producer's window), none may fail, and all land.
+    value = b"v" * (64 << 10)
+
+    async def body() -> None:
+        async with covet.connect(covet_broker.address, buffer_bytes=256 << 10) as client:
+            await client.create_topic("room")
+            results = await asyncio.gather(*(client.publish("room", value) for _ in range(200)))
+            assert sorted(r.offset for r in results) == list(range(200))
+            info = await client.describe_topic("room")
+            assert info.partitions[0].high_watermark == 200
+            stats = client.producer_stats()
+            # With room for 4 records at a time, batches stay small.
+            assert stats.records == 200
+            assert stats.records / stats.batches <= 4, stats
+
+    run(body())
+
+
+def test_bad_connect_options_are_refused() -> None:
+    def refused(linger: float = 0.0, buffer_bytes: int = 1 << 20) -> bool:
+        try:
+            covet.connect("127.0.0.1:1", linger=linger, buffer_bytes=buffer_bytes)
+        except covet.InvalidArgument as e:
+            assert e.reason is None
+            return True
+        return False
+
+    assert refused(buffer_bytes=0)
+    assert refused(linger=-1.0)
+    assert refused(linger=61.0)
+    assert not refused(linger=0.005)
