@@ -38,6 +38,10 @@ use reader::Reader;
 /// broker) stay close to what the application has handled.
 const DEFAULT_BATCH: usize = 256;
 
+/// Records from this size on (value and key, in bytes) are queued with
+/// the GIL released.
+const LARGE_RECORD: usize = 64 << 10;
+
 /// The Python exception for a client error: a class of `covet.errors`
 /// (see there), built with the message and the broker's stable reason
 /// string (`None` when the failure is the client's own).
@@ -633,9 +637,18 @@ impl NativeClient {
         };
         let future = self.bridge.future(py)?;
         let handle = future.clone().unbind();
+        let size = record.value.len() + record.key.as_ref().map_or(0, |k| k.len());
         let producer = self.producer.clone();
         let send = Box::pin(async move { producer.send(&topic, record).await });
-        match bridge::poll_once(send) {
+        // Queueing copies the record into its batch: microseconds for
+        // records of a few KiB, not worth releasing the GIL for; a large
+        // one is copied without it, so other Python threads run meanwhile.
+        let polled = if size >= LARGE_RECORD {
+            py.detach(|| bridge::poll_once(send))
+        } else {
+            bridge::poll_once(send)
+        };
+        match polled {
             Ok(Ok(delivery)) => WakeDriven::start(&self.bridge, delivery, handle, published),
             Ok(Err(e)) => return Err(to_py_err(e)),
             Err(send) => {

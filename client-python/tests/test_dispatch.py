@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import threading
 
 from test_app import eventually, wait_until
 
@@ -179,3 +180,38 @@ def test_bad_connect_options_are_refused() -> None:
     assert refused(linger=-1.0)
     assert refused(linger=61.0)
     assert not refused(linger=0.005)
+
+
+def test_plain_def_handlers_run_max_in_flight_at_once(covet_broker: Broker) -> None:
+    # A plain `def` handler runs in threads: max_in_flight of them at
+    # once, as for async handlers, not however many threads a shared pool
+    # happens to have. 12 calls wait for each other at a barrier, which
+    # breaks (and the calls fail) unless all 12 run together.
+    width = 12
+
+    async def body() -> None:
+        app = covet.App(brokers=covet_broker.address, name="threads", session_timeout=3.0)
+        barrier = threading.Barrier(width, timeout=10)
+        passed: list[int] = []
+        failed: list[int] = []
+
+        @app.on_event("threads", max_in_flight=width, retry=covet.Retry(max_deliveries=1))
+        def handle(e: covet.Event) -> None:
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:
+                failed.append(e.offset)
+                raise
+            passed.append(e.offset)
+
+        async with covet.connect(covet_broker.address) as client:
+            await client.create_topic("threads")
+            await client.publish_batch("threads", [b"t"] * width)
+            runner = asyncio.create_task(app.run())
+            await wait_until("every call returned", lambda: len(passed) + len(failed) == width, 30)
+            app.stop()
+            await asyncio.wait_for(runner, 20)
+        assert failed == []
+        assert sorted(passed) == list(range(width))
+
+    run(body())

@@ -34,12 +34,14 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import functools
 import inspect
 import json
 import os
 import signal
 import types
 from collections.abc import Callable, Coroutine, Generator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, TypeVar, get_type_hints
 
@@ -188,6 +190,27 @@ class _Handler:
     call: Callable[[Any], Coroutine[Any, Any, None]]
     decode: Callable[[Event], Any]
     name: str
+    # Threads for a plain `def` handler while the app runs: max_in_flight
+    # of them, so that many calls run at once (a shared pool has a few).
+    threads: ThreadPoolExecutor | None = None
+
+    def in_thread(
+        self, handler: Callable[[Any], Any]
+    ) -> Callable[[Any], Coroutine[Any, Any, None]]:
+        """An async handler running ``handler`` on the handler's threads,
+        in a copy of the caller's context (as ``asyncio.to_thread``)."""
+
+        async def call(arg: Any) -> None:
+            if self.threads is None:
+                self.threads = ThreadPoolExecutor(
+                    max_workers=self.max_in_flight, thread_name_prefix=f"covet-{self.name}"
+                )
+            ctx = contextvars.copy_context()
+            await asyncio.get_running_loop().run_in_executor(
+                self.threads, functools.partial(ctx.run, handler, arg)
+            )
+
+        return call
 
 
 class App:
@@ -223,24 +246,18 @@ class App:
 
         def register(handler: F) -> F:
             decode = _decoder(handler)
-            if inspect.iscoroutinefunction(handler):
-                call: Callable[[Any], Coroutine[Any, Any, None]] = handler
-            else:
-
-                async def call(arg: Any) -> None:
-                    await asyncio.to_thread(handler, arg)
-
-            self._handlers.append(
-                _Handler(
-                    topic=topic,
-                    group=group or self.name,
-                    max_in_flight=max_in_flight,
-                    retry=retry or Retry(),
-                    call=call,
-                    decode=decode,
-                    name=getattr(handler, "__qualname__", repr(handler)),
-                )
+            h = _Handler(
+                topic=topic,
+                group=group or self.name,
+                max_in_flight=max_in_flight,
+                retry=retry or Retry(),
+                call=handler,
+                decode=decode,
+                name=getattr(handler, "__qualname__", repr(handler)),
             )
+            if not inspect.iscoroutinefunction(handler):
+                h.call = h.in_thread(handler)
+            self._handlers.append(h)
             return handler
 
         return register
@@ -305,14 +322,20 @@ class App:
             ack_timeout=self.ack_timeout,
             max_deliveries=h.retry.max_deliveries,
         )
-        async with sub:
-            assert sub._native is not None  # opened by `async with`
-            member = _Member(h, sub._native, stopping)
-            self._members.append(member)
-            try:
-                await member.run()
-            finally:
-                self._members.remove(member)
+        try:
+            async with sub:
+                assert sub._native is not None  # opened by `async with`
+                member = _Member(h, sub._native, stopping)
+                self._members.append(member)
+                try:
+                    await member.run()
+                finally:
+                    self._members.remove(member)
+        finally:
+            if h.threads is not None:
+                # Every call has returned (the member drained them).
+                h.threads.shutdown(wait=False)
+                h.threads = None
 
 
 class _Member:
