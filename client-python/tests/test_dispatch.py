@@ -215,3 +215,72 @@ def test_plain_def_handlers_run_max_in_flight_at_once(covet_broker: Broker) -> N
         assert sorted(passed) == list(range(width))
 
     run(body())
+
+
+def test_per_key_order_holds_while_keys_run_in_parallel(covet_broker: Broker) -> None:
+    # Records of one key are handled one at a time, in offset order, even
+    # by handlers that wait; different keys are handled at the same time.
+    keys = [f"k{i}".encode() for i in range(8)]
+    per_key = 40
+
+    async def body() -> None:
+        app = covet.App(brokers=covet_broker.address, name="keys", session_timeout=3.0)
+        order: dict[bytes, list[int]] = {k: [] for k in keys}
+        busy: set[bytes] = set()
+        overlap: list[bytes] = []
+        most = 0
+
+        @app.on_event("keys", max_in_flight=16)
+        async def handle(e: covet.Event) -> None:
+            nonlocal most
+            assert e.key is not None
+            if e.key in busy:
+                overlap.append(e.key)
+            busy.add(e.key)
+            most = max(most, len(busy))
+            for _ in range(e.offset % 3 + 1):
+                await asyncio.sleep(0)
+            order[e.key].append(int(e.value))
+            busy.discard(e.key)
+
+        async with covet.connect(covet_broker.address) as client:
+            await client.create_topic("keys")
+            for i in range(per_key):
+                await asyncio.gather(
+                    *(client.publish("keys", str(i).encode(), key=k) for k in keys)
+                )
+            runner = asyncio.create_task(app.run())
+            await wait_until(
+                "every record handled", lambda: sum(map(len, order.values())) == 8 * per_key
+            )
+            app.stop()
+            await asyncio.wait_for(runner, 20)
+        assert overlap == []
+        assert all(order[k] == list(range(per_key)) for k in keys), order
+        assert most > 1, "different keys never ran at the same time"
+
+    run(body())
+
+
+def test_the_traceparent_header_is_on_the_event(covet_broker: Broker) -> None:
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+    async def body() -> None:
+        app = covet.App(brokers=covet_broker.address, name="trace", session_timeout=3.0)
+        seen: list[str | None] = []
+
+        @app.on_event("trace")
+        async def handle(e: covet.Event) -> None:
+            seen.append(e.traceparent)
+
+        async with covet.connect(covet_broker.address) as client:
+            await client.create_topic("trace")
+            await client.publish("trace", b"a", headers={"traceparent": tp})
+            await client.publish("trace", b"b")
+            runner = asyncio.create_task(app.run())
+            await wait_until("both handled", lambda: len(seen) == 2)
+            app.stop()
+            await asyncio.wait_for(runner, 20)
+        assert seen == [tp, None]
+
+    run(body())
