@@ -74,13 +74,70 @@ impl Shared {
             }
         }
     }
+
+    /// Resolves every finished operation; on the event loop's thread.
+    fn drain(&self, py: Python<'_>) {
+        let mut count: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64 from an eventfd we own;
+        // nonblocking, so a wake-up already consumed is EAGAIN, ignored.
+        // Read before taking the queue: an operation pushed after the take
+        // writes the eventfd again, and that write is not lost.
+        unsafe {
+            libc::read(
+                self.event.as_raw_fd(),
+                (&mut count as *mut u64).cast(),
+                std::mem::size_of::<u64>(),
+            );
+        }
+        let ready = std::mem::take(&mut *self.ready.lock().unwrap_or_else(|e| e.into_inner()));
+        for (future, finish) in ready {
+            finish(py, future.bind(py));
+        }
+    }
 }
 
 /// One client's way back into its event loop (see the module docs).
 #[derive(Clone)]
 pub(crate) struct Bridge {
+    users: Arc<Users>,
+}
+
+/// Everything that may still deliver a result holds this: the client,
+/// its subscriptions, and every operation in flight. When the last one
+/// goes, nothing more can arrive, and the event loop stops watching the
+/// eventfd after resolving what did.
+struct Users {
     shared: Arc<Shared>,
-    event_loop: Arc<Py<PyAny>>,
+    event_loop: Option<Py<PyAny>>,
+}
+
+impl Drop for Users {
+    fn drop(&mut self) {
+        let Some(event_loop) = self.event_loop.take() else {
+            return;
+        };
+        // Possibly on a tokio thread, hence `call_soon_threadsafe`. The
+        // reader is removed only after a last drain, since a result pushed
+        // just before this drop may not have been read yet (removing a
+        // reader cancels its pending call). Nothing to do when the
+        // interpreter is shutting down or the loop is closed.
+        let shared = self.shared.clone();
+        Python::try_attach(|py| {
+            let event_loop = event_loop.bind(py);
+            let closed = event_loop
+                .call_method0(intern!(py, "is_closed"))
+                .and_then(|c| c.is_truthy())
+                .unwrap_or(true);
+            if closed {
+                return;
+            }
+            let last = LastDrain {
+                shared,
+                event_loop: event_loop.clone().unbind(),
+            };
+            let _ = event_loop.call_method1(intern!(py, "call_soon_threadsafe"), (last,));
+        });
+    }
 }
 
 /// The callable the event loop runs when the eventfd is readable.
@@ -92,23 +149,29 @@ struct Drain {
 #[pymethods]
 impl Drain {
     fn __call__(&self, py: Python<'_>) {
-        let mut count: u64 = 0;
-        // SAFETY: reads 8 bytes into a live u64 from an eventfd we own;
-        // nonblocking, so a wake-up already consumed is EAGAIN, ignored.
-        // Read before taking the queue: an operation pushed after the take
-        // writes the eventfd again, and that write is not lost.
-        unsafe {
-            libc::read(
-                self.shared.event.as_raw_fd(),
-                (&mut count as *mut u64).cast(),
-                std::mem::size_of::<u64>(),
-            );
-        }
-        let ready =
-            std::mem::take(&mut *self.shared.ready.lock().unwrap_or_else(|e| e.into_inner()));
-        for (future, finish) in ready {
-            finish(py, future.bind(py));
-        }
+        self.shared.drain(py);
+    }
+}
+
+/// Run once by the event loop after the last user of a bridge is gone:
+/// resolves what is left, then stops watching the eventfd (which closes
+/// when the loop lets go of its `Drain`, so its number cannot be reused
+/// while it is still watched).
+#[pyclass(frozen, module = "covet._covet")]
+struct LastDrain {
+    shared: Arc<Shared>,
+    event_loop: Py<PyAny>,
+}
+
+#[pymethods]
+impl LastDrain {
+    fn __call__(&self, py: Python<'_>) -> PyResult<()> {
+        self.shared.drain(py);
+        self.event_loop.bind(py).call_method1(
+            intern!(py, "remove_reader"),
+            (self.shared.event.as_raw_fd(),),
+        )?;
+        Ok(())
     }
 }
 
@@ -134,35 +197,26 @@ impl Bridge {
         };
         event_loop.call_method1(intern!(event_loop.py(), "add_reader"), (fd, drain))?;
         Ok(Bridge {
-            shared,
-            event_loop: Arc::new(event_loop.clone().unbind()),
+            users: Arc::new(Users {
+                shared,
+                event_loop: Some(event_loop.clone().unbind()),
+            }),
         })
-    }
-
-    /// Stops watching the eventfd (the client is closed): results that
-    /// arrive later are not delivered.
-    pub(crate) fn detach(&self, py: Python<'_>) -> PyResult<()> {
-        let event_loop = self.event_loop.bind(py);
-        let closed = event_loop.call_method0(intern!(py, "is_closed"))?;
-        if !closed.is_truthy()? {
-            event_loop.call_method1(
-                intern!(py, "remove_reader"),
-                (self.shared.event.as_raw_fd(),),
-            )?;
-        }
-        Ok(())
     }
 
     /// A new future of the event loop.
     pub(crate) fn future<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.event_loop
-            .bind(py)
-            .call_method0(intern!(py, "create_future"))
+        match &self.users.event_loop {
+            Some(event_loop) => event_loop
+                .bind(py)
+                .call_method0(intern!(py, "create_future")),
+            None => Err(PyRuntimeError::new_err("the client's event loop is gone")),
+        }
     }
 
     /// Resolves `future` on the event loop with what `finish` makes.
     pub(crate) fn finish_later(&self, future: Py<PyAny>, finish: Finish) {
-        self.shared.push(future, finish);
+        self.users.shared.push(future, finish);
     }
 
     /// Runs `work` on the runtime; the returned future resolves with its
@@ -174,10 +228,12 @@ impl Bridge {
     {
         let future = self.future(py)?;
         let handle = future.clone().unbind();
-        let shared = self.shared.clone();
+        let users = self.users.clone();
         runtime().spawn(async move {
             let outcome = work.await;
-            shared.push(handle, Box::new(move |py, f| settle(py, f, outcome)));
+            users
+                .shared
+                .push(handle, Box::new(move |py, f| settle(py, f, outcome)));
         });
         Ok(future)
     }
@@ -237,7 +293,7 @@ pub(crate) fn poll_once<F: Future + Unpin>(mut work: F) -> Result<F::Output, F> 
 /// costs no tokio task and no thread switch.
 pub(crate) struct WakeDriven<F: Future> {
     state: Mutex<Option<(F, Py<PyAny>)>>,
-    shared: Arc<Shared>,
+    users: Arc<Users>,
     #[allow(clippy::type_complexity)]
     finish: fn(F::Output) -> Finish,
 }
@@ -256,7 +312,7 @@ where
     ) {
         let driven = Arc::new(WakeDriven {
             state: Mutex::new(Some((work, future))),
-            shared: bridge.shared.clone(),
+            users: bridge.users.clone(),
             finish,
         });
         driven.drive();
@@ -272,7 +328,7 @@ where
         if let Poll::Ready(out) = Pin::new(work).poll(&mut cx) {
             if let Some((_, future)) = state.take() {
                 drop(state);
-                self.shared.push(future, (self.finish)(out));
+                self.users.shared.push(future, (self.finish)(out));
             }
         }
     }

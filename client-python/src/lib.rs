@@ -719,11 +719,6 @@ impl NativeClient {
         self.bridge.spawn(py, async move { producer.flush().await })
     }
 
-    /// Stops delivering results to the event loop (the client is closed).
-    fn detach(&self, py: Python<'_>) -> PyResult<()> {
-        self.bridge.detach(py)
-    }
-
     // Each argument is a Python keyword argument of `create_topic`.
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (name, partitions = 1, replication_factor = 0, retention_ms = None, retention_bytes = None, max_batch_bytes = None))]

@@ -82,8 +82,14 @@ pub(crate) struct Reader<S: Source> {
     bridge: Bridge,
 }
 
-/// A batch as taken, before it becomes Python objects.
-type Batch<S> = Result<Vec<<S as Source>::Record>, Error>;
+/// How a wait for records ended.
+enum Waited {
+    /// Records are in the stash.
+    Ready,
+    /// The source ended, or the reader was interrupted.
+    Over,
+    Failed(Error),
+}
 
 impl<S: Source> Reader<S> {
     pub(crate) fn new(source: S, bridge: Bridge) -> Self {
@@ -131,39 +137,13 @@ impl<S: Source> Reader<S> {
         py: Python<'py>,
         max: usize,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let max = max.max(1);
         let future = self.bridge.future(py)?;
-        let handle = future.clone().unbind();
-        let shared = self.shared.clone();
-        let bridge = self.bridge.clone();
-        runtime().spawn(async move {
-            let batch = wait_batch(&shared, max).await;
-            let back = shared.clone();
-            bridge.finish_later(
-                handle,
-                Box::new(move |py, future| {
-                    if is_done(future) {
-                        // Cancelled: nothing taken is lost.
-                        match batch {
-                            Ok(records) => {
-                                let mut stash = lock(&back.stash);
-                                for r in records.into_iter().rev() {
-                                    stash.push_front(r);
-                                }
-                            }
-                            Err(e) => *lock(&back.error) = Some(e),
-                        }
-                        return;
-                    }
-                    settle(
-                        py,
-                        future,
-                        batch
-                            .map(|records| records.into_iter().map(S::message).collect::<Vec<_>>()),
-                    );
-                }),
-            );
-        });
+        spawn_wait(
+            self.shared.clone(),
+            self.bridge.clone(),
+            future.clone().unbind(),
+            max.max(1),
+        );
         Ok(future)
     }
 
@@ -205,7 +185,7 @@ fn unstash<S: Source>(shared: &Shared<S>, out: &mut Vec<S::Record>, max: usize) 
     }
 }
 
-/// Takes what the source has ready, without waiting, up to `max`. A
+/// Takes what the source has ready, without waiting, up to `max` in `out`. A
 /// failure after some records is kept for the next call. `S::next` is
 /// cancel-safe, so dropping a pending one loses nothing.
 fn fill<S: Source>(
@@ -226,39 +206,83 @@ fn fill<S: Source>(
     }
 }
 
-/// Waits for the first record (or the end, or an interrupt), then takes
-/// what else is ready.
-async fn wait_batch<S: Source>(shared: &Shared<S>, max: usize) -> Batch<S> {
+/// Waits on the runtime for records, then resolves `future` on the event
+/// loop with a batch of at most `max` taken from the stash.
+///
+/// Records the wait takes go into the stash before it lets go of the
+/// source, and only the event loop's thread takes them out: a wait whose
+/// future was cancelled leaves them there, and whatever call comes next
+/// (a `take`, or a wait that finds the stash filled) hands them out first.
+fn spawn_wait<S: Source>(shared: Arc<Shared<S>>, bridge: Bridge, future: Py<PyAny>, max: usize) {
+    runtime().spawn(async move {
+        let waited = wait(&shared, max).await;
+        let again = bridge.clone();
+        bridge.finish_later(
+            future,
+            Box::new(move |py, f| {
+                if is_done(f) {
+                    // Cancelled: records stay in the stash for the next call.
+                    if let Waited::Failed(e) = waited {
+                        *lock(&shared.error) = Some(e);
+                    }
+                    return;
+                }
+                let records = match waited {
+                    Waited::Failed(e) => return settle::<Vec<S::Message>>(py, f, Err(e)),
+                    Waited::Over => Vec::new(),
+                    Waited::Ready => {
+                        let mut records = Vec::new();
+                        unstash(&shared, &mut records, max);
+                        if records.is_empty() {
+                            // Another call took them first: wait again.
+                            return spawn_wait(shared, again, f.clone().unbind(), max);
+                        }
+                        records
+                    }
+                };
+                settle(
+                    py,
+                    f,
+                    Ok(records.into_iter().map(S::message).collect::<Vec<_>>()),
+                );
+            }),
+        );
+    });
+}
+
+/// Waits for the first record (or the end, or an interrupt), then moves
+/// what else is ready into the stash too, up to `max` in all.
+async fn wait<S: Source>(shared: &Shared<S>, max: usize) -> Waited {
     let mut stopped = shared.stopped.subscribe();
     let mut guard = tokio::select! {
         g = shared.source.lock() => g,
-        _ = stopped.wait_for(|s| *s) => return Ok(Vec::new()),
+        _ = stopped.wait_for(|s| *s) => return Waited::Over,
     };
-    if let Some(e) = lock(&shared.error).take() {
-        return Err(e);
-    }
-    let mut out = Vec::new();
     if *stopped.borrow() {
-        return Ok(out);
+        return Waited::Over;
     }
-    unstash(shared, &mut out, max);
+    if !lock(&shared.stash).is_empty() {
+        return Waited::Ready;
+    }
+    if let Some(e) = lock(&shared.error).take() {
+        return Waited::Failed(e);
+    }
     let Some(source) = guard.as_mut() else {
-        return Ok(out);
+        return Waited::Over;
     };
-    if out.is_empty() {
-        let first = tokio::select! {
-            next = source.next() => next,
-            _ = stopped.wait_for(|s| *s) => return Ok(out),
-        };
-        match first {
-            None => {
-                *guard = None;
-                return Ok(out);
-            }
-            Some(Err(e)) => return Err(e),
-            Some(Ok(r)) => out.push(r),
+    let first = tokio::select! {
+        next = source.next() => next,
+        _ = stopped.wait_for(|s| *s) => return Waited::Over,
+    };
+    let mut taken = match first {
+        None => {
+            *guard = None;
+            return Waited::Over;
         }
-    }
-    fill(source, &mut out, max, &shared.error);
-    Ok(out)
+        Some(Err(e)) => return Waited::Failed(e),
+        Some(Ok(r)) => vec![r],
+    };
+    fill(source, &mut taken, max, &shared.error);
+    lock(&shared.stash).extend(taken);
+    Waited::Ready
 }

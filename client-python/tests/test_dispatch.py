@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
+import os
 import threading
 
 from test_app import eventually, wait_until
@@ -282,5 +284,37 @@ def test_the_traceparent_header_is_on_the_event(covet_broker: Broker) -> None:
             app.stop()
             await asyncio.wait_for(runner, 20)
         assert seen == [tp, None]
+
+    run(body())
+
+
+def eventfds() -> int:
+    """Eventfds this process holds (each client has one)."""
+    fds = os.listdir("/proc/self/fd")
+    count = 0
+    for fd in fds:
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+        except OSError:
+            pass
+    return count
+
+
+def test_clients_that_are_gone_leave_no_eventfd_behind(covet_broker: Broker) -> None:
+    # Each client watches an eventfd of its own; a client that is closed
+    # and dropped must give it back, or a service that connects per
+    # request runs out of descriptors.
+    async def body() -> None:
+        before = eventfds()
+        for i in range(30):
+            async with covet.connect(covet_broker.address) as client:
+                if i == 0:
+                    await client.create_topic("fds")
+                await client.publish("fds", b"x")
+                async with client.subscribe("fds", start="earliest") as sub:
+                    await asyncio.wait_for(anext(sub), 10)
+            del client, sub
+        gc.collect()
+        await wait_until("the eventfds were closed", lambda: eventfds() <= before + 1)
 
     run(body())

@@ -215,12 +215,8 @@ class Client:
         )
 
     async def close(self) -> None:
-        """Waits for records published so far to be answered, then stops
-        delivering results to the event loop: close subscriptions first."""
-        try:
-            await self._native.flush()
-        finally:
-            self._native.detach()
+        """Waits for records published so far to be answered."""
+        await self._native.flush()
 
     async def __aenter__(self) -> Self:
         return self

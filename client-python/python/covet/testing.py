@@ -104,7 +104,13 @@ class Broker:
         assert self._process.stdout is not None
         # A thread keeps reading stdout so the broker never blocks on a full
         # pipe; the ready line is awaited with a deadline, never a sleep.
-        threading.Thread(target=self._pump, args=(self._process.stdout,), daemon=True).start()
+        # The thread gets this process's queue: the previous process's pump
+        # (after a kill) may still be running, and its end-of-output marker
+        # must not land in this queue (it made `restart` wait on a broker
+        # that was up).
+        threading.Thread(
+            target=self._pump, args=(self._process.stdout, self._lines), daemon=True
+        ).start()
         deadline = time.monotonic() + self._ready_timeout
         while True:
             left = deadline - time.monotonic()
@@ -116,17 +122,24 @@ class Broker:
                     f"covet broker did not print a ready line within {self._ready_timeout} s"
                 ) from None
             if line is None:
-                code = self._process.wait()
+                try:
+                    code = self._process.wait(timeout=max(left, 1.0))
+                except subprocess.TimeoutExpired:
+                    code = None
+                    self._process.kill()
                 self.stop()
-                raise RuntimeError(f"covet broker exited with status {code} before ready")
+                raise RuntimeError(
+                    f"covet broker closed its output before ready (exit status {code})"
+                )
             if "ready" in line and "listening on " in line:
                 self.address = line.split("listening on ", 1)[1].split(",", 1)[0].strip()
                 return self
 
-    def _pump(self, stdout: IO[str]) -> None:
+    @staticmethod
+    def _pump(stdout: IO[str], lines: queue.Queue[str | None]) -> None:
         for line in stdout:
-            self._lines.put(line)
-        self._lines.put(None)
+            lines.put(line)
+        lines.put(None)
 
     def stop(self) -> None:
         """Kills the broker (SIGKILL) and removes its data directory."""
