@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 
 use covet_client::{Error, GroupConsumer, GroupRecord, Subscription};
 use futures::FutureExt;
+use pyo3::intern;
 use pyo3::prelude::*;
 use tokio::sync::{watch, Mutex};
 
@@ -138,12 +139,14 @@ impl<S: Source> Reader<S> {
         max: usize,
     ) -> PyResult<Bound<'py, PyAny>> {
         let future = self.bridge.future(py)?;
+        let unbound = future.clone().unbind();
         spawn_wait(
+            py,
             self.shared.clone(),
             self.bridge.clone(),
-            future.clone().unbind(),
+            unbound,
             max.max(1),
-        );
+        )?;
         Ok(future)
     }
 
@@ -213,8 +216,15 @@ fn fill<S: Source>(
 /// source, and only the event loop's thread takes them out: a wait whose
 /// future was cancelled leaves them there, and whatever call comes next
 /// (a `take`, or a wait that finds the stash filled) hands them out first.
-fn spawn_wait<S: Source>(shared: Arc<Shared<S>>, bridge: Bridge, future: Py<PyAny>, max: usize) {
-    runtime().spawn(async move {
+fn spawn_wait<S: Source>(
+    py: Python<'_>,
+    shared: Arc<Shared<S>>,
+    bridge: Bridge,
+    future: Py<PyAny>,
+    max: usize,
+) -> PyResult<()> {
+    let on_done = future.bind(py).getattr(intern!(py, "add_done_callback"))?;
+    let task = runtime().spawn(async move {
         let waited = wait(&shared, max).await;
         let again = bridge.clone();
         bridge.finish_later(
@@ -235,7 +245,14 @@ fn spawn_wait<S: Source>(shared: Arc<Shared<S>>, bridge: Bridge, future: Py<PyAn
                         unstash(&shared, &mut records, max);
                         if records.is_empty() {
                             // Another call took them first: wait again.
-                            return spawn_wait(shared, again, f.clone().unbind(), max);
+                            let unbound = f.clone().unbind();
+                            if let Err(e) = spawn_wait(py, shared, again, unbound, max) {
+                                let _ = f.call_method1(
+                                    intern!(py, "set_exception"),
+                                    (e.into_value(py),),
+                                );
+                            }
+                            return;
                         }
                         records
                     }
@@ -248,6 +265,28 @@ fn spawn_wait<S: Source>(shared: Arc<Shared<S>>, bridge: Bridge, future: Py<PyAn
             }),
         );
     });
+    // A cancelled future stops its wait, so that a caller polling with a
+    // timeout does not leave a waiting task behind per attempt. The wait
+    // is cancel-safe: records it took are in the stash already.
+    on_done.call1((AbortOnCancel(task.abort_handle()),))?;
+    Ok(())
+}
+
+/// A future's done-callback that aborts its wait if it was cancelled.
+#[pyclass(frozen, module = "covet._covet")]
+struct AbortOnCancel(tokio::task::AbortHandle);
+
+#[pymethods]
+impl AbortOnCancel {
+    fn __call__(&self, future: &Bound<'_, PyAny>) -> PyResult<()> {
+        if future
+            .call_method0(intern!(future.py(), "cancelled"))?
+            .is_truthy()?
+        {
+            self.0.abort();
+        }
+        Ok(())
+    }
 }
 
 /// Waits for the first record (or the end, or an interrupt), then moves

@@ -318,3 +318,25 @@ def test_clients_that_are_gone_leave_no_eventfd_behind(covet_broker: Broker) -> 
         await wait_until("the eventfds were closed", lambda: eventfds() <= before + 1)
 
     run(body())
+
+
+def test_polling_with_a_timeout_loses_nothing(covet_broker: Broker) -> None:
+    # A consumer that polls with a short timeout cancels a wait per poll;
+    # records published between polls still come, once each, in order.
+    async def body() -> None:
+        async with covet.connect(covet_broker.address) as client:
+            await client.create_topic("poll")
+            got: list[bytes] = []
+            async with client.subscribe("poll", start="earliest") as sub:
+                for i in range(300):
+                    if i % 10 == 5:
+                        await client.publish("poll", str(i).encode())
+                    try:
+                        got.append((await asyncio.wait_for(anext(sub), 0.001)).value)
+                    except TimeoutError:
+                        pass
+                while len(got) < 30:
+                    got.append((await asyncio.wait_for(anext(sub), 10)).value)
+            assert got == [str(i).encode() for i in range(300) if i % 10 == 5]
+
+    run(body())
