@@ -104,13 +104,7 @@ class Broker:
         assert self._process.stdout is not None
         # A thread keeps reading stdout so the broker never blocks on a full
         # pipe; the ready line is awaited with a deadline, never a sleep.
-        # It gets this process's queue: the reader of a killed process may
-        # still be finishing, and its end-of-output mark must not reach the
-        # next process's queue (restart would take it for the new process
-        # exiting and wait on it forever).
-        threading.Thread(
-            target=self._pump, args=(self._process.stdout, self._lines), daemon=True
-        ).start()
+        threading.Thread(target=self._pump, args=(self._process.stdout,), daemon=True).start()
         deadline = time.monotonic() + self._ready_timeout
         while True:
             left = deadline - time.monotonic()
@@ -129,11 +123,10 @@ class Broker:
                 self.address = line.split("listening on ", 1)[1].split(",", 1)[0].strip()
                 return self
 
-    @staticmethod
-    def _pump(stdout: IO[str], lines: queue.Queue[str | None]) -> None:
+    def _pump(self, stdout: IO[str]) -> None:
         for line in stdout:
-            lines.put(line)
-        lines.put(None)
+            self._lines.put(line)
+        self._lines.put(None)
 
     def stop(self) -> None:
         """Kills the broker (SIGKILL) and removes its data directory."""
