@@ -84,22 +84,50 @@ def test_connect_awaited_with_a_seed_list_and_admin(covet_broker: Broker) -> Non
     run(body())
 
 
-def test_publish_batch_of_20000_read_back_in_order(covet_broker: Broker) -> None:
-    n = 20_000
+def test_publish_batch_of_100000_read_back_in_order_per_partition(covet_broker: Broker) -> None:
+    n = 100_000
+    partitions = 4
 
     async def body() -> None:
         async with covet.connect(covet_broker.address) as client:
-            await client.create_topic("big", partitions=1)
+            # Small batches: the producer closes one every few thousand
+            # records and moves unkeyed records on to the next partition
+            # (sticky partitioning), so every partition gets many batches.
+            await client.create_topic("big", partitions=partitions, max_batch_bytes=64 * 1024)
             values = [f"record-{i}".encode() for i in range(n)]
             results = await client.publish_batch("big", values)
-            assert [r.offset for r in results] == list(range(n))
-            assert (await client.describe_topic("big")).partitions[0].high_watermark == n
+            assert len(results) == n
+            # Per partition, what publish_batch answered, in publish order:
+            # the offsets must be 0, 1, 2, ... (no gap, no duplicate, in
+            # the order the values were given).
+            sent: dict[int, list[bytes]] = {}
+            for value, r in zip(values, results, strict=True):
+                assert r.topic == "big"
+                assert r.offset == len(sent.setdefault(r.partition, [])), (r, value)
+                sent[r.partition].append(value)
+            assert set(sent) == set(range(partitions))
+            assert all(len(v) >= n // (4 * partitions) for v in sent.values()), {
+                p: len(v) for p, v in sent.items()
+            }
+            info = await client.describe_topic("big")
+            assert {p.partition: p.high_watermark for p in info.partitions} == {
+                p: len(sent.get(p, [])) for p in range(partitions)
+            }
+
             async with client.subscribe("big", start="earliest") as sub:
                 got = await take(sub, n)
-            assert [m.offset for m in got] == list(range(n))
-            assert [m.value for m in got] == values
+            # Read back: every record once, and per partition in offset
+            # order with the values publish_batch put there.
+            read: dict[int, list[covet.Message]] = {}
+            for m in got:
+                read.setdefault(m.partition, []).append(m)
+            for p, msgs in read.items():
+                assert [m.offset for m in msgs] == list(range(len(msgs))), p
+                assert [m.value for m in msgs] == sent[p], p
+            assert set(read) == set(sent)
+            assert sorted(m.value for m in got) == sorted(values)
 
-    run(body())
+    run(body(), timeout=100)
 
 
 def test_concurrent_publishes_share_batches(covet_broker: Broker) -> None:

@@ -155,12 +155,20 @@ def _decoder(handler: Callable[..., Any]) -> Callable[[Event], Any]:
     if dataclasses.is_dataclass(kind) and isinstance(kind, type):
         cls = kind
         return lambda e: cls(**e.json())
+    # A msgspec Struct: msgspec is loaded already if the annotation is one,
+    # so it is looked up, never imported (it is not a dependency).
+    import sys
+
+    msgspec = sys.modules.get("msgspec")
+    if msgspec is not None and isinstance(kind, type) and issubclass(kind, msgspec.Struct):
+        decode = msgspec.json.Decoder(kind).decode
+        return lambda e: decode(e.value)
     validate = getattr(kind, "model_validate_json", None)  # pydantic, when installed
     if callable(validate):
         return lambda e: validate(e.value)
     raise TypeError(
-        f"{handler.__name__}: cannot decode records into {kind!r} "
-        "(use covet.Event, bytes, str, dict, list, a dataclass or a pydantic model)"
+        f"{handler.__name__}: cannot decode records into {kind!r} (use covet.Event, bytes, "
+        "str, dict, list, a dataclass, a pydantic model or a msgspec Struct)"
     )
 
 
