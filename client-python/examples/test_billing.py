@@ -10,14 +10,17 @@ import pytest
 
 import billing  # noqa: F401  (registers bill() on covet's default app)
 import covet
-from covet.app import default_app
 from covet.testing import Broker
 
 
-def test_bills_every_order(covet_broker: Broker, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bills_every_order(
+    covet_broker: Broker, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The service reads COVET_BROKER when it starts, as in production.
+    monkeypatch.setenv("COVET_BROKER", covet_broker.address)
+
     async def body() -> None:
-        app = default_app()  # the app module-level @covet.on_event registers on
-        app.brokers = covet_broker.address
+        app = covet.default_app()  # the app module-level @covet.on_event registers on
         async with covet.connect(covet_broker.address) as client:
             await client.create_topic("orders", partitions=2)
             service = asyncio.create_task(app.run())

@@ -26,18 +26,40 @@ use pyo3::{intern, IntoPyObjectExt};
 
 /// The runtime every client of the process shares: the producer, the
 /// subscriptions, heartbeats and timers run on it, never on the event
-/// loop's thread.
-pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
-    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RUNTIME.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
+/// loop's thread. Owned here until [`shutdown`].
+static RUNTIME: Mutex<Option<tokio::runtime::Runtime>> = Mutex::new(None);
+
+/// A handle to the shared runtime, started on first use.
+pub(crate) fn runtime() -> &'static tokio::runtime::Handle {
+    static HANDLE: OnceLock<tokio::runtime::Handle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
             .thread_name("covet-client")
             .enable_all()
             .build()
             // Without threads there is no client at all; this happens only
             // when the process cannot start threads.
-            .expect("starting the covet client runtime")
+            .expect("starting the covet client runtime");
+        let handle = rt.handle().clone();
+        *RUNTIME.lock().unwrap_or_else(|e| e.into_inner()) = Some(rt);
+        handle
     })
+}
+
+/// Stops the runtime's threads; registered with `atexit`, so it runs when
+/// the interpreter exits and before it finalizes. A tokio thread still
+/// running while the interpreter tears itself down could touch Python
+/// objects (dropping one, or waking a loop) after Python stopped being
+/// usable: that crashed `python -m covet run` now and then at exit with the
+/// first binding. Work still queued is dropped: a client is closed (its
+/// records flushed) before the program ends.
+#[pyfunction]
+pub(crate) fn shutdown(py: Python<'_>) {
+    let rt = RUNTIME.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(rt) = rt {
+        // Without the GIL: tasks dropped now may need it for a moment.
+        py.detach(|| rt.shutdown_timeout(std::time::Duration::from_secs(2)));
+    }
 }
 
 /// What turns a finished operation into the resolution of its future, run

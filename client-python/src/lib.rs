@@ -879,6 +879,10 @@ fn connect<'py>(
 #[pymodule]
 fn _covet(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(connect, m)?)?;
+    let shutdown = wrap_pyfunction!(bridge::shutdown, m)?;
+    m.py()
+        .import("atexit")?
+        .call_method1("register", (shutdown,))?;
     m.add_class::<NativeClient>()?;
     m.add_class::<NativeSubscription>()?;
     m.add_class::<NativeGroupSubscription>()?;

@@ -470,7 +470,7 @@ def connect(
     return _Connecting(brokers, round(linger * 1000), buffer_bytes)
 
 
-from .app import App, Event, Retry, on_event, run  # noqa: E402
+from .app import App, Event, Retry, default_app, on_event, run  # noqa: E402
 
 __all__ = [
     "DEFAULT_BROKER",
@@ -501,6 +501,7 @@ __all__ = [
     "UnknownPartition",
     "UnknownTopic",
     "connect",
+    "default_app",
     "on_event",
     "run",
 ]

@@ -232,7 +232,7 @@ class App:
         session_timeout: float = 10.0,
         ack_timeout: float = 30.0,
     ) -> None:
-        self.brokers = brokers or os.environ.get("COVET_BROKER") or _covet.DEFAULT_BROKER
+        self._brokers = brokers
         self.name = name
         self.session_timeout = session_timeout
         self.ack_timeout = ack_timeout
@@ -240,6 +240,17 @@ class App:
         self._client: Any = None
         self._stopping: asyncio.Event | None = None
         self._members: list[_Member] = []
+
+    @property
+    def brokers(self) -> str:
+        """The seed list the app connects to: as given, else
+        ``$COVET_BROKER`` when the app starts (so a test can point a
+        module-level service at its broker), else ``127.0.0.1:7420``."""
+        return self._brokers or os.environ.get("COVET_BROKER") or _covet.DEFAULT_BROKER
+
+    @brokers.setter
+    def brokers(self, value: str) -> None:
+        self._brokers = value
 
     def on_event(
         self,
