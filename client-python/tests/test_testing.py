@@ -4,10 +4,13 @@ every time, on the same address and data."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
+
+import pytest
 
 import covet
 from conftest import run
-from covet.testing import Broker
+from covet.testing import Broker, covet_binary
 
 RESTARTS = 30
 
@@ -46,3 +49,22 @@ def test_a_broker_killed_and_restarted_at_once_comes_back_every_time() -> None:
         assert run(publish(b"1")) == 1
     finally:
         broker.stop()  # also ends a hung restart's wait: its process is killed
+
+
+def test_the_binary_is_found_where_the_scripts_build_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    real = covet_binary()
+    monkeypatch.delenv("COVET_BIN", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setenv("CARGO_TARGET_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no covet binary"):
+        covet_binary()
+    (tmp_path / "debug").mkdir()
+    (tmp_path / "debug" / "covet").symlink_to(real)
+    assert covet_binary() == str(tmp_path / "debug" / "covet")
+    (tmp_path / "release").mkdir()
+    (tmp_path / "release" / "covet").symlink_to(real)
+    assert covet_binary() == str(tmp_path / "release" / "covet")
+    with Broker() as broker:  # and it runs
+        assert broker.address.startswith("127.0.0.1:")

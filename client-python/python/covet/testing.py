@@ -8,8 +8,10 @@
         async with covet.connect(broker.address) as client: ...
 
 It runs the ``covet`` binary: ``$COVET_BIN`` if set, else ``covet`` on
-``PATH``. The broker listens on a free loopback port; ``start`` returns once
-the broker printed its ``ready`` line (or raises after ``ready_timeout``).
+``PATH``, else the one the repository's scripts built (see
+:func:`covet_binary`). The broker listens on a free loopback port;
+``start`` returns once the broker printed its ``ready`` line (or raises
+after ``ready_timeout``).
 """
 
 from __future__ import annotations
@@ -29,14 +31,22 @@ READY_TIMEOUT = 30.0
 
 
 def covet_binary() -> str:
-    """The ``covet`` binary tests run: ``$COVET_BIN``, else ``covet`` on PATH."""
+    """The ``covet`` binary tests run: ``$COVET_BIN``, else ``covet`` on
+    PATH, else the one the repository's scripts build (``scripts/broker``
+    a release build, ``scripts/test`` a debug one) in ``$CARGO_TARGET_DIR``
+    or ``~/.cache/covet/target``."""
     path = os.environ.get("COVET_BIN") or shutil.which("covet")
-    if not path or not os.path.exists(path):
-        raise FileNotFoundError(
-            "no covet binary: set COVET_BIN or put `covet` on PATH "
-            "(cargo build --bin covet builds it)"
-        )
-    return path
+    if path and os.path.exists(path):
+        return path
+    target = os.environ.get("CARGO_TARGET_DIR") or os.path.expanduser("~/.cache/covet/target")
+    for profile in ("release", "debug"):
+        built = os.path.join(target, profile, "covet")
+        if os.access(built, os.X_OK):
+            return built
+    raise FileNotFoundError(
+        "no covet binary: set COVET_BIN, put `covet` on PATH, or build it "
+        "(bash scripts/broker, or cargo build --bin covet)"
+    )
 
 
 class Broker:
