@@ -95,7 +95,7 @@ pub async fn run(args: BrokerArgs, started: std::time::Instant) -> anyhow::Resul
 }
 
 /// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+pub(super) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,

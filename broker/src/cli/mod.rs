@@ -1,6 +1,7 @@
 //! Command-line definitions and dispatch.
 
 mod bench;
+mod bridge;
 mod broker;
 mod cluster;
 mod group;
@@ -42,6 +43,9 @@ enum Command {
     /// List, describe, reset and delete consumer groups.
     #[command(subcommand)]
     Group(group::GroupCommand),
+    /// Bridge NATS and Covet; show a running bridge's routes.
+    #[command(subcommand)]
+    Bridge(bridge::BridgeCommand),
 }
 
 /// Where to find the cluster.
@@ -98,6 +102,7 @@ pub async fn run(cli: Cli, started: std::time::Instant) -> anyhow::Result<()> {
         Command::Bench(cmd) => bench::run(cmd).await,
         Command::Cluster(cmd) => cluster::run(cmd).await,
         Command::Group(cmd) => group::run(cmd).await,
+        Command::Bridge(cmd) => bridge::run(cmd).await,
     }
 }
 

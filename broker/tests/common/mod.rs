@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod nats;
 pub mod raw;
 
 use std::io::{BufRead, BufReader};
@@ -29,6 +30,9 @@ pub struct Broker {
     lines: Option<mpsc::Receiver<String>>,
     /// Soft and hard `RLIMIT_NOFILE` the process starts with, if set.
     fd_limit: Option<u64>,
+    /// What `--listen` gets: an ephemeral port, or the address it had
+    /// (see [`Broker::restart_same_address`]).
+    listen: String,
 }
 
 impl Broker {
@@ -41,6 +45,7 @@ impl Broker {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             lines: None,
             fd_limit: None,
+            listen: "127.0.0.1:0".into(),
         };
         b.spawn();
         b
@@ -56,6 +61,7 @@ impl Broker {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             lines: None,
             fd_limit: Some(limit),
+            listen: "127.0.0.1:0".into(),
         };
         b.spawn();
         b
@@ -84,7 +90,7 @@ impl Broker {
             .arg("broker")
             .arg("--data-dir")
             .arg(&self.dir)
-            .args(["--listen", "127.0.0.1:0", "--log-level", "warn"])
+            .args(["--listen", &self.listen, "--log-level", "warn"])
             .args(&self.extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -168,6 +174,14 @@ impl Broker {
     /// Starts the broker again on the same data dir (new port).
     pub fn restart(&mut self) {
         self.kill9();
+        self.spawn();
+    }
+
+    /// Starts the broker again on the same data dir and address, so that
+    /// clients holding the address (a bridge, a service) find it again.
+    pub fn restart_same_address(&mut self) {
+        self.kill9();
+        self.listen = self.addr.clone();
         self.spawn();
     }
 }
