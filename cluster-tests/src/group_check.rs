@@ -241,12 +241,21 @@ pub fn commits_after_restart(
 
 /// A member that resumes after a restart starts each partition at its
 /// committed offset (ADR 0009: "consumes each assigned partition from the
-/// group's committed offset"): the lowest offset it handled on a partition
-/// (`resumed`, its handlings only) is that partition's committed offset
-/// (`committed`) when it had records there at or after it. Every
-/// partition that started below (records committed handled again) or
-/// above (records skipped), described.
-pub fn resumed_at_committed(committed: &BTreeMap<u32, u64>, resumed: &[Handled]) -> Vec<String> {
+/// group's committed offset"). What the test sees of that offset is a
+/// range: at least the highest commit any node showed (`committed`), and
+/// at most the end of what was acknowledged before the cut
+/// (`acked_prefix`): a commit proposed before the cut may be durable in the
+/// log without having been applied (or sampled) anywhere yet, and it is
+/// applied after the restart, before or while the member starts. The
+/// lowest offset the member handled on a partition (`resumed`, its
+/// handlings only) must lie in that range when it had records there:
+/// below it, committed records are handled again; above it, records never
+/// acknowledged are skipped. Every partition outside, described.
+pub fn resumed_at_committed(
+    committed: &BTreeMap<u32, u64>,
+    acked_prefix: &BTreeMap<u32, u64>,
+    resumed: &[Handled],
+) -> Vec<String> {
     let mut first: BTreeMap<u32, u64> = BTreeMap::new();
     for h in resumed {
         let f = first.entry(h.partition).or_insert(h.offset);
@@ -254,11 +263,17 @@ pub fn resumed_at_committed(committed: &BTreeMap<u32, u64>, resumed: &[Handled])
     }
     let mut found = Vec::new();
     for (p, &offset) in &first {
-        let at = committed.get(p).copied().unwrap_or(0);
-        if offset != at {
+        let low = committed.get(p).copied().unwrap_or(0);
+        let high = acked_prefix.get(p).copied().unwrap_or(0).max(low);
+        if offset < low {
             found.push(format!(
-                "partition {p}: the resumed member started at offset {offset}, the committed \
-                 offset was {at}"
+                "partition {p}: the resumed member started at offset {offset}, below the \
+                 committed offset {low}: committed records handled again"
+            ));
+        } else if offset > high {
+            found.push(format!(
+                "partition {p}: the resumed member started at offset {offset}, beyond every \
+                 commit and acknowledgement ({high}): records skipped"
             ));
         }
     }

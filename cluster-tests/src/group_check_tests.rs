@@ -263,18 +263,18 @@ fn staleness_after_a_restart_fails_the_run_unless_allowed() {
 }
 
 #[test]
-fn a_resumed_member_must_start_at_the_committed_offset() {
+fn a_resumed_member_must_start_at_the_committed_offset_when_nothing_more_was_acked() {
     let committed: BTreeMap<u32, u64> = [(0, 5), (1, 0)].into();
     let fine = [handling(0, 6, 1), handling(0, 5, 2), handling(1, 0, 1)];
-    assert!(resumed_at_committed(&committed, &fine).is_empty());
+    assert!(resumed_at_committed(&committed, &committed, &fine).is_empty());
     // Partition 0 from 4: a committed record handled again.
     let early = [handling(0, 4, 1), handling(0, 5, 1)];
-    let found = resumed_at_committed(&committed, &early);
+    let found = resumed_at_committed(&committed, &committed, &early);
     assert_eq!(found.len(), 1);
     assert!(found[0].contains("started at offset 4"));
     // Partition 1 from 2: records 0 and 1 skipped.
     let late = [handling(1, 2, 1)];
-    assert_eq!(resumed_at_committed(&committed, &late).len(), 1);
+    assert_eq!(resumed_at_committed(&committed, &committed, &late).len(), 1);
 }
 
 #[test]
@@ -300,4 +300,28 @@ fn only_restarted_nodes_may_answer_beyond_the_high_watermark_when_replay_is_allo
     let mut r = report(&acks, &handled, &samples);
     r.allow_restart_replay = true;
     assert_eq!(r.problems().len(), 1, "{:?}", r.problems());
+}
+
+#[test]
+fn a_resumed_member_starts_between_the_last_commit_seen_and_the_acked_end() {
+    let committed: BTreeMap<u32, u64> = [(0, 96), (1, 50)].into();
+    let acked: BTreeMap<u32, u64> = [(0, 103), (1, 50)].into();
+    let at = |p: u32, o: u64| Handled {
+        partition: p,
+        offset: o,
+        value: Bytes::new(),
+        delivery_count: 1,
+    };
+    // At the commit seen, or at a later durable one up to the acked end.
+    assert!(resumed_at_committed(&committed, &acked, &[at(0, 96), at(1, 50)]).is_empty());
+    // A later durable commit on 0 is fine; 1 had nothing more acked.
+    let found = resumed_at_committed(&committed, &acked, &[at(0, 103), at(1, 51)]);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].starts_with("partition 1"), "{found:?}");
+    // Below the commit: handled again.
+    let below = resumed_at_committed(&committed, &acked, &[at(0, 95)]);
+    assert!(below[0].contains("handled again"), "{below:?}");
+    // Beyond what was acked: skipped.
+    let beyond = resumed_at_committed(&committed, &acked, &[at(0, 104)]);
+    assert!(beyond[0].contains("skipped"), "{beyond:?}");
 }
