@@ -12,31 +12,11 @@ import os
 import signal
 import sys
 import textwrap
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import covet
-from conftest import run
+from conftest import eventually, run, wait_until
 from covet.testing import Broker
-
-
-async def wait_until(what: str, cond: Callable[[], bool], within: float = 20.0) -> None:
-    """:func:`eventually` for a plain predicate."""
-
-    async def check() -> bool:
-        return cond()
-
-    await eventually(what, check, within)
-
-
-async def eventually(what: str, check: Callable[[], Awaitable[bool]], within: float = 20.0) -> None:
-    """Asks ``check()`` every 10 ms until true, failing after ``within`` s."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not await check():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 @dataclasses.dataclass

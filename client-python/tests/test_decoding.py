@@ -9,13 +9,12 @@ import asyncio
 import subprocess
 import sys
 import textwrap
-from collections.abc import Awaitable, Callable
 
 import msgspec
 import pydantic
 
 import covet
-from conftest import run
+from conftest import eventually, run
 from covet.testing import Broker
 
 
@@ -27,16 +26,6 @@ class PydanticOrder(pydantic.BaseModel):
 class MsgspecOrder(msgspec.Struct):
     id: int
     amount: float
-
-
-async def eventually(what: str, check: Callable[[], Awaitable[bool]], within: float = 20.0) -> None:
-    """Asks ``check()`` every 10 ms until true, failing after ``within`` s."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not await check():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def dead_letters(client: covet.Client, topic: str, n: int) -> list[covet.Message]:

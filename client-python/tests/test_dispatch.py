@@ -11,10 +11,8 @@ import gc
 import os
 import threading
 
-from test_app import eventually, wait_until
-
 import covet
-from conftest import run
+from conftest import eventually, run, wait_until
 from covet.testing import Broker
 
 current: contextvars.ContextVar[int] = contextvars.ContextVar("current", default=-1)

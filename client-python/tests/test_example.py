@@ -38,6 +38,21 @@ async def cli(*args: str, stdin: bytes | None = None) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
+async def start_billing(broker: str, **env: str) -> asyncio.subprocess.Process:
+    """``python -m covet run billing`` in examples/, on ``broker``."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "covet",
+        "run",
+        "billing",
+        cwd=EXAMPLES,
+        env=dict(os.environ, COVET_BROKER=broker, **env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
 async def describe_group(broker: str) -> list[dict[str, Any]] | None:
     """``covet group describe billing --format json``: one object per
     partition, or None while the group has neither members nor progress."""
@@ -57,18 +72,7 @@ def test_billing_example_runs_processes_with_backpressure_and_stops_on_sigterm(
     async def body() -> None:
         async with covet.connect(covet_broker.address) as client:
             await client.create_topic("orders", partitions=2)
-        env = dict(os.environ, COVET_BROKER=covet_broker.address, PYTHONUNBUFFERED="1")
-        service = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "covet",
-            "run",
-            "billing",
-            cwd=EXAMPLES,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        service = await start_billing(covet_broker.address, PYTHONUNBUFFERED="1")
         lines: list[str] = []
         now = peak = 0
 
@@ -150,20 +154,9 @@ def test_the_service_exits_0_on_sigterm_every_time(covet_broker: Broker) -> None
     async def body() -> None:
         async with covet.connect(covet_broker.address) as client:
             await client.create_topic("orders")
-            env = dict(os.environ, COVET_BROKER=covet_broker.address, PYTHONFAULTHANDLER="1")
             failures: list[str] = []
             for i in range(runs):
-                service = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "covet",
-                    "run",
-                    "billing",
-                    cwd=EXAMPLES,
-                    env=env,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
-                )
+                service = await start_billing(covet_broker.address, PYTHONFAULTHANDLER="1")
                 try:
                     assert service.stdout is not None and service.stderr is not None
                     await client.publish_batch("orders", [json.dumps({"id": i}) for _ in range(3)])
