@@ -149,7 +149,7 @@ pub fn record_of(
     let mut out = Vec::new();
     if let Some(h) = headers {
         let mut names: Vec<_> = h.iter().collect();
-        names.sort_by(|a, b| a.0.to_string().cmp(&b.0.to_string()));
+        names.sort_by(|a, b| AsRef::<str>::as_ref(a.0).cmp(AsRef::<str>::as_ref(b.0)));
         for (name, values) in names {
             let name: &str = name.as_ref();
             if is_own_header(name) {
@@ -610,7 +610,9 @@ async fn session(
     let mut messages: Option<pull::Stream> = None;
     let mut cp_tick = tokio::time::interval(CHECKPOINT_EVERY);
     cp_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut cp_written = checkpoint.clone();
+    // Written at the first tick even if unchanged, so that a restart
+    // before anything else is written scans from here, not from the start.
+    let mut cp_written = Checkpoint::default();
     let mut cp_flight: Option<(Checkpoint, Delivery)> = None;
     let mut failed = false;
     let mut stopping = *ctx.stop.borrow();
@@ -790,10 +792,9 @@ async fn session(
             }
         }
     }
-    // Lets everything acked past (the grace does not apply: what follows
-    // is a fresh scan from this checkpoint, by this or the next run), then
-    // writes the final checkpoint. Acked messages are no longer pending,
-    // so they cannot be redelivered except by a NATS that loses acks.
+    // Lets past what is settled (the grace still applies: a NATS killed
+    // now could redeliver what it confirmed a moment ago), then writes the
+    // final checkpoint.
     while let Some(&seq) = order.front() {
         let settled = pending
             .get(&seq)

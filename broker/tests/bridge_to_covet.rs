@@ -86,6 +86,25 @@ impl Bridge {
         self.spawn();
     }
 
+    /// SIGTERM, and the exit status if it exits within `timeout`.
+    fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut()?;
+        let sent = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = c.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     async fn report(&self) -> Option<covet_bridge::status::RouteReport> {
         covet_bridge::status::fetch(&self.status)
             .await
@@ -319,6 +338,34 @@ async fn bridge_kill9_mid_stream_loses_and_duplicates_nothing() {
     w.expect_exactly(n, false, Duration::from_secs(60)).await;
     let report = bridge.report().await.expect("status");
     eprintln!("after the restart: {report:?}");
+}
+
+/// SIGTERM mid-stream: the bridge settles what it has in flight, writes
+/// its checkpoint and exits 0; started again, it loses and duplicates
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_sigterm_mid_stream_exits_cleanly_and_resumes() {
+    let w = world(4, None).await;
+    let n = 20_000;
+    w.publish(0, n).await;
+    let mut bridge = w.bridge(JS_ROUTE);
+    assert!(
+        wait_until(Duration::from_secs(60), || async {
+            w.written().await >= n / 3
+        })
+        .await,
+        "a third not written in 60 s"
+    );
+    let status = bridge.terminate(Duration::from_secs(40));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}; log:\n{}",
+        tail(&w.log())
+    );
+    let cp = read_partition(&w.client, "__covet_bridge.in", 0, StartPosition::Earliest).await;
+    assert!(!cp.is_empty(), "no checkpoint written");
+    bridge.spawn();
+    w.expect_exactly(n, false, Duration::from_secs(60)).await;
 }
 
 /// nats-server killed and restarted (same port and store) mid-stream.
