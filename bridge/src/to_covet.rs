@@ -52,7 +52,13 @@
 //! partitions' ends, so there is no scan; a route whose consumer exists but
 //! whose checkpoint topic does not scans its partitions from their start.
 //! Poison messages sent to the dead-letter topic are not deduplicated: a
-//! redelivered poison message is dead-lettered again.
+//! redelivered poison message is dead-lettered again. The checkpoint names
+//! the consumer it belongs to (stream, durable, creation time): when the
+//! stream or the consumer is made again (sequences start from 1 again), an
+//! older checkpoint is not used, and a new consumer starts at the
+//! partitions' ends. The first checkpoint is written before anything is
+//! pulled. One bridge process per route at a time: two would each write
+//! their own checkpoint and not see each other's writes.
 //!
 //! Per-key order holds for messages delivered once; a redelivery (after a
 //! failure) arrives after later messages, as JetStream redelivers it.
@@ -135,6 +141,12 @@ pub fn checkpoint_topic(route: &str) -> String {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
     pub offsets: BTreeMap<u32, u64>,
+    /// The JetStream consumer it belongs to (`stream/durable@created`). A
+    /// stream deleted and made again numbers its messages from 1 again:
+    /// the sequences a checkpoint of an earlier consumer points at are not
+    /// this one's, and must not make the route skip anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<String>,
 }
 
 /// The record for one NATS message (see the module docs for the mapping).
@@ -380,10 +392,23 @@ async fn jetstream(
             }
         }
     };
+    let info = consumer.cached_info();
+    let consumer_id = format!("{stream}/{durable}@{}", info.created);
     let lag = tokio::spawn(track_lag(consumer.clone(), ctx.status.clone()));
     let result = async {
+        // Written (and acknowledged) before anything is pulled: a consumer
+        // that delivered something always has a checkpoint of its own.
         let mut checkpoint = loop {
-            match start_checkpoint(route, spec, &ctx.covet, fresh).await {
+            let attempt = async {
+                let cp = start_checkpoint(route, spec, &ctx.covet, &consumer_id, fresh).await?;
+                let topic = checkpoint_topic(&route.name);
+                let sent = send_checkpoint(&producer(&ctx.covet), &topic, &cp, &ctx.status)
+                    .await
+                    .context("writing the first checkpoint")?;
+                sent.await.context("writing the first checkpoint")?;
+                anyhow::Ok(cp)
+            };
+            match attempt.await {
                 Ok(c) => break c,
                 Err(e) => {
                     ctx.status.error(&format!("{e:#}"));
@@ -470,6 +495,7 @@ async fn start_checkpoint(
     route: &Route,
     spec: &ToCovet,
     client: &Client,
+    consumer_id: &str,
     fresh: bool,
 ) -> anyhow::Result<Checkpoint> {
     let topic = checkpoint_topic(&route.name);
@@ -479,8 +505,20 @@ async fn start_checkpoint(
     ensure_topic(client, spec_cp)
         .await
         .with_context(|| format!("checkpoint topic {topic}"))?;
-    if let Some(cp) = last_checkpoint(client, &topic).await? {
-        return Ok(cp);
+    if let Some(mut cp) = last_checkpoint(client, &topic).await? {
+        if cp.consumer.as_deref() == Some(consumer_id) {
+            return Ok(cp);
+        }
+        if !fresh {
+            // Another consumer's checkpoint, and this one delivered
+            // something (made again by hand and used?): the best there is.
+            tracing::warn!(route = %route.name, checkpoint = ?cp.consumer, consumer = %consumer_id, "the checkpoint is another consumer's; scanning from it");
+            cp.consumer = Some(consumer_id.to_string());
+            return Ok(cp);
+        }
+        // A new consumer (the stream or the consumer made again): its
+        // messages are not in Covet yet, whatever the old checkpoint says.
+        tracing::info!(route = %route.name, consumer = %consumer_id, "a new JetStream consumer: starting a new checkpoint");
     }
     let info = client
         .describe_topic(&spec.to_topic)
@@ -499,6 +537,7 @@ async fn start_checkpoint(
                 (p.partition, at)
             })
             .collect(),
+        consumer: Some(consumer_id.to_string()),
     })
 }
 
@@ -610,9 +649,7 @@ async fn session(
     let mut messages: Option<pull::Stream> = None;
     let mut cp_tick = tokio::time::interval(CHECKPOINT_EVERY);
     cp_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Written at the first tick even if unchanged, so that a restart
-    // before anything else is written scans from here, not from the start.
-    let mut cp_written = Checkpoint::default();
+    let mut cp_written = checkpoint.clone();
     let mut cp_flight: Option<(Checkpoint, Delivery)> = None;
     let mut failed = false;
     let mut stopping = *ctx.stop.borrow();
@@ -1070,6 +1107,10 @@ mod tests {
         cp.offsets.insert(3, 7);
         let text = serde_json::to_string(&cp).unwrap();
         assert_eq!(text, r#"{"offsets":{"0":12,"3":7}}"#);
+        assert_eq!(serde_json::from_str::<Checkpoint>(&text).unwrap(), cp);
+        cp.consumer = Some("S/d@t".into());
+        let text = serde_json::to_string(&cp).unwrap();
+        assert_eq!(text, r#"{"offsets":{"0":12,"3":7},"consumer":"S/d@t"}"#);
         assert_eq!(serde_json::from_str::<Checkpoint>(&text).unwrap(), cp);
     }
 }

@@ -368,6 +368,54 @@ async fn bridge_sigterm_mid_stream_exits_cleanly_and_resumes() {
     w.expect_exactly(n, false, Duration::from_secs(60)).await;
 }
 
+/// The stream deleted and made again while the bridge is down: the new
+/// messages number from 1 again, and neither the old checkpoint nor the
+/// old records may make the route take them for duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_made_again_is_not_taken_for_duplicates() {
+    let w = world(2, None).await;
+    w.publish(0, 200).await;
+    let mut bridge = w.bridge(JS_ROUTE);
+    w.expect_exactly(200, true, Duration::from_secs(30)).await;
+    let status = bridge.terminate(Duration::from_secs(40));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    w.js.delete_stream(STREAM).await.expect("delete stream");
+    w.js.create_stream(async_nats::jetstream::stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["orders.>".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("create stream again");
+    w.publish(0, 100).await;
+    bridge.spawn();
+    let ok = wait_until(Duration::from_secs(30), || async {
+        w.written().await >= 300 && w.drained().await
+    })
+    .await;
+    let mut count: HashMap<u64, u32> = HashMap::new();
+    for p in 0..2 {
+        for r in read_partition(&w.client, "orders", p, StartPosition::Earliest).await {
+            let seq = r
+                .headers
+                .iter()
+                .find(|h| h.key == SEQUENCE_HEADER)
+                .map(|h| String::from_utf8_lossy(&h.value).parse::<u64>().unwrap())
+                .expect("sequence");
+            *count.entry(seq).or_default() += 1;
+        }
+    }
+    let want: HashMap<u64, u32> = (1..=200)
+        .map(|s| (s, if s <= 100 { 2 } else { 1 }))
+        .collect();
+    assert!(
+        ok && count == want,
+        "drained: {ok}; {} records; log:\n{}",
+        count.values().sum::<u32>(),
+        tail(&w.log())
+    );
+}
+
 /// nats-server killed and restarted (same port and store) mid-stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restart_mid_stream_loses_and_duplicates_nothing() {
