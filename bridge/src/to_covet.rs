@@ -730,7 +730,9 @@ async fn session(
                         match producer.send(&spec.to_topic, record).await {
                             Ok(d) => deliveries.push(deliver(seq, d)),
                             Err(e) => {
-                                failed |= handle_failure(route, ctx, &producer, &mut pending, seq, e, &mut acks).await;
+                                if handle_failure(route, ctx, &producer, &mut pending, seq, &e, &mut acks).await {
+                                    route_failure(route, &status, &mut failed, &e);
+                                }
                             }
                         }
                     }
@@ -760,7 +762,9 @@ async fn session(
                         }
                     }
                     Err(e) => {
-                        failed |= handle_failure(route, ctx, &producer, &mut pending, seq, e, &mut acks).await;
+                        if handle_failure(route, ctx, &producer, &mut pending, seq, &e, &mut acks).await {
+                                    route_failure(route, &status, &mut failed, &e);
+                                }
                     }
                 }
             }
@@ -874,25 +878,24 @@ async fn session(
 
 /// A write failed. A poison record goes to the dead-letter topic and its
 /// message is acked (also when the dead-letter topic refuses it: it is
-/// dropped then, and said so); true when the failure is the route's, and
-/// the session must end and rescan.
+/// dropped then, and said so); true when the failure is the route's.
 async fn handle_failure(
     route: &Route,
     ctx: &mut RouteContext,
     producer: &Producer,
     pending: &mut HashMap<u64, Pending>,
     seq: u64,
-    e: CovetError,
+    e: &CovetError,
     acks: &mut FuturesUnordered<BoxFuture<'static, Acked>>,
 ) -> bool {
     let Some(p) = pending.get_mut(&seq) else {
         return false;
     };
-    if is_poison(&e) {
+    if is_poison(e) {
         let Some(record) = p.record.take() else {
             return false;
         };
-        if dead_letter(route, ctx, producer, record, &e).await == DeadLetter::Stopped {
+        if dead_letter(route, ctx, producer, record, e).await == DeadLetter::Stopped {
             // Left for NATS to redeliver to the next run.
             return false;
         }
@@ -901,9 +904,17 @@ async fn handle_failure(
         }
         return false;
     }
-    ctx.status.error(&format!("writing to {}: {e}", route.name));
-    tracing::warn!(route = %route.name, error = %e, "Covet failed a write; the route rescans and goes on");
     true
+}
+
+/// Notes a failure of the route's own (said once per session: every write
+/// in flight fails alike); the session ends and rescans.
+fn route_failure(route: &Route, status: &RouteStatus, failed: &mut bool, e: &CovetError) {
+    if !*failed {
+        status.error(&format!("writing to Covet: {e}"));
+        tracing::warn!(route = %route.name, error = %e, "Covet failed a write; the route rescans and goes on");
+    }
+    *failed = true;
 }
 
 /// Records the outcome of a checkpoint write that has completed.

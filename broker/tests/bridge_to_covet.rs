@@ -456,6 +456,38 @@ async fn broker_restart_mid_stream_loses_and_duplicates_nothing() {
     eprintln!("after the broker restart: {report:?}");
 }
 
+/// The broker down for longer than the producer retries a write (30 s):
+/// the route ends its session, scans again once Covet is back, and goes
+/// on; nothing lost, nothing written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_broker_outage_rescans_and_goes_on() {
+    let mut w = world(4, None).await;
+    let n = 20_000;
+    w.publish(0, n).await;
+    let _bridge = w.bridge(JS_ROUTE);
+    assert!(
+        wait_until(Duration::from_secs(60), || async {
+            w.written().await >= n / 3
+        })
+        .await,
+        "a third not written in 60 s"
+    );
+    w.broker.kill9();
+    let gave_up = wait_until(Duration::from_secs(60), || async {
+        w.log().contains("Covet failed a write")
+    })
+    .await;
+    assert!(gave_up, "no write failed in 60 s; log:\n{}", tail(&w.log()));
+    w.broker.restart_same_address();
+    w.expect_exactly(n, false, Duration::from_secs(60)).await;
+    let log = w.log();
+    eprintln!("{}", tail(&log));
+    assert!(
+        log.matches("duplicate scan done").count() >= 2,
+        "the route did not scan again"
+    );
+}
+
 /// A message larger than the topic's max_batch_bytes goes to the
 /// dead-letter topic with the reason; the ones after it still arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
