@@ -57,7 +57,8 @@
 //! stream or the consumer is made again (sequences start from 1 again), an
 //! older checkpoint is not used, and a new consumer starts at the
 //! partitions' ends. The first checkpoint is written before anything is
-//! pulled. One bridge process per route at a time: two would each write
+//! pulled. A consumer deleted under a running route (or its stream) is
+//! opened again, which makes a new one if it is missing. One bridge process per route at a time: two would each write
 //! their own checkpoint and not see each other's writes.
 //!
 //! Per-key order holds for messages delivered once; a redelivery (after a
@@ -361,6 +362,8 @@ enum SessionEnd {
     Stopped,
     /// Covet failed a write for good: rescan and go on.
     CovetFailed,
+    /// The consumer was deleted (or its stream): open it again.
+    ConsumerGone,
 }
 
 async fn jetstream(
@@ -371,81 +374,102 @@ async fn jetstream(
     mut ctx: RouteContext,
 ) -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(ctx.nats.clone());
-    // The consumer, and whether it ever delivered anything.
-    let (consumer, fresh) = loop {
-        match open_consumer(
-            &js,
-            stream,
-            durable,
-            &spec.from_subject,
-            route.max_in_flight,
-        )
-        .await
-        {
-            Ok(c) => break c,
-            Err(e) => {
-                ctx.status.error(&format!("{e:#}"));
-                tracing::warn!(route = %route.name, error = %format!("{e:#}"), "cannot open the JetStream consumer; retrying");
-                if !pause(RETRY_BACKOFF * 5, &mut ctx.stop).await {
-                    return Ok(());
-                }
-            }
-        }
-    };
-    let info = consumer.cached_info();
-    let consumer_id = format!("{stream}/{durable}@{}", info.created);
-    let lag = tokio::spawn(track_lag(consumer.clone(), ctx.status.clone()));
-    let result = async {
-        // Written (and acknowledged) before anything is pulled: a consumer
-        // that delivered something always has a checkpoint of its own.
-        let mut checkpoint = loop {
-            let attempt = async {
-                let cp = start_checkpoint(route, spec, &ctx.covet, &consumer_id, fresh).await?;
-                let topic = checkpoint_topic(&route.name);
-                let sent = send_checkpoint(&producer(&ctx.covet), &topic, &cp, &ctx.status)
-                    .await
-                    .context("writing the first checkpoint")?;
-                sent.await.context("writing the first checkpoint")?;
-                anyhow::Ok(cp)
-            };
-            match attempt.await {
+    // Once per consumer: again when it is gone (deleted, or its stream
+    // made again) and made anew.
+    loop {
+        let (consumer, fresh) = loop {
+            match open_consumer(
+                &js,
+                stream,
+                durable,
+                &spec.from_subject,
+                route.max_in_flight,
+            )
+            .await
+            {
                 Ok(c) => break c,
                 Err(e) => {
                     ctx.status.error(&format!("{e:#}"));
-                    tracing::warn!(route = %route.name, error = %format!("{e:#}"), "cannot read the route's checkpoint; retrying");
+                    tracing::warn!(route = %route.name, error = %format!("{e:#}"), "cannot open the JetStream consumer; retrying");
                     if !pause(RETRY_BACKOFF * 5, &mut ctx.stop).await {
                         return Ok(());
                     }
                 }
             }
         };
-        loop {
-            let scanned = loop {
-                match scan(route, spec, &ctx.covet, &checkpoint).await {
-                    Ok(s) => break s,
-                    Err(e) => {
-                        ctx.status.error(&format!("{e:#}"));
-                        tracing::warn!(route = %route.name, error = %format!("{e:#}"), "cannot scan for duplicates; retrying");
-                        if !pause(RETRY_BACKOFF * 5, &mut ctx.stop).await {
-                            return Ok(());
-                        }
+        let consumer_id = format!("{stream}/{durable}@{}", consumer.cached_info().created);
+        let lag = tokio::spawn(track_lag(consumer.clone(), ctx.status.clone()));
+        let again = consume(route, spec, &consumer, &consumer_id, fresh, &mut ctx).await;
+        lag.abort();
+        if !again? {
+            return Ok(());
+        }
+        if !pause(RETRY_BACKOFF * 5, &mut ctx.stop).await {
+            return Ok(());
+        }
+    }
+}
+
+/// Reads one consumer until the route stops (false) or the consumer is
+/// gone (true: open it again).
+async fn consume(
+    route: &Route,
+    spec: &ToCovet,
+    consumer: &PullConsumer,
+    consumer_id: &str,
+    fresh: bool,
+    ctx: &mut RouteContext,
+) -> anyhow::Result<bool> {
+    // Written (and acknowledged) before anything is pulled: a consumer
+    // that delivered something always has a checkpoint of its own.
+    let mut checkpoint = loop {
+        let attempt = async {
+            let cp = start_checkpoint(route, spec, &ctx.covet, consumer_id, fresh).await?;
+            let topic = checkpoint_topic(&route.name);
+            let sent = send_checkpoint(&producer(&ctx.covet), &topic, &cp, &ctx.status)
+                .await
+                .context("writing the first checkpoint")?;
+            sent.await.context("writing the first checkpoint")?;
+            anyhow::Ok(cp)
+        };
+        match attempt.await {
+            Ok(c) => break c,
+            Err(e) => {
+                ctx.status.error(&format!("{e:#}"));
+                tracing::warn!(route = %route.name, error = %format!("{e:#}"), "cannot read the route's checkpoint; retrying");
+                if !pause(RETRY_BACKOFF * 5, &mut ctx.stop).await {
+                    return Ok(false);
+                }
+            }
+        }
+    };
+    loop {
+        let scanned = loop {
+            match scan(route, spec, &ctx.covet, &checkpoint).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    ctx.status.error(&format!("{e:#}"));
+                    tracing::warn!(route = %route.name, error = %format!("{e:#}"), "cannot scan for duplicates; retrying");
+                    if !pause(RETRY_BACKOFF * 5, &mut ctx.stop).await {
+                        return Ok(false);
                     }
                 }
-            };
-            tracing::info!(route = %route.name, found = scanned.len(), "duplicate scan done");
-            match session(route, spec, &consumer, &mut ctx, &mut checkpoint, scanned).await? {
-                SessionEnd::Stopped => return Ok(()),
-                SessionEnd::CovetFailed => {
-                    if !pause(RETRY_BACKOFF * 5, &mut ctx.stop).await {
-                        return Ok(());
-                    }
+            }
+        };
+        tracing::info!(route = %route.name, found = scanned.len(), "duplicate scan done");
+        match session(route, spec, consumer, ctx, &mut checkpoint, scanned).await? {
+            SessionEnd::Stopped => return Ok(false),
+            SessionEnd::ConsumerGone => {
+                tracing::warn!(route = %route.name, consumer = %consumer_id, "the JetStream consumer is gone; opening it again");
+                return Ok(true);
+            }
+            SessionEnd::CovetFailed => {
+                if !pause(RETRY_BACKOFF * 5, &mut ctx.stop).await {
+                    return Ok(false);
                 }
             }
         }
     }
-    .await;
-    lag.abort();
-    result
 }
 
 async fn open_consumer(
@@ -658,11 +682,14 @@ async fn session(
     let mut stop = ctx.stop.clone();
     // Messages taken whose ack NATS has not confirmed yet.
     let mut unacked = 0usize;
+    // The consumer was deleted; pulls that failed in a row.
+    let mut gone = false;
+    let mut pull_failures = 0u32;
 
     loop {
         // Acked messages stay in `pending` for the grace; they are not in
         // flight any more.
-        let taking = !stopping && !failed && unacked < route.max_in_flight;
+        let taking = !stopping && !failed && !gone && unacked < route.max_in_flight;
         if taking && messages.is_none() {
             match consumer
                 .stream()
@@ -672,8 +699,15 @@ async fn session(
                 .messages()
                 .await
             {
-                Ok(m) => messages = Some(m),
+                Ok(m) => {
+                    pull_failures = 0;
+                    messages = Some(m);
+                }
                 Err(e) => {
+                    // A few in a row: the consumer may be gone; opening it
+                    // again is harmless if it is not.
+                    pull_failures += 1;
+                    gone = pull_failures >= 3;
                     status.error(&format!("JetStream pull: {e}"));
                     tracing::warn!(route = %route.name, error = %e, "cannot pull from JetStream; retrying");
                     if !pause(RETRY_BACKOFF * 5, &mut ctx.stop).await {
@@ -685,6 +719,11 @@ async fn session(
             }
         }
         if (stopping || failed) && deliveries.is_empty() && acks.is_empty() {
+            break;
+        }
+        // Acks to a deleted consumer are of no use: its messages are left
+        // (what Covet stored of them is after the checkpoint).
+        if gone && deliveries.is_empty() {
             break;
         }
         if let Some(deadline) = settle_deadline {
@@ -737,6 +776,10 @@ async fn session(
                         }
                     }
                     Some(Err(e)) => {
+                        if matches!(e.kind(), pull::MessagesErrorKind::ConsumerDeleted) {
+                            gone = true;
+                            messages = None;
+                        }
                         status.error(&format!("JetStream pull: {e}"));
                         tracing::debug!(route = %route.name, error = %e, "JetStream pull error");
                     }
@@ -869,7 +912,11 @@ async fn session(
         (unacked as u64).min(status.in_flight.load(Ordering::Relaxed)),
         Ordering::Relaxed,
     );
-    Ok(if failed && !*ctx.stop.borrow() {
+    Ok(if *ctx.stop.borrow() {
+        SessionEnd::Stopped
+    } else if gone {
+        SessionEnd::ConsumerGone
+    } else if failed {
         SessionEnd::CovetFailed
     } else {
         SessionEnd::Stopped

@@ -416,6 +416,37 @@ async fn a_stream_made_again_is_not_taken_for_duplicates() {
     );
 }
 
+/// The stream deleted and made again under a running bridge: the route
+/// finds its consumer gone, opens a new one and carries on with the new
+/// messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_made_again_under_a_running_bridge_is_followed() {
+    let w = world(2, None).await;
+    w.publish(0, 200).await;
+    let bridge = w.bridge(JS_ROUTE);
+    w.expect_exactly(200, true, Duration::from_secs(30)).await;
+    w.js.delete_stream(STREAM).await.expect("delete stream");
+    w.js.create_stream(async_nats::jetstream::stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["orders.>".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("create stream again");
+    w.publish(0, 100).await;
+    let ok = wait_until(Duration::from_secs(45), || async {
+        w.written().await >= 300 && w.drained().await
+    })
+    .await;
+    let written = w.written().await;
+    assert!(
+        ok && written == 300,
+        "{written} records; log:\n{}",
+        tail(&w.log())
+    );
+    drop(bridge);
+}
+
 /// nats-server killed and restarted (same port and store) mid-stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restart_mid_stream_loses_and_duplicates_nothing() {
