@@ -4,7 +4,8 @@
 //!
 //! The route reads a durable pull consumer (created if missing: explicit
 //! ack, filtered on `from_subject`, `max_ack_pending` = the route's
-//! `max_in_flight`, [`ACK_WAIT`]). Each message becomes one record, sent
+//! `max_in_flight`, [`ACK_WAIT`]; an existing consumer is used as it is
+//! configured). Each message becomes one record, sent
 //! from one task in stream order (so records of one key reach Covet in the
 //! order JetStream delivered them), and is acknowledged in NATS only after
 //! Covet acknowledged its record, with a double ack (the ack counts once
@@ -45,7 +46,8 @@
 //! that loses confirmed acks for longer can cause duplicates), (2) the
 //! records between the checkpoint and the end are still held (retention),
 //! and (3) a Covet batch the producer gave up on (after its 30 s of
-//! retries) is not committed afterwards. The scan reads at most what the
+//! retries), or one a killed bridge left in the broker's pipeline, is not
+//! committed after the scan that follows. The scan reads at most what the
 //! route wrote since its checkpoint: `max_in_flight` messages plus what was
 //! acked in the last [`ACK_GRACE`] + [`CHECKPOINT_EVERY`]. A fresh consumer
 //! (one that never delivered anything) starts its checkpoint at the
