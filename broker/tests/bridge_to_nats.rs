@@ -427,6 +427,9 @@ where
         "{} of {n} arrived before the fault",
         reader.unique()
     );
+    // Mid-stream: records are still on their way.
+    assert!(reader.unique() < n as usize, "all arrived before the fault");
+    eprintln!("fault after {} of {n}", reader.unique());
     fault(s, bridge);
     // The test's own clients ride the fault out too.
     tokio::time::timeout(Duration::from_secs(45), producing)
