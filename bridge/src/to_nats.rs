@@ -39,6 +39,17 @@
 //! keyed record, `covet-key` (the key, when it is UTF-8 without control
 //! characters) or `covet-key-base64` (standard base64, otherwise).
 //!
+//! **Stopping and failures.** On stop the route takes no more records,
+//! lets those in flight settle for up to 10 s, and leaves the group (which
+//! commits what was acknowledged); records still unsettled then (NATS
+//! down) stay unacknowledged and go to the group's next member. A bridge
+//! killed outright leaves its records unacknowledged too: the group gives
+//! its partitions to the next member once its 10 s session times out, and
+//! that member publishes them again (deduplicated by JetStream, within the
+//! duplicate window). A Covet broker restart is ridden out by the group
+//! consumer (sessions reopen, unacknowledged records come again) and a
+//! NATS restart by the client's reconnects and the publish retries.
+//!
 //! **Poison records.** A record NATS refuses for good goes to the route's
 //! dead-letter topic in Covet (created if missing) with the reason in the
 //! `covet-bridge-error` header, then is acknowledged; the route goes on.
