@@ -722,3 +722,80 @@ async fn stopping_while_nats_is_down_leaves_records_to_the_next_bridge() {
     reader.poll().await;
     assert_eq!(reader.duplicates(), 0);
 }
+
+/// A core NATS route dead-letters what NATS cannot take (a record over
+/// max_payload, a header value that is not UTF-8) and publishes the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_core_route_dead_letters_what_nats_cannot_take() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(&conf, "max_payload: 4096\n").unwrap();
+    let s = setup(&["-c", conf.to_str().unwrap()], 1, &["corein"]).await;
+    let mut sub = s.nc.subscribe("core.>").await.unwrap();
+    s.nc.flush().await.unwrap();
+    let routes = "[[route]]\nname = \"core\"\nfrom_topic = \"corein\"\nto_subject = \"core.{offset}\"\njetstream = false\n";
+    let config = write_config(&s.path, &s.nats.url(), &s.broker.addr, routes);
+    let mut bridge = Bridge::start(&config);
+    let producer = s.client.producer(ProducerConfig::default());
+    let records = [
+        (Bytes::from_static(b"fine"), vec![]),
+        (Bytes::from(vec![b'x'; 8192]), vec![]),
+        (
+            Bytes::from_static(b"bad header"),
+            vec![covet_client::Header {
+                key: "h".into(),
+                value: Bytes::from_static(b"\xff"),
+            }],
+        ),
+        (Bytes::from_static(b"fine too"), vec![]),
+    ];
+    for (value, headers) in records {
+        let r = Record {
+            key: None,
+            value,
+            headers,
+            timestamp_ms: 0,
+        };
+        producer.send("corein", r).await.unwrap().await.unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let m = tokio::time::timeout(Duration::from_secs(30), sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("{got:?} arrived"))
+            .expect("subscription open");
+        got.push(m.subject.to_string());
+    }
+    got.sort();
+    assert_eq!(got, ["core.0", "core.3"]);
+    let dead = common::wait_for(Duration::from_secs(30), || async {
+        let records = match s.client.describe_topic("corein.dlq").await {
+            Ok(_) => read_topic(&s.client, "corein.dlq").await,
+            Err(_) => return None,
+        };
+        (records.len() >= 2).then_some(records)
+    })
+    .await
+    .expect("two records reached corein.dlq");
+    bridge.stop();
+    let mut reasons: Vec<(String, String)> = dead
+        .iter()
+        .map(|r| {
+            (
+                header(r, "covet-offset").unwrap_or_default().to_string(),
+                header(r, "covet-bridge-error")
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert_eq!(reasons[0].0, "1");
+    assert!(reasons[0].1.contains("Payload size limit"), "{reasons:?}");
+    assert_eq!(reasons[1].0, "2");
+    assert!(reasons[1].1.contains("header \"h\""), "{reasons:?}");
+    // Nothing else was published.
+    let extra = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
+    assert!(extra.is_err(), "unexpected message: {extra:?}");
+}
