@@ -164,7 +164,9 @@ pub async fn run(config: BridgeConfig, mut stop: watch::Receiver<bool>) -> anyho
     for b in background {
         b.abort();
     }
-    let _ = nats.flush().await;
+    // Bounded: while NATS is unreachable a flush waits for a reconnect
+    // that may never come, and a stopping bridge must exit.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), nats.flush()).await;
     match first_error {
         Some(e) => Err(e),
         None => Ok(()),
