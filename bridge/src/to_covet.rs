@@ -842,21 +842,8 @@ async fn session(
                 }
             }
             _ = cp_tick.tick() => {
-                // Lets settled messages past, in send order.
                 let now = Instant::now();
-                while let Some(&seq) = order.front() {
-                    let settled = pending.get(&seq).is_none_or(|p| p.acked_at.is_some_and(|t| now.duration_since(t) >= ACK_GRACE));
-                    if !settled {
-                        break;
-                    }
-                    order.pop_front();
-                    if let Some(p) = pending.remove(&seq) {
-                        if let Some((part, off)) = p.stored {
-                            let e = checkpoint.offsets.entry(part).or_insert(0);
-                            *e = (*e).max(off + 1);
-                        }
-                    }
-                }
+                advance_checkpoint(&mut order, &mut pending, checkpoint, now);
                 while written_order.front().is_some_and(|(t, _)| now.duration_since(*t) > WRITTEN_MEMORY) {
                     if let Some((t, seq)) = written_order.pop_front() {
                         if written.get(&seq) == Some(&t) {
@@ -881,21 +868,7 @@ async fn session(
     // Lets past what is settled (the grace still applies: a NATS killed
     // now could redeliver what it confirmed a moment ago), then writes the
     // final checkpoint.
-    while let Some(&seq) = order.front() {
-        let settled = pending
-            .get(&seq)
-            .is_none_or(|p| p.acked_at.is_some_and(|t| t.elapsed() >= ACK_GRACE));
-        if !settled {
-            break;
-        }
-        order.pop_front();
-        if let Some(p) = pending.remove(&seq) {
-            if let Some((part, off)) = p.stored {
-                let e = checkpoint.offsets.entry(part).or_insert(0);
-                *e = (*e).max(off + 1);
-            }
-        }
-    }
+    advance_checkpoint(&mut order, &mut pending, checkpoint, Instant::now());
     if let Some((cp, d)) = cp_flight.take() {
         if d.await.is_ok() {
             cp_written = cp;
@@ -964,6 +937,32 @@ fn route_failure(route: &Route, status: &RouteStatus, failed: &mut bool, e: &Cov
         tracing::warn!(route = %route.name, error = %e, "Covet failed a write; the route rescans and goes on");
     }
     *failed = true;
+}
+
+/// Lets settled messages past, in send order: each one whose NATS ack was
+/// confirmed at least [`ACK_GRACE`] before `now` moves the checkpoint past
+/// its record; the first unsettled one stops the walk (the checkpoint must
+/// never pass a message JetStream could still deliver again).
+fn advance_checkpoint(
+    order: &mut VecDeque<u64>,
+    pending: &mut HashMap<u64, Pending>,
+    checkpoint: &mut Checkpoint,
+    now: Instant,
+) {
+    while let Some(&seq) = order.front() {
+        let settled = pending.get(&seq).is_none_or(|p| {
+            p.acked_at
+                .is_some_and(|t| now.saturating_duration_since(t) >= ACK_GRACE)
+        });
+        if !settled {
+            break;
+        }
+        order.pop_front();
+        if let Some((part, off)) = pending.remove(&seq).and_then(|p| p.stored) {
+            let e = checkpoint.offsets.entry(part).or_insert(0);
+            *e = (*e).max(off + 1);
+        }
+    }
 }
 
 /// Records the outcome of a checkpoint write that has completed.

@@ -34,8 +34,9 @@
 //! **Headers.** Record headers become NATS headers, except names starting
 //! with `Nats-` (the server's control headers, such as
 //! `Nats-Expected-Last-Sequence`: passed through, they would change what
-//! JetStream does with the message; the bridge owns `Nats-Msg-Id`). The
-//! bridge adds `covet-topic`, `covet-partition`, `covet-offset` and, for a
+//! JetStream does with the message; the bridge owns `Nats-Msg-Id`), in
+//! any case, but for `nats-subject` and `nats-stream-sequence`, which the
+//! NATS -> Covet routes write and the server ignores. The bridge adds `covet-topic`, `covet-partition`, `covet-offset` and, for a
 //! keyed record, `covet-key` (the key, when it is UTF-8 without control
 //! characters) or `covet-key-base64` (standard base64, otherwise).
 //!
@@ -284,12 +285,24 @@ fn outgoing(spec: &ToNats, r: &GroupRecord) -> Result<Outgoing, String> {
     })
 }
 
+/// Whether a record header goes out to NATS: not one of the server's
+/// `Nats-` control headers (in any case), except the two the NATS -> Covet
+/// routes write themselves (`nats-subject`, `nats-stream-sequence`), which
+/// the server does not interpret: a stream mirrored into Covet and back
+/// keeps where each message came from.
+fn passes_through(name: &str) -> bool {
+    let reserved = name.len() >= 5 && name[..5].eq_ignore_ascii_case("nats-");
+    !reserved
+        || name.eq_ignore_ascii_case(crate::SUBJECT_HEADER)
+        || name.eq_ignore_ascii_case(crate::SEQUENCE_HEADER)
+}
+
 /// The NATS headers for a record (see the module docs), or why it cannot
 /// have them.
 pub fn nats_headers(r: &GroupRecord) -> Result<HeaderMap, String> {
     let mut h = HeaderMap::new();
     for Header { key, value } in &r.headers {
-        if key.len() >= 5 && key[..5].eq_ignore_ascii_case("nats-") {
+        if !passes_through(key) {
             continue;
         }
         let name: HeaderName = key
@@ -732,5 +745,21 @@ mod tests {
         assert_eq!(backoff_after(0), RETRY_BACKOFF);
         assert!(backoff_after(1) > backoff_after(0));
         assert_eq!(backoff_after(40), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn nats_control_headers_stay_behind_and_the_bridges_own_go_out() {
+        for name in ["Nats-Msg-Id", "nats-expected-last-sequence", "NATS-TTL"] {
+            assert!(!passes_through(name), "{name}");
+        }
+        for name in [
+            "nats-subject",
+            "Nats-Stream-Sequence",
+            "app",
+            "natsy",
+            "nats",
+        ] {
+            assert!(passes_through(name), "{name}");
+        }
     }
 }

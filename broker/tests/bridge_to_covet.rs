@@ -8,116 +8,14 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::bridge::Bridge;
 use common::nats::{free_port, NatsServer};
+use common::process::tail;
 use common::{read_partition, wait_until, Broker};
 use covet_bridge::{ERROR_HEADER, ROUTE_HEADER, SEQUENCE_HEADER, SUBJECT_HEADER};
 use covet_client::{Client, StartPosition, TopicSpec};
-
-/// A `covet bridge nats --config FILE` process; killed when dropped.
-struct Bridge {
-    child: Option<Child>,
-    config: PathBuf,
-    status: String,
-    log: PathBuf,
-}
-
-impl Bridge {
-    fn start(config: &Path, status: &str, log: &Path) -> Bridge {
-        let mut b = Bridge {
-            child: None,
-            config: config.to_path_buf(),
-            status: status.to_string(),
-            log: log.to_path_buf(),
-        };
-        b.spawn();
-        b
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("bridge log");
-        let mut child = Command::new(common::covet_bin())
-            .args(["bridge", "nats", "--config"])
-            .arg(&self.config)
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("spawn covet bridge");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) if line.contains("covet bridge ready") => break,
-                Ok(_) => {}
-                Err(_) => panic!(
-                    "the bridge did not say it was ready within 30 s; its log:\n{}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                ),
-            }
-        }
-        self.child = Some(child);
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn restart(&mut self) {
-        self.kill9();
-        self.spawn();
-    }
-
-    /// SIGTERM, and the exit status if it exits within `timeout`.
-    fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let c = self.child.as_mut()?;
-        let sent = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(sent.success());
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = c.try_wait() {
-                self.child = None;
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-
-    async fn report(&self) -> Option<covet_bridge::status::RouteReport> {
-        covet_bridge::status::fetch(&self.status)
-            .await
-            .ok()
-            .and_then(|r| r.into_iter().next())
-    }
-}
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
 
 /// One test's world: a broker, a nats-server, and a JetStream stream.
 struct World {
@@ -173,7 +71,7 @@ impl World {
             ),
         )
         .unwrap();
-        Bridge::start(&config, &status, &self.dir.path().join("bridge.log"))
+        Bridge::start(&config, Some(&status))
     }
 
     fn log(&self) -> String {
@@ -286,15 +184,10 @@ impl World {
             missing.is_empty() && dups.is_empty() && seen.len() as u64 == n,
             "drained: {done}; {} distinct of {n}; missing (first 10) {missing:?}; duplicated (first 10) {dups:?}; bridge log tail:\n{}",
             seen.len(),
-            tail(&self.log())
+            tail(&self.log(), 30)
         );
         assert!(done, "not drained in time although every record is there");
     }
-}
-
-fn tail(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
 const JS_ROUTE: &str = "stream = \"ORDERS\"\nkey_token = 2\n";
@@ -313,17 +206,17 @@ async fn all_messages_arrive_once_in_key_order() {
         "published {n} in {published:?}, bridged in {:?}",
         started.elapsed() - published
     );
-    let report = bridge.report().await.expect("status");
+    let report = bridge.report().await;
     assert_eq!(report.delivered, n);
     assert_eq!(report.in_flight, 0);
     assert_eq!(report.dead_lettered, 0);
 }
 
-/// Kill -9 the bridge mid-stream and start it again: nothing lost, nothing
-/// written twice (the redelivered messages are found by the scan).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bridge_kill9_mid_stream_loses_and_duplicates_nothing() {
-    let w = world(4, None).await;
+/// 20,000 messages in the stream, then a bridge, and `fault` once a third
+/// of them are in Covet: afterwards every message is in Covet exactly
+/// once. Gives back the world and the bridge for further checks.
+async fn survives(fault: impl AsyncFnOnce(&mut World, &mut Bridge)) -> (World, Bridge) {
+    let mut w = world(4, None).await;
     let n = 20_000;
     w.publish(0, n).await;
     let mut bridge = w.bridge(JS_ROUTE);
@@ -334,10 +227,18 @@ async fn bridge_kill9_mid_stream_loses_and_duplicates_nothing() {
         .await,
         "a third not written in 60 s"
     );
-    bridge.restart();
-    w.expect_exactly(n, false, Duration::from_secs(60)).await;
-    let report = bridge.report().await.expect("status");
-    eprintln!("after the restart: {report:?}");
+    assert!(w.written().await < n, "all written before the fault");
+    fault(&mut w, &mut bridge).await;
+    w.expect_exactly(n, false, Duration::from_secs(75)).await;
+    eprintln!("after the fault: {:?}", bridge.report().await);
+    (w, bridge)
+}
+
+/// Kill -9 the bridge mid-stream and start it again: nothing lost, nothing
+/// written twice (the redelivered messages are found by the scan).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_kill9_mid_stream_loses_and_duplicates_nothing() {
+    survives(async |_, bridge| bridge.restart()).await;
 }
 
 /// SIGTERM mid-stream: the bridge settles what it has in flight, writes
@@ -345,27 +246,51 @@ async fn bridge_kill9_mid_stream_loses_and_duplicates_nothing() {
 /// nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_sigterm_mid_stream_exits_cleanly_and_resumes() {
-    let w = world(4, None).await;
-    let n = 20_000;
-    w.publish(0, n).await;
-    let mut bridge = w.bridge(JS_ROUTE);
-    assert!(
-        wait_until(Duration::from_secs(60), || async {
-            w.written().await >= n / 3
+    survives(async |w, bridge| {
+        bridge.stop();
+        let cp = read_partition(&w.client, "__covet_bridge.in", 0, StartPosition::Earliest).await;
+        assert!(!cp.is_empty(), "no checkpoint written");
+        bridge.spawn();
+    })
+    .await;
+}
+
+/// nats-server killed and restarted (same port and store) mid-stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_mid_stream_loses_and_duplicates_nothing() {
+    survives(async |w, _| w.nats.restart()).await;
+}
+
+/// The Covet broker killed and restarted (same address) mid-stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_mid_stream_loses_and_duplicates_nothing() {
+    survives(async |w, _| w.broker.restart_same_address()).await;
+}
+
+/// The broker down for longer than the producer retries a write (30 s):
+/// the route ends its session, scans again once Covet is back, and goes
+/// on; nothing lost, nothing written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_broker_outage_rescans_and_goes_on() {
+    let (_world, bridge) = survives(async |w, bridge| {
+        w.broker.kill9();
+        let gave_up = wait_until(Duration::from_secs(60), || async {
+            bridge.log().contains("Covet failed a write")
         })
-        .await,
-        "a third not written in 60 s"
-    );
-    let status = bridge.terminate(Duration::from_secs(40));
+        .await;
+        assert!(
+            gave_up,
+            "no write failed in 60 s; log:\n{}",
+            bridge.log_tail()
+        );
+        w.broker.restart_same_address();
+    })
+    .await;
     assert!(
-        status.is_some_and(|s| s.success()),
-        "{status:?}; log:\n{}",
-        tail(&w.log())
+        bridge.log().matches("duplicate scan done").count() >= 2,
+        "the route did not scan again; log:\n{}",
+        bridge.log_tail()
     );
-    let cp = read_partition(&w.client, "__covet_bridge.in", 0, StartPosition::Earliest).await;
-    assert!(!cp.is_empty(), "no checkpoint written");
-    bridge.spawn();
-    w.expect_exactly(n, false, Duration::from_secs(60)).await;
 }
 
 /// The stream deleted and made again while the bridge is down: the new
@@ -412,7 +337,7 @@ async fn a_stream_made_again_is_not_taken_for_duplicates() {
         ok && count == want,
         "drained: {ok}; {} records; log:\n{}",
         count.values().sum::<u32>(),
-        tail(&w.log())
+        tail(&w.log(), 30)
     );
 }
 
@@ -442,81 +367,9 @@ async fn a_stream_made_again_under_a_running_bridge_is_followed() {
     assert!(
         ok && written == 300,
         "{written} records; log:\n{}",
-        tail(&w.log())
+        tail(&w.log(), 30)
     );
     drop(bridge);
-}
-
-/// nats-server killed and restarted (same port and store) mid-stream.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_restart_mid_stream_loses_and_duplicates_nothing() {
-    let mut w = world(4, None).await;
-    let n = 20_000;
-    w.publish(0, n).await;
-    let bridge = w.bridge(JS_ROUTE);
-    assert!(
-        wait_until(Duration::from_secs(60), || async {
-            w.written().await >= n / 3
-        })
-        .await,
-        "a third not written in 60 s"
-    );
-    w.nats.restart();
-    w.expect_exactly(n, false, Duration::from_secs(60)).await;
-    let report = bridge.report().await.expect("status");
-    eprintln!("after the NATS restart: {report:?}");
-}
-
-/// The Covet broker killed and restarted (same address) mid-stream.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_restart_mid_stream_loses_and_duplicates_nothing() {
-    let mut w = world(4, None).await;
-    let n = 20_000;
-    w.publish(0, n).await;
-    let bridge = w.bridge(JS_ROUTE);
-    assert!(
-        wait_until(Duration::from_secs(60), || async {
-            w.written().await >= n / 3
-        })
-        .await,
-        "a third not written in 60 s"
-    );
-    w.broker.restart_same_address();
-    w.expect_exactly(n, false, Duration::from_secs(75)).await;
-    let report = bridge.report().await.expect("status");
-    eprintln!("after the broker restart: {report:?}");
-}
-
-/// The broker down for longer than the producer retries a write (30 s):
-/// the route ends its session, scans again once Covet is back, and goes
-/// on; nothing lost, nothing written twice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_broker_outage_rescans_and_goes_on() {
-    let mut w = world(4, None).await;
-    let n = 20_000;
-    w.publish(0, n).await;
-    let _bridge = w.bridge(JS_ROUTE);
-    assert!(
-        wait_until(Duration::from_secs(60), || async {
-            w.written().await >= n / 3
-        })
-        .await,
-        "a third not written in 60 s"
-    );
-    w.broker.kill9();
-    let gave_up = wait_until(Duration::from_secs(60), || async {
-        w.log().contains("Covet failed a write")
-    })
-    .await;
-    assert!(gave_up, "no write failed in 60 s; log:\n{}", tail(&w.log()));
-    w.broker.restart_same_address();
-    w.expect_exactly(n, false, Duration::from_secs(60)).await;
-    let log = w.log();
-    eprintln!("{}", tail(&log));
-    assert!(
-        log.matches("duplicate scan done").count() >= 2,
-        "the route did not scan again"
-    );
 }
 
 /// A message larger than the topic's max_batch_bytes goes to the
@@ -543,7 +396,7 @@ async fn a_poison_message_is_dead_lettered_and_the_route_goes_on() {
     assert!(
         dlq,
         "nothing dead-lettered in 30 s; log:\n{}",
-        tail(&w.log())
+        tail(&w.log(), 30)
     );
     let recs = read_partition(&w.client, "orders.dlq", 0, StartPosition::Earliest).await;
     assert_eq!(recs.len(), 1);
@@ -569,7 +422,7 @@ async fn a_poison_message_is_dead_lettered_and_the_route_goes_on() {
     assert!(
         ok,
         "later messages did not arrive; log:\n{}",
-        tail(&w.log())
+        tail(&w.log(), 30)
     );
     let recs = read_partition(&w.client, "orders", 0, StartPosition::Earliest).await;
     let seqs: Vec<String> = recs
@@ -578,7 +431,7 @@ async fn a_poison_message_is_dead_lettered_and_the_route_goes_on() {
         .map(|h| String::from_utf8_lossy(&h.value).into_owned())
         .collect();
     assert_eq!(seqs, ["1", "2", "3", "4", "5", "7", "8", "9", "10"]);
-    let report = bridge.report().await.expect("status");
+    let report = bridge.report().await;
     assert_eq!(report.dead_lettered, 1);
 }
 
@@ -597,7 +450,7 @@ async fn a_core_nats_route_writes_what_is_published() {
         w.written().await >= 1
     })
     .await;
-    assert!(subscribed, "no probe arrived; log:\n{}", tail(&w.log()));
+    assert!(subscribed, "no probe arrived; log:\n{}", tail(&w.log(), 30));
     let before = w.written().await;
     let n = 1000u64;
     for i in 0..n {
@@ -613,7 +466,7 @@ async fn a_core_nats_route_writes_what_is_published() {
     assert!(
         ok,
         "not all core messages arrived; log:\n{}",
-        tail(&w.log())
+        tail(&w.log(), 30)
     );
     let mut got = Vec::new();
     for p in 0..2 {
@@ -626,6 +479,6 @@ async fn a_core_nats_route_writes_what_is_published() {
     }
     got.sort_unstable();
     assert_eq!(got, (0..n).collect::<Vec<_>>());
-    let report = bridge.report().await.expect("status");
+    let report = bridge.report().await;
     assert_eq!(report.errors, 0, "{report:?}");
 }

@@ -11,105 +11,16 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use bytes::Bytes;
-use common::nats::NatsServer;
+use common::bridge::Bridge;
+use common::nats::{NatsServer, Seen, StreamReader};
 use common::{wait_until, Broker};
 use covet_client::{Client, ProducerConfig, Record, StartPosition, TopicSpec};
 use futures::StreamExt as _;
-
-/// A running `covet bridge nats`.
-struct Bridge {
-    child: Option<Child>,
-    config: PathBuf,
-}
-
-impl Bridge {
-    fn start(config: &Path) -> Bridge {
-        let mut b = Bridge {
-            child: None,
-            config: config.to_path_buf(),
-        };
-        b.spawn();
-        b
-    }
-
-    fn spawn(&mut self) {
-        let mut child = Command::new(common::covet_bin())
-            .args(["bridge", "nats", "--config"])
-            .arg(&self.config)
-            .env("COVET_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn covet bridge nats");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx
-                .recv_timeout(left)
-                .expect("the bridge did not say it was ready in time");
-            if line.contains("covet bridge ready") {
-                break;
-            }
-        }
-        self.child = Some(child);
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn restart(&mut self) {
-        self.kill9();
-        self.spawn();
-    }
-
-    /// SIGTERM, and waits (bounded) for a clean exit.
-    fn stop(&mut self) {
-        // Left in `self.child` until it exits, so that a failed stop still
-        // kills it on drop.
-        let c = self.child.as_mut().expect("bridge running");
-        let ok = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = c.try_wait().expect("wait bridge") {
-                self.child = None;
-                assert!(status.success(), "the bridge exited with {status}");
-                return;
-            }
-            assert!(Instant::now() < deadline, "the bridge did not stop in 30 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
 
 /// Writes a bridge config with `routes` (TOML `[[route]]` tables).
 fn write_config(dir: &Path, nats: &str, broker: &str, routes: &str) -> PathBuf {
@@ -133,123 +44,6 @@ async fn create_stream(js: &jetstream::Context, name: &str, subjects: &[&str]) {
     })
     .await
     .expect("create stream");
-}
-
-/// One message as the tests look at it.
-#[derive(Debug, Clone)]
-struct Seen {
-    subject: String,
-    topic: String,
-    partition: u32,
-    offset: u64,
-    key: Option<String>,
-    value: Bytes,
-    headers: async_nats::HeaderMap,
-}
-
-impl Seen {
-    fn of(subject: &str, headers: Option<&async_nats::HeaderMap>, value: Bytes) -> Seen {
-        let h = headers.expect("a bridged message has headers");
-        let get = |n: &str| {
-            h.get(n)
-                .unwrap_or_else(|| panic!("no {n} header on {subject}"))
-                .as_str()
-                .to_string()
-        };
-        Seen {
-            subject: subject.to_string(),
-            topic: get("covet-topic"),
-            partition: get("covet-partition").parse().expect("partition"),
-            offset: get("covet-offset").parse().expect("offset"),
-            key: h.get("covet-key").map(|v| v.as_str().to_string()),
-            value,
-            headers: h.clone(),
-        }
-    }
-
-    fn id(&self) -> (String, u32, u64) {
-        (self.topic.clone(), self.partition, self.offset)
-    }
-}
-
-/// Reads a stream from the start, a step at a time, through restarts of
-/// the server: each [`StreamReader::poll`] reads what was stored since the
-/// last one, with a fresh ordered consumer from the next sequence.
-struct StreamReader {
-    js: jetstream::Context,
-    stream: String,
-    next: u64,
-    seen: Vec<Seen>,
-}
-
-impl StreamReader {
-    fn new(js: &jetstream::Context, stream: &str) -> StreamReader {
-        StreamReader {
-            js: js.clone(),
-            stream: stream.to_string(),
-            next: 1,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Reads up to the stream's last sequence now. Failures (a server
-    /// restarting) leave what was read so far; the next poll goes on.
-    async fn poll(&mut self) {
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.poll_inner()).await;
-    }
-
-    async fn poll_inner(&mut self) -> Option<()> {
-        let mut stream = self.js.get_stream(&self.stream).await.ok()?;
-        let last = stream.info().await.ok()?.state.last_sequence;
-        if last < self.next {
-            return Some(());
-        }
-        let consumer = stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: self.next,
-                },
-                ..Default::default()
-            })
-            .await
-            .ok()?;
-        let mut messages = consumer.messages().await.ok()?;
-        while self.next <= last {
-            let m = messages.next().await?.ok()?;
-            let seq = m.info().ok()?.stream_sequence;
-            self.seen.push(Seen::of(
-                m.subject.as_str(),
-                m.headers.as_ref(),
-                m.payload.clone(),
-            ));
-            self.next = seq + 1;
-        }
-        Some(())
-    }
-
-    fn unique(&self) -> usize {
-        self.seen.iter().map(Seen::id).collect::<HashSet<_>>().len()
-    }
-
-    /// Polls until `want` distinct records were read or `timeout` passes.
-    async fn wait_unique(&mut self, want: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            self.poll().await;
-            if self.unique() >= want {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Messages read more than once (by record).
-    fn duplicates(&self) -> usize {
-        self.seen.len() - self.unique()
-    }
 }
 
 /// Publishes `n` records into `topic` (every third one unkeyed, the rest
@@ -365,7 +159,7 @@ async fn a_hundred_thousand_records_arrive_once_in_key_order() {
     let status_addr = format!("127.0.0.1:{}", common::nats::free_port());
     let routes = format!("[status]\nlisten = \"{status_addr}\"\n{JS_ROUTE}");
     let config = write_config(&s.path, &s.nats.url(), &s.broker.addr, &routes);
-    let mut bridge = Bridge::start(&config);
+    let mut bridge = Bridge::start(&config, Some(&status_addr));
     let started = Instant::now();
     produce(&s.client, "orders", 0, 100_000).await;
     let mut reader = StreamReader::new(&s.js, "OUT");
@@ -414,12 +208,18 @@ async fn a_hundred_thousand_records_arrive_once_in_key_order() {
     }
 }
 
-/// Runs a fault test: `n` records, `fault` once a quarter have arrived;
-/// then every record arrives exactly once, and in key order.
-async fn survives<F>(s: &mut Setup, bridge: &mut Bridge, n: u64, fault: F)
+/// A fault test: a bridge with the JetStream route and 20,000 records on
+/// their way; `fault` once a quarter have arrived; then every record
+/// arrives exactly once, and in key order.
+async fn survives<F>(fault: F)
 where
     F: FnOnce(&mut Setup, &mut Bridge),
 {
+    let n = 20_000u64;
+    let mut s = setup(&[], 4, &["orders"]).await;
+    create_stream(&s.js, "OUT", &["out.>"]).await;
+    let config = write_config(&s.path, &s.nats.url(), &s.broker.addr, JS_ROUTE);
+    let mut bridge = Bridge::start(&config, None);
     let client = s.client.clone();
     let producing = tokio::spawn(async move { produce(&client, "orders", 0, n).await });
     let mut reader = StreamReader::new(&s.js, "OUT");
@@ -433,7 +233,7 @@ where
     // Mid-stream: records are still on their way.
     assert!(reader.unique() < n as usize, "all arrived before the fault");
     eprintln!("fault after {} of {n}", reader.unique());
-    fault(s, bridge);
+    fault(&mut s, &mut bridge);
     // The test's own clients ride the fault out too.
     tokio::time::timeout(Duration::from_secs(45), producing)
         .await
@@ -443,8 +243,9 @@ where
         reader
             .wait_unique(n as usize, Duration::from_secs(60))
             .await,
-        "{} of {n} arrived after the fault",
-        reader.unique()
+        "{} of {n} arrived after the fault; bridge log:\n{}",
+        reader.unique(),
+        bridge.log_tail()
     );
     bridge.stop();
     reader.poll().await;
@@ -457,34 +258,19 @@ where
 /// again and JetStream drops the copies (Nats-Msg-Id).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_killed_and_restarted_loses_and_duplicates_nothing() {
-    let mut s = setup(&[], 4, &["orders"]).await;
-    create_stream(&s.js, "OUT", &["out.>"]).await;
-    let config = write_config(&s.path, &s.nats.url(), &s.broker.addr, JS_ROUTE);
-    let mut bridge = Bridge::start(&config);
-    survives(&mut s, &mut bridge, 20_000, |_, b| b.restart()).await;
+    survives(|_, bridge| bridge.restart()).await;
 }
 
 /// (c) nats-server killed and restarted (same port and store) mid-stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restart_loses_and_duplicates_nothing() {
-    let mut s = setup(&[], 4, &["orders"]).await;
-    create_stream(&s.js, "OUT", &["out.>"]).await;
-    let config = write_config(&s.path, &s.nats.url(), &s.broker.addr, JS_ROUTE);
-    let mut bridge = Bridge::start(&config);
-    survives(&mut s, &mut bridge, 20_000, |s, _| s.nats.restart()).await;
+    survives(|s, _| s.nats.restart()).await;
 }
 
 /// (d) The Covet broker killed and restarted (same address) mid-stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_loses_and_duplicates_nothing() {
-    let mut s = setup(&[], 4, &["orders"]).await;
-    create_stream(&s.js, "OUT", &["out.>"]).await;
-    let config = write_config(&s.path, &s.nats.url(), &s.broker.addr, JS_ROUTE);
-    let mut bridge = Bridge::start(&config);
-    survives(&mut s, &mut bridge, 20_000, |s, _| {
-        s.broker.restart_same_address()
-    })
-    .await;
+    survives(|s, _| s.broker.restart_same_address()).await;
 }
 
 /// Every record of `topic` (all partitions), from the start.
@@ -495,6 +281,18 @@ async fn read_topic(client: &Client, topic: &str) -> Vec<covet_client::ConsumedR
         out.extend(common::read_partition(client, topic, p, StartPosition::Earliest).await);
     }
     out
+}
+
+/// Every record of `topic` once it holds at least `n` (the bridge makes
+/// dead-letter topics when it first needs them); fails after 30 s.
+async fn records_of(client: &Client, topic: &str, n: usize) -> Vec<covet_client::ConsumedRecord> {
+    common::wait_for(Duration::from_secs(30), || async {
+        client.describe_topic(topic).await.ok()?;
+        let records = read_topic(client, topic).await;
+        (records.len() >= n).then_some(records)
+    })
+    .await
+    .unwrap_or_else(|| panic!("{topic} did not get {n} record(s) within 30 s"))
 }
 
 fn header<'a>(r: &'a covet_client::ConsumedRecord, name: &str) -> Option<&'a str> {
@@ -519,7 +317,7 @@ async fn poison_records_are_dead_lettered_and_the_route_goes_on() {
         "{JS_ROUTE}\n[[route]]\nname = \"lost\"\nfrom_topic = \"lost\"\nto_subject = \"nowhere.{{offset}}\"\ndead_letter_topic = \"lost-dead\"\n"
     );
     let config = write_config(&s.path, &s.nats.url(), &s.broker.addr, &routes);
-    let mut bridge = Bridge::start(&config);
+    let mut bridge = Bridge::start(&config, None);
     let producer = s.client.producer(ProducerConfig::default());
     let mut deliveries = Vec::new();
     for i in 0..20u32 {
@@ -552,30 +350,14 @@ async fn poison_records_are_dead_lettered_and_the_route_goes_on() {
         "{} of 19 arrived",
         reader.unique()
     );
-    let dead = common::wait_for(Duration::from_secs(30), || async {
-        let records = match s.client.describe_topic("orders.dlq").await {
-            Ok(_) => read_topic(&s.client, "orders.dlq").await,
-            Err(_) => return None,
-        };
-        (!records.is_empty()).then_some(records)
-    })
-    .await
-    .expect("the oversized record reached orders.dlq");
+    let dead = records_of(&s.client, "orders.dlq", 1).await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].value.len(), 8192);
     assert_eq!(dead[0].key.as_deref(), Some(&b"k5"[..]));
     let why = header(&dead[0], "covet-bridge-error").expect("reason header");
     assert!(why.contains("Payload size limit"), "{why}");
     assert_eq!(header(&dead[0], "covet-offset"), Some("5"));
-    let lost = common::wait_for(Duration::from_secs(30), || async {
-        let records = match s.client.describe_topic("lost-dead").await {
-            Ok(_) => read_topic(&s.client, "lost-dead").await,
-            Err(_) => return None,
-        };
-        (!records.is_empty()).then_some(records)
-    })
-    .await
-    .expect("the record no stream takes reached lost-dead");
+    let lost = records_of(&s.client, "lost-dead", 1).await;
     let why = header(&lost[0], "covet-bridge-error").expect("reason header");
     assert!(why.contains("no JetStream stream"), "{why}");
     bridge.stop();
@@ -592,7 +374,7 @@ async fn a_core_nats_route_delivers_to_a_subscriber() {
     s.nc.flush().await.unwrap();
     let routes = "[[route]]\nname = \"core\"\nfrom_topic = \"orders\"\nto_subject = \"core.{partition}.{key}\"\njetstream = false\n";
     let config = write_config(&s.path, &s.nats.url(), &s.broker.addr, routes);
-    let mut bridge = Bridge::start(&config);
+    let mut bridge = Bridge::start(&config, None);
     produce(&s.client, "orders", 0, 5_000).await;
     let mut seen = HashSet::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -630,7 +412,7 @@ async fn keys_are_escaped_into_one_subject_token() {
     let s = setup(&[], 1, &["orders"]).await;
     create_stream(&s.js, "OUT", &["out.>"]).await;
     let config = write_config(&s.path, &s.nats.url(), &s.broker.addr, JS_ROUTE);
-    let mut bridge = Bridge::start(&config);
+    let mut bridge = Bridge::start(&config, None);
     let cases: [(Option<&[u8]>, &str); 8] = [
         (Some(b"a.b"), "out.orders.a%2Eb"),
         (Some(b"x*y"), "out.orders.x%2Ay"),
@@ -698,7 +480,7 @@ async fn stopping_while_nats_is_down_leaves_records_to_the_next_bridge() {
     let mut s = setup(&[], 2, &["orders"]).await;
     create_stream(&s.js, "OUT", &["out.>"]).await;
     let config = write_config(&s.path, &s.nats.url(), &s.broker.addr, JS_ROUTE);
-    let mut bridge = Bridge::start(&config);
+    let mut bridge = Bridge::start(&config, None);
     produce(&s.client, "orders", 0, 1_000).await;
     let mut reader = StreamReader::new(&s.js, "OUT");
     assert!(reader.wait_unique(1_000, Duration::from_secs(30)).await);
@@ -712,7 +494,7 @@ async fn stopping_while_nats_is_down_leaves_records_to_the_next_bridge() {
         stopping.elapsed()
     );
     s.nats.restart();
-    let mut bridge = Bridge::start(&config);
+    let mut bridge = Bridge::start(&config, None);
     assert!(
         reader.wait_unique(2_000, Duration::from_secs(60)).await,
         "{} of 2000 arrived",
@@ -735,7 +517,7 @@ async fn a_core_route_dead_letters_what_nats_cannot_take() {
     s.nc.flush().await.unwrap();
     let routes = "[[route]]\nname = \"core\"\nfrom_topic = \"corein\"\nto_subject = \"core.{offset}\"\njetstream = false\n";
     let config = write_config(&s.path, &s.nats.url(), &s.broker.addr, routes);
-    let mut bridge = Bridge::start(&config);
+    let mut bridge = Bridge::start(&config, None);
     let producer = s.client.producer(ProducerConfig::default());
     let records = [
         (Bytes::from_static(b"fine"), vec![]),
@@ -768,15 +550,7 @@ async fn a_core_route_dead_letters_what_nats_cannot_take() {
     }
     got.sort();
     assert_eq!(got, ["core.0", "core.3"]);
-    let dead = common::wait_for(Duration::from_secs(30), || async {
-        let records = match s.client.describe_topic("corein.dlq").await {
-            Ok(_) => read_topic(&s.client, "corein.dlq").await,
-            Err(_) => return None,
-        };
-        (records.len() >= 2).then_some(records)
-    })
-    .await
-    .expect("two records reached corein.dlq");
+    let dead = records_of(&s.client, "corein.dlq", 2).await;
     bridge.stop();
     let mut reasons: Vec<(String, String)> = dead
         .iter()

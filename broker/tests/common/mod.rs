@@ -6,10 +6,11 @@
 
 #![allow(dead_code)]
 
+pub mod bridge;
 pub mod nats;
+pub mod process;
 pub mod raw;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -38,29 +39,23 @@ pub struct Broker {
 impl Broker {
     /// Starts a broker on `dir` with extra flags.
     pub fn start(dir: &Path, extra: &[&str]) -> Broker {
-        let mut b = Broker {
-            child: None,
-            addr: String::new(),
-            dir: dir.to_path_buf(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            lines: None,
-            fd_limit: None,
-            listen: "127.0.0.1:0".into(),
-        };
-        b.spawn();
-        b
+        Broker::launch(dir, extra, None)
     }
 
     /// Like [`Broker::start`], with soft and hard open-file limits of
     /// `limit` (restarts keep it), so the broker cannot raise them.
     pub fn start_with_fd_limit(dir: &Path, extra: &[&str], limit: u64) -> Broker {
+        Broker::launch(dir, extra, Some(limit))
+    }
+
+    fn launch(dir: &Path, extra: &[&str], fd_limit: Option<u64>) -> Broker {
         let mut b = Broker {
             child: None,
             addr: String::new(),
             dir: dir.to_path_buf(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             lines: None,
-            fd_limit: Some(limit),
+            fd_limit,
             listen: "127.0.0.1:0".into(),
         };
         b.spawn();
@@ -86,62 +81,42 @@ impl Broker {
                 });
             }
         }
-        let mut child = command
+        command
             .arg("broker")
             .arg("--data-dir")
             .arg(&self.dir)
             .args(["--listen", &self.listen, "--log-level", "warn"])
             .args(&self.extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn covet broker");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx
-                .recv_timeout(left)
-                .expect("broker did not print a ready line in time");
-            if line.contains("ready") {
-                let addr = line
-                    .split("listening on ")
-                    .nth(1)
-                    .and_then(|s| s.split(',').next())
-                    .expect("ready line names the address");
-                self.addr = addr.to_string();
-                break;
-            }
-        }
-        self.child = Some(child);
-        self.lines = Some(rx);
+            .stderr(Stdio::inherit());
+        let started = process::spawn_until_ready(
+            &mut command,
+            process::Output::Stdout,
+            "ready",
+            READY_TIMEOUT,
+            "covet broker",
+            String::new,
+        );
+        let addr = started
+            .ready_line
+            .split("listening on ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .expect("ready line names the address");
+        self.addr = addr.to_string();
+        self.child = Some(started.child);
+        self.lines = Some(started.lines);
     }
 
     /// SIGKILL, then wait for the process to be gone.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        process::kill9(&mut self.child);
     }
 
-    /// SIGTERM, and the exit status.
+    /// SIGTERM, and the exit status (within 60 s).
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut c = self.child.take().expect("broker running");
-        let status = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-        c.wait().expect("wait broker")
+        process::sigterm(self.child.as_ref().expect("broker running"));
+        process::wait_exit(&mut self.child, Duration::from_secs(60))
+            .expect("the broker did not exit within 60 s of SIGTERM")
     }
 
     /// Lines the broker printed after `ready`, waiting up to `timeout` for
@@ -159,16 +134,7 @@ impl Broker {
 
     /// Waits up to `timeout` for the process to exit on its own.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let child = self.child.as_mut()?;
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                self.child = None;
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        process::wait_exit(&mut self.child, timeout)
     }
 
     /// Starts the broker again on the same data dir (new port).

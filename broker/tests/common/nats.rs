@@ -3,11 +3,16 @@
 //! `~/.cache/covet/nats/bin/nats-server`). A test without one fails with
 //! a message saying how to get it; it never skips.
 
-use std::io::{BufRead, BufReader};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures::StreamExt as _;
+
+use super::process::{self, spawn_until_ready, Output};
 
 /// The nats-server binary.
 pub fn nats_server_bin() -> PathBuf {
@@ -52,7 +57,8 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) {
-        let mut child = Command::new(nats_server_bin())
+        let mut command = Command::new(nats_server_bin());
+        command
             .args([
                 "-js",
                 "-a",
@@ -63,36 +69,21 @@ impl NatsServer {
             ])
             .arg(&self.dir)
             .args(&self.extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn nats-server");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx
-                .recv_timeout(left)
-                .expect("nats-server did not say it was ready in time");
-            if line.contains("Server is ready") {
-                break;
-            }
-        }
-        self.child = Some(child);
+            .stdout(Stdio::null());
+        let started = spawn_until_ready(
+            &mut command,
+            Output::Stderr,
+            "Server is ready",
+            Duration::from_secs(30),
+            "nats-server",
+            String::new,
+        );
+        self.child = Some(started.child);
     }
 
     /// SIGKILL, then wait for the process to be gone.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        process::kill9(&mut self.child);
     }
 
     /// Starts it again, same port and store (SIGKILL first if running).
@@ -114,4 +105,123 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+/// One message the bridge published, as the tests look at it: where
+/// its record was (`covet-topic`, `covet-partition`, `covet-offset`) and
+/// what it carries.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub subject: String,
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+    pub key: Option<String>,
+    pub value: Bytes,
+    pub headers: async_nats::HeaderMap,
+}
+
+impl Seen {
+    pub fn of(subject: &str, headers: Option<&async_nats::HeaderMap>, value: Bytes) -> Seen {
+        let h = headers.expect("a bridged message has headers");
+        let get = |n: &str| {
+            h.get(n)
+                .unwrap_or_else(|| panic!("no {n} header on {subject}"))
+                .as_str()
+                .to_string()
+        };
+        Seen {
+            subject: subject.to_string(),
+            topic: get("covet-topic"),
+            partition: get("covet-partition").parse().expect("partition"),
+            offset: get("covet-offset").parse().expect("offset"),
+            key: h.get("covet-key").map(|v| v.as_str().to_string()),
+            value,
+            headers: h.clone(),
+        }
+    }
+
+    pub fn id(&self) -> (String, u32, u64) {
+        (self.topic.clone(), self.partition, self.offset)
+    }
+}
+
+/// Reads a stream from the start, a step at a time, through restarts of
+/// the server: each [`StreamReader::poll`] reads what was stored since the
+/// last one, with a fresh ordered consumer from the next sequence.
+pub struct StreamReader {
+    js: jetstream::Context,
+    stream: String,
+    next: u64,
+    pub seen: Vec<Seen>,
+}
+
+impl StreamReader {
+    pub fn new(js: &jetstream::Context, stream: &str) -> StreamReader {
+        StreamReader {
+            js: js.clone(),
+            stream: stream.to_string(),
+            next: 1,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Reads up to the stream's last sequence now. Failures (a server
+    /// restarting) leave what was read so far; the next poll goes on.
+    pub async fn poll(&mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.poll_inner()).await;
+    }
+
+    async fn poll_inner(&mut self) -> Option<()> {
+        let mut stream = self.js.get_stream(&self.stream).await.ok()?;
+        let last = stream.info().await.ok()?.state.last_sequence;
+        if last < self.next {
+            return Some(());
+        }
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: self.next,
+                },
+                ..Default::default()
+            })
+            .await
+            .ok()?;
+        let mut messages = consumer.messages().await.ok()?;
+        while self.next <= last {
+            let m = messages.next().await?.ok()?;
+            let seq = m.info().ok()?.stream_sequence;
+            self.seen.push(Seen::of(
+                m.subject.as_str(),
+                m.headers.as_ref(),
+                m.payload.clone(),
+            ));
+            self.next = seq + 1;
+        }
+        Some(())
+    }
+
+    pub fn unique(&self) -> usize {
+        self.seen.iter().map(Seen::id).collect::<HashSet<_>>().len()
+    }
+
+    /// Polls until `want` distinct records were read or `timeout` passes.
+    pub async fn wait_unique(&mut self, want: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.poll().await;
+            if self.unique() >= want {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Messages read more than once (by record).
+    pub fn duplicates(&self) -> usize {
+        self.seen.len() - self.unique()
+    }
 }
