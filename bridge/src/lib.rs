@@ -47,26 +47,76 @@ pub struct RouteContext {
 
 /// Connects to NATS with the configured credentials and TLS. The client
 /// reconnects by itself for as long as the bridge runs.
-pub async fn connect_nats(config: &BridgeConfig) -> anyhow::Result<async_nats::Client> {
+pub async fn connect_nats(
+    config: &BridgeConfig,
+    stop: &mut watch::Receiver<bool>,
+) -> anyhow::Result<async_nats::Client> {
     let urls = config.nats_urls()?;
-    let options = nats_options(&config.nats).await?;
     let addrs = urls
         .iter()
         .map(|u| u.parse::<async_nats::ServerAddr>())
         .collect::<Result<Vec<_>, _>>()
         .context("nats.url")?;
-    options
-        .connect(addrs)
-        .await
-        .with_context(|| format!("connecting to NATS at {}", urls.join(",")))
+    // The first connection is made here, not by the client's own retries:
+    // a server that is not up yet is waited for, but credentials or TLS
+    // settings it refuses stop the bridge at once, with the reason, where
+    // the client would retry them forever in the background.
+    let mut attempt = 0u32;
+    loop {
+        let options = nats_options(&config.nats).await?;
+        match options.connect(addrs.clone()).await {
+            Ok(client) => return Ok(client),
+            Err(e) if nats_refusal(&e) => {
+                return Err(anyhow::Error::new(e))
+                    .with_context(|| format!("NATS at {} refused the bridge", urls.join(",")));
+            }
+            Err(e) => {
+                tracing::warn!(urls = %urls.join(","), error = %e, "NATS is not answering; retrying")
+            }
+        }
+        attempt = attempt.saturating_add(1);
+        let backoff = (RETRY_BACKOFF * attempt.min(25)).min(std::time::Duration::from_secs(5));
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.wait_for(|s| *s) => anyhow::bail!("stopped before NATS answered"),
+        }
+    }
+}
+
+/// Whether a failed connection is NATS (or its TLS) saying no, which
+/// trying again will not change, rather than NATS not being there yet. A
+/// certificate the bridge does not trust (or the server does not) comes as
+/// an I/O error that carries the TLS library's own.
+fn nats_refusal(e: &async_nats::ConnectError) -> bool {
+    use async_nats::ConnectErrorKind as K;
+    match e.kind() {
+        K::Authentication | K::AuthorizationViolation | K::Tls | K::ServerParse => true,
+        K::Dns | K::TimedOut | K::MaxReconnects => false,
+        K::Io => {
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                let tls = s.downcast_ref::<async_nats::rustls::Error>().is_some()
+                    || s.downcast_ref::<std::io::Error>()
+                        .and_then(|io| io.get_ref())
+                        .is_some_and(|inner| {
+                            inner.downcast_ref::<async_nats::rustls::Error>().is_some()
+                        });
+                if tls {
+                    return true;
+                }
+                source = s.source();
+            }
+            false
+        }
+    }
 }
 
 async fn nats_options(n: &NatsConfig) -> anyhow::Result<async_nats::ConnectOptions> {
     let mut o = async_nats::ConnectOptions::new()
         .name("covet-bridge")
-        .retry_on_initial_connect()
-        // The bridge carries on through a NATS restart: the client
-        // reconnects forever, and routes retry what failed meanwhile.
+        // Once connected, the bridge carries on through a NATS restart:
+        // the client reconnects forever, and routes retry what failed
+        // meanwhile.
         .max_reconnects(None);
     if let (Some(user), Some(password)) = (&n.user, &n.password) {
         o = o.user_and_password(user.clone(), password.clone());
@@ -119,7 +169,7 @@ async fn connect_covet(
 /// it could not carry on from.
 pub async fn run(config: BridgeConfig, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     let routes = config.routes()?;
-    let nats = connect_nats(&config).await?;
+    let nats = connect_nats(&config, &mut stop).await?;
     let covet = connect_covet(&config.covet.brokers, &mut stop).await?;
     let statuses: Vec<Arc<RouteStatus>> = routes
         .iter()

@@ -39,7 +39,8 @@ async def main(url: str, action: str, args: list[str]) -> None:
             if i % 10_000 == 0:
                 await asyncio.sleep(0)
         await asyncio.gather(*pending)
-        print(json.dumps({"published": count, "seconds": round(time.perf_counter() - start, 3)}))
+        seconds = time.perf_counter() - start
+        print(json.dumps({"published": count, "seconds": round(seconds, 3), "records_per_sec": count / seconds}))
     elif action == "wait":
         name, count, timeout = args[0], int(args[1]), float(args[2])
         deadline = time.monotonic() + timeout
